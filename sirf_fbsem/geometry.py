@@ -1,0 +1,579 @@
+"""Scanner, sinogram and image geometry, exactly as STIR defines them.
+
+Everything here follows STIR's ``ProjDataInfoCylindrical`` (``...ArcCorr`` and
+``...NoArcCorr``) and ``VoxelsOnCartesianGrid`` sources, so that sinograms read
+from STIR/SIRF files map to the same lines of response (LORs) here as there.
+
+Coordinates (STIR "gantry" axes, mm): x horizontal, y pointing down, z along the
+scanner axis. Two z frames are used and named explicitly:
+
+* *scanner-centred* z (``m`` in STIR): 0 at the axial centre of the scanner. LOR
+  axial positions (``get_m``) and the projector work in this frame.
+* *gantry* z: 0 at the centre of the first ring (``z_gantry = z_centred +
+  (num_rings - 1) * ring_spacing / 2``). Writers (NIfTI, DICOM) use this frame.
+
+A sinogram bin (segment, axial position a, view v, tangential position t) is the
+LOR ``X = s cos(phi) + u sin(phi)``, ``Y = s sin(phi) - u cos(phi)``,
+``Z = m - u tan(theta)`` for ``u`` along the line (STIR's ray tracer), with
+
+* ``phi = v * pi / num_views + view offset`` (intrinsic tilt, plus STIR's extra
+  offset for view mashing),
+* ``s = t * bin_size`` (arc-corrected) or ``s = R sin(t * pi / detectors_per_ring)``
+  (not arc-corrected; ``R`` = inner radius + average depth of interaction),
+* ``m = a * axial_sampling - m_offset`` with the offset centring the segment,
+  axial sampling = ring spacing / 2 when the segment combines several ring
+  differences and ring spacing otherwise,
+* ``tan(theta) = mean ring difference * ring spacing / (2 sqrt(R^2 - s^2))``.
+
+Array layouts are SIRF's: images ``(z, y, x)``; sinograms
+``(tof, sinogram, view, tangential)`` with segments in the order 0, +1, -1, +2,
+-2, ... and axial positions ascending within a segment.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "ImageAxis",
+    "SinogramAxis",
+    "Scanner",
+    "Segment",
+    "SinogramGeometry",
+    "ImageGeometry",
+    "GeometryError",
+    "scanner_preset",
+    "SCANNER_PRESETS",
+    "subset_views",
+]
+
+
+class GeometryError(ValueError):
+    """A geometry that is inconsistent or does not fit the data or the scanner."""
+
+
+class ImageAxis(int, Enum):
+    """Axes of an image array (SIRF/STIR order)."""
+
+    Z = 0
+    Y = 1
+    X = 2
+
+
+class SinogramAxis(int, Enum):
+    """Axes of a sinogram array (SIRF order)."""
+
+    TOF = 0
+    SINOGRAM = 1  # segments 0, +1, -1, +2, -2, ...; axial positions ascending within each
+    VIEW = 2
+    TANGENTIAL = 3
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """A cylindrical PET scanner, as STIR's ``Scanner`` describes one.
+
+    Lengths in mm, angles in degrees. ``default_bin_size_mm <= 0`` means "not
+    given" (STIR then uses the central sampling in s).
+    """
+
+    name: str
+    num_rings: int
+    num_detectors_per_ring: int
+    inner_ring_radius_mm: float
+    average_depth_of_interaction_mm: float
+    ring_spacing_mm: float
+    default_bin_size_mm: float
+    view_offset_deg: float = 0.0
+    max_num_non_arccorrected_bins: int = 0
+    default_num_arccorrected_bins: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_rings < 1:
+            raise GeometryError(f"scanner {self.name!r}: num_rings must be >= 1, got {self.num_rings}")
+        if self.num_detectors_per_ring < 2:
+            raise GeometryError(
+                f"scanner {self.name!r}: num_detectors_per_ring must be >= 2, got {self.num_detectors_per_ring}"
+            )
+        if not self.inner_ring_radius_mm > 0:
+            raise GeometryError(
+                f"scanner {self.name!r}: inner_ring_radius_mm must be > 0, got {self.inner_ring_radius_mm}"
+            )
+        if not self.ring_spacing_mm > 0:
+            raise GeometryError(f"scanner {self.name!r}: ring_spacing_mm must be > 0, got {self.ring_spacing_mm}")
+
+    @property
+    def effective_ring_radius_mm(self) -> float:
+        """Inner radius plus average depth of interaction (STIR's ``get_effective_ring_radius``)."""
+        return self.inner_ring_radius_mm + self.average_depth_of_interaction_mm
+
+    @property
+    def axial_fov_centre_gantry_mm(self) -> float:
+        """Gantry z of the scanner's axial centre (gantry z = 0 at the first ring's centre)."""
+        return (self.num_rings - 1) * self.ring_spacing_mm / 2.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One STIR segment: a range of ring differences (ring2 - ring1) and its axial positions."""
+
+    segment_num: int
+    min_ring_diff: int
+    max_ring_diff: int
+    num_axial_poss: int
+
+    def __post_init__(self) -> None:
+        if self.min_ring_diff > self.max_ring_diff:
+            raise GeometryError(
+                f"segment {self.segment_num}: min ring difference {self.min_ring_diff} > "
+                f"max ring difference {self.max_ring_diff}"
+            )
+        if self.num_axial_poss < 1:
+            raise GeometryError(f"segment {self.segment_num}: num_axial_poss must be >= 1, got {self.num_axial_poss}")
+
+    @property
+    def axial_poss_per_ring_inc(self) -> int:
+        """2 when the segment combines ring differences (span > 1), else 1 (STIR)."""
+        return 2 if self.max_ring_diff != self.min_ring_diff else 1
+
+    @property
+    def average_ring_diff(self) -> float:
+        return (self.min_ring_diff + self.max_ring_diff) / 2.0
+
+
+def _span_segments(num_rings: int, span: int, max_ring_diff: int) -> tuple[Segment, ...]:
+    """Segments of STIR's ``construct_proj_data_info`` for a span and maximum ring difference."""
+    if span < 1 or span % 2 == 0:
+        raise GeometryError(f"span must be a positive odd number, got {span}")
+    if not 0 <= max_ring_diff <= num_rings - 1:
+        raise GeometryError(f"max_ring_diff must be in [0, {num_rings - 1}], got {max_ring_diff}")
+    if span == 1:
+        return tuple(
+            Segment(d, d, d, num_rings - abs(d)) for d in range(-max_ring_diff, max_ring_diff + 1)
+        )
+    half = (span - 1) // 2
+    if (max_ring_diff - half) % span != 0:
+        raise GeometryError(
+            f"span {span} with max_ring_diff {max_ring_diff}: (max_ring_diff - (span-1)/2) must be a "
+            f"multiple of span; try max_ring_diff = {half + span * ((max_ring_diff - half) // span)}"
+        )
+    num_segments_per_side = (max_ring_diff - half) // span
+    segs = []
+    for k in range(-num_segments_per_side, num_segments_per_side + 1):
+        if k == 0:
+            lo, hi = -half, half
+        elif k > 0:
+            lo, hi = k * span - half, k * span + half
+        else:
+            lo, hi = k * span - half, k * span + half
+        min_abs = 0 if k == 0 else min(abs(lo), abs(hi))
+        segs.append(Segment(k, lo, hi, 2 * num_rings - 1 - 2 * min_abs))
+    return tuple(segs)
+
+
+@dataclass(frozen=True)
+class SinogramGeometry:
+    """STIR's ``ProjDataInfoCylindrical`` (arc-corrected or not), non-TOF.
+
+    ``segments`` are stored by ascending ``segment_num`` (STIR's own order);
+    :meth:`sirf_segment_order` gives the order of the SIRF sinogram axis.
+    ``tangential_bin_size_mm`` is the arc-corrected bin size; for data that are not
+    arc-corrected it is informative only (s follows the detector angles).
+    """
+
+    scanner: Scanner
+    segments: tuple[Segment, ...]
+    num_views: int
+    num_tangential_poss: int
+    arc_corrected: bool
+    tangential_bin_size_mm: float
+    num_tof_bins: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "segments", tuple(sorted(self.segments, key=lambda s: s.segment_num)))
+        nums = [s.segment_num for s in self.segments]
+        if not nums or 0 not in nums:
+            raise GeometryError(f"sinogram geometry needs a segment 0, got segments {nums}")
+        if nums != list(range(nums[0], nums[-1] + 1)):
+            raise GeometryError(f"segment numbers must be consecutive, got {nums}")
+        if self.num_views < 1 or self.num_tangential_poss < 1:
+            raise GeometryError(
+                f"num_views and num_tangential_poss must be >= 1, got {self.num_views}, {self.num_tangential_poss}"
+            )
+        if self.num_tof_bins != 1:
+            raise GeometryError(f"only non-TOF data are supported (num_tof_bins = 1), got {self.num_tof_bins}")
+        if self.arc_corrected and not self.tangential_bin_size_mm > 0:
+            raise GeometryError(
+                f"arc-corrected data need a tangential bin size > 0 mm, got {self.tangential_bin_size_mm}"
+            )
+        R = self.scanner.effective_ring_radius_mm
+        smax = float(np.max(np.abs(self.s_mm())))
+        if smax >= R:
+            raise GeometryError(
+                f"tangential positions reach |s| = {smax:.1f} mm, beyond the effective ring radius {R:.1f} mm "
+                f"(num_tangential_poss = {self.num_tangential_poss})"
+            )
+
+    # ----------------------------------------------------------------- builders
+    @classmethod
+    def from_span(
+        cls,
+        scanner: Scanner,
+        span: int = 1,
+        max_ring_diff: int | None = None,
+        view_mash_factor: int = 1,
+        num_tangential_poss: int | None = None,
+        arc_corrected: bool = False,
+    ) -> "SinogramGeometry":
+        """Geometry as STIR's ``ProjDataInfo::construct_proj_data_info`` (SIRF's
+        ``AcquisitionData(scanner, span, max_ring_diff, view_mash_factor)``) builds it."""
+        if max_ring_diff is None:
+            max_ring_diff = scanner.num_rings - 1
+        if scanner.num_detectors_per_ring % (2 * view_mash_factor) != 0:
+            raise GeometryError(
+                f"view_mash_factor {view_mash_factor} does not divide {scanner.num_detectors_per_ring // 2} views"
+            )
+        if num_tangential_poss is None:
+            num_tangential_poss = (
+                scanner.default_num_arccorrected_bins if arc_corrected else scanner.max_num_non_arccorrected_bins
+            )
+        return cls(
+            scanner=scanner,
+            segments=_span_segments(scanner.num_rings, span, max_ring_diff),
+            num_views=scanner.num_detectors_per_ring // 2 // view_mash_factor,
+            num_tangential_poss=num_tangential_poss,
+            arc_corrected=arc_corrected,
+            tangential_bin_size_mm=scanner.default_bin_size_mm,
+        )
+
+    # ----------------------------------------------------------------- sizes
+    @property
+    def segment_nums(self) -> list[int]:
+        return [s.segment_num for s in self.segments]
+
+    def segment(self, segment_num: int) -> Segment:
+        for s in self.segments:
+            if s.segment_num == segment_num:
+                return s
+        raise GeometryError(f"no segment {segment_num}; segments are {self.segment_nums}")
+
+    def sirf_segment_order(self) -> list[int]:
+        """Segment numbers in the order of SIRF's sinogram axis: 0, +1, -1, +2, -2, ..."""
+        nums = set(self.segment_nums)
+        order = [0]
+        for k in range(1, max(abs(n) for n in nums) + 1):
+            for n in (k, -k):
+                if n in nums:
+                    order.append(n)
+        return order
+
+    @property
+    def num_sinograms(self) -> int:
+        return sum(s.num_axial_poss for s in self.segments)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """SIRF shape (tof, sinograms, views, tangential)."""
+        return (self.num_tof_bins, self.num_sinograms, self.num_views, self.num_tangential_poss)
+
+    @property
+    def view_mash_factor(self) -> int:
+        n = self.scanner.num_detectors_per_ring
+        if n > 2 and n % (2 * self.num_views) == 0:
+            return n // 2 // self.num_views
+        return 1
+
+    @property
+    def span(self) -> int:
+        """Axial compression of segment 0 (1 + its ring-difference range)."""
+        s0 = self.segment(0)
+        return s0.max_ring_diff - s0.min_ring_diff + 1
+
+    def sinogram_index_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(segment_num, axial_pos) of every row of the SIRF sinogram axis, shape (num_sinograms,) each."""
+        segs, ax = [], []
+        for n in self.sirf_segment_order():
+            k = self.segment(n).num_axial_poss
+            segs.append(np.full(k, n, dtype=np.int64))
+            ax.append(np.arange(k, dtype=np.int64))
+        return np.concatenate(segs), np.concatenate(ax)
+
+    def sirf_row_offset(self, segment_num: int) -> int:
+        """First row of ``segment_num`` on SIRF's sinogram axis."""
+        off = 0
+        for n in self.sirf_segment_order():
+            if n == segment_num:
+                return off
+            off += self.segment(n).num_axial_poss
+        raise GeometryError(f"no segment {segment_num}")
+
+    # ----------------------------------------------------------------- LOR coordinates
+    @property
+    def azimuthal_angle_offset_rad(self) -> float:
+        """STIR: intrinsic tilt, plus pi/(n_det/2) * (mash - 1)/2 for view-mashed data."""
+        off = math.radians(self.scanner.view_offset_deg)
+        n = self.scanner.num_detectors_per_ring
+        if n > 2 and self.num_views * 2 != n and n % (self.num_views * 2) == 0:
+            off += math.pi / (n / 2) * (self.view_mash_factor - 1) / 2.0
+        return off
+
+    def phi_rad(self) -> np.ndarray:
+        """Azimuthal angle of every view, shape (num_views,), radians."""
+        return np.arange(self.num_views) * (math.pi / self.num_views) + self.azimuthal_angle_offset_rad
+
+    def tangential_pos_nums(self) -> np.ndarray:
+        """STIR tangential position numbers -(n//2) ... -(n//2)+n-1, shape (num_tangential_poss,)."""
+        lo = -(self.num_tangential_poss // 2)
+        return np.arange(lo, lo + self.num_tangential_poss)
+
+    @property
+    def angular_increment_rad(self) -> float:
+        """Angle between adjacent tangential positions of non-arc-corrected data: pi / detectors per ring."""
+        return math.pi / self.scanner.num_detectors_per_ring
+
+    def s_mm(self) -> np.ndarray:
+        """Signed distance of each tangential position's LOR from the axis, shape (num_tangential_poss,), mm."""
+        t = self.tangential_pos_nums().astype(np.float64)
+        if self.arc_corrected:
+            return t * self.tangential_bin_size_mm
+        return self.scanner.effective_ring_radius_mm * np.sin(t * self.angular_increment_rad)
+
+    def sampling_in_s_mm(self) -> float:
+        """Tangential sampling at the central bin, mm (STIR's ``get_sampling_in_s(Bin(0,0,0,0))``)."""
+        if self.arc_corrected:
+            return self.tangential_bin_size_mm
+        return self.scanner.effective_ring_radius_mm * self.angular_increment_rad
+
+    def axial_sampling_mm(self, segment_num: int) -> float:
+        return self.scanner.ring_spacing_mm / self.segment(segment_num).axial_poss_per_ring_inc
+
+    def m_mm(self, segment_num: int) -> np.ndarray:
+        """Scanner-centred axial position of the LOR middles of a segment, shape (num_axial_poss,), mm."""
+        seg = self.segment(segment_num)
+        samp = self.axial_sampling_mm(segment_num)
+        a = np.arange(seg.num_axial_poss, dtype=np.float64)
+        m_offset = (seg.num_axial_poss - 1) * samp / 2.0
+        return a * samp - m_offset
+
+    def tan_theta(self, segment_num: int) -> np.ndarray:
+        """tan of the polar angle of a segment's LORs, per tangential position, shape (num_tangential_poss,)."""
+        delta = self.segment(segment_num).average_ring_diff
+        if abs(delta) < 1e-4:
+            return np.zeros(self.num_tangential_poss)
+        R = self.scanner.effective_ring_radius_mm
+        s = self.s_mm()
+        return delta * self.scanner.ring_spacing_mm / (2.0 * np.sqrt(R * R - s * s))
+
+    def sinogram_lor_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per SIRF sinogram row: m (mm, scanner-centred), mean ring difference, and axial sampling (mm).
+
+        Shapes (num_sinograms,). Together with :meth:`phi_rad` and :meth:`s_mm` these
+        define every LOR; ``tan(theta) = delta * ring_spacing / (2 sqrt(R^2 - s^2))``.
+        """
+        m, delta, samp = [], [], []
+        for n in self.sirf_segment_order():
+            seg = self.segment(n)
+            m.append(self.m_mm(n))
+            delta.append(np.full(seg.num_axial_poss, seg.average_ring_diff))
+            samp.append(np.full(seg.num_axial_poss, self.axial_sampling_mm(n)))
+        return np.concatenate(m), np.concatenate(delta), np.concatenate(samp)
+
+    # ----------------------------------------------------------------- derived geometries
+    def default_image(self, zoom: float = 1.0) -> "ImageGeometry":
+        """The image SIRF's ``create_uniform_image`` / STIR's ``VoxelsOnCartesianGrid(proj_data_info)`` gives.
+
+        vz = ring spacing / 2; nz = segment 0's axial positions if it is axially
+        compressed, else 2 * that - 1; vxy = default bin size / zoom (or the central
+        s sampling when no bin size is given); nxy = 2 * ceil(FOV radius / vxy) + 1.
+        """
+        seg0 = self.segment(0)
+        vz = self.scanner.ring_spacing_mm / 2.0
+        nz = seg0.num_axial_poss if seg0.max_ring_diff > seg0.min_ring_diff else 2 * seg0.num_axial_poss - 1
+        s_samp = self.scanner.default_bin_size_mm
+        if not s_samp > 0:
+            s_samp = self.sampling_in_s_mm()
+        vxy = s_samp / zoom
+        s = self.s_mm()
+        fov_radius = max(float(s[-1]), float(-s[0]))
+        # float32 as STIR computes it, so that ceil() lands on the same integer
+        nxy = 2 * int(math.ceil(np.float32(fov_radius) / np.float32(vxy))) + 1
+        return ImageGeometry(shape=(nz, nxy, nxy), voxel_size_mm=(vz, vxy, vxy))
+
+    def with_views(self, num_views: int) -> "SinogramGeometry":
+        return replace(self, num_views=num_views)
+
+    def describe(self) -> str:
+        return (
+            f"{self.scanner.name}: {len(self.segments)} segments (span {self.span}), {self.num_sinograms} sinograms, "
+            f"{self.num_views} views, {self.num_tangential_poss} tangential bins, "
+            f"{'arc-corrected' if self.arc_corrected else 'not arc-corrected'}"
+        )
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """A voxel grid as STIR's ``VoxelsOnCartesianGrid``.
+
+    ``shape`` (nz, ny, nx); ``voxel_size_mm`` (vz, vy, vx); ``origin_mm`` (z, y, x),
+    STIR's origin. Indices: k = 0..nz-1; j, i run from -(n//2) (STIR's centred
+    x/y index ranges). Voxel (k, j, i) of the array sits at
+    ``origin + (k*vz, (j - ny//2)*vy, (i - nx//2)*vx)`` in STIR physical coordinates;
+    the projector (like STIR's) places the z middle of the image at the scanner's
+    axial centre shifted by ``origin_z``.
+    """
+
+    shape: tuple[int, int, int]
+    voxel_size_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(n) for n in self.shape)
+        vs = tuple(float(v) for v in self.voxel_size_mm)
+        org = tuple(float(v) for v in self.origin_mm)
+        if len(shape) != 3 or min(shape) < 1:
+            raise GeometryError(f"image shape must be 3 positive sizes (z, y, x), got {self.shape}")
+        if len(vs) != 3 or not all(v > 0 for v in vs):
+            raise GeometryError(f"voxel sizes must be 3 positive lengths in mm (z, y, x), got {self.voxel_size_mm}")
+        if len(org) != 3 or not all(math.isfinite(v) for v in org):
+            raise GeometryError(f"origin must be 3 finite coordinates in mm (z, y, x), got {self.origin_mm}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "voxel_size_mm", vs)
+        object.__setattr__(self, "origin_mm", org)
+
+    @property
+    def num_voxels(self) -> int:
+        return self.shape[0] * self.shape[1] * self.shape[2]
+
+    def min_indices(self) -> tuple[int, int, int]:
+        """STIR's minimum indices (0, -(ny//2), -(nx//2))."""
+        return (0, -(self.shape[1] // 2), -(self.shape[2] // 2))
+
+    def centred_coordinates_mm(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Voxel-centre coordinates in the projector's frame (z scanner-centred), mm.
+
+        Returns (z[nz], y[ny], x[nx]). As STIR's ray tracer:
+        z_k = k*vz + origin_z - (nz-1)/2*vz; y_j = (j - ny//2)*vy + origin_y; same for x.
+        """
+        nz, ny, nx = self.shape
+        vz, vy, vx = self.voxel_size_mm
+        oz, oy, ox = self.origin_mm
+        z = np.arange(nz) * vz + oz - (nz - 1) / 2.0 * vz
+        y = (np.arange(ny) - ny // 2) * vy + oy
+        x = (np.arange(nx) - nx // 2) * vx + ox
+        return z, y, x
+
+    def first_voxel_gantry_mm(self, scanner: Scanner) -> tuple[float, float, float]:
+        """Gantry (x0, y0, z0) of array voxel [0, 0, 0], mm (gantry z = 0 at the first ring)."""
+        z, y, x = self.centred_coordinates_mm()
+        return float(x[0]), float(y[0]), float(z[0] + scanner.axial_fov_centre_gantry_mm)
+
+    def fov_radius_mm(self) -> float:
+        """STIR ray tracer's cylindrical FOV radius: (min(max index, -min index) - 1) * voxel size."""
+        ny, nx = self.shape[1], self.shape[2]
+        rx = (min(nx - 1 - nx // 2, nx // 2) - 1) * self.voxel_size_mm[2]
+        ry = (min(ny - 1 - ny // 2, ny // 2) - 1) * self.voxel_size_mm[1]
+        return max(min(rx, ry), 0.0)
+
+    def check_fits(self, sino: SinogramGeometry) -> None:
+        """Raise :class:`GeometryError` if this image does not fit inside the scanner."""
+        _, y, x = self.centred_coordinates_mm()
+        R = sino.scanner.effective_ring_radius_mm
+        corner = math.hypot(max(abs(x[0]), abs(x[-1])), max(abs(y[0]), abs(y[-1])))
+        inscribed = min(max(abs(x[0]), abs(x[-1])), max(abs(y[0]), abs(y[-1])))
+        if inscribed >= R:
+            raise GeometryError(
+                f"image geometry {self.shape} (z,y,x) with voxels {self.voxel_size_mm} mm reaches "
+                f"{inscribed:.1f} mm from the axis in x/y; the scanner's ring radius is {R:.1f} mm"
+            )
+        z, _, _ = self.centred_coordinates_mm()
+        half_axial = sino.scanner.num_rings * sino.scanner.ring_spacing_mm / 2.0
+        if z[0] < -half_axial - 1e-3 or z[-1] > half_axial + 1e-3:
+            raise GeometryError(
+                f"image geometry {self.shape} (z,y,x): z from {z[0]:.1f} to {z[-1]:.1f} mm (scanner-centred) "
+                f"lies outside the scanner's axial extent +-{half_axial:.1f} mm"
+            )
+        del corner
+
+    def nifti_affine(self, scanner: Scanner, patient_position: str = "HFS") -> np.ndarray:
+        """4x4 RAS affine for the array transposed to (x, y, z), from the STIR geometry (DESIGN.md)."""
+        x0, y0, z0 = self.first_voxel_gantry_mm(scanner)
+        vz, vy, vx = self.voxel_size_mm
+        sx, sy, sz = _patient_flips(patient_position)
+        # gantry -> LPS: HFS is (x, y, -z); other positions flip axes. RAS = diag(-1,-1,1) LPS.
+        a = np.zeros((4, 4))
+        a[0, 0], a[0, 3] = -sx * vx, -sx * x0
+        a[1, 1], a[1, 3] = -sy * vy, -sy * y0
+        a[2, 2], a[2, 3] = sz * vz, sz * z0
+        a[3, 3] = 1.0
+        return a
+
+    def describe(self) -> str:
+        return f"{self.shape} (z,y,x) voxels of {tuple(round(v, 5) for v in self.voxel_size_mm)} mm"
+
+
+def _patient_flips(patient_position: str) -> tuple[int, int, int]:
+    """Signs that take gantry (x, y, z) to LPS-with-z-negated for a patient position.
+
+    HFS: LPS = (x, y, -z) -> returns (1, 1, -1). HFP: (-x, -y, -z); FFS: (-x, y, z);
+    FFP: (x, -y, z).
+    """
+    table = {"HFS": (1, 1, -1), "HFP": (-1, -1, -1), "FFS": (-1, 1, 1), "FFP": (1, -1, 1)}
+    try:
+        return table[patient_position.upper()]
+    except KeyError:
+        raise GeometryError(
+            f"patient position must be one of {sorted(table)}, got {patient_position!r}"
+        ) from None
+
+
+def subset_views(num_views: int, num_subsets: int, subset: int) -> np.ndarray:
+    """Views of an OSEM subset: v with v % num_subsets == subset (STIR's view-based subsets)."""
+    if not 1 <= num_subsets <= num_views:
+        raise GeometryError(f"num_subsets must be in [1, {num_views}] (the number of views), got {num_subsets}")
+    if not 0 <= subset < num_subsets:
+        raise GeometryError(f"subset must be in [0, {num_subsets - 1}], got {subset}")
+    return np.arange(subset, num_views, num_subsets)
+
+
+SCANNER_PRESETS: dict[str, Scanner] = {
+    # STIR's Scanner::Siemens_mMR (template_span11.hs in STIR's examples)
+    "Siemens_mMR": Scanner(
+        name="Siemens mMR",
+        num_rings=64,
+        num_detectors_per_ring=504,
+        inner_ring_radius_mm=328.0,
+        average_depth_of_interaction_mm=7.0,
+        ring_spacing_mm=4.0625,
+        default_bin_size_mm=2.08626,
+        view_offset_deg=0.0,
+        max_num_non_arccorrected_bins=344,
+        default_num_arccorrected_bins=344,
+    ),
+    # A small made-up scanner for tests, examples and the bundled scan: 8 rings, 96 detectors.
+    "small_test": Scanner(
+        name="small test scanner",
+        num_rings=8,
+        num_detectors_per_ring=96,
+        inner_ring_radius_mm=120.0,
+        average_depth_of_interaction_mm=5.0,
+        ring_spacing_mm=4.0,
+        default_bin_size_mm=4.0,
+        view_offset_deg=0.0,
+        max_num_non_arccorrected_bins=48,
+        default_num_arccorrected_bins=48,
+    ),
+}
+
+_ALIASES = {"siemens mmr": "Siemens_mMR", "mmr": "Siemens_mMR", "siemens_mmr": "Siemens_mMR"}
+
+
+def scanner_preset(name: str) -> Scanner:
+    """A preset scanner by name (``Siemens_mMR``, ``small_test``); unknown names are an error."""
+    key = _ALIASES.get(name.strip().lower(), name.strip())
+    if key not in SCANNER_PRESETS:
+        raise GeometryError(f"unknown scanner {name!r}; known presets: {sorted(SCANNER_PRESETS)}")
+    return SCANNER_PRESETS[key]

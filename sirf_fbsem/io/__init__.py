@@ -1,0 +1,1 @@
+"""Readers and writers: Interfile, listmode, normalisation, NIfTI, DICOM."""

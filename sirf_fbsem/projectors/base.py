@@ -1,0 +1,123 @@
+"""The acquisition-model contract every backend (embedded, SIRF) follows.
+
+Mean of the measured prompts in a subset ``s`` of views::
+
+    ybar_s = A_s x + b_s,     A_s = S_s G_s P
+
+with ``G`` the geometric projector (line integrals in mm), ``P`` an optional
+image-space PSF, ``S`` the multiplicative factors (normalisation x attenuation,
+per sinogram bin) and ``b`` the additive term (randoms + scatter, counts).
+
+Names follow SIRF where users meet them: ``direct``/``adjoint`` are the linear
+part ``A`` and its transpose, ``forward`` is the affine model ``A x + b`` and
+``backward`` is ``A^T`` (as ``AcquisitionModel.backward`` in SIRF).
+
+Shapes: images ``(B, Z, Y, X)`` or unbatched ``(Z, Y, X)`` (Bq/ml-like activity
+units; the model is linear so any unit works); sinograms ``(B, T, S, V_s, N)`` or
+``(T, S, V_s, N)`` in counts, where ``V_s`` is the number of views in the subset
+(all views when ``subset is None``).
+"""
+from __future__ import annotations
+
+import abc
+import math
+
+import numpy as np
+import torch
+
+__all__ = ["AcquisitionModel", "adjoint_mismatch"]
+
+
+class AcquisitionModel(abc.ABC):
+    """Abstract PET acquisition model on torch tensors, with view-based subsets."""
+
+    #: (Z, Y, X) of the image
+    image_shape: tuple[int, int, int]
+    #: (T, S, V, N) of the full sinogram
+    sinogram_shape: tuple[int, int, int, int]
+    #: number of OSEM subsets (views v with v % num_subsets == s form subset s)
+    num_subsets: int
+
+    # -------------------------------------------------------------- to implement
+    @abc.abstractmethod
+    def direct(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+        """Linear part ``A_s x``: image (B,Z,Y,X) or (Z,Y,X) -> sinogram (B,T,S,V_s,N) or (T,S,V_s,N)."""
+
+    @abc.abstractmethod
+    def adjoint(self, y: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+        """Exact transpose ``A_s^T y``: sinogram -> image, same batching as the input."""
+
+    @abc.abstractmethod
+    def additive_term(self, subset: int | None = None) -> torch.Tensor:
+        """Additive term ``b_s`` (counts), shape (T,S,V_s,N) or (B,T,S,V_s,N) when per-sample."""
+
+    @abc.abstractmethod
+    def subset_views(self, subset: int | None) -> np.ndarray:
+        """View indices of a subset (all views when ``subset is None``)."""
+
+    @abc.abstractmethod
+    def with_num_subsets(self, num_subsets: int) -> "AcquisitionModel":
+        """The same model with another number of subsets (shares data, not caches)."""
+
+    # -------------------------------------------------------------- provided
+    def forward(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+        """Affine model ``A_s x + b_s`` (SIRF's ``forward``)."""
+        return self.direct(x, subset) + self.additive_term(subset)
+
+    def backward(self, y: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+        """``A_s^T y`` (SIRF's ``backward``)."""
+        return self.adjoint(y, subset)
+
+    def sensitivity(self, subset: int | None = None) -> torch.Tensor:
+        """Subset sensitivity ``A_s^T 1``, shape (Z,Y,X) (or (B,Z,Y,X) with per-sample factors)."""
+        cache = self.__dict__.setdefault("_sens_cache", {})
+        if subset not in cache:
+            shape = self.subset_sinogram_shape(subset)
+            ones = torch.ones(shape, dtype=self.dtype, device=self.device)
+            cache[subset] = self.adjoint(ones, subset)
+        return cache[subset]
+
+    def subset_sinogram_shape(self, subset: int | None) -> tuple[int, int, int, int]:
+        t, s, _, n = self.sinogram_shape
+        return (t, s, len(self.subset_views(subset)), n)
+
+    def take_subset(self, y: torch.Tensor, subset: int | None) -> torch.Tensor:
+        """The views of ``subset`` from a full sinogram (B,T,S,V,N) or (T,S,V,N)."""
+        if subset is None:
+            return y
+        idx = torch.as_tensor(self.subset_views(subset), device=y.device)
+        return y.index_select(y.dim() - 2, idx)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def adjoint_test(self, subset: int | None = None, seed: int = 0, dtype: torch.dtype | None = None) -> float:
+        """Normalised mismatch |<Ax,y> - <x,A^T y>| / (||A|| ||x|| ||y||) for random x, y (CIL's dot test)."""
+        return adjoint_mismatch(self, subset=subset, seed=seed, dtype=dtype)
+
+
+def adjoint_mismatch(
+    model: AcquisitionModel, subset: int | None = None, seed: int = 0, dtype: torch.dtype | None = None
+) -> float:
+    """See :meth:`AcquisitionModel.adjoint_test`. ||A|| is estimated by 5 power iterations."""
+    dtype = dtype or model.dtype
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.rand(model.image_shape, generator=g, dtype=dtype).to(model.device)
+    y = torch.rand(model.subset_sinogram_shape(subset), generator=g, dtype=dtype).to(model.device)
+    ax = model.direct(x, subset)
+    aty = model.adjoint(y, subset)
+    lhs = float((ax * y).sum())
+    rhs = float((x * aty).sum())
+    v = torch.rand(model.image_shape, generator=g, dtype=dtype).to(model.device)
+    norm = 1.0
+    for _ in range(5):
+        v = model.adjoint(model.direct(v, subset), subset)
+        norm = float(v.norm())
+        v = v / max(norm, 1e-30)
+    op_norm = math.sqrt(norm)
+    return abs(lhs - rhs) / max(op_norm * float(x.norm()) * float(y.norm()), 1e-30)
