@@ -49,6 +49,11 @@ __all__ = [
     "scanner_preset",
     "SCANNER_PRESETS",
     "subset_views",
+    "sinogram_geometry_to_dict",
+    "sinogram_geometry_from_dict",
+    "image_geometry_to_dict",
+    "image_geometry_from_dict",
+    "geometry_mismatch",
 ]
 
 
@@ -577,3 +582,69 @@ def scanner_preset(name: str) -> Scanner:
     if key not in SCANNER_PRESETS:
         raise GeometryError(f"unknown scanner {name!r}; known presets: {sorted(SCANNER_PRESETS)}")
     return SCANNER_PRESETS[key]
+
+
+# --------------------------------------------------------------------- serialisation
+def scanner_to_dict(scanner: Scanner) -> dict:
+    """Plain-JSON description of a scanner."""
+    return dict(scanner.__dict__)
+
+
+def sinogram_geometry_to_dict(geom: SinogramGeometry) -> dict:
+    """Plain-JSON description of a sinogram geometry (inverse: :func:`sinogram_geometry_from_dict`)."""
+    return {
+        "scanner": scanner_to_dict(geom.scanner),
+        "segments": [[s.segment_num, s.min_ring_diff, s.max_ring_diff, s.num_axial_poss] for s in geom.segments],
+        "num_views": geom.num_views,
+        "num_tangential_poss": geom.num_tangential_poss,
+        "arc_corrected": geom.arc_corrected,
+        "tangential_bin_size_mm": geom.tangential_bin_size_mm,
+        "num_tof_bins": geom.num_tof_bins,
+    }
+
+
+def sinogram_geometry_from_dict(d: dict) -> SinogramGeometry:
+    try:
+        return SinogramGeometry(
+            scanner=Scanner(**d["scanner"]),
+            segments=tuple(Segment(*map(int, s)) for s in d["segments"]),
+            num_views=int(d["num_views"]),
+            num_tangential_poss=int(d["num_tangential_poss"]),
+            arc_corrected=bool(d["arc_corrected"]),
+            tangential_bin_size_mm=float(d["tangential_bin_size_mm"]),
+            num_tof_bins=int(d.get("num_tof_bins", 1)),
+        )
+    except (KeyError, TypeError) as err:
+        raise GeometryError(f"sinogram geometry description is incomplete or malformed: {err!r}") from None
+
+
+def image_geometry_to_dict(geom: ImageGeometry) -> dict:
+    return {"shape": list(geom.shape), "voxel_size_mm": list(geom.voxel_size_mm), "origin_mm": list(geom.origin_mm)}
+
+
+def image_geometry_from_dict(d: dict) -> ImageGeometry:
+    try:
+        return ImageGeometry(tuple(d["shape"]), tuple(d["voxel_size_mm"]), tuple(d.get("origin_mm", (0, 0, 0))))
+    except (KeyError, TypeError) as err:
+        raise GeometryError(f"image geometry description is incomplete or malformed: {err!r}") from None
+
+
+def geometry_mismatch(a: SinogramGeometry, b: SinogramGeometry, tol_mm: float = 1e-3) -> list[str]:
+    """Human-readable differences between two sinogram geometries (empty if they match)."""
+    diffs = []
+    for f in ("num_rings", "num_detectors_per_ring"):
+        if getattr(a.scanner, f) != getattr(b.scanner, f):
+            diffs.append(f"scanner {f}: {getattr(a.scanner, f)} vs {getattr(b.scanner, f)}")
+    for f in ("inner_ring_radius_mm", "average_depth_of_interaction_mm", "ring_spacing_mm", "view_offset_deg"):
+        if abs(getattr(a.scanner, f) - getattr(b.scanner, f)) > tol_mm:
+            diffs.append(f"scanner {f}: {getattr(a.scanner, f)} vs {getattr(b.scanner, f)}")
+    if [(s.min_ring_diff, s.max_ring_diff, s.num_axial_poss) for s in a.segments] != [
+        (s.min_ring_diff, s.max_ring_diff, s.num_axial_poss) for s in b.segments
+    ]:
+        diffs.append(f"segments: {len(a.segments)} (span {a.span}) vs {len(b.segments)} (span {b.span})")
+    for f in ("num_views", "num_tangential_poss", "arc_corrected"):
+        if getattr(a, f) != getattr(b, f):
+            diffs.append(f"{f}: {getattr(a, f)} vs {getattr(b, f)}")
+    if a.arc_corrected and abs(a.tangential_bin_size_mm - b.tangential_bin_size_mm) > tol_mm:
+        diffs.append(f"tangential_bin_size_mm: {a.tangential_bin_size_mm} vs {b.tangential_bin_size_mm}")
+    return diffs

@@ -1,0 +1,148 @@
+"""Everything measured about one scan, gathered from the files a user points at.
+
+``load_acquisition`` turns a sinogram (Interfile ``.hs``) or a listmode file
+(mMR ``.l.hdr``), plus optional normalisation, attenuation (mu-map) and additive
+terms, into an :class:`Acquisition`: prompts and the terms of the acquisition
+model, all as SIRF-ordered (T,S,V,N) float32 arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .geometry import ImageGeometry, SinogramGeometry
+from .projectors.embedded import EmbeddedAcquisitionModel
+
+__all__ = ["Acquisition", "load_acquisition", "attenuation_factors"]
+
+
+@dataclass
+class Acquisition:
+    """Prompts (counts) and model terms on one sinogram geometry; arrays (T,S,V,N) float32."""
+
+    geometry: SinogramGeometry
+    prompts: np.ndarray
+    multiplicative: np.ndarray | None = None
+    additive: np.ndarray | None = None
+    source: str = ""
+    metadata: dict = field(default_factory=dict)
+
+    def model(self, image: ImageGeometry | None = None, **kwargs) -> EmbeddedAcquisitionModel:
+        """An embedded acquisition model for these data (default image: STIR's default for the scanner)."""
+        return EmbeddedAcquisitionModel(
+            self.geometry,
+            image or self.geometry.default_image(),
+            multiplicative=self.multiplicative,
+            additive=self.additive,
+            **kwargs,
+        )
+
+
+def attenuation_factors(
+    mu_map_per_cm: np.ndarray, image: ImageGeometry, geometry: SinogramGeometry, device: str = "cpu"
+) -> np.ndarray:
+    """exp(-integral mu dl) per bin, (T,S,V,N): mu in 1/cm, line integrals of the projector in mm (x 0.1)."""
+    model = EmbeddedAcquisitionModel(geometry, image, device=device)
+    with torch.no_grad():
+        line = model.direct(torch.as_tensor(np.asarray(mu_map_per_cm, dtype=np.float32)))
+    return torch.exp(-0.1 * line).cpu().numpy().astype(np.float32)
+
+
+def _is_listmode(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".l.hdr") or name.endswith(".l") or name.endswith(".hdr.stir")
+
+
+def load_acquisition(
+    path: str | Path,
+    *,
+    norm: str | Path | None = None,
+    mu_map: str | Path | None = None,
+    additive: str | Path | None = None,
+    time_interval_s: tuple[float, float] | None = None,
+    span: int = 11,
+    image: ImageGeometry | None = None,
+    progress: bool = True,
+) -> Acquisition:
+    """Read prompts and optional terms.
+
+    Args:
+        path: Interfile sinogram (.hs) or mMR listmode header (.l.hdr).
+        norm: mMR ECAT8 norm (.n.hdr / .n) or an Interfile sinogram of multiplicative
+            efficiency factors (.hs; counts = factor x true counts).
+        mu_map: attenuation map (Interfile .hv or NIfTI) in 1/cm.
+        additive: Interfile sinogram of randoms + scatter (counts). For listmode without
+            it, randoms are estimated from the delayeds.
+        time_interval_s: (t0, t1) seconds from the start, listmode only.
+        span: axial compression when histogramming listmode (1 or 11 for the mMR).
+        image: image geometry for the mu-map resampling (default: the scanner's default image).
+    """
+    from .io import interfile
+
+    path = Path(path)
+    meta: dict = {}
+    add = None
+    if _is_listmode(path):
+        from .io import listmode, randoms
+
+        hdr = listmode.read_listmode_header(path)
+        geom = _mmr_geometry(span)
+        prompts, delayeds, info = listmode.histogram_listmode(
+            hdr, geom, time_interval_s=time_interval_s, store_delayeds=True, progress=progress
+        )
+        meta.update(info if isinstance(info, dict) else {"listmode": str(info)})
+        meta["listmode_header"] = hdr
+        if additive is None and delayeds is not None:
+            add = randoms.randoms_from_delayeds(delayeds, geom, smooth=True).astype(np.float32)
+    else:
+        if time_interval_s is not None:
+            raise ValueError(f"--time applies to listmode input only; {path} is a sinogram")
+        geom, prompts = interfile.read_projdata(path)
+    mult = None
+    if norm is not None:
+        mult = _read_norm(Path(norm), geom)
+    if mu_map is not None:
+        from .io import mumap
+
+        img = image or geom.default_image()
+        mu_geom, mu = mumap.read_mu_map(mu_map)
+        mumap.check_mu_units(mu, mu_map)
+        if mu_geom != img:
+            mu = mumap.resample_to(mu, mu_geom, img, geom.scanner)
+        att = attenuation_factors(mu, img, geom)
+        mult = att if mult is None else mult * att
+        meta["mu_map"] = str(mu_map)
+    if additive is not None:
+        add_geom, add = interfile.read_projdata(additive)
+        _check_same(add_geom, geom, additive, path)
+    return Acquisition(geom, np.asarray(prompts, dtype=np.float32), mult, add, str(path), meta)
+
+
+def _mmr_geometry(span: int) -> SinogramGeometry:
+    from .geometry import scanner_preset
+
+    return SinogramGeometry.from_span(scanner_preset("Siemens_mMR"), span=span, max_ring_diff=60)
+
+
+def _read_norm(path: Path, geom: SinogramGeometry) -> np.ndarray:
+    from .io import interfile
+
+    name = path.name.lower()
+    if name.endswith(".hs"):
+        ngeom, factors = interfile.read_projdata(path, allow_negative=False)
+        _check_same(ngeom, geom, path, "the prompts")
+        return factors.astype(np.float32)
+    from .io import ecat8_norm
+
+    return ecat8_norm.read_ecat8_norm(path).efficiency_sinogram(geom).astype(np.float32)
+
+
+def _check_same(a: SinogramGeometry, b: SinogramGeometry, path_a, path_b) -> None:
+    from .geometry import geometry_mismatch
+
+    diffs = geometry_mismatch(a, b)
+    if diffs:
+        raise ValueError(f"sinogram '{path_a}' does not match the geometry of '{path_b}': " + "; ".join(diffs))

@@ -1,0 +1,174 @@
+"""Command line: ``sirf-fbsem reconstruct | simulate | train | evaluate``.
+
+Each sub-command maps its flags one to one onto library calls; nothing here computes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+BUNDLED_SCAN = Path(__file__).resolve().parents[1] / "test_data" / "phantom_scan.hs"
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "test_data" / "fbsem_model.pt"
+
+
+def _pair(text: str) -> tuple[float, float]:
+    return tuple(float(v) for v in text)  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sirf-fbsem", description="FBSEM-Net PET reconstruction for SIRF/STIR data.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reconstruct", help="reconstruct a sinogram (.hs) or mMR listmode (.l.hdr)")
+    r.add_argument("input", type=Path, help="Interfile sinogram .hs or listmode header .l.hdr")
+    r.add_argument("--output", "-o", type=Path, required=True, help="output image: .nii, .nii.gz or .hv")
+    r.add_argument("--algorithm", choices=["osem", "mlem", "fbsem"], default=None,
+                   help="default: fbsem when --model is given, else osem")
+    r.add_argument("--model", type=Path, help="trained FBSEM model file (.pt)")
+    r.add_argument("--override-geometry", action="store_true",
+                   help="use a model trained on another geometry (not recommended)")
+    r.add_argument("--iterations", type=int, default=4, help="OSEM/MLEM iterations (default 4)")
+    r.add_argument("--subsets", type=int, default=None, help="OSEM subsets (default 4; FBSEM: the model's)")
+    r.add_argument("--norm", type=Path, help="normalisation: mMR .n.hdr or efficiency sinogram .hs")
+    r.add_argument("--mu-map", type=Path, help="attenuation map in 1/cm (.hv or NIfTI)")
+    r.add_argument("--additive", type=Path, help="randoms + scatter sinogram .hs (counts)")
+    r.add_argument("--time", nargs=2, type=float, metavar=("T0", "T1"), help="listmode time interval, s")
+    r.add_argument("--span", type=int, default=11, help="listmode histogramming span (1 or 11)")
+    r.add_argument("--psf-fwhm", type=float, default=0.0, help="image-space PSF FWHM, mm (0 = none)")
+    r.add_argument("--dicom", type=Path, help="also write a DICOM PET series into this directory")
+    r.add_argument("--preview", type=Path, help="also write a PNG montage")
+    r.add_argument("--patient-position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
+    r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    r.add_argument("--no-progress", action="store_true")
+
+    for name, helptext in (("simulate", "simulate training data"), ("train", "train FBSEM-Net")):
+        sp = sub.add_parser(name, help=helptext)
+        try:
+            if name == "simulate":
+                from .simulation.cli import add_simulate_arguments
+
+                add_simulate_arguments(sp)
+            else:
+                from .training.cli import add_train_arguments
+
+                add_train_arguments(sp)
+        except ImportError as err:  # pragma: no cover - only while a part is missing
+            sp.set_defaults(_missing=str(err))
+
+    ev = sub.add_parser("evaluate", help="compare OSEM, MAP-EM and FBSEM on held-out phantoms")
+    try:
+        from .evaluation import add_evaluate_arguments
+
+        add_evaluate_arguments(ev)
+    except ImportError as err:  # pragma: no cover
+        ev.set_defaults(_missing=str(err))
+    return p
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .acquisition import load_acquisition
+
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    algorithm = args.algorithm or ("fbsem" if args.model else "osem")
+    if algorithm == "fbsem" and args.model is None:
+        raise SystemExit("sirf-fbsem reconstruct: --algorithm fbsem needs --model MODEL.pt")
+    acq = load_acquisition(
+        args.input,
+        norm=args.norm,
+        mu_map=args.mu_map,
+        additive=args.additive,
+        time_interval_s=tuple(args.time) if args.time else None,
+        span=args.span,
+        progress=progress,
+    )
+    image_geom = acq.geometry.default_image()
+    from .reconstructor import reconstruct_acquisition
+
+    x, description = reconstruct_acquisition(
+        acq,
+        image_geom,
+        algorithm=algorithm,
+        model_path=args.model,
+        override_geometry=args.override_geometry,
+        num_iterations=args.iterations,
+        num_subsets=args.subsets,
+        psf_fwhm_mm=args.psf_fwhm,
+        device=args.device,
+        progress=progress,
+    )
+    image = x.detach().cpu().numpy().astype(np.float32)
+    _write_outputs(args, image, image_geom, acq, description)
+    print(
+        f"{description}: {image_geom.describe()} -> {args.output} "
+        f"({time.perf_counter() - t0:.1f} s; sum {image.sum():.4g})"
+    )
+    return 0
+
+
+def _write_outputs(args, image, image_geom, acq, description: str) -> None:
+    out = Path(args.output)
+    name = out.name.lower()
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        from .io.nifti import write_nifti
+
+        write_nifti(out, image, image_geom, acq.geometry.scanner, patient_position=args.patient_position,
+                    description=description)
+    elif name.endswith(".hv"):
+        from .io.interfile import write_image
+
+        write_image(out, image_geom, image)
+    else:
+        raise SystemExit(f"sirf-fbsem reconstruct: --output must end in .nii, .nii.gz or .hv, got {out}")
+    if args.dicom:
+        from .io.dicom import write_dicom_series
+
+        extra = {}
+        hdr = acq.metadata.get("listmode_header")
+        if hdr is not None and getattr(hdr, "radiopharmaceutical", None):
+            extra["radiopharmaceutical"] = hdr.radiopharmaceutical
+        write_dicom_series(args.dicom, image, image_geom, acq.geometry.scanner,
+                           patient_position=args.patient_position, series_description=description,
+                           units="BQML" if acq.multiplicative is not None else "CNTS", **extra)
+    if args.preview:
+        from .preview import save_montage
+
+        save_montage(args.preview, image, title=f"{Path(args.input).name}: {description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", None):
+        parser.error(f"'{args.command}' is unavailable: {args._missing}")
+    try:
+        if args.command == "reconstruct":
+            return run_reconstruct(args)
+        if args.command == "simulate":
+            from .simulation.cli import run_simulate
+
+            return run_simulate(args)
+        if args.command == "train":
+            from .training.cli import run_train
+
+            return run_train(args)
+        if args.command == "evaluate":
+            from .evaluation import run_evaluate
+
+            return run_evaluate(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sirf-fbsem {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

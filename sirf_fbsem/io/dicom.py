@@ -1,0 +1,446 @@
+"""PET DICOM writer: one PET Image Storage instance per slice (pydicom), written atomically.
+
+SOP Class 1.2.840.10008.5.1.4.1.1.128 (PET Image IOD, PS3.3 A.21), explicit VR little
+endian, 16-bit pixels with a per-slice ``RescaleSlope`` (intercept 0, as the PET Image
+module requires). Modules written: Patient, General Study, General Series, PET Series,
+PET Isotope, NM/PET Patient Orientation, Frame of Reference, General Equipment,
+General Image, Image Plane, Image Pixel, PET Image, SOP Common. PET Multi-gated
+Acquisition is not written (it is required only for GATED series; these are STATIC).
+
+Geometry (DESIGN.md): with ``(x0, y0, z0)`` the gantry position (mm) of voxel
+``[0, 0, 0]`` and ``(sx, sy, sz)`` the patient-position signs that take gantry
+``(x, y, z)`` to LPS (HFS ``(1, 1, -1)``, HFP ``(-1, -1, -1)``, FFS ``(-1, 1, 1)``,
+FFP ``(1, -1, 1)``, the same signs :meth:`ImageGeometry.nifti_affine` uses)::
+
+    ImageOrientationPatient = [sx, 0, 0,  0, sy, 0]     (row direction, column direction)
+    ImagePositionPatient(k) = [sx*x0, sy*y0, sz*(z0 + k*vz)]
+    PixelSpacing = [vy, vx]  (between rows, between columns);  SliceThickness = vz
+
+so a voxel's LPS position here and its RAS position in the NIfTI written by
+:func:`sirf_fbsem.io.nifti.write_nifti` agree (RAS = (-L, -P, S)).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .. import __version__
+from ..geometry import ImageGeometry, Scanner, _patient_flips
+from .atomic import atomic_dir
+from .nifti import _check_volume
+
+__all__ = ["write_dicom_series", "PET_IMAGE_STORAGE", "PET_UNITS", "PET_CORRECTIONS", "RADIONUCLIDES"]
+
+PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
+
+#: Defined terms of Units (0054,1001), PS3.3 C.8.9.1.1.3
+PET_UNITS = frozenset(
+    {"CNTS", "NONE", "CM2", "CM2ML", "PCNT", "CPS", "BQML", "MGMINML", "UMOLMINML", "MLMGM", "MLG",
+     "1CM", "UMOLML", "PROPCNTS", "PROPCPS", "MLMINML", "MLML", "GML", "STDDEV"}
+)
+#: Defined terms of Corrected Image (0028,0051) for PET, PS3.3 C.8.9.1.1.4
+PET_CORRECTIONS = frozenset({"DECY", "ATTN", "SCAT", "DTIM", "MOTN", "PMOT", "CLN", "RAN", "RADL", "DCAL", "NORM"})
+
+#: PET radionuclides: name -> (SNOMED CT code of CID 4020, code meaning, half-life in s or None).
+#: Half-lives from NNDC NuDat; pass ``half_life_s`` to override or where None.
+RADIONUCLIDES: dict[str, tuple[str, str, float | None]] = {
+    "F-18": ("77004003", "^18^Fluorine", 6586.2),  # 109.77 min
+    "C-11": ("40565003", "^11^Carbon", 1221.84),  # 20.364 min
+    "N-13": ("21576001", "^13^Nitrogen", 597.9),  # 9.965 min
+    "O-15": ("129504001", "^15^Oxygen", 122.24),
+    "Ga-68": ("35337001", "^68^Gallium", 4062.6),  # 67.71 min
+    "Cu-64": ("3932008", "^64^Copper", 45723.6),  # 12.701 h
+    "Zr-89": ("63360001", "^89^Zirconium", 282276.0),  # 78.41 h
+    "Rb-82": ("79197006", "^82^Rubidium", None),
+}
+_RADIOPHARMACEUTICAL_KEYS = frozenset(
+    {"radionuclide", "radiopharmaceutical", "total_dose_bq", "half_life_s", "positron_fraction",
+     "start_datetime", "route"}
+)
+
+# NM/PET Patient Orientation codes (SNOMED CT; CID 19, 20, 21)
+_RECUMBENT = ("102538003", "recumbent")
+_SUPINE = ("40199007", "supine")
+_PRONE = ("1240000", "prone")
+_HEADFIRST = ("102540008", "headfirst")
+_FEETFIRST = ("102541007", "feet-first")
+
+_PYDICOM_HINT = "writing PET DICOM needs pydicom >= 2.2 (pip install pydicom)"
+
+
+def _require_pydicom():
+    try:
+        import pydicom
+        import pydicom.uid  # noqa: F401
+    except ImportError as exc:  # pragma: no cover
+        raise ImportError(_PYDICOM_HINT) from exc
+    return pydicom
+
+
+def _ds(value: float) -> str:
+    """A DS string (at most 16 characters) for ``value``; no negative zero."""
+    from pydicom.valuerep import format_number_as_ds
+
+    v = float(value) + 0.0
+    if v == 0.0:
+        return "0"
+    return format_number_as_ds(v)
+
+
+def _da(t: _dt.datetime) -> str:
+    return t.strftime("%Y%m%d")
+
+
+def _tm(t: _dt.datetime) -> str:
+    return t.strftime("%H%M%S.%f")
+
+
+def _dt_str(t: _dt.datetime) -> str:
+    s = t.strftime("%Y%m%d%H%M%S.%f")
+    if t.utcoffset() is not None:
+        s += t.strftime("%z")
+    return s
+
+
+def _lo(name: str, value: str, limit: int = 64) -> str:
+    value = "" if value is None else str(value)
+    if len(value) > limit or "\\" in value or any(c in value for c in "\r\n\f"):
+        raise ValueError(f"{name} must be at most {limit} characters without backslash or line breaks, got {value!r}")
+    return value
+
+
+def _code_item(code: tuple[str, str]):
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodeValue = code[0]
+    item.CodingSchemeDesignator = "SCT"
+    item.CodeMeaning = code[1]
+    return item
+
+
+def _normalise_radionuclide(name: str) -> str:
+    """'F-18', '18F', 'F18', '^18^Fluorine', 'fluorine-18' -> 'F-18'."""
+    key = re.sub(r"[\s^\-_]", "", str(name)).upper()
+    for nuclide, (_, meaning, _) in RADIONUCLIDES.items():
+        sym, mass = nuclide.split("-")
+        element = re.sub(r"[\^\d]", "", meaning).upper()
+        if key in {f"{sym.upper()}{mass}", f"{mass}{sym.upper()}", f"{mass}{element}", f"{element}{mass}"}:
+            return nuclide
+    raise ValueError(
+        f"radiopharmaceutical['radionuclide'] = {name!r} is not a known PET radionuclide; known: "
+        f"{sorted(RADIONUCLIDES)}"
+    )
+
+
+def _radiopharmaceutical_item(info: Mapping[str, Any]):
+    """One item of RadiopharmaceuticalInformationSequence; returns (item, half-life s or None)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    unknown = set(info) - _RADIOPHARMACEUTICAL_KEYS
+    if unknown:
+        raise ValueError(
+            f"radiopharmaceutical has unknown key(s) {sorted(unknown)}; allowed: {sorted(_RADIOPHARMACEUTICAL_KEYS)}"
+        )
+    if "radionuclide" not in info:
+        raise ValueError("radiopharmaceutical needs a 'radionuclide' (e.g. 'F-18')")
+    nuclide = _normalise_radionuclide(info["radionuclide"])
+    code, meaning, table_half_life = RADIONUCLIDES[nuclide]
+    half_life = info.get("half_life_s", table_half_life)
+    item = Dataset()
+    item.RadionuclideCodeSequence = DicomSequence([_code_item((code, meaning))])
+    if info.get("route") is not None:
+        item.RadiopharmaceuticalRoute = _lo("radiopharmaceutical['route']", info["route"])
+    start = info.get("start_datetime")
+    if start is not None:
+        if not isinstance(start, _dt.datetime):
+            raise TypeError(f"radiopharmaceutical['start_datetime'] must be a datetime, got {type(start).__name__}")
+        item.RadiopharmaceuticalStartTime = _tm(start)
+        item.RadiopharmaceuticalStartDateTime = _dt_str(start)
+    if info.get("total_dose_bq") is not None:
+        dose = float(info["total_dose_bq"])
+        if not dose > 0:
+            raise ValueError(f"radiopharmaceutical['total_dose_bq'] must be > 0 Bq, got {dose}")
+        item.RadionuclideTotalDose = _ds(dose)
+    if half_life is not None:
+        half_life = float(half_life)
+        if not half_life > 0:
+            raise ValueError(f"radiopharmaceutical['half_life_s'] must be > 0 s, got {half_life}")
+        item.RadionuclideHalfLife = _ds(half_life)
+    if info.get("positron_fraction") is not None:
+        frac = float(info["positron_fraction"])
+        if not 0 < frac <= 1:
+            raise ValueError(f"radiopharmaceutical['positron_fraction'] must be in (0, 1], got {frac}")
+        item.RadionuclidePositronFraction = _ds(frac)
+    if info.get("radiopharmaceutical") is not None:
+        item.Radiopharmaceutical = _lo("radiopharmaceutical['radiopharmaceutical']", info["radiopharmaceutical"])
+    return item, half_life
+
+
+def _quantise(arr: np.ndarray) -> tuple[np.ndarray, list[str], bool]:
+    """Per-slice 16-bit integers and RescaleSlope strings; slice max |value| -> 32767 (signed) or 65535.
+
+    Signed (int16) when any voxel is negative, else unsigned (uint16). The slope is
+    rounded to its DS string first, so ``slope * pixel`` reproduces the image to
+    within half a quantisation step.
+    """
+    signed = bool(arr.min() < 0) if arr.size else False
+    limit = 32767 if signed else 65535
+    out = np.empty(arr.shape, dtype=np.int16 if signed else np.uint16)
+    slopes = []
+    for k in range(arr.shape[0]):
+        sl = arr[k]
+        m = float(np.max(np.abs(sl))) if sl.size else 0.0
+        slope_str = _ds(m / limit) if m > 0 else "1"
+        slope = float(slope_str)
+        q = np.rint(sl / slope)
+        out[k] = np.clip(q, -limit if signed else 0, limit)
+        slopes.append(slope_str)
+    return out, slopes, signed
+
+
+def write_dicom_series(
+    directory: str | os.PathLike,
+    image,
+    geometry: ImageGeometry,
+    scanner: Scanner,
+    *,
+    patient_position: str = "HFS",
+    units: str = "BQML",
+    series_description: str,
+    patient_name: str = "Anonymous",
+    patient_id: str = "0",
+    study_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    acquisition_datetime: _dt.datetime | None = None,
+    radiopharmaceutical: Mapping[str, Any] | None = None,
+    decay_corrected: bool | None = None,
+    manufacturer_model: str | None = None,
+    corrections: Sequence[str] = (),
+    frame_duration_s: float | None = None,
+    reconstruction_method: str | None = None,
+    series_number: int = 1,
+) -> list[Path]:
+    """Write a ``(Z, Y, X)`` image as a PET Image Storage series, one file per slice.
+
+    The whole ``directory`` appears at once (built beside it, then renamed; an
+    existing directory is replaced only after the new one is complete); on any error
+    nothing is left behind. Files are ``IM_0001.dcm`` ... in slice order (k = 0 first).
+
+    Parameters (all but the first four keyword-only):
+
+    - ``units``: PET Units (0054,1001), e.g. ``BQML`` (Bq/ml), ``CNTS``, ``PROPCPS``.
+    - ``acquisition_datetime``: start of the acquisition; gives Series/Study/Acquisition
+      date and time. When None, Acquisition date/time are left empty and Series and
+      Study date/time (needed for the series reference time) are the time of writing.
+    - ``radiopharmaceutical``: ``{'radionuclide': 'F-18', 'radiopharmaceutical': 'FDG',
+      'total_dose_bq': ..., 'half_life_s': ..., 'positron_fraction': ...,
+      'start_datetime': datetime, 'route': ...}`` (only ``radionuclide`` is required;
+      half-life defaults from :data:`RADIONUCLIDES`). None: the sequence is written empty.
+    - ``decay_corrected``: True writes DecayCorrection START, adds DECY to
+      CorrectedImage and a DecayFactor (needs ``acquisition_datetime``,
+      ``frame_duration_s`` and a half-life). None or False: DecayCorrection NONE (this
+      package applies no decay correction of its own).
+    - ``corrections``: other corrections applied, CorrectedImage defined terms
+      (``ATTN``, ``SCAT``, ``RAN``, ``NORM``, ``DTIM`` ...). Empty by default: the writer
+      does not claim corrections it was not told about.
+    - ``frame_duration_s``: ActualFrameDuration; FrameReferenceTime is then the time
+      of the mean count rate in the frame (T/2 without a half-life), else 0.
+
+    Returns the paths of the written files.
+    """
+    pydicom = _require_pydicom()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+    target = Path(directory)
+    arr = _check_volume(image, geometry)
+    sx, sy, sz = _patient_flips(patient_position)
+    position = patient_position.upper()
+    units = str(units).upper()
+    if units not in PET_UNITS:
+        raise ValueError(f"units must be a PET Units defined term {sorted(PET_UNITS)}, got {units!r}")
+    series_description = _lo("series_description", series_description)
+    patient_id = _lo("patient_id", patient_id)
+    if len(str(patient_name)) > 64 * 5 or any(c in str(patient_name) for c in "\\\r\n"):
+        raise ValueError(f"patient_name must be a DICOM person name (no backslash), got {patient_name!r}")
+    for name, uid in (("study_uid", study_uid), ("frame_of_reference_uid", frame_of_reference_uid)):
+        if uid is not None and not UID(uid).is_valid:
+            raise ValueError(f"{name} must be a valid DICOM UID (digits and dots, <= 64 chars), got {uid!r}")
+    if acquisition_datetime is not None and not isinstance(acquisition_datetime, _dt.datetime):
+        raise TypeError(f"acquisition_datetime must be a datetime, got {type(acquisition_datetime).__name__}")
+    corrections = [str(c).upper() for c in corrections]
+    bad = sorted(set(corrections) - PET_CORRECTIONS)
+    if bad:
+        raise ValueError(f"corrections {bad} are not CorrectedImage defined terms {sorted(PET_CORRECTIONS)}")
+    if "DECY" in corrections and decay_corrected is not True:
+        raise ValueError("corrections contains DECY but decay_corrected is not True; set decay_corrected=True")
+    if frame_duration_s is not None and not float(frame_duration_s) > 0:
+        raise ValueError(f"frame_duration_s must be > 0 s, got {frame_duration_s}")
+    if isinstance(series_number, bool) or int(series_number) != series_number or series_number < 0:
+        raise ValueError(f"series_number must be a non-negative integer, got {series_number!r}")
+    if manufacturer_model is not None:
+        manufacturer_model = _lo("manufacturer_model", manufacturer_model)
+    if reconstruction_method is not None:
+        reconstruction_method = _lo("reconstruction_method", reconstruction_method)
+
+    rp_item, half_life = (None, None)
+    if radiopharmaceutical is not None:
+        rp_item, half_life = _radiopharmaceutical_item(radiopharmaceutical)
+
+    # Timing: frame reference time (ms from the series time) and decay factor.
+    lam_t = None
+    if frame_duration_s is not None and half_life is not None:
+        lam_t = math.log(2.0) / half_life * float(frame_duration_s)
+    if frame_duration_s is None:
+        frame_ref_ms = 0.0
+    elif lam_t is None or lam_t < 1e-12:
+        frame_ref_ms = 500.0 * float(frame_duration_s)
+    else:  # time of the mean count rate: ln(lam T / (1 - exp(-lam T))) / lam
+        frame_ref_ms = 1000.0 * float(frame_duration_s) * math.log(lam_t / -math.expm1(-lam_t)) / lam_t
+    decay_factor = None
+    if decay_corrected:
+        missing = [n for n, v in (("acquisition_datetime", acquisition_datetime),
+                                  ("frame_duration_s", frame_duration_s),
+                                  ("a half-life (radiopharmaceutical)", half_life)) if v is None]
+        if missing:
+            raise ValueError(
+                f"decay_corrected=True (DecayCorrection START) needs {', '.join(missing)} to write the "
+                "series reference time and DecayFactor (0054,1321)"
+            )
+        decay_factor = lam_t / -math.expm1(-lam_t) if lam_t >= 1e-12 else 1.0
+        if "DECY" not in corrections:
+            corrections.insert(0, "DECY")
+
+    pixels, slopes, signed = _quantise(arr)
+    nz, ny, nx = geometry.shape
+    vz, vy, vx = geometry.voxel_size_mm
+    x0, y0, z0 = geometry.first_voxel_gantry_mm(scanner)
+    row_dir = (float(sx), 0.0, 0.0)
+    col_dir = (0.0, float(sy), 0.0)
+    normal = np.cross(row_dir, col_dir)
+
+    now = _dt.datetime.now()
+    series_time = acquisition_datetime or now
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    frame_of_reference_uid = frame_of_reference_uid or generate_uid()
+    non_ascii = any(ord(c) > 127 for c in f"{patient_name}{patient_id}{series_description}")
+
+    # ---- attributes shared by every slice
+    base = Dataset()
+    if non_ascii:
+        base.SpecificCharacterSet = "ISO_IR 192"
+    base.ImageType = ["ORIGINAL", "PRIMARY"]
+    base.SOPClassUID = PET_IMAGE_STORAGE
+    base.InstanceCreationDate = _da(now)
+    base.InstanceCreationTime = _tm(now)
+    # Patient
+    # a name without '^' is DICOM's retired single-component form; "Family^" means the same
+    pn = str(patient_name)
+    base.PatientName = pn if ("^" in pn or "=" in pn or not pn) else pn + "^"
+    base.PatientID = patient_id
+    base.PatientBirthDate = ""
+    base.PatientSex = ""
+    # General Study
+    base.StudyInstanceUID = study_uid
+    base.StudyDate = _da(series_time)
+    base.StudyTime = _tm(series_time)
+    base.ReferringPhysicianName = ""
+    base.StudyID = "1"
+    base.AccessionNumber = ""
+    # General Series
+    base.Modality = "PT"
+    base.SeriesInstanceUID = series_uid
+    base.SeriesNumber = int(series_number)
+    base.SeriesDescription = series_description
+    base.Laterality = ""  # type 2C: unknown (whole-body or unpaired part)
+    # PET Series
+    base.SeriesDate = _da(series_time)
+    base.SeriesTime = _tm(series_time)
+    base.Units = units
+    base.CountsSource = "EMISSION"
+    base.SeriesType = ["STATIC", "IMAGE"]
+    base.NumberOfSlices = nz
+    base.CorrectedImage = corrections
+    base.DecayCorrection = "START" if decay_corrected else "NONE"
+    base.CollimatorType = ""
+    if reconstruction_method:
+        base.ReconstructionMethod = reconstruction_method
+    # PET Isotope
+    base.RadiopharmaceuticalInformationSequence = DicomSequence([rp_item] if rp_item is not None else [])
+    # NM/PET Patient Orientation
+    orient = _code_item(_RECUMBENT)
+    orient.PatientOrientationModifierCodeSequence = DicomSequence(
+        [_code_item(_SUPINE if position.endswith("S") else _PRONE)]
+    )
+    base.PatientOrientationCodeSequence = DicomSequence([orient])
+    base.PatientGantryRelationshipCodeSequence = DicomSequence(
+        [_code_item(_HEADFIRST if position.startswith("H") else _FEETFIRST)]
+    )
+    # Frame of Reference
+    base.FrameOfReferenceUID = frame_of_reference_uid
+    base.PositionReferenceIndicator = ""
+    # General Equipment
+    base.Manufacturer = ""
+    base.ManufacturerModelName = manufacturer_model if manufacturer_model is not None else _lo(
+        "scanner.name", scanner.name
+    )
+    base.SoftwareVersions = f"sirf_fbsem {__version__}"
+    # General Image / PET Image timing
+    base.ContentDate = _da(now)
+    base.ContentTime = _tm(now)
+    base.AcquisitionDate = _da(acquisition_datetime) if acquisition_datetime else ""
+    base.AcquisitionTime = _tm(acquisition_datetime) if acquisition_datetime else ""
+    base.FrameReferenceTime = _ds(frame_ref_ms)
+    base.ActualFrameDuration = int(round(1000.0 * float(frame_duration_s))) if frame_duration_s else ""
+    if decay_factor is not None:
+        base.DecayFactor = _ds(decay_factor)
+    # Image Plane (per slice: position and location)
+    base.PixelSpacing = [_ds(vy), _ds(vx)]
+    base.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+    base.SliceThickness = _ds(vz)
+    # Image Pixel
+    base.SamplesPerPixel = 1
+    base.PhotometricInterpretation = "MONOCHROME2"
+    base.Rows = ny
+    base.Columns = nx
+    base.BitsAllocated = 16
+    base.BitsStored = 16
+    base.HighBit = 15
+    base.PixelRepresentation = 1 if signed else 0
+    base.RescaleIntercept = "0"
+
+    written: list[str] = []
+    with atomic_dir(target) as tmp:
+        for k in range(nz):
+            ds = Dataset()
+            ds.update(base)
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            ds.ImageIndex = k + 1
+            ipp = np.array([sx * x0, sy * y0, sz * (z0 + k * vz)], dtype=np.float64)
+            ds.ImagePositionPatient = [_ds(v) for v in ipp]
+            ds.SliceLocation = _ds(float(ipp @ normal))
+            ds.RescaleSlope = slopes[k]
+            ds.PixelData = np.ascontiguousarray(pixels[k]).astype("<i2" if signed else "<u2").tobytes()
+            ds["PixelData"].VR = "OW"
+            meta = FileMetaDataset()
+            meta.MediaStorageSOPClassUID = PET_IMAGE_STORAGE
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+            meta.ImplementationVersionName = f"SIRF_FBSEM_{__version__}"[:16]
+            ds.file_meta = meta
+            name = f"IM_{k + 1:04d}.dcm"
+            pydicom.dcmwrite(tmp / name, ds, enforce_file_format=True)
+            written.append(name)
+    return [target / n for n in written]

@@ -1,0 +1,1158 @@
+"""Siemens mMR PETLINK 32-bit listmode: header, scan, and histogramming into SIRF-ordered sinograms.
+
+This reads the ECAT8 32-bit listmode format natively (no SIRF or STIR needed) and
+bins it exactly as STIR's ``lm_to_projdata`` (and SIRF's ``ListmodeToSinograms``)
+do. The conventions below were taken from STIR's sources and are cited by file.
+
+Word layout (``src/include/stir/listmode/CListRecordECAT8_32bit.h``)
+---------------------------------------------------------------------
+The data file is a stream of little-endian unsigned 32-bit words (PETLINK
+guideline); bit 31 is the most significant bit.
+
+====================  ==========================================================
+bits                  meaning
+====================  ==========================================================
+31 = 0                coincidence event (``CListEventDataECAT8_32bit::type``)
+  30                  ``delayed`` field: **1 = prompt**, 0 = delayed coincidence
+                      (``CListEventECAT8_32bit::is_prompt()`` returns
+                      ``data.delayed == 1``)
+  29..0               bin address ("offset") into the scanner's span-1 sinogram
+31 = 1                tag word (``CListTimeDataECAT8_32bit``)
+  30..29 = 00         time tag: bits 28..0 are milliseconds since the scan start
+                      (``CListDataAnyECAT8_32bit::is_time()``)
+  30..29 != 00        any other tag (singles/dead-time, gantry, control); ignored
+                      when histogramming (``is_other()``)
+====================  ==========================================================
+
+Bin address (``src/listmode_buildblock/CListRecordECAT8_32bit.cxx``,
+``CListEventECAT8_32bit::get_detection_position``)
+--------------------------------------------------------------------------------
+The address indexes a sinogram "organised by segment, axial coordinate, view,
+tangential" with the listmode header's ``%number of projections`` (344) tangential
+positions running fastest, then ``%number of views`` (252), then the sinograms::
+
+    tang_pos_num = address % 344;  rest = address // 344
+    view_num     = rest % 252;     z    = rest // 252
+
+The sinogram number ``z`` runs over the span-1 segments (segment number = ring
+difference ``ring2 - ring1``) in STIR's "segment sequence" for ECAT data,
+``ecat::find_segment_sequence`` (``src/IO/stir_ecat_common.cxx``): **0, -1, +1,
+-2, +2, ..., -max, +max** (negative before positive, the opposite of SIRF's
+order), each segment holding ``num_rings - |d|`` axial positions, ascending.
+``max`` is the header's ``%maximum ring difference`` (60 for the mMR);
+``%axial compression`` must be 1 (STIR: "CListEventECAT8_32bit can only handle
+axial compression==1"). The STIR bin is then ``Bin(segment, view, axial,
+tang_pos_num - 344/2)``: the only adjustment is the tangential offset of
+``num_tangential_poss/2``; there are **no view or tangential flips**, so in a
+SIRF array the tangential index is ``tang_pos_num`` itself and the view index is
+``view_num``.
+
+From bin to output sinogram (``ProjDataInfoCylindricalNoArcCorr.{cxx,inl}``,
+``ProjDataInfoCylindrical.{cxx,inl}``, ``CListEventCylindricalScannerWithDiscreteDetectors.inl``)
+------------------------------------------------------------------------------------------------
+STIR converts the span-1 bin to a detector pair and then to a bin of the output
+template (``get_bin_for_det_pos_pair``):
+
+* rings (``get_ring_pair_for_segment_axial_pos_num``): ``ring1 + ring2 = 2 a + |d|``,
+  ``ring1 = (ring1+ring2 - d)/2``, ``ring2 = (ring1+ring2 + d)/2``; i.e. ``d >= 0``:
+  ``(a, a+d)``; ``d < 0``: ``(a-d, a)``.
+* detectors (``initialise_uncompressed_view_tangpos_to_det1det2``):
+  ``det1 = (v + (t >> 1)) mod n``, ``det2 = (v - ((t+1) >> 1) + n/2) mod n`` with
+  ``n`` = detectors per ring and ``>>`` an arithmetic shift. The inverse
+  (``initialise_det1det2_to_uncompressed_view_tangpos``) returns the same (v, t)
+  and "no swap" for every |t| < n/2 (344/2 < 252), so the ring order is kept.
+* output bin (``get_segment_axial_pos_num_for_ring_pair``): the segment whose
+  ring-difference range holds ``ring2 - ring1`` (else the event is dropped), and
+  ``axial = (ring1 + ring2 - ax_pos_num_offset) * inc / 2`` with
+  ``ax_pos_num_offset = (num_rings - 1) - 2 m_offset / ring_spacing`` and ``inc`` = 2
+  for segments combining several ring differences (span > 1), else 1. View mashing
+  divides the view by the mash factor. ``LmToProjData::process_data`` drops bins
+  outside the template's tangential or axial range.
+
+Time (``LmToProjData::process_data``)
+--------------------------------------
+The current time starts at 0 and is set by each time tag (``get_time_in_secs() =
+ms / 1000``). An event belongs to the interval ``[t0, t1)`` if the current time
+``t`` satisfies ``t0 <= t < t1``: events before ``t0`` are skipped and reading stops
+at the first time tag with ``t >= t1``. Time tags are expected to increase.
+
+Differences from STIR's ``lm_to_projdata``
+------------------------------------------
+* Prompts and delayeds go into two separate sinograms. (STIR stores
+  prompts - delayeds when both "Store prompts" and "Store delayeds" are set.)
+* Addresses beyond the span-1 sinogram are counted as ``invalid_addresses`` and
+  skipped (STIR's behaviour there is undefined).
+* Counts are accumulated in uint32 and returned as float32 (exact below 2**24 per
+  bin; ``info['max_bin_count']`` reports the largest).
+
+Performance: two numba passes per chunk of words (parallel decode into flat bin
+indices, then a parallel scatter in which each thread owns an interleaved set of
+cache lines of the output), with the next chunk read in a background thread. The
+memory used is the output sinograms plus a few chunk buffers, independent of the
+file size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from numba import get_num_threads, njit, prange
+
+from ..geometry import GeometryError, Scanner, SinogramGeometry, scanner_preset
+
+__all__ = [
+    "ListmodeError",
+    "ListmodeHeader",
+    "ListmodeSummary",
+    "ListmodeLayout",
+    "parse_interfile_keys",
+    "read_listmode_header",
+    "scan_listmode",
+    "histogram_listmode",
+    "histogram_with_sirf",
+    "decode_words",
+    "decode_bin_address",
+    "encode_event",
+    "encode_time_tag",
+    "span1_ring_pair",
+    "det_pair_for_view_tangential",
+    "target_row_table",
+    "EVENT_TYPE_BIT",
+    "PROMPT_BIT",
+    "ADDRESS_MASK",
+    "TIME_MASK",
+]
+
+#: bit 31: 0 = coincidence event, 1 = tag word
+EVENT_TYPE_BIT = 1 << 31
+#: bit 30 of an event: 1 = prompt, 0 = delayed ("delayed" bit field of STIR)
+PROMPT_BIT = 1 << 30
+#: bits 29..0 of an event: the bin address
+ADDRESS_MASK = (1 << 30) - 1
+#: bits 28..0 of a time tag: milliseconds since the scan start
+TIME_MASK = (1 << 29) - 1
+_TAG_SUBTYPE_SHIFT = 29
+
+# header keys (normalised: lower case, no leading '!' or '%', single spaces)
+_KEY_DATA_FILE = "name of data file"
+_KEY_DATA_OFFSET = "data offset in bytes"
+
+
+class ListmodeError(ValueError):
+    """A listmode file or header that cannot be read as PETLINK 32-bit data."""
+
+
+# ----------------------------------------------------------------------------- headers
+def _normalise_key(key: str) -> str:
+    key = key.strip().lstrip("!%").strip()
+    key = re.sub(r"\s+", " ", key).lower()
+    key = re.sub(r"\s*\[\s*(\d+)\s*\]", r" [\1]", key)
+    return key
+
+
+def parse_interfile_keys(path: str | os.PathLike) -> dict[str, str]:
+    """Keys and values of an Interfile-like header (Siemens ``.l.hdr`` / ``.n.hdr``, STIR ``.hv``).
+
+    Keys are normalised: leading ``!``/``%`` removed, lower case, whitespace collapsed,
+    indices written ``"key [1]"``. Values are stripped strings (the last occurrence wins).
+    Lines without ``:=`` and ``;`` comments are ignored. Raises :class:`ListmodeError`
+    naming the file if it cannot be read or holds no keys.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ListmodeError(f"cannot read header '{p}': {exc.strerror or exc}") from exc
+    if b"\x00" in raw[:4096]:
+        raise ListmodeError(f"'{p}' is not a text (Interfile) header: it holds binary data")
+    text = raw.decode("latin-1")
+    keys: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(";") or ":=" not in line:
+            continue
+        k, v = line.split(":=", 1)
+        k = _normalise_key(k)
+        if k:
+            keys[k] = v.strip()
+    if not keys:
+        raise ListmodeError(f"'{p}' holds no 'key := value' lines; not an Interfile header")
+    return keys
+
+
+def _get_int(keys: Mapping[str, str], key: str, path: Path, default: int | None = None) -> int:
+    if key not in keys or keys[key] == "":
+        if default is None:
+            raise ListmodeError(f"header '{path}': missing key '{key}'")
+        return default
+    try:
+        return int(float(keys[key]))
+    except ValueError:
+        raise ListmodeError(f"header '{path}': key '{key}' should be an integer, got {keys[key]!r}") from None
+
+
+def _get_float(keys: Mapping[str, str], key: str) -> float | None:
+    v = keys.get(key, "")
+    try:
+        return float(v) if v != "" else None
+    except ValueError:
+        return None
+
+
+def parse_int_list(value: str) -> list[int]:
+    """``"{127,115, 115}"`` -> ``[127, 115, 115]``."""
+    return [int(float(x)) for x in value.strip().strip("{}").split(",") if x.strip()]
+
+
+_SCANNER_NAMES = {"2008": "Siemens_mMR", "siemens mmr": "Siemens_mMR", "mmr": "Siemens_mMR"}
+
+
+def _scanner_from_keys(keys: Mapping[str, str], path: Path) -> Scanner:
+    name = keys.get("originating system", "").strip()
+    preset = _SCANNER_NAMES.get(name.lower())
+    if preset is None:
+        raise ListmodeError(
+            f"header '{path}': 'originating system' is {name!r}; only the Siemens mMR ('2008') is supported"
+        )
+    return scanner_preset(preset)
+
+
+def _resolve_data_file(header: Path, keys: Mapping[str, str], key: str = _KEY_DATA_FILE) -> Path:
+    """The data file named in ``key``, relative to the header's folder (as STIR's prepend_directory_name)."""
+    name = keys.get(key, "").strip()
+    if not name:
+        raise ListmodeError(f"header '{header}': missing key '{key}'")
+    p = Path(name)
+    if not p.is_absolute():
+        p = header.parent / p
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"header '{header}': key '{key}' names data file '{name}', which does not exist (looked for '{p}')"
+        )
+    return p
+
+
+def _parse_datetime(date: str | None, tm: str | None) -> datetime | None:
+    if not date:
+        return None
+    try:
+        y, mo, d = (int(x) for x in date.replace("-", ":").split(":")[:3])
+        hh = mm = ss = 0
+        if tm:
+            parts = [int(float(x)) for x in tm.split(":")[:3]]
+            hh, mm, ss = (parts + [0, 0, 0])[:3]
+        return datetime(y, mo, d, hh, mm, ss, tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ListmodeLayout:
+    """The span-1 sinogram the bin addresses index (from the listmode header).
+
+    ``segment_sequence`` is STIR's ECAT order 0, -1, +1, ...; ``segment_sizes`` the
+    axial positions of each (``num_rings - |d|``).
+    """
+
+    num_rings: int
+    num_detectors_per_ring: int
+    max_ring_difference: int
+    num_views: int
+    num_tangential_poss: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_ring_difference <= self.num_rings - 1:
+            raise ListmodeError(
+                f"maximum ring difference {self.max_ring_difference} outside [0, {self.num_rings - 1}]"
+            )
+        if self.num_views < 1 or self.num_tangential_poss < 1:
+            raise ListmodeError(
+                f"number of views / projections must be >= 1, got {self.num_views} / {self.num_tangential_poss}"
+            )
+
+    @property
+    def segment_sequence(self) -> np.ndarray:
+        seq = [0]
+        for d in range(1, self.max_ring_difference + 1):
+            seq += [-d, d]
+        return np.asarray(seq, dtype=np.int64)
+
+    @property
+    def segment_sizes(self) -> np.ndarray:
+        return self.num_rings - np.abs(self.segment_sequence)
+
+    @property
+    def num_sinograms(self) -> int:
+        return int(self.segment_sizes.sum())
+
+    @property
+    def num_addresses(self) -> int:
+        """Number of valid bin addresses (sinograms x views x tangential positions)."""
+        return self.num_sinograms * self.num_views * self.num_tangential_poss
+
+    def sinogram_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(segment = ring difference, axial position) of each listmode sinogram ``z``, shape (num_sinograms,)."""
+        segs, ax = [], []
+        for d, n in zip(self.segment_sequence, self.segment_sizes):
+            segs.append(np.full(n, d, dtype=np.int64))
+            ax.append(np.arange(n, dtype=np.int64))
+        return np.concatenate(segs), np.concatenate(ax)
+
+
+@dataclass(frozen=True)
+class ListmodeHeader:
+    """A Siemens PETLINK 32-bit listmode header (``.l.hdr``).
+
+    ``data_path`` is resolved relative to the header's folder and exists.
+    Times: ``start_time`` (UTC, from study date/time), ``duration_s`` ("image duration").
+    """
+
+    header_path: Path
+    data_path: Path
+    data_offset_bytes: int
+    originating_system: str
+    scanner: Scanner
+    layout: ListmodeLayout
+    axial_compression: int
+    word_bits: int
+    timing_tag_interval_ms: float | None
+    isotope: str | None
+    isotope_halflife_s: float | None
+    radiopharmaceutical: str | None
+    patient_orientation: str | None
+    start_time: datetime | None
+    tracer_injection_time: datetime | None
+    tracer_activity_bq: float | None
+    duration_s: float | None
+    total_listmode_words: int | None
+    segment_table: tuple[int, ...] | None
+    keys: Mapping[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def data_size_bytes(self) -> int:
+        return self.data_path.stat().st_size - self.data_offset_bytes
+
+    def describe(self) -> str:
+        return (
+            f"{self.scanner.name} listmode '{self.data_path.name}' ({self.data_size_bytes:,} bytes), "
+            f"{self.isotope or '?'} / {self.radiopharmaceutical or '?'}, start {self.start_time}, "
+            f"duration {self.duration_s} s, span-1 addresses with max ring difference "
+            f"{self.layout.max_ring_difference}"
+        )
+
+
+def _is_text_header(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return False
+    return b"\x00" not in head and b":=" in head
+
+
+def read_listmode_header(path: str | os.PathLike) -> ListmodeHeader:
+    """Read a Siemens mMR PETLINK listmode header (``.l.hdr``, also STIR's ``.l.hdr.STIR``).
+
+    Raises :class:`ListmodeError` for a header that is not PETLINK 32-bit data of a
+    supported scanner, and :class:`FileNotFoundError` naming the header, the key and
+    the path when the data file is missing.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"listmode header '{p}' does not exist")
+    keys = parse_interfile_keys(p)
+    scanner = _scanner_from_keys(keys, p)
+    bits = _get_int(keys, "lm event and tag words format (bits)", p, default=32)
+    if bits != 32:
+        raise ListmodeError(f"header '{p}': 'LM event and tag words format (bits)' is {bits}; only 32 is supported")
+    ax_comp = _get_int(keys, "axial compression", p, default=1)
+    if ax_comp != 1:
+        raise ListmodeError(
+            f"header '{p}': 'axial compression' is {ax_comp}; PETLINK bin addresses are read for axial "
+            "compression 1 only (as STIR's CListEventECAT8_32bit)"
+        )
+    layout = ListmodeLayout(
+        num_rings=_get_int(keys, "number of rings", p, default=scanner.num_rings),
+        num_detectors_per_ring=scanner.num_detectors_per_ring,
+        max_ring_difference=_get_int(keys, "maximum ring difference", p, default=scanner.num_rings - 1),
+        num_views=_get_int(keys, "number of views", p, default=scanner.num_detectors_per_ring // 2),
+        num_tangential_poss=_get_int(keys, "number of projections", p, default=scanner.max_num_non_arccorrected_bins),
+    )
+    if layout.num_rings != scanner.num_rings:
+        raise ListmodeError(
+            f"header '{p}': 'number of rings' is {layout.num_rings}; the {scanner.name} has {scanner.num_rings}"
+        )
+    data = _resolve_data_file(p, keys)
+    offset = _get_int(keys, _KEY_DATA_OFFSET, p, default=0)
+    seg_table = tuple(parse_int_list(keys["segment table"])) if keys.get("segment table") else None
+    total_words = keys.get("total listmode word counts")
+    return ListmodeHeader(
+        header_path=p,
+        data_path=data,
+        data_offset_bytes=offset,
+        originating_system=keys.get("originating system", ""),
+        scanner=scanner,
+        layout=layout,
+        axial_compression=ax_comp,
+        word_bits=bits,
+        timing_tag_interval_ms=_get_float(keys, "timing tagwords interval (msec)"),
+        isotope=keys.get("isotope name") or None,
+        isotope_halflife_s=_get_float(keys, "isotope gamma halflife (sec)"),
+        radiopharmaceutical=keys.get("radiopharmaceutical") or None,
+        patient_orientation=keys.get("patient orientation") or None,
+        start_time=_parse_datetime(
+            keys.get("study date (yyyy:mm:dd)"), keys.get("study time (hh:mm:ss gmt+00:00)")
+        ),
+        tracer_injection_time=_parse_datetime(
+            keys.get("tracer injection date (yyyy:mm:dd)"), keys.get("tracer injection time (hh:mm:ss gmt+00:00)")
+        ),
+        tracer_activity_bq=_get_float(keys, "tracer activity at time of injection (bq)"),
+        duration_s=_get_float(keys, "image duration (sec)"),
+        total_listmode_words=int(float(total_words)) if total_words else None,
+        segment_table=seg_table,
+        keys=dict(keys),
+    )
+
+
+def _as_header(path_or_header: str | os.PathLike | ListmodeHeader) -> ListmodeHeader:
+    if isinstance(path_or_header, ListmodeHeader):
+        if not path_or_header.data_path.is_file():
+            raise FileNotFoundError(
+                f"header '{path_or_header.header_path}': key '{_KEY_DATA_FILE}' names data file "
+                f"'{path_or_header.data_path}', which does not exist"
+            )
+        return path_or_header
+    p = Path(path_or_header)
+    if not p.is_file():
+        raise FileNotFoundError(f"listmode header '{p}' does not exist")
+    if not _is_text_header(p):
+        raise ListmodeError(
+            f"'{p}' is not a listmode header (it looks like binary data); pass the '.l.hdr' header, "
+            "which says how the bin addresses are laid out"
+        )
+    return read_listmode_header(p)
+
+
+def _data_word_count(path: Path, offset: int) -> int:
+    size = path.stat().st_size
+    if size < offset:
+        raise ListmodeError(f"listmode data '{path}' has {size:,} bytes, less than the data offset {offset:,}")
+    if (size - offset) % 4 != 0:
+        raise ListmodeError(
+            f"listmode data '{path}' has {size:,} bytes ({size - offset:,} after the offset of {offset:,}), "
+            "not a multiple of 4: the file is truncated mid-word"
+        )
+    return (size - offset) // 4
+
+
+# ----------------------------------------------------------------------------- pure decoders
+def decode_words(words: np.ndarray) -> dict[str, np.ndarray]:
+    """Classify words (vectorised): boolean masks ``prompt``, ``delayed``, ``time``, ``other``;
+    ``address`` (events) and ``time_ms`` (time tags), both uint32 (meaningless elsewhere)."""
+    w = np.asarray(words, dtype=np.uint32)
+    is_event = (w & np.uint32(EVENT_TYPE_BIT)) == 0
+    prompt = is_event & ((w & np.uint32(PROMPT_BIT)) != 0)
+    subtype = (w >> np.uint32(_TAG_SUBTYPE_SHIFT)) & np.uint32(3)
+    is_time = ~is_event & (subtype == 0)
+    return {
+        "prompt": prompt,
+        "delayed": is_event & ~prompt,
+        "time": is_time,
+        "other": ~is_event & ~is_time,
+        "address": w & np.uint32(ADDRESS_MASK),
+        "time_ms": w & np.uint32(TIME_MASK),
+    }
+
+
+def decode_bin_address(address, layout: ListmodeLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """STIR's span-1 bin of bin addresses: (segment = ring2-ring1, axial pos, view, tangential_pos_num).
+
+    ``tangential_pos_num`` is centred (``tang - num_tangential_poss//2``), as STIR's
+    ``Bin``. Addresses beyond the sinogram raise :class:`ListmodeError`.
+    """
+    a = np.asarray(address, dtype=np.int64)
+    if np.any(a < 0) or np.any(a >= layout.num_addresses):
+        raise ListmodeError(f"bin address outside [0, {layout.num_addresses}) for this listmode layout")
+    N, V = layout.num_tangential_poss, layout.num_views
+    tang = a % N
+    rest = a // N
+    view = rest % V
+    z = rest // V
+    seg_of_z, ax_of_z = layout.sinogram_table()
+    return seg_of_z[z], ax_of_z[z], view, tang - N // 2
+
+
+def encode_event(segment: int, axial: int, view: int, tangential_pos_num: int, layout: ListmodeLayout,
+                 prompt: bool = True) -> int:
+    """The 32-bit word of one coincidence event (the inverse of :func:`decode_bin_address`)."""
+    seq = list(layout.segment_sequence)
+    if segment not in seq:
+        raise ListmodeError(f"segment {segment} beyond the maximum ring difference {layout.max_ring_difference}")
+    i = seq.index(segment)
+    size = int(layout.segment_sizes[i])
+    if not 0 <= axial < size:
+        raise ListmodeError(f"axial position {axial} outside [0, {size}) for segment {segment}")
+    N, V = layout.num_tangential_poss, layout.num_views
+    if not 0 <= view < V:
+        raise ListmodeError(f"view {view} outside [0, {V})")
+    tp = tangential_pos_num + N // 2
+    if not 0 <= tp < N:
+        raise ListmodeError(f"tangential position {tangential_pos_num} outside [{-(N // 2)}, {N - N // 2})")
+    z = int(layout.segment_sizes[:i].sum()) + axial
+    address = (z * V + view) * N + tp
+    return int(address | (PROMPT_BIT if prompt else 0))
+
+
+def encode_time_tag(time_ms: int) -> int:
+    """The 32-bit time tag word for ``time_ms`` milliseconds."""
+    if not 0 <= time_ms <= TIME_MASK:
+        raise ListmodeError(f"time tag {time_ms} ms outside [0, {TIME_MASK}]")
+    return int(EVENT_TYPE_BIT | time_ms)
+
+
+def span1_ring_pair(segment, axial) -> tuple[np.ndarray, np.ndarray]:
+    """(ring1, ring2) of span-1 bins, as STIR's ``get_ring_pair_for_segment_axial_pos_num``.
+
+    ``ring1 + ring2 = 2 axial + |d|``; ``ring1 = (sum - d)/2``; ``ring2 = (sum + d)/2``.
+    """
+    d = np.asarray(segment, dtype=np.int64)
+    a = np.asarray(axial, dtype=np.int64)
+    s = 2 * a + np.abs(d)
+    return (s - d) // 2, (s + d) // 2
+
+
+def det_pair_for_view_tangential(view, tangential_pos_num, num_detectors: int) -> tuple[np.ndarray, np.ndarray]:
+    """Detector pair of an unmashed non-arc-corrected (view, tangential_pos_num), as STIR's
+    ``ProjDataInfoCylindricalNoArcCorr::initialise_uncompressed_view_tangpos_to_det1det2``:
+    ``det1 = (v + (t >> 1)) mod n``, ``det2 = (v - ((t + 1) >> 1) + n/2) mod n``."""
+    v = np.asarray(view, dtype=np.int64)
+    t = np.asarray(tangential_pos_num, dtype=np.int64)
+    n = int(num_detectors)
+    det1 = (v + (t >> 1) + n) % n
+    det2 = (v - ((t + 1) >> 1) + n // 2) % n
+    return det1, det2
+
+
+def _check_target(geometry: SinogramGeometry, layout: ListmodeLayout, scanner: Scanner, what: str) -> int:
+    """Validate an output geometry for data of ``scanner``; return the view mash factor."""
+    sc = geometry.scanner
+    if sc.num_rings != scanner.num_rings or sc.num_detectors_per_ring != scanner.num_detectors_per_ring:
+        raise GeometryError(
+            f"{what}: output geometry is for {sc.name} ({sc.num_rings} rings, {sc.num_detectors_per_ring} "
+            f"detectors); the data are from {scanner.name} ({scanner.num_rings} rings, "
+            f"{scanner.num_detectors_per_ring} detectors)"
+        )
+    if geometry.arc_corrected:
+        raise GeometryError(f"{what}: the output geometry must not be arc-corrected (listmode bins are not)")
+    if layout.num_views % geometry.num_views != 0:
+        raise GeometryError(
+            f"{what}: output has {geometry.num_views} views, which does not divide the {layout.num_views} "
+            "views of the listmode data"
+        )
+    return layout.num_views // geometry.num_views
+
+
+def target_row_table(layout: ListmodeLayout, geometry: SinogramGeometry) -> np.ndarray:
+    """SIRF sinogram row of each listmode sinogram ``z`` (-1 where the output drops it), shape (num_sinograms,).
+
+    Ring pair from :func:`span1_ring_pair`, then STIR's
+    ``get_segment_axial_pos_num_for_ring_pair`` on the output geometry.
+    """
+    seg_of_z, ax_of_z = layout.sinogram_table()
+    r1, r2 = span1_ring_pair(seg_of_z, ax_of_z)
+    diff = r2 - r1
+    rsum = r1 + r2
+    rows = np.full(seg_of_z.shape, -1, dtype=np.int64)
+    nr = geometry.scanner.num_rings
+    for seg in geometry.segments:
+        inc = seg.axial_poss_per_ring_inc
+        # STIR: ax_pos_num_offset = (num_rings-1) - 2*m_offset/ring_spacing, m_offset = (n_ax-1)*ring_spacing/inc/2
+        twice_off = 2 * (nr - 1) * inc - 2 * (seg.num_axial_poss - 1)
+        if twice_off % (2 * inc) != 0:
+            raise GeometryError(
+                f"segment {seg.segment_num} of the output geometry has {seg.num_axial_poss} axial positions, "
+                "which do not lie between physical rings (STIR refuses such data)"
+            )
+        ax_off = twice_off // (2 * inc)
+        sel = (diff >= seg.min_ring_diff) & (diff <= seg.max_ring_diff)
+        axial = (rsum[sel] - ax_off) * inc // 2
+        ok = (axial >= 0) & (axial < seg.num_axial_poss)
+        r = np.full(axial.shape, -1, dtype=np.int64)
+        r[ok] = geometry.sirf_row_offset(seg.segment_num) + axial[ok]
+        rows[sel] = r
+    return rows
+
+
+# ----------------------------------------------------------------------------- numba kernels
+@njit(cache=True, nogil=True)
+def _range_start_time(words, start, carried_ms):
+    """Time (ms) in force at word ``start``: the last time tag before it, else ``carried_ms``."""
+    i = start - 1
+    while i >= 0:
+        w = words[i]
+        if (w >> 31) == 1 and ((w >> 29) & 3) == 0:
+            return np.int64(w & 0x1FFFFFFF)
+        i -= 1
+    return carried_ms
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _scan_kernel(words, n, nthreads, num_addresses, out):
+    """Per-thread counts: out[p] = (prompts, delayeds, time tags, other, invalid addresses,
+    first tag index, first tag ms, last tag index, last tag ms)."""
+    step = (n + nthreads - 1) // nthreads
+    for p in prange(nthreads):
+        lo = p * step
+        hi = min(n, lo + step)
+        np_ = 0
+        nd = 0
+        nt = 0
+        no = 0
+        ninv = 0
+        first_i = -1
+        first_t = -1
+        last_i = -1
+        last_t = -1
+        for i in range(lo, hi):
+            w = words[i]
+            if (w >> 31) == 0:
+                if (w & 0x3FFFFFFF) >= num_addresses:
+                    ninv += 1
+                if (w >> 30) & 1:
+                    np_ += 1
+                else:
+                    nd += 1
+            elif ((w >> 29) & 3) == 0:
+                nt += 1
+                t = np.int64(w & 0x1FFFFFFF)
+                if first_i < 0:
+                    first_i = i
+                    first_t = t
+                last_i = i
+                last_t = t
+            else:
+                no += 1
+        out[p, 0] = np_
+        out[p, 1] = nd
+        out[p, 2] = nt
+        out[p, 3] = no
+        out[p, 4] = ninv
+        out[p, 5] = first_i
+        out[p, 6] = first_t
+        out[p, 7] = last_i
+        out[p, 8] = last_t
+
+
+_SKIP = 0xFFFFFFFF  # not an event, or outside the time interval
+_DROP_PROMPT = 0xFFFFFFFE  # prompt outside the output geometry
+_DROP_DELAYED = 0xFFFFFFFD  # delayed outside the output geometry
+_INVALID = 0xFFFFFFFC  # bin address beyond the span-1 sinogram
+_MAX_BINS = 0x7FFFFFFC  # flat bins must stay below the special codes once the delayed bit is set
+_BUCKET_SHIFT = 18  # the scatter works on 2**18 consecutive bins (1 MiB of counts) at a time
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _decode_kernel(words, n, nthreads, carried_ms, t0_ms, t1_ms, has_interval, row_of_z, num_z, vn0, n0, mash,
+                   v_out, n_out, tang_shift, fast, codes, stats):
+    """Decode words into codes: a flat output bin (bit 31 set for a delayed) or one of the special codes.
+
+    stats[p] = (index of the first time tag with t >= t1 in thread p's range, or n;
+    index of the last time tag in the range, or -1; its time in ms).
+    """
+    step = (n + nthreads - 1) // nthreads
+    for p in prange(nthreads):
+        lo = p * step
+        hi = min(n, lo + step)
+        t = _range_start_time(words, lo, carried_ms)
+        stop = n
+        last_i = -1
+        last_t = -1
+        for i in range(lo, hi):
+            w = words[i]
+            codes[i] = np.uint32(0xFFFFFFFF)
+            if (w >> 31) == 1:
+                if ((w >> 29) & 3) == 0:
+                    t = np.int64(w & 0x1FFFFFFF)
+                    last_i = i
+                    last_t = t
+                    if has_interval and t >= t1_ms and stop == n:
+                        stop = i
+                continue
+            if has_interval and (t < t0_ms or t >= t1_ms):
+                continue
+            prompt = (w >> 30) & 1
+            off = np.int64(w & 0x3FFFFFFF)
+            z = off // vn0
+            if z >= num_z:
+                codes[i] = np.uint32(0xFFFFFFFC)
+                continue
+            row = row_of_z[z]
+            if row < 0:
+                codes[i] = np.uint32(0xFFFFFFFE) if prompt else np.uint32(0xFFFFFFFD)
+                continue
+            rem = off - z * vn0
+            if fast:
+                flat = row * vn0 + rem
+            else:
+                v = rem // n0
+                tg = rem - v * n0 - tang_shift
+                if tg < 0 or tg >= n_out:
+                    codes[i] = np.uint32(0xFFFFFFFE) if prompt else np.uint32(0xFFFFFFFD)
+                    continue
+                flat = (row * v_out + v // mash) * n_out + tg
+            if prompt:
+                codes[i] = np.uint32(flat)
+            else:
+                codes[i] = np.uint32(flat) | np.uint32(0x80000000)
+        stats[p, 0] = stop
+        stats[p, 1] = last_i
+        stats[p, 2] = last_t
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _count_kernel(codes, n, nthreads, shift, nbk, hist, counts):
+    """Per thread (range of codes): hist[p, key] with key = flat >> shift (+ nbk for delayeds), and
+    counts[p] = (prompts kept, delayeds kept, prompts dropped, delayeds dropped, invalid addresses)."""
+    step = (n + nthreads - 1) // nthreads
+    for p in prange(nthreads):
+        lo = p * step
+        hi = min(n, lo + step)
+        for k in range(hist.shape[1]):
+            hist[p, k] = 0
+        kp = 0
+        kd = 0
+        dp = 0
+        dd = 0
+        inv = 0
+        for i in range(lo, hi):
+            c = codes[i]
+            if c >= 0xFFFFFFFC:
+                if c == 0xFFFFFFFE:
+                    dp += 1
+                elif c == 0xFFFFFFFD:
+                    dd += 1
+                elif c == 0xFFFFFFFC:
+                    inv += 1
+                continue
+            key = np.int64((c & 0x7FFFFFFF) >> shift)
+            if c & 0x80000000:
+                key += nbk
+                kd += 1
+            else:
+                kp += 1
+            hist[p, key] += 1
+        counts[p, 0] = kp
+        counts[p, 1] = kd
+        counts[p, 2] = dp
+        counts[p, 3] = dd
+        counts[p, 4] = inv
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _partition_kernel(codes, n, nthreads, shift, nbk, pos, sorted_bins):
+    """Counting-sort the kept codes by key into ``sorted_bins`` (flat bins); pos[p, key] = next slot of thread p."""
+    step = (n + nthreads - 1) // nthreads
+    for p in prange(nthreads):
+        lo = p * step
+        hi = min(n, lo + step)
+        for i in range(lo, hi):
+            c = codes[i]
+            if c >= 0xFFFFFFFC:
+                continue
+            flat = c & 0x7FFFFFFF
+            key = np.int64(flat >> shift)
+            if c & 0x80000000:
+                key += nbk
+            sorted_bins[pos[p, key]] = flat
+            pos[p, key] += 1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _scatter_kernel(sorted_bins, starts, nbk, prompts, delayeds, store_delayeds):
+    """Histogram each key's bins (each key covers 2**shift consecutive bins: cache-resident)."""
+    for key in prange(2 * nbk):
+        if key >= nbk:
+            if not store_delayeds:
+                continue
+            for j in range(starts[key], starts[key + 1]):
+                delayeds[sorted_bins[j]] += 1
+        else:
+            for j in range(starts[key], starts[key + 1]):
+                prompts[sorted_bins[j]] += 1
+
+
+@njit(parallel=True, cache=True)
+def _uint32_to_float32_inplace(counts, out):
+    """out[i] = float32(counts[i]); ``out`` may be a float32 view of ``counts`` (each index is read first)."""
+    for i in prange(counts.size):
+        c = counts[i]
+        out[i] = np.float32(c)
+
+
+# ----------------------------------------------------------------------------- chunked reading
+class _ChunkReader:
+    """Reads uint32 words in chunks into two alternating buffers, the next one in a background thread."""
+
+    def __init__(self, path: Path, offset: int, num_words: int, chunk_words: int):
+        self.path, self.offset, self.num_words, self.chunk = path, offset, num_words, int(chunk_words)
+        self._bufs = [np.empty(self.chunk, dtype="<u4") for _ in range(2)]
+        self._f = open(path, "rb")
+        self._f.seek(offset)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pos = 0
+        self._k = 0
+        self._pending = self._pool.submit(self._read, 0) if num_words else None
+
+    def _read(self, k: int) -> int:
+        buf = self._bufs[k]
+        want = min(self.chunk, self.num_words - self._pos)
+        mv = memoryview(buf).cast("B")[: want * 4]
+        got = 0
+        while got < want * 4:
+            r = self._f.readinto(mv[got:])
+            if not r:
+                break
+            got += r
+        if got != want * 4:
+            raise ListmodeError(f"listmode data '{self.path}': short read ({got} of {want * 4} bytes)")
+        self._pos += want
+        return want
+
+    def __iter__(self):
+        try:
+            while self._pending is not None:
+                n = self._pending.result()
+                buf = self._bufs[self._k]
+                self._k ^= 1
+                self._pending = self._pool.submit(self._read, self._k) if self._pos < self.num_words else None
+                words = buf[:n] if sys.byteorder == "little" else buf[:n].byteswap().view(np.uint32)
+                yield words  # the consumer is done with `buf` when it asks for the next chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            except Exception:  # noqa: BLE001 - closing after an error elsewhere
+                pass
+            self._pending = None
+        self._pool.shutdown(wait=True)
+        self._f.close()
+
+
+def _progress(total_bytes: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------------------- scan
+@dataclass(frozen=True)
+class ListmodeSummary:
+    """Word counts of a listmode file. ``prompts + delayeds + time_tags + other_words == words``.
+
+    ``first_time_ms`` / ``last_time_ms``: first and last time tag (None without tags).
+    ``invalid_addresses``: events whose bin address lies beyond the span-1 sinogram.
+    """
+
+    path: Path
+    words: int
+    prompts: int
+    delayeds: int
+    time_tags: int
+    other_words: int
+    invalid_addresses: int
+    first_time_ms: int | None
+    last_time_ms: int | None
+
+    @property
+    def events(self) -> int:
+        return self.prompts + self.delayeds
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.first_time_ms is None or self.last_time_ms is None:
+            return None
+        return (self.last_time_ms - self.first_time_ms) / 1000.0
+
+
+def _layout_and_data(path_or_header) -> tuple[ListmodeHeader | None, Path, int, ListmodeLayout]:
+    if isinstance(path_or_header, ListmodeHeader):
+        h = _as_header(path_or_header)
+        return h, h.data_path, h.data_offset_bytes, h.layout
+    p = Path(path_or_header)
+    if not p.is_file():
+        raise FileNotFoundError(f"listmode file '{p}' does not exist")
+    if _is_text_header(p):
+        h = read_listmode_header(p)
+        return h, h.data_path, h.data_offset_bytes, h.layout
+    sc = scanner_preset("Siemens_mMR")
+    layout = ListmodeLayout(sc.num_rings, sc.num_detectors_per_ring, 60, sc.num_detectors_per_ring // 2,
+                            sc.max_num_non_arccorrected_bins)
+    return None, p, 0, layout
+
+
+def scan_listmode(path: str | os.PathLike | ListmodeHeader, chunk_words: int = 2**24,
+                  progress: bool = False) -> ListmodeSummary:
+    """Count prompts, delayeds, time tags and other words of a listmode file (header or raw ``.l``).
+
+    A raw data file (no header) is checked against the mMR's default layout (max ring
+    difference 60) for ``invalid_addresses``. Memory: two chunks of ``chunk_words`` words.
+    """
+    header, data, offset, layout = _layout_and_data(path)
+    n_words = _data_word_count(data, offset)
+    nthreads = max(1, get_num_threads())
+    tot = np.zeros(5, dtype=np.int64)
+    first = last = None
+    out = np.zeros((nthreads, 9), dtype=np.int64)
+    bar = _progress(n_words * 4, progress, f"scan {data.name}")
+    for words in _ChunkReader(data, offset, n_words, chunk_words):
+        n = words.size
+        _scan_kernel(words, n, nthreads, layout.num_addresses, out)
+        tot += out[:, :5].sum(axis=0)
+        for p in range(nthreads):
+            if out[p, 5] >= 0 and first is None:
+                first = int(out[p, 6])
+            if out[p, 7] >= 0:
+                last = int(out[p, 8])
+        if bar is not None:
+            bar.update(n * 4)
+    if bar is not None:
+        bar.close()
+    return ListmodeSummary(
+        path=data, words=n_words, prompts=int(tot[0]), delayeds=int(tot[1]), time_tags=int(tot[2]),
+        other_words=int(tot[3]), invalid_addresses=int(tot[4]), first_time_ms=first, last_time_ms=last,
+    )
+
+
+def _time_tag_range(data: Path, offset: int, n_words: int, probe_words: int = 1 << 20) -> tuple[int | None, int | None]:
+    """First and last time tag (ms), reading only from the two ends of the file."""
+    first = last = None
+    with open(data, "rb") as f:
+        pos = 0
+        while pos < n_words and first is None:
+            k = min(probe_words, n_words - pos)
+            f.seek(offset + 4 * pos)
+            w = np.fromfile(f, dtype="<u4", count=k)
+            m = np.nonzero(((w >> 31) == 1) & (((w >> 29) & 3) == 0))[0]
+            if m.size:
+                first = int(w[m[0]] & TIME_MASK)
+            pos += k
+        end = n_words
+        while end > 0 and last is None:
+            k = min(probe_words, end)
+            f.seek(offset + 4 * (end - k))
+            w = np.fromfile(f, dtype="<u4", count=k)
+            m = np.nonzero(((w >> 31) == 1) & (((w >> 29) & 3) == 0))[0]
+            if m.size:
+                last = int(w[m[-1]] & TIME_MASK)
+            end -= k
+    return first, last
+
+
+# ----------------------------------------------------------------------------- histogram
+def histogram_listmode(
+    path_or_header: str | os.PathLike | ListmodeHeader,
+    geometry: SinogramGeometry,
+    time_interval_s: tuple[float, float] | None = None,
+    store_delayeds: bool = True,
+    chunk_words: int = 2**24,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Histogram a PETLINK 32-bit listmode file into SIRF-ordered sinograms, as STIR's lm_to_projdata.
+
+    Args:
+        path_or_header: the ``.l.hdr`` header (or a :class:`ListmodeHeader`).
+        geometry: the output sinogram (the mMR, not arc-corrected; any span and
+            maximum ring difference; views may be mashed). Span 11 / max ring
+            difference 60 gives STIR's usual mMR template (837 sinograms).
+        time_interval_s: ``(t0, t1)`` seconds since the scan start; events with
+            current time ``t0 <= t < t1`` are kept (None: all). An interval that
+            does not overlap the acquisition raises ``ValueError``.
+        store_delayeds: also histogram the delayed coincidences (separately).
+        chunk_words: words per chunk (two chunk buffers plus one code buffer in memory).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``(prompts, delayeds, info)``: float32 ``(1, S, V, N)`` counts in SIRF order
+        (``delayeds`` is None unless ``store_delayeds``), and a dict with the counts
+        kept and dropped, the time range read and the throughput.
+    """
+    t_start = time.perf_counter()
+    header = _as_header(path_or_header)
+    layout = header.layout
+    mash = _check_target(geometry, layout, header.scanner, f"histogramming '{header.header_path}'")
+    if chunk_words < 1:
+        raise ValueError(f"chunk_words must be >= 1, got {chunk_words}")
+    data, offset = header.data_path, header.data_offset_bytes
+    n_words = _data_word_count(data, offset)
+
+    has_interval = time_interval_s is not None
+    t0_ms = t1_ms = 0
+    first_tag, last_tag = _time_tag_range(data, offset, n_words)
+    if has_interval:
+        t0, t1 = (float(x) for x in time_interval_s)  # type: ignore[misc]
+        if not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0:
+            raise ValueError(f"time_interval_s must be (t0, t1) with t0 < t1, got {time_interval_s}")
+        # integer ms bounds equivalent to STIR's comparison of ms/1000 with seconds
+        t0_ms = int(math.ceil(t0 * 1000.0 - 1e-9))
+        t1_ms = int(math.ceil(t1 * 1000.0 - 1e-9))
+        acq_end_ms = last_tag if last_tag is not None else 0
+        if t0_ms > acq_end_ms or t1_ms <= 0 or t1_ms <= t0_ms:
+            raise ValueError(
+                f"time interval [{t0:g}, {t1:g}) s lies outside the acquisition in '{data}', whose time tags "
+                f"run from {0 if first_tag is None else first_tag / 1000:g} s to {acq_end_ms / 1000:g} s "
+                "(events before the first tag count as time 0)"
+            )
+
+    row_of_z = target_row_table(layout, geometry)
+    n0, v0 = layout.num_tangential_poss, layout.num_views
+    vn0 = n0 * v0
+    V, N = geometry.num_views, geometry.num_tangential_poss
+    # listmode tang index tp has tangential_pos_num tp - n0//2; output index = tp - n0//2 - tmin
+    tang_shift = n0 // 2 + int(geometry.tangential_pos_nums()[0])
+    fast = mash == 1 and V == v0 and N == n0 and tang_shift == 0
+    S = geometry.num_sinograms
+    nbins = S * V * N
+    if nbins > _MAX_BINS:
+        raise GeometryError(f"output geometry has {nbins:,} bins; at most {_MAX_BINS:,} are supported")
+
+    prompts_u = np.zeros(nbins, dtype=np.uint32)
+    delayeds_u = np.zeros(nbins if store_delayeds else 1, dtype=np.uint32)
+    nthreads = max(1, get_num_threads())
+    chunk = min(chunk_words, max(n_words, 1))
+    codes = np.empty(chunk, dtype=np.uint32)
+    sorted_bins = np.empty(chunk, dtype=np.uint32)
+    nbk = (nbins + (1 << _BUCKET_SHIFT) - 1) >> _BUCKET_SHIFT
+    hist = np.zeros((nthreads, 2 * nbk), dtype=np.int64)
+    stats = np.zeros((nthreads, 3), dtype=np.int64)
+    counts = np.zeros((nthreads, 5), dtype=np.int64)
+    tot = np.zeros(5, dtype=np.int64)  # prompts, delayeds kept; prompts, delayeds dropped; invalid
+    carried = np.int64(0)
+    words_read = 0
+    stopped = False
+    bar = _progress(n_words * 4, progress, f"histogram {data.name}")
+    reader = _ChunkReader(data, offset, n_words, chunk_words)
+    try:
+        for words in reader:
+            n = words.size
+            _decode_kernel(words, n, nthreads, carried, t0_ms, t1_ms, has_interval, row_of_z, row_of_z.size,
+                           vn0, n0, mash, V, N, tang_shift, fast, codes, stats)
+            stop = int(stats[:, 0].min())
+            used = n if stop >= n else stop  # STIR stops reading at the first time tag with t >= t1
+            _count_kernel(codes, used, nthreads, _BUCKET_SHIFT, nbk, hist, counts)
+            tot += counts.sum(axis=0)
+            # slots: key-major, then thread, so each thread writes its own contiguous runs
+            per_key = hist.sum(axis=0)
+            starts = np.zeros(2 * nbk + 1, dtype=np.int64)
+            np.cumsum(per_key, out=starts[1:])
+            pos = starts[:-1][None, :] + np.cumsum(hist, axis=0) - hist
+            _partition_kernel(codes, used, nthreads, _BUCKET_SHIFT, nbk, pos, sorted_bins)
+            _scatter_kernel(sorted_bins, starts, nbk, prompts_u, delayeds_u, store_delayeds)
+            if stop < n:
+                carried = np.int64(words[stop] & TIME_MASK)
+                words_read += stop + 1
+                stopped = True
+            else:
+                last = stats[:, 1] >= 0
+                if np.any(last):
+                    carried = np.int64(stats[last, 2][-1])
+                words_read += n
+            if bar is not None:
+                bar.update(min(n, used + 1) * 4)
+            if stopped:
+                break
+    finally:
+        reader.close()
+        if bar is not None:
+            bar.close()
+
+    max_count = int(prompts_u.max()) if nbins else 0
+    if store_delayeds and nbins:
+        max_count = max(max_count, int(delayeds_u.max()))
+    prompts = prompts_u.view(np.float32)
+    _uint32_to_float32_inplace(prompts_u, prompts)
+    delayeds = None
+    if store_delayeds:
+        delayeds = delayeds_u.view(np.float32)
+        _uint32_to_float32_inplace(delayeds_u, delayeds)
+        delayeds = delayeds.reshape(geometry.shape)
+    elapsed = time.perf_counter() - t_start
+    events_seen = int(tot.sum())
+    info: dict[str, Any] = {
+        "header": header,
+        "geometry": geometry.describe(),
+        "time_interval_s": None if not has_interval else (float(time_interval_s[0]), float(time_interval_s[1])),
+        "prompts": int(tot[0]),
+        "delayeds": int(tot[1]),
+        "prompts_outside_geometry": int(tot[2]),
+        "delayeds_outside_geometry": int(tot[3]),
+        "invalid_addresses": int(tot[4]),
+        "words_read": int(words_read),
+        "words_in_file": int(n_words),
+        "stopped_at_t1": stopped,
+        "current_time_at_end_ms": int(carried),
+        "first_time_tag_ms": first_tag,
+        "last_time_tag_ms": last_tag,
+        "max_bin_count": max_count,
+        "exact_float32": max_count <= 2**24,
+        "elapsed_s": elapsed,
+        "words_per_s": words_read / elapsed if elapsed > 0 else float("inf"),
+        "events_per_s": events_seen / elapsed if elapsed > 0 else float("inf"),
+    }
+    return prompts.reshape(geometry.shape), delayeds, info
+
+
+# ----------------------------------------------------------------------------- SIRF path
+def histogram_with_sirf(
+    header_path: str | os.PathLike,
+    template,
+    time_interval_s: tuple[float, float],
+    store_delayeds: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The same histogramming through SIRF (``sirf.STIR.ListmodeToSinograms``), when SIRF is installed.
+
+    ``template``: a template sinogram (``.hs`` file name or ``sirf.STIR.AcquisitionData``).
+    STIR stores prompts - delayeds when both flags are on, so this runs twice: prompts
+    only, then (``store_delayeds``) delayeds only. Returns float32 arrays shaped
+    ``(1, S, V, N)`` (SIRF order). Output files go to a temporary folder that is removed.
+    """
+    try:
+        import sirf.STIR as pet
+    except ImportError as exc:
+        raise ImportError("histogram_with_sirf needs SIRF (sirf.STIR); use histogram_listmode without it") from exc
+    import tempfile
+
+    t0, t1 = (float(x) for x in time_interval_s)
+
+    def run(prompts: bool, folder: str) -> np.ndarray:
+        lm2sino = pet.ListmodeToSinograms()
+        lm2sino.set_input(str(header_path))
+        lm2sino.set_output_prefix(os.path.join(folder, "prompts" if prompts else "delayeds"))
+        lm2sino.set_template(template if not isinstance(template, (str, os.PathLike)) else str(template))
+        lm2sino.set_time_interval(t0, t1)
+        lm2sino.flag_on("store_prompts") if prompts else lm2sino.flag_off("store_prompts")
+        lm2sino.flag_off("store_delayeds") if prompts else lm2sino.flag_on("store_delayeds")
+        lm2sino.set_up()
+        lm2sino.process()
+        arr = np.array(lm2sino.get_output().as_array(), dtype=np.float32)  # a copy
+        return arr.reshape((1,) + arr.shape[-3:])
+
+    with tempfile.TemporaryDirectory(prefix="sirf_fbsem_lm_") as folder:
+        prompts = run(True, folder)
+        delayeds = run(False, folder) if store_delayeds else None
+    return prompts, delayeds

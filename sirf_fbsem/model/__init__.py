@@ -1,0 +1,18 @@
+"""FBSEM-Net: stages (OSEM sub-update + residual CNN + MAP-EM fusion), the unrolled network, model files."""
+from .fbsem import FBSEMNet, FBSEMStage, fbsem_fusion, inverse_softplus
+from .io import ModelFileError, load_model, save_model
+from .regularisers import RegulariserConfig, ResidualCNN, build_regulariser, intensity_scale
+
+__all__ = [
+    "FBSEMNet",
+    "FBSEMStage",
+    "fbsem_fusion",
+    "inverse_softplus",
+    "RegulariserConfig",
+    "ResidualCNN",
+    "build_regulariser",
+    "intensity_scale",
+    "save_model",
+    "load_model",
+    "ModelFileError",
+]

@@ -1,0 +1,217 @@
+"""The embedded acquisition model: STIR geometry, Joseph projector, factors, additive term, PSF.
+
+    ybar_s = m_s * G_s(P x) + b_s
+
+``G`` traces the LORs of :mod:`sirf_fbsem.geometry` through the image with the
+Joseph kernels of :mod:`sirf_fbsem.projectors.joseph` (numba on CPU, torch on
+CUDA). No system matrix is stored: rays are generated from a few small tables.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..geometry import GeometryError, ImageGeometry, SinogramGeometry, subset_views
+from .base import AcquisitionModel
+from .psf import GaussianPSF
+from .rays import RayTable, make_ray_table
+
+__all__ = ["EmbeddedAcquisitionModel"]
+
+Array = torch.Tensor | np.ndarray
+
+
+class EmbeddedAcquisitionModel(AcquisitionModel):
+    """PET acquisition model on the embedded projector.
+
+    Args:
+        sinogram_geometry: scanner and sinogram layout (STIR's ProjDataInfo).
+        image_geometry: voxel grid (STIR's VoxelsOnCartesianGrid).
+        num_subsets: OSEM subsets by view (v % num_subsets == subset).
+        multiplicative: factors m (normalisation x attenuation), shape (T,S,V,N) or
+            (B,T,S,V,N) per sample; None means 1.
+        additive: additive term b (randoms + scatter, counts), same shapes; None means 0.
+        psf_fwhm_mm: image-space Gaussian PSF FWHM (z, y, x) in mm, or a scalar for all axes.
+        restrict_to_cylindrical_fov: trace only inside STIR's cylindrical FOV (STIR's default).
+        device, dtype: where and in which precision the model computes.
+        backend: "auto" (numba on CPU, torch on CUDA), "numba" or "torch".
+    """
+
+    def __init__(
+        self,
+        sinogram_geometry: SinogramGeometry,
+        image_geometry: ImageGeometry,
+        *,
+        num_subsets: int = 1,
+        multiplicative: Array | None = None,
+        additive: Array | None = None,
+        psf_fwhm_mm: float | Sequence[float] | None = None,
+        restrict_to_cylindrical_fov: bool = True,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ):
+        image_geometry.check_fits(sinogram_geometry)
+        subset_views(sinogram_geometry.num_views, num_subsets, 0)  # validates num_subsets
+        self.sinogram_geometry = sinogram_geometry
+        self.image_geometry = image_geometry
+        self.image_shape = image_geometry.shape
+        self.sinogram_shape = sinogram_geometry.shape
+        self.num_subsets = int(num_subsets)
+        self.restrict_to_cylindrical_fov = restrict_to_cylindrical_fov
+        self.backend = backend
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self.multiplicative = self._sinogram_term(multiplicative, "multiplicative")
+        self.additive = self._sinogram_term(additive, "additive")
+        if psf_fwhm_mm is None or (np.isscalar(psf_fwhm_mm) and float(psf_fwhm_mm) == 0):
+            self.psf = None
+        else:
+            fwhm = (float(psf_fwhm_mm),) * 3 if np.isscalar(psf_fwhm_mm) else tuple(psf_fwhm_mm)
+            self.psf = GaussianPSF(fwhm, image_geometry.voxel_size_mm)
+        self._rays: dict[int | None, RayTable] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _sinogram_term(self, term: Array | None, name: str) -> torch.Tensor | None:
+        if term is None:
+            return None
+        t = torch.as_tensor(term).to(device=self._device, dtype=self._dtype)
+        if t.shape[-4:] != self.sinogram_shape or t.dim() not in (4, 5):
+            raise GeometryError(
+                f"{name} term has shape {tuple(t.shape)}; expected {self.sinogram_shape} (T,S,V,N) "
+                f"or (B,)+that, for {self.sinogram_geometry.describe()}"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} term contains NaN or Inf")
+        if (t < 0).any():
+            raise ValueError(f"{name} term has negative values (min {float(t.min()):g}); expected >= 0")
+        return t
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def subset_views(self, subset: int | None) -> np.ndarray:
+        if subset is None:
+            return np.arange(self.sinogram_geometry.num_views)
+        return subset_views(self.sinogram_geometry.num_views, self.num_subsets, subset)
+
+    def rays(self, subset: int | None) -> RayTable:
+        """Ray table of a subset (cached)."""
+        if subset not in self._rays:
+            views = None if subset is None else self.subset_views(subset)
+            self._rays[subset] = make_ray_table(
+                self.sinogram_geometry, self.image_geometry, views, self.restrict_to_cylindrical_fov
+            )
+        return self._rays[subset]
+
+    def _term(self, term: torch.Tensor | None, subset: int | None) -> torch.Tensor | None:
+        return None if term is None else self.take_subset(term, subset)
+
+    def with_num_subsets(self, num_subsets: int) -> "EmbeddedAcquisitionModel":
+        return self._copy(num_subsets=num_subsets)
+
+    def with_terms(
+        self, multiplicative: Array | None = None, additive: Array | None = None
+    ) -> "EmbeddedAcquisitionModel":
+        """The same geometry and subsets with other factors / additive term (e.g. per training sample)."""
+        new = self._copy()
+        new.multiplicative = new._sinogram_term(multiplicative, "multiplicative")
+        new.additive = new._sinogram_term(additive, "additive")
+        return new
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "EmbeddedAcquisitionModel":
+        """A copy on another device and/or dtype (ray tables are shared)."""
+        new = self._copy()
+        new._device = torch.device(device) if device is not None else self._device
+        new._dtype = dtype or self._dtype
+        for name in ("multiplicative", "additive"):
+            t = getattr(self, name)
+            setattr(new, name, None if t is None else t.to(device=new._device, dtype=new._dtype))
+        return new
+
+    def _copy(self, num_subsets: int | None = None) -> "EmbeddedAcquisitionModel":
+        new = object.__new__(type(self))
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_sens_cache"})
+        if num_subsets is not None and num_subsets != self.num_subsets:
+            subset_views(self.sinogram_geometry.num_views, num_subsets, 0)
+            new.num_subsets = int(num_subsets)
+            new._rays = {None: self._rays[None]} if None in self._rays else {}
+        return new
+
+    # ------------------------------------------------------------------ operators
+    @staticmethod
+    def _batch_image(x: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, bool]:
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+            single = True
+        elif x.dim() == 4:
+            single = False
+        else:
+            raise ValueError(f"image must be (Z,Y,X) or (B,Z,Y,X), got shape {tuple(x.shape)}")
+        if tuple(x.shape[1:]) != tuple(shape):
+            raise ValueError(f"image has shape {tuple(x.shape[1:])} (z,y,x); the model expects {shape}")
+        return x, single
+
+    def direct(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+        from .joseph import joseph_forward
+
+        xb, single = self._batch_image(x, self.image_shape)
+        xb = xb.to(device=self._device, dtype=self._dtype)
+        if self.psf is not None:
+            xb = self.psf(xb)
+        y = joseph_forward(xb, self.rays(subset), backend=self.backend).unsqueeze(1)  # (B,1,S,Vs,N)
+        m = self._term(self.multiplicative, subset)
+        if m is not None:
+            y = y * m
+        return y[0] if single and y.shape[0] == 1 else y
+
+    def adjoint(self, y: torch.Tensor, subset: int | None = None) -> torch.Tensor:
+        from .joseph import joseph_adjoint
+
+        expected = self.subset_sinogram_shape(subset)
+        if y.dim() == 4:
+            yb, single = y.unsqueeze(0), True
+        elif y.dim() == 5:
+            yb, single = y, False
+        else:
+            raise ValueError(f"sinogram must be (T,S,V,N) or (B,T,S,V,N), got shape {tuple(y.shape)}")
+        if tuple(yb.shape[1:]) != expected:
+            raise ValueError(f"sinogram has shape {tuple(yb.shape[1:])}; subset {subset} expects {expected}")
+        yb = yb.to(device=self._device, dtype=self._dtype)
+        m = self._term(self.multiplicative, subset)
+        if m is not None:
+            yb = yb * m
+        x = joseph_adjoint(yb.sum(dim=1), self.rays(subset), backend=self.backend)
+        if self.psf is not None:
+            x = self.psf(x)
+        return x[0] if single and x.shape[0] == 1 else x
+
+    def additive_term(self, subset: int | None = None) -> torch.Tensor:
+        b = self._term(self.additive, subset)
+        if b is None:
+            return torch.zeros(self.subset_sinogram_shape(subset), dtype=self._dtype, device=self._device)
+        return b
+
+    def sensitivity(self, subset: int | None = None) -> torch.Tensor:
+        """``A_s^T 1``, (Z,Y,X), or (B,Z,Y,X) when the factors are per sample. Cached."""
+        cache = self.__dict__.setdefault("_sens_cache", {})
+        if subset not in cache:
+            shape = self.subset_sinogram_shape(subset)
+            if self.multiplicative is not None and self.multiplicative.dim() == 5:
+                shape = (self.multiplicative.shape[0],) + shape
+            ones = torch.ones(shape, dtype=self._dtype, device=self._device)
+            cache[subset] = self.adjoint(ones, subset)
+        return cache[subset]
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddedAcquisitionModel({self.sinogram_geometry.describe()}; image {self.image_geometry.describe()}; "
+            f"{self.num_subsets} subsets; psf={None if self.psf is None else self.psf.fwhm_mm}; device={self._device})"
+        )

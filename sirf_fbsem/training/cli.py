@@ -1,0 +1,102 @@
+"""``sirf-fbsem train``: flags mapped one to one onto :class:`TrainConfig`, :class:`FBSEMNet` and :func:`train`.
+
+The data directory is one written by ``sirf-fbsem simulate`` (``manifest.json`` with
+the sinogram and image geometry, ``num_subsets``, ``num_stages`` and the sample
+files). The trained network is written to ``OUT/model.pt`` (+ ``model.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_train_arguments", "run_train"]
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``train`` flags to ``parser``."""
+    from .trainers import MODES
+
+    parser.add_argument("--data", type=Path, required=True, help="directory of simulated samples (manifest.json)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (checkpoints, logs, model.pt)")
+    parser.add_argument("--mode", choices=MODES, default="sequential", help="training mode (default sequential)")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="number of unrolled stages K (default: the data's num_stages)")
+    parser.add_argument("--shared", action="store_true", help="one regulariser shared by all stages")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs (per stage in sequential mode; default 10)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per step (default 1)")
+    parser.add_argument("--validation-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")
+    parser.add_argument("--all-stages-loss", action="store_true",
+                        help="end_to_end/checkpointed: sum the loss over every stage's output")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=3,
+                        help="regulariser convolutions: 2 (slice by slice) or 3 (default 3)")
+    parser.add_argument("--anatomical", action="store_true",
+                        help="give the regulariser the anatomical (MR) image as a second channel")
+    parser.add_argument("--channels", type=int, default=32, help="regulariser feature channels (default 32)")
+    parser.add_argument("--layers", type=int, default=5, help="regulariser convolutions (default 5)")
+    parser.add_argument("--beta-init", type=float, default=0.1, help="initial beta, normalised units (default 0.1)")
+    parser.add_argument("--cache", choices=("disk", "memory"), default="disk",
+                        help="sequential mode: where stage outputs are cached (default disk)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _read_manifest(data: Path) -> dict:
+    path = data / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {str(data)!r} has no manifest.json; run 'sirf-fbsem simulate' first")
+    manifest = json.loads(path.read_text())
+    for key in ("sinogram_geometry", "image_geometry", "num_subsets", "num_stages", "samples"):
+        if key not in manifest:
+            raise KeyError(f"{str(path)!r} lacks {key!r}")
+    return manifest
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train from parsed flags; returns 0 when the run completed, 1 when it was stopped early."""
+    from ..geometry import image_geometry_from_dict, sinogram_geometry_from_dict
+    from ..model.fbsem import FBSEMNet
+    from ..model.regularisers import RegulariserConfig
+    from ..projectors.embedded import EmbeddedAcquisitionModel
+    from ..simulation.dataset import FBSEMSampleDataset
+    from .trainers import TrainConfig, train, with_terms_factory
+
+    manifest = _read_manifest(args.data)
+    sino = sinogram_geometry_from_dict(manifest["sinogram_geometry"])
+    image = image_geometry_from_dict(manifest["image_geometry"])
+    num_subsets = int(manifest["num_subsets"])
+    num_stages = int(manifest["num_stages"]) if args.stages is None else args.stages
+    if num_stages > int(manifest["num_stages"]):
+        raise ValueError(
+            f"--stages {num_stages}: the data have targets for {manifest['num_stages']} stages only"
+        )
+    config = TrainConfig(
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, validation_fraction=args.validation_fraction,
+        seed=args.seed, patience=args.patience, device=args.device, all_stages_loss=args.all_stages_loss,
+        cache=args.cache, progress=not args.no_progress,
+    )
+    reg = RegulariserConfig(dims=args.dims, in_channels=2 if args.anatomical else 1, channels=args.channels,
+                            layers=args.layers)
+    import torch
+
+    torch.manual_seed(args.seed)
+    net = FBSEMNet(num_stages, num_subsets, reg, shared_regulariser=args.shared, beta_init=args.beta_init)
+    base = EmbeddedAcquisitionModel(
+        sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=args.device
+    )
+    dataset = FBSEMSampleDataset(args.data)
+    result = train(
+        net, dataset, args.mode, config, with_terms_factory(base), args.out, resume=args.resume,
+        metadata={"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],
+                  "data": str(args.data), "psf_fwhm_mm": manifest.get("psf_fwhm_mm")},
+    )
+    last = next((r for r in reversed(result.history) if r["val_loss"] is not None), None)
+    status = "completed" if result.completed else "stopped"
+    print(f"training {status} ({args.mode}, {num_stages} stages); logs in {result.out_dir}"
+          + (f"; last validation MSE {last['val_loss']:.4g}" if last else "")
+          + (f"; model {result.model_path}" if result.model_path else ""))
+    return 0 if result.completed else 1

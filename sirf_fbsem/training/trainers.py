@@ -1,0 +1,772 @@
+"""Training FBSEM-Net in four modes on the same model and data.
+
+Every mode minimises a mean squared error between stage outputs and targets;
+``targets[k]`` of a sample is the (k+1)-th OSEM sub-iterate of its noise-free data
+(same subsets, same order, same start image as the network's stages).
+
+* ``sequential``: stage k is trained alone, on the detached and cached outputs of
+  the already trained stages 0..k-1 (the start image for k = 0), against
+  ``targets[k]``; only its parameters move. When it is done its outputs for every
+  sample are computed without gradients and cached (on disk by default) as the
+  inputs of stage k+1. Peak memory is that of one stage, whatever K.
+* ``end_to_end``: one graph through all K stages; the loss is on the last output
+  against the last target (or, with ``all_stages_loss``, the sum over stages).
+* ``checkpointed``: as ``end_to_end``, with ``torch.utils.checkpoint`` around each
+  stage (activations recomputed in the backward pass; same gradients).
+* ``greedy`` (GLEAM-style): every step updates all stages, each on the detached
+  output of the one before and against its own target; each stage's graph is
+  freed right after its backward pass, so memory is again one stage.
+
+Checkpoints (``out_dir/checkpoints``) are written atomically after every epoch with
+the optimiser state, the early-stopping state, the loss history and the RNG states;
+batches are shuffled from a generator seeded by (seed, stage, epoch). A run stopped
+at any point and restarted with ``resume=True`` redoes the unfinished epoch and ends
+with the same weights (bitwise on CPU). Loss logs: ``losses.csv``, ``losses.json``,
+``loss_curve.png``. With validation samples, the weights of the epoch with the
+lowest validation loss are kept (per stage in sequential mode).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..io.atomic import atomic_path
+from ..model.fbsem import FBSEMNet
+from ..model.io import safe_torch_load, save_model
+from ..projectors.base import AcquisitionModel
+
+__all__ = [
+    "MODES",
+    "TrainConfig",
+    "TrainEvent",
+    "TrainResult",
+    "train",
+    "training_step",
+    "evaluate",
+    "collate",
+    "split_indices",
+    "with_terms_factory",
+    "CheckpointMismatchError",
+]
+
+Mode = Literal["sequential", "end_to_end", "checkpointed", "greedy"]
+MODES: tuple[str, ...] = ("sequential", "end_to_end", "checkpointed", "greedy")
+
+#: sample keys that are stacked into a batch (when present)
+BATCH_KEYS = ("prompts", "multiplicative", "additive", "sensitivity", "targets", "anatomical", "initial")
+
+Sample = Mapping[str, Any]
+Batch = dict[str, torch.Tensor]
+ModelFactory = Callable[[Batch], AcquisitionModel]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Resuming from checkpoints written with another configuration."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (validated).
+
+    Attributes:
+        epochs: passes over the training samples (per stage in sequential mode).
+        lr: Adam learning rate.
+        batch_size: samples per step.
+        validation_fraction: share of samples held out for validation (split fixed by ``seed``).
+        seed: seeds the split and the per-epoch shuffles.
+        patience: stop (a stage, in sequential mode) after this many epochs without a
+            lower validation loss; None trains all epochs.
+        loss: ``"mse"`` (mean over voxels and samples of the squared error).
+        device: torch device of the network and the data (the acquisition model's
+            device is the model factory's choice).
+        all_stages_loss: end_to_end / checkpointed: sum the loss over all stages
+            (each against its own target) instead of the last stage only.
+        cache: sequential mode: keep stage outputs on ``"disk"`` (peak memory one
+            stage) or in ``"memory"``.
+        keep_cache: keep the disk cache after a completed run.
+        progress: show tqdm progress bars.
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 1
+    validation_fraction: float = 0.2
+    seed: int = 0
+    patience: int | None = None
+    loss: Literal["mse"] = "mse"
+    device: str = "cpu"
+    all_stages_loss: bool = False
+    cache: Literal["disk", "memory"] = "disk"
+    keep_cache: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def _int(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {lo}, got {v!r}")
+
+        _int("epochs", 1)
+        _int("batch_size", 1)
+        _int("seed", 0)
+        if self.patience is not None:
+            _int("patience", 1)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
+        if not (isinstance(self.validation_fraction, (int, float)) and 0 <= self.validation_fraction < 1):
+            raise ValueError(
+                f"TrainConfig.validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
+            )
+        if self.loss != "mse":
+            raise ValueError(f"TrainConfig.loss must be 'mse', got {self.loss!r}")
+        if self.cache not in ("disk", "memory"):
+            raise ValueError(f"TrainConfig.cache must be 'disk' or 'memory', got {self.cache!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"TrainConfig.device {self.device!r} is not a torch device: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainEvent:
+    """What a callback sees. ``kind``: ``"step"`` (after an optimiser step), ``"epoch"``
+    (after an epoch, its checkpoint written) or ``"stage"`` (sequential: a stage done)."""
+
+    kind: Literal["step", "epoch", "stage"]
+    mode: str
+    stage: int | None
+    epoch: int
+    step: int
+    loss: float | None
+    val_loss: float | None
+    net: FBSEMNet
+
+
+Callback = Callable[[TrainEvent], None]
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    net: FBSEMNet
+    history: list[dict[str, Any]]
+    train_indices: list[int]
+    val_indices: list[int]
+    completed: bool
+    out_dir: Path
+    model_path: Path | None = None
+
+
+# ---------------------------------------------------------------------------- data helpers
+def collate(samples: Sequence[Sample], device: str | torch.device = "cpu") -> Batch:
+    """Stack the tensors of :data:`BATCH_KEYS` present in every sample into (B, ...) on ``device``."""
+    if not samples:
+        raise ValueError("cannot collate an empty list of samples")
+    batch: Batch = {}
+    for key in BATCH_KEYS:
+        if all(key in s and s[key] is not None for s in samples):
+            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
+    for key in ("prompts", "targets"):
+        if key not in batch:
+            raise KeyError(f"training samples need a {key!r} tensor; got keys {sorted(samples[0])}")
+    return batch
+
+
+def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) sample indices, fixed by ``seed``; at least one training sample."""
+    if n < 1:
+        raise ValueError("the dataset is empty")
+    n_val = int(round(validation_fraction * n))
+    if validation_fraction > 0 and n_val == 0 and n >= 2:
+        n_val = 1
+    n_val = min(n_val, n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def with_terms_factory(base_model: Any) -> ModelFactory:
+    """Model factory for models with ``with_terms`` (the embedded backend): per-batch
+    multiplicative factors and additive term from the batch."""
+
+    def factory(batch: Batch) -> AcquisitionModel:
+        return base_model.with_terms(batch.get("multiplicative"), batch.get("additive"))
+
+    return factory
+
+
+def _initial(batch: Batch, model: AcquisitionModel) -> torch.Tensor:
+    """Start image: the batch's ``initial`` or ones (OSEM's uniform start), (B, Z, Y, X)."""
+    if "initial" in batch:
+        return batch["initial"]
+    b = batch["prompts"].shape[0]
+    return torch.ones((b,) + tuple(model.image_shape), dtype=batch["prompts"].dtype, device=batch["prompts"].device)
+
+
+def _net_inputs(net: FBSEMNet, batch: Batch) -> dict[str, Any]:
+    anat = batch.get("anatomical") if net.uses_anatomical else None
+    if net.uses_anatomical and anat is None:
+        raise KeyError("the network takes an anatomical image but the samples have no 'anatomical' tensor")
+    return {"sensitivities": batch.get("sensitivity"), "anatomical": anat}
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.mean((a - b) ** 2)
+
+
+def _check_targets(net: FBSEMNet, batch: Batch) -> None:
+    k = batch["targets"].shape[1]
+    if k < net.num_stages:
+        raise ValueError(f"samples have {k} targets (OSEM sub-iterates); the network has {net.num_stages} stages")
+
+
+# ---------------------------------------------------------------------------- one step
+def training_step(
+    net: FBSEMNet,
+    mode: Mode,
+    batch: Batch,
+    model: AcquisitionModel,
+    config: TrainConfig,
+    stage: int | None = None,
+    inputs: torch.Tensor | None = None,
+) -> float:
+    """Forward and backward of one batch in ``mode``: gradients accumulate in ``.grad``, no optimiser step.
+
+    Args:
+        stage: sequential mode: the stage trained.
+        inputs: sequential mode: the stage's (cached, detached) input (B, Z, Y, X); for
+            stage 0 the start image is used when None.
+    Returns:
+        the loss value (sequential: stage's loss; end_to_end/checkpointed: the loss
+        optimised; greedy: the sum of the per-stage losses).
+    """
+    _check_targets(net, batch)
+    kw = _net_inputs(net, batch)
+    targets = batch["targets"]
+    prompts = batch["prompts"]
+    if mode == "sequential":
+        if stage is None:
+            raise ValueError("sequential training_step needs the stage index")
+        if inputs is None:
+            if stage != 0:
+                raise ValueError(f"stage {stage} needs its cached inputs (outputs of stage {stage - 1})")
+            inputs = _initial(batch, model)
+        out = net(inputs.detach(), prompts, model, stages=[stage], **kw)
+        loss = _mse(out, targets[:, stage])
+        loss.backward()
+        return float(loss.detach())
+    x0 = _initial(batch, model)
+    if mode in ("end_to_end", "checkpointed"):
+        ckpt = mode == "checkpointed"
+        if config.all_stages_loss:
+            outs = net(x0, prompts, model, return_all=True, checkpointing=ckpt, **kw)
+            loss = sum(_mse(o, targets[:, k]) for k, o in enumerate(outs))
+        else:
+            out = net(x0, prompts, model, checkpointing=ckpt, **kw)
+            loss = _mse(out, targets[:, net.num_stages - 1])
+        loss.backward()
+        return float(loss.detach())
+    if mode == "greedy":
+        x = x0
+        total = 0.0
+        for k in range(net.num_stages):
+            out = net(x.detach(), prompts, model, stages=[k], **kw)
+            loss = _mse(out, targets[:, k])
+            loss.backward()  # frees stage k's graph now: memory stays one stage
+            total += float(loss.detach())
+            x = out.detach()
+        return total
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+@torch.no_grad()
+def evaluate(
+    net: FBSEMNet,
+    dataset: Sequence[Sample],
+    indices: Sequence[int],
+    model_factory: ModelFactory,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+) -> list[float]:
+    """Mean squared error of every stage's output against its target over ``indices``, shape (K,)."""
+    sums = [0.0] * net.num_stages
+    n = 0
+    for lo in range(0, len(indices), batch_size):
+        batch = collate([dataset[i] for i in indices[lo : lo + batch_size]], device)
+        _check_targets(net, batch)
+        model = model_factory(batch)
+        outs = net(_initial(batch, model), batch["prompts"], model, return_all=True, **_net_inputs(net, batch))
+        b = batch["prompts"].shape[0]
+        for k, o in enumerate(outs):
+            sums[k] += float(_mse(o, batch["targets"][:, k])) * b
+        n += b
+    return [s / max(n, 1) for s in sums]
+
+
+# ---------------------------------------------------------------------------- state helpers
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(v) for v in internal], gauss_next],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _epoch_order(indices: Sequence[int], seed: int, stage: int, epoch: int) -> list[int]:
+    """Shuffled training order of an epoch, a pure function of (seed, stage, epoch)."""
+    s = int(np.random.SeedSequence([seed, stage + 1, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(s)).tolist()
+    return [indices[i] for i in perm]
+
+
+def _clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _save(path: Path, payload: Mapping[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(dict(payload), tmp)
+
+
+def _save_tensor(path: Path, t: torch.Tensor) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(t, tmp)
+
+
+# ---------------------------------------------------------------------------- the run
+class _Trainer:
+    """One training run; ``run()`` does the work (see :func:`train`)."""
+
+    def __init__(
+        self,
+        net: FBSEMNet,
+        dataset: Sequence[Sample],
+        mode: Mode,
+        config: TrainConfig,
+        model_factory: ModelFactory,
+        out_dir: Path,
+        callbacks: Sequence[Callback],
+        resume: bool,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "sequential" and net.shared_regulariser:
+            raise ValueError(
+                "sequential training trains each stage's own parameters; a network with a shared regulariser "
+                "(shared_regulariser=True) cannot be trained stage by stage: use end_to_end, checkpointed or greedy"
+            )
+        self.net = net.to(config.device)
+        self.dataset = dataset
+        self.mode = mode
+        self.config = config
+        self.factory = model_factory
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.cache_dir = self.out_dir / "cache"
+        self.callbacks = list(callbacks)
+        self.resume = resume
+        self.train_idx, self.val_idx = split_indices(len(dataset), config.validation_fraction, config.seed)
+        self.history: list[dict[str, Any]] = []
+        self.step_count = 0
+        self.t0 = time.perf_counter()
+        self._memory_cache: dict[int, dict[int, torch.Tensor]] = {}
+        self.run_signature = json.dumps(
+            {
+                "mode": mode,
+                "network": net.config(),
+                "config": {k: v for k, v in config.to_dict().items() if k not in ("progress", "keep_cache")},
+                "num_samples": len(dataset),
+            },
+            sort_keys=True,
+        )
+
+    # -------------------------------------------------------------- bookkeeping
+    def _emit(self, event: TrainEvent) -> None:
+        for cb in self.callbacks:
+            cb(event)
+
+    def _log(self, stage: int | None, epoch: int, train_loss: float | None, val_loss: float | None,
+             val_stages: list[float] | None = None) -> None:
+        row = {
+            "mode": self.mode,
+            "stage": stage,
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_loss_per_stage": val_stages,
+            "beta": [float(b) for b in self.net.betas.detach().cpu()],
+            "elapsed_s": round(time.perf_counter() - self.t0, 3),
+        }
+        self.history.append(row)
+        self._write_logs(plot=False)
+
+    def _write_logs(self, plot: bool) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.out_dir / "losses.json") as tmp:
+            tmp.write_text(json.dumps({"mode": self.mode, "config": self.config.to_dict(), "history": self.history},
+                                      indent=1))
+        cols = ["mode", "stage", "epoch", "train_loss", "val_loss", "elapsed_s"]
+        lines = [",".join(cols)]
+        for r in self.history:
+            lines.append(",".join("" if r[c] is None else str(r[c]) for c in cols))
+        with atomic_path(self.out_dir / "losses.csv") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
+        if plot:
+            _plot_history(self.history, self.mode, self.out_dir / "loss_curve.png")
+
+    def _check_signature(self, payload: Mapping[str, Any], path: Path) -> None:
+        if payload.get("run_signature") != self.run_signature:
+            old = json.loads(payload.get("run_signature", "{}"))
+            new = json.loads(self.run_signature)
+            diffs = _dict_diff(old, new)
+            raise CheckpointMismatchError(
+                f"cannot resume from {str(path)!r}: it was written by a run with other settings "
+                f"(checkpoint vs now): {'; '.join(diffs) or 'unreadable signature'}"
+            )
+
+    def _prepare_dir(self) -> None:
+        initial = self.ckpt_dir / "initial.pt"
+        if self.ckpt_dir.exists() and any(self.ckpt_dir.glob("*.pt")):
+            if not self.resume:
+                raise FileExistsError(
+                    f"{str(self.ckpt_dir)!r} holds checkpoints of an earlier run; pass resume=True (--resume) "
+                    f"to continue it, or choose an empty output directory"
+                )
+            payload = safe_torch_load(initial, "initial checkpoint")
+            self._check_signature(payload, initial)
+            self.net.load_state_dict(payload["net"])
+            return
+        if self.cache_dir.exists():
+            shutil.rmtree(self.cache_dir)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        _save(initial, {"run_signature": self.run_signature, "net": _clone_state(self.net)})
+
+    def _batches(self, order: Sequence[int]) -> Iterable[tuple[list[int], Batch]]:
+        bs = self.config.batch_size
+        for lo in range(0, len(order), bs):
+            idx = list(order[lo : lo + bs])
+            yield idx, collate([self.dataset[i] for i in idx], self.config.device)
+
+    # -------------------------------------------------------------- sequential
+    def _cache_path(self, stage: int, i: int) -> Path:
+        return self.cache_dir / f"stage_{stage:03d}" / f"sample_{i:06d}.pt"
+
+    def _cache_complete(self, stage: int) -> bool:
+        if self.config.cache == "memory":
+            return len(self._memory_cache.get(stage, {})) == len(self.dataset)
+        return (self.cache_dir / f"stage_{stage:03d}" / "complete.json").is_file()
+
+    def _cached_output(self, stage: int, i: int) -> torch.Tensor:
+        if self.config.cache == "memory":
+            return self._memory_cache[stage][i]
+        return safe_torch_load(self._cache_path(stage, i), "cached stage output")
+
+    def _stage_inputs(self, stage: int, idx: Sequence[int], batch: Batch, model: AcquisitionModel) -> torch.Tensor:
+        if stage == 0:
+            return _initial(batch, model)
+        return torch.stack([self._cached_output(stage - 1, i) for i in idx]).to(self.config.device)
+
+    @torch.no_grad()
+    def _fill_cache(self, stage: int) -> None:
+        """Outputs of ``stage`` for every sample (one at a time: deterministic), as inputs of ``stage + 1``."""
+        if stage < 0 or self._cache_complete(stage):
+            return
+        self._fill_cache(stage - 1)
+        store: dict[int, torch.Tensor] = {}
+        for i in tqdm(range(len(self.dataset)), desc=f"cache stage {stage + 1}", leave=False,
+                      disable=not self.config.progress):
+            batch = collate([self.dataset[i]], self.config.device)
+            model = self.factory(batch)
+            x_in = self._stage_inputs(stage, [i], batch, model)
+            out = self.net(x_in, batch["prompts"], model, stages=[stage], **_net_inputs(self.net, batch))[0]
+            if self.config.cache == "memory":
+                store[i] = out.detach().clone()
+            else:
+                _save_tensor(self._cache_path(stage, i), out.detach().cpu())
+        if self.config.cache == "memory":
+            self._memory_cache[stage] = store
+        else:
+            with atomic_path(self.cache_dir / f"stage_{stage:03d}" / "complete.json") as tmp:
+                tmp.write_text(json.dumps({"stage": stage, "num_samples": len(self.dataset)}))
+        # the inputs of ``stage`` are no longer needed
+        if self.config.cache == "memory":
+            self._memory_cache.pop(stage - 1, None)
+        elif not self.config.keep_cache:
+            shutil.rmtree(self.cache_dir / f"stage_{stage - 1:03d}", ignore_errors=True)
+
+    @torch.no_grad()
+    def _stage_val_loss(self, stage: int) -> float | None:
+        if not self.val_idx:
+            return None
+        total, n = 0.0, 0
+        for idx, batch in self._batches(self.val_idx):
+            model = self.factory(batch)
+            x_in = self._stage_inputs(stage, idx, batch, model)
+            out = self.net(x_in, batch["prompts"], model, stages=[stage], **_net_inputs(self.net, batch))
+            total += float(_mse(out, batch["targets"][:, stage])) * len(idx)
+            n += len(idx)
+        return total / n
+
+    def _run_sequential(self) -> bool:
+        cfg = self.config
+        for k in range(self.net.num_stages):
+            stage = self.net.stages[k]
+            path = self.ckpt_dir / f"stage_{k:03d}.pt"
+            opt = torch.optim.Adam(stage.parameters(), lr=cfg.lr)
+            state = {"epoch": 0, "best_val": None, "best_state": None, "bad_epochs": 0, "complete": False}
+            if path.is_file():
+                payload = safe_torch_load(path, "stage checkpoint")
+                self._check_signature(payload, path)
+                stage.load_state_dict(payload["stage_state"])
+                opt.load_state_dict(payload["optimizer"])
+                state = dict(payload["train_state"])
+                self.history = list(payload["history"])
+                self.step_count = int(payload["step"])
+                _set_rng_state(payload["rng"])
+                if state["complete"]:
+                    continue
+            self._fill_cache(k - 1)
+            if state["epoch"] == 0 and not any(r["stage"] == k and r["epoch"] == 0 for r in self.history):
+                self._log(k, 0, None, self._stage_val_loss(k))
+            bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"{self.mode} stage {k + 1}/{self.net.num_stages}",
+                       initial=state["epoch"], total=cfg.epochs, disable=not cfg.progress, leave=False)
+            for epoch in bar:
+                stage.train()
+                total, n = 0.0, 0
+                for idx, batch in self._batches(_epoch_order(self.train_idx, cfg.seed, k, epoch)):
+                    model = self.factory(batch)
+                    opt.zero_grad(set_to_none=True)
+                    x_in = self._stage_inputs(k, idx, batch, model)
+                    loss = training_step(self.net, "sequential", batch, model, cfg, stage=k, inputs=x_in)
+                    opt.step()
+                    self.step_count += 1
+                    total += loss * len(idx)
+                    n += len(idx)
+                    self._emit(TrainEvent("step", self.mode, k, epoch + 1, self.step_count, loss, None, self.net))
+                stage.eval()
+                val = self._stage_val_loss(k)
+                stop = self._early_stopping(state, val, stage)
+                state["epoch"] = epoch + 1
+                if stop or state["epoch"] == cfg.epochs:
+                    if state["best_state"] is not None:
+                        stage.load_state_dict(state["best_state"])
+                    state["complete"] = True
+                self._log(k, epoch + 1, total / n, val)
+                bar.set_postfix(train=f"{total / n:.4g}", val="-" if val is None else f"{val:.4g}")
+                _save(path, {"run_signature": self.run_signature, "stage": k, "stage_state": _clone_state(stage),
+                             "optimizer": opt.state_dict(), "train_state": state, "history": self.history,
+                             "step": self.step_count, "rng": _rng_state()})
+                self._emit(TrainEvent("epoch", self.mode, k, epoch + 1, self.step_count, total / n, val, self.net))
+                if state["complete"]:
+                    break
+            bar.close()
+            self._emit(TrainEvent("stage", self.mode, k, state["epoch"], self.step_count, None,
+                                  state["best_val"], self.net))
+        return True
+
+    def _early_stopping(self, state: dict[str, Any], val: float | None, module: torch.nn.Module) -> bool:
+        """Update best/bad-epoch counters; True when patience is exhausted."""
+        if val is None:
+            return False
+        if state["best_val"] is None or val < state["best_val"]:
+            state["best_val"] = val
+            state["best_state"] = _clone_state(module)
+            state["bad_epochs"] = 0
+            return False
+        state["bad_epochs"] += 1
+        return self.config.patience is not None and state["bad_epochs"] >= self.config.patience
+
+    # -------------------------------------------------------------- joint modes
+    def _joint_val(self) -> tuple[float | None, list[float] | None]:
+        if not self.val_idx:
+            return None, None
+        per_stage = evaluate(self.net, self.dataset, self.val_idx, self.factory, self.config.device,
+                             self.config.batch_size)
+        return per_stage[-1], per_stage
+
+    def _run_joint(self) -> bool:
+        cfg = self.config
+        path = self.ckpt_dir / "checkpoint.pt"
+        opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        state = {"epoch": 0, "best_val": None, "best_state": None, "bad_epochs": 0, "complete": False}
+        if path.is_file():
+            payload = safe_torch_load(path, "checkpoint")
+            self._check_signature(payload, path)
+            self.net.load_state_dict(payload["net_state"])
+            opt.load_state_dict(payload["optimizer"])
+            state = dict(payload["train_state"])
+            self.history = list(payload["history"])
+            self.step_count = int(payload["step"])
+            _set_rng_state(payload["rng"])
+            if state["complete"]:
+                return True
+        if state["epoch"] == 0 and not self.history:
+            self.net.eval()
+            val, per = self._joint_val()
+            self._log(None, 0, None, val, per)
+        bar = tqdm(range(state["epoch"], cfg.epochs), desc=self.mode, initial=state["epoch"], total=cfg.epochs,
+                   disable=not cfg.progress, leave=False)
+        for epoch in bar:
+            self.net.train()
+            total, n = 0.0, 0
+            for idx, batch in self._batches(_epoch_order(self.train_idx, cfg.seed, -1, epoch)):
+                model = self.factory(batch)
+                opt.zero_grad(set_to_none=True)
+                loss = training_step(self.net, self.mode, batch, model, cfg)
+                opt.step()
+                self.step_count += 1
+                total += loss * len(idx)
+                n += len(idx)
+                self._emit(TrainEvent("step", self.mode, None, epoch + 1, self.step_count, loss, None, self.net))
+            self.net.eval()
+            val, per = self._joint_val()
+            stop = self._early_stopping(state, val, self.net)
+            state["epoch"] = epoch + 1
+            if stop or state["epoch"] == cfg.epochs:
+                if state["best_state"] is not None:
+                    self.net.load_state_dict(state["best_state"])
+                state["complete"] = True
+            self._log(None, epoch + 1, total / n, val, per)
+            bar.set_postfix(train=f"{total / n:.4g}", val="-" if val is None else f"{val:.4g}")
+            _save(path, {"run_signature": self.run_signature, "net_state": _clone_state(self.net),
+                         "optimizer": opt.state_dict(), "train_state": state, "history": self.history,
+                         "step": self.step_count, "rng": _rng_state()})
+            self._emit(TrainEvent("epoch", self.mode, None, epoch + 1, self.step_count, total / n, val, self.net))
+            if state["complete"]:
+                break
+        bar.close()
+        return True
+
+    # -------------------------------------------------------------- entry
+    def run(self) -> bool:
+        self._prepare_dir()
+        try:
+            if self.mode == "sequential":
+                return self._run_sequential()
+            return self._run_joint()
+        except StopIteration:  # a callback ended the run (after the last epoch's checkpoint)
+            return False
+        finally:
+            self._write_logs(plot=True)
+
+
+def train(
+    net: FBSEMNet,
+    dataset: Sequence[Sample],
+    mode: Mode,
+    config: TrainConfig,
+    model_factory: ModelFactory,
+    out_dir: str | os.PathLike,
+    callbacks: Iterable[Callback] = (),
+    resume: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``net`` on ``dataset`` in ``mode`` (module docstring); writes checkpoints and logs to ``out_dir``.
+
+    Args:
+        net: the network (its parameters are trained in place, on ``config.device``).
+        dataset: indexable samples (dicts with ``prompts`` (T,S,V,N), ``targets`` (K',Z,Y,X)
+            with K' >= K, and optionally ``multiplicative``, ``additive``, ``sensitivity``
+            (num_subsets,Z,Y,X), ``anatomical`` (Z,Y,X), ``initial`` (Z,Y,X; default ones)),
+            e.g. :class:`sirf_fbsem.simulation.dataset.FBSEMSampleDataset` or a list.
+        mode: ``"sequential"``, ``"end_to_end"``, ``"checkpointed"`` or ``"greedy"``.
+        config: :class:`TrainConfig`.
+        model_factory: ``batch -> AcquisitionModel`` (e.g. :func:`with_terms_factory`); the
+            batch holds the stacked sample tensors on ``config.device``.
+        out_dir: output directory (checkpoints/, cache/, losses.csv/json, loss_curve.png, model.pt).
+        callbacks: called with a :class:`TrainEvent` after every step, epoch and (sequential)
+            stage; raising StopIteration ends the run cleanly after the last checkpoint.
+        resume: continue the run whose checkpoints are in ``out_dir`` (its settings must match).
+        metadata: when given (with ``sinogram_geometry`` and ``image_geometry``), the trained
+            network is written to ``out_dir/model.pt`` with :func:`~sirf_fbsem.model.io.save_model`.
+    """
+    trainer = _Trainer(net, dataset, mode, config, model_factory, Path(out_dir), list(callbacks), resume)
+    completed = trainer.run()
+    model_path = None
+    if completed:
+        if mode == "sequential" and config.cache == "disk" and not config.keep_cache and trainer.cache_dir.exists():
+            shutil.rmtree(trainer.cache_dir)
+        if metadata is not None:
+            meta = dict(metadata)
+            meta.update({"training_mode": mode, "train_config": config.to_dict()})
+            model_path = save_model(Path(out_dir) / "model.pt", trainer.net, meta)
+    return TrainResult(trainer.net, trainer.history, trainer.train_idx, trainer.val_idx, completed, Path(out_dir),
+                       model_path)
+
+
+# ---------------------------------------------------------------------------- misc
+def _dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _dict_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} vs {b!r}"]
+
+
+def _plot_history(history: Sequence[Mapping[str, Any]], mode: str, path: Path) -> None:
+    """Loss curves (log scale): per stage in sequential mode, train/validation otherwise."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    stages = sorted({r["stage"] for r in history if r["stage"] is not None})
+    groups = [(f"stage {k + 1}", [r for r in history if r["stage"] == k]) for k in stages] or [("", list(history))]
+    for label, rows in groups:
+        tr = [(r["epoch"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
+        va = [(r["epoch"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+        if va:
+            line = ax.plot(*zip(*va), marker="o", ms=3, label=f"{label} validation".strip())[0]
+            color = line.get_color()
+        else:
+            color = None
+        if tr:
+            ax.plot(*zip(*tr), ls="--", color=color, label=f"{label} training".strip())
+    ax.set_xlabel("epoch" + (" (within stage)" if stages else ""))
+    ax.set_ylabel("MSE")
+    if all((r["train_loss"] or 1) > 0 and (r["val_loss"] or 1) > 0 for r in history):
+        ax.set_yscale("log")
+    ax.set_title(f"FBSEM-Net training ({mode})")
+    if len(groups) <= 12:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
