@@ -7,6 +7,7 @@ model, all as SIRF-ordered (T,S,V,N) float32 arrays.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def load_acquisition(
     time_interval_s: tuple[float, float] | None = None,
     span: int = 11,
     image: ImageGeometry | None = None,
+    negative: str = "error",
     progress: bool = True,
 ) -> Acquisition:
     """Read prompts and optional terms.
@@ -79,7 +81,11 @@ def load_acquisition(
         time_interval_s: (t0, t1) seconds from the start, listmode only.
         span: axial compression when histogramming listmode (1 or 11 for the mMR).
         image: image geometry for the mu-map resampling (default: the scanner's default image).
+        negative: what to do with negative prompts (precorrected data such as STIR's
+            recon_demo have them): "error" (default) or "zero" (clip to 0, with a warning).
     """
+    if negative not in ("error", "zero"):
+        raise ValueError(f"negative must be 'error' or 'zero', got {negative!r}")
     from .io import interfile
 
     path = Path(path)
@@ -100,7 +106,16 @@ def load_acquisition(
     else:
         if time_interval_s is not None:
             raise ValueError(f"--time applies to listmode input only; {path} is a sinogram")
-        geom, prompts = interfile.read_projdata(path)
+        geom, prompts = interfile.read_projdata(path, allow_negative=negative == "zero")
+        num_negative = int((prompts < 0).sum())
+        if num_negative:
+            warnings.warn(
+                f"sinogram '{path}': {num_negative:,} negative values (minimum {float(prompts.min()):g}; "
+                "precorrected data?) clipped to 0",
+                stacklevel=2,
+            )
+            prompts = np.maximum(prompts, 0)
+            meta["negative_values_clipped"] = num_negative
     mult = None
     if norm is not None:
         mult = _read_norm(Path(norm), geom)

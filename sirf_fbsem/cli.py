@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--additive", type=Path, help="randoms + scatter sinogram .hs (counts)")
     r.add_argument("--time", nargs=2, type=float, metavar=("T0", "T1"), help="listmode time interval, s")
     r.add_argument("--span", type=int, default=11, help="listmode histogramming span (1 or 11)")
+    r.add_argument("--negative", choices=["zero", "error"], default="zero",
+                   help="negative prompts (precorrected data): clip to 0 with a warning (default) or stop")
     r.add_argument("--psf-fwhm", type=float, default=0.0, help="image-space PSF FWHM, mm (0 = none)")
     r.add_argument("--dicom", type=Path, help="also write a DICOM PET series into this directory")
     r.add_argument("--preview", type=Path, help="also write a PNG montage")
@@ -87,6 +89,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         additive=args.additive,
         time_interval_s=tuple(args.time) if args.time else None,
         span=args.span,
+        negative=args.negative,
         progress=progress,
     )
     image_geom = acq.geometry.default_image()

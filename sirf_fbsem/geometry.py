@@ -348,10 +348,11 @@ class SinogramGeometry:
         return self.scanner.effective_ring_radius_mm * np.sin(t * self.angular_increment_rad)
 
     def sampling_in_s_mm(self) -> float:
-        """Tangential sampling at the central bin, mm (STIR's ``get_sampling_in_s(Bin(0,0,0,0))``)."""
+        """Tangential sampling at the central bin, mm (STIR's ``get_sampling_in_s(Bin(0,0,0,0))``,
+        i.e. (s(1) - s(-1)) / 2: R sin(pi / detectors) for data that are not arc-corrected)."""
         if self.arc_corrected:
             return self.tangential_bin_size_mm
-        return self.scanner.effective_ring_radius_mm * self.angular_increment_rad
+        return self.scanner.effective_ring_radius_mm * math.sin(self.angular_increment_rad)
 
     def axial_sampling_mm(self, segment_num: int) -> float:
         return self.scanner.ring_spacing_mm / self.segment(segment_num).axial_poss_per_ring_inc
@@ -521,7 +522,7 @@ class ImageGeometry:
 
 
 def _patient_flips(patient_position: str) -> tuple[int, int, int]:
-    """Signs that take gantry (x, y, z) to LPS-with-z-negated for a patient position.
+    """Signs that take gantry (x, y, z) to patient LPS for a patient position.
 
     HFS: LPS = (x, y, -z) -> returns (1, 1, -1). HFP: (-x, -y, -z); FFS: (-x, y, z);
     FFP: (x, -y, z).

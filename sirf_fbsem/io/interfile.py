@@ -1,52 +1,46 @@
 """Interfile projection data (``.hs``/``.s``) and images (``.hv``/``.v``), as STIR reads and writes them.
 
-The conventions follow STIR's sources, and the reader reproduces them exactly:
+The reader follows STIR's sources:
 
-* Header syntax (``KeyParser.cxx``, ``interfile_keyword_functions``): ``key := value``
-  lines; keys are matched after *standardising* them (space, tab, ``_`` and ``!``
-  are white space; leading/trailing white space trimmed, runs collapsed, lower
-  case); a ``[n]`` before ``:=`` is an index (a *vectored* key); lines starting
-  with ``;`` are comments; a line ending in ``\\`` continues on the next one;
-  numbers are read as C++ streams read them (``126 ; 252`` is 126); lists are
-  ``{a, b, c}`` and a bare value is a list of one. The first key must be
-  ``!INTERFILE``; parsing stops at ``!END OF INTERFILE``. Environment variables
-  (``${NAME}``), which STIR substitutes, are not.
-* Projection data (``InterfileHeader.cxx``, ``InterfilePDFSHeader``):
-  ``matrix axis label [1] := tangential coordinate`` and ``[4] := segment``;
-  ``[2] := axial coordinate``, ``[3] := view`` is STIR's default storage order
-  Segment_View_AxialPos_TangPos (view outer, axial position inner); the older
-  ``[2] := view``, ``[3] := axial coordinate`` is Segment_AxialPos_View_TangPos.
-  Tangential positions run fastest. Segments lie in the file in the order of the
-  per-segment lists; their numbers come from sorting the segments by
-  ``min + max ring difference`` with segment 0 the one whose sum is 0
-  (``find_segment_sequence``), which for STIR's own files is ascending order.
-  Data are arc-corrected when ``applied corrections`` contains ``arc correction``
-  (or ``arc corrected``, ``radial arc-correction``), and also when the key is
-  absent or empty (STIR's default). The arc-corrected bin size is
-  ``effective central bin size (cm)`` when > 0, else the scanner's default bin size.
-* Scanner (``InterfilePDFSHeader::post_processing``, ``Scanner.cxx``): the
-  ``Scanner parameters`` block (or the same keys at top level); lengths in cm are
-  converted to mm (inner radius = diameter / 2). When ``originating system`` names
-  a scanner STIR knows (here: Siemens mMR, the RPT/PRT-1, GE Signa PET/MR), values
-  absent from the header are filled from STIR's table; values in the header win.
-* Images (``interfile.cxx``): ``matrix size [1..3]`` and
-  ``scaling factor (mm/pixel) [1..3]`` are x, y, z (default voxel size 1 mm, as in
-  STIR); STIR's index ranges are ``z: 0..nz-1``, ``y: -(ny/2)..``, ``x: -(nx/2)..``
-  and ``first pixel offset (mm) = min_index * voxel_size + origin``, so
-  ``origin = first_pixel_offset - min_index * voxel_size`` (origin 0 on axes
-  without an offset). ``image scaling factor [1]`` multiplies the data (one value,
-  or one per plane); ``quantification units`` (Louvain-la-Neuve) is honoured as STIR
-  does.
-* Binary data: ``imagedata byte order`` LITTLEENDIAN or BIGENDIAN (STIR's default
-  when absent: BIGENDIAN); ``number format`` float (4 or 8 bytes), signed integer
-  or unsigned integer (1, 2 or 4 bytes) (STIR's default when absent: unsigned
-  integer); ``data offset in bytes [1]`` skips a prefix.
+* Header syntax (``KeyParser.cxx``, ``interfile_keyword_functions.cxx``): ``key := value``
+  lines; keys match after *standardising* (space, tab, ``_`` and ``!`` are white space;
+  trimmed, runs collapsed, lower case); ``[n]`` before ``:=`` is an index (a vectored
+  key); lines starting with ``;`` are comments; a line ending in ``\\`` continues on the
+  next; numbers are read as a C++ stream reads them (``126 ; 252`` is 126); lists are
+  ``{a, b, c}`` and a bare value is a list of one; the first key must be ``!INTERFILE``
+  and parsing stops at ``!END OF INTERFILE``. (STIR's ``${ENV}`` substitution is not done.)
+* Projection data (``InterfileHeader.cxx``: ``InterfilePDFSHeader``): ``matrix axis label
+  [1] := tangential coordinate``, ``[4] := segment``; ``[2] := axial coordinate`` with
+  ``[3] := view`` is Segment_View_AxialPos_TangPos (STIR's default: view outer, axial
+  inner), ``[2] := view`` with ``[3] := axial coordinate`` the older
+  Segment_AxialPos_View_TangPos; tangential positions fastest. Segments lie in the file in
+  the order of the per-segment lists; their numbers come from sorting by ``min + max ring
+  difference``, segment 0 being the one whose sum is 0 (``find_segment_sequence``): for
+  STIR's own files, ascending order. Data are arc-corrected when ``applied corrections``
+  holds ``arc correction`` (``arc corrected``, ``radial arc-correction``) and, as in STIR,
+  when the key is absent or empty; their bin size is ``effective central bin size (cm)``
+  when > 0, else the scanner's default bin size.
+* Scanner (``InterfilePDFSHeader::post_processing``, ``Scanner.cxx``): the ``Scanner
+  parameters`` block (or the same keys at top level), cm converted to mm (inner radius =
+  diameter / 2). When ``originating system`` names a scanner STIR knows (here the Siemens
+  mMR, the RPT "PRT-1" and the GE Signa PET/MR), keys the header lacks come from STIR's
+  table; keys in the header win.
+* Images (``interfile.cxx``: ``read_interfile_image``): ``matrix size`` and ``scaling factor
+  (mm/pixel)`` [1..3] are x, y, z (voxel size 1 mm when absent, as STIR); index ranges
+  ``z 0..``, ``y -(ny/2)..``, ``x -(nx/2)..``, and ``first pixel offset (mm) = min_index *
+  voxel_size + origin``, so ``origin = first_pixel_offset - min_index * voxel_size`` (0 on
+  an axis without an offset). ``image scaling factor [1]`` (one value, or one per plane)
+  multiplies the data; ``quantification units`` is honoured as STIR does.
+* Binary data: ``imagedata byte order`` LITTLEENDIAN or BIGENDIAN (STIR's default:
+  BIGENDIAN); ``number format`` float (4 or 8 bytes), signed or unsigned integer (1, 2 or 4
+  bytes) (STIR's default: unsigned integer); ``data offset in bytes [1]`` skips a prefix.
 
-Arrays are SIRF's: sinograms ``(tof=1, sinograms, views, tangential)`` float32 with
-segments 0, +1, -1, +2, -2, ... and axial positions ascending within a segment;
-images ``(z, y, x)`` float32. The writers write float32 little endian in STIR's
-default layout with a STIR4-style header (a full scanner block) that STIR and SIRF
-read, atomically: the data file first, the header last, nothing half-written.
+Arrays are SIRF's: sinograms float32 ``(tof=1, sinograms, views, tangential)`` with
+segments 0, +1, -1, +2, -2, ... and axial positions ascending in each (see
+:class:`~sirf_fbsem.geometry.SinogramAxis`); images float32 ``(z, y, x)``. The writers write
+float32 little endian in STIR's default layout with a STIR4-style header (with the full
+scanner block) that STIR and SIRF read; the data file first and the header last, each
+through a temporary file, so a failure leaves nothing half-written.
 """
 from __future__ import annotations
 
@@ -57,7 +51,7 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation, localcontext
 from enum import Enum
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -82,9 +76,8 @@ __all__ = [
 ]
 
 _MISSING = object()
-#: A header larger than this is not a header (a binary file passed by mistake).
-_MAX_HEADER_BYTES = 16 * 1024 * 1024
-_PATIENT_POSITIONS = {
+_MAX_HEADER_BYTES = 16 * 1024 * 1024  # larger is not a header (a binary file passed by mistake)
+_PATIENT_POSITIONS = {  # (patient orientation, patient rotation), standardised -> DICOM-style position
     ("head in", "supine"): "HFS",
     ("head in", "prone"): "HFP",
     ("feet in", "supine"): "FFS",
@@ -96,7 +89,7 @@ class InterfileError(ValueError):
     """An Interfile header or data file that cannot be read or written as asked.
 
     The message names the file, the key (or field), what was expected and what was
-    found. ``path`` and ``key`` hold the file and the key for programs.
+    found; ``path`` and ``key`` hold the file and the key for programs.
     """
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None, key: str | None = None) -> None:
@@ -108,7 +101,7 @@ class InterfileError(ValueError):
 class SinogramStorageOrder(str, Enum):
     """Order of a segment's data in a ``.s`` file (STIR's ``ProjDataFromStream::StorageOrder``).
 
-    Tangential positions always run fastest; segments are outermost.
+    Segments are outermost, tangential positions fastest.
     """
 
     #: ``matrix axis label [2] := axial coordinate``, ``[3] := view``: view outer, axial inner (STIR's default).
@@ -123,17 +116,13 @@ _INDEXED = re.compile(r"^(?P<name>[^\[]*?)\s*\[\s*(?P<index>[+-]?\d+)\s*\]\s*$")
 
 
 def standardise_keyword(text: str) -> str:
-    """STIR's ``standardise_interfile_keyword``: ``' '``, tab, ``_``, ``!`` are white space;
-    trimmed, runs collapsed to one space, lower case. Also used for list values (byte order ...)."""
+    """STIR's ``standardise_interfile_keyword``: space, tab, ``_``, ``!`` are white space;
+    trimmed, runs collapsed, lower case. Also used to compare values (byte order, ...)."""
     return _WHITE.sub(" ", text).strip().lower()
 
 
 def normalise_key(key: str) -> str:
-    """A header key in the form :class:`InterfileHeader` stores: standardised, index as ``name[n]``.
-
-    ``'!matrix size [1]'`` -> ``'matrix size[1]'``; ``'Inner ring diameter (cm)'`` ->
-    ``'inner ring diameter (cm)'``.
-    """
+    """A key as :class:`InterfileHeader` stores it: ``'!matrix size [1]'`` -> ``'matrix size[1]'``."""
     m = _INDEXED.match(key)
     if m:
         return f"{standardise_keyword(m.group('name'))}[{int(m.group('index'))}]"
@@ -141,15 +130,14 @@ def normalise_key(key: str) -> str:
 
 
 def _display_key(key: str) -> str:
-    """``'matrix size[1]'`` -> ``'matrix size [1]'`` for messages."""
-    return re.sub(r"\[(\d+)\]$", r" [\1]", key)
+    return re.sub(r"\[(\d+)\]$", r" [\1]", key)  # 'matrix size[1]' -> 'matrix size [1]'
 
 
 def parse_list(text: str) -> list[str]:
-    """The items of an Interfile list value: ``'{ 27,49 , 71}'`` -> ``['27', '49', '71']``.
+    """Items of an Interfile list value: ``'{ 27,49 , 71}'`` -> ``['27', '49', '71']``.
 
-    A value without braces is a list of one (STIR); ``'{}'`` is empty. Text after
-    the closing brace is ignored. Raises ``ValueError`` when ``}`` is missing.
+    A value without braces is a list of one (as in STIR); ``'{}'`` is empty. Raises
+    ``ValueError`` when the closing brace is missing.
     """
     t = text.strip()
     if t.startswith("{"):
@@ -157,9 +145,7 @@ def parse_list(text: str) -> list[str]:
         if end < 0:
             raise ValueError(f"list {text!r} has no closing '}}'")
         inner = t[1:end].strip()
-        if not inner:
-            return []
-        return [item.strip() for item in inner.split(",")]
+        return [item.strip() for item in inner.split(",")] if inner else []
     t = t.split(";", 1)[0].strip()
     return [t] if t else []
 
@@ -184,24 +170,27 @@ def _to_int(token: str) -> int:
     return int(d)
 
 
-# --------------------------------------------------------------------------- header
-@dataclass(frozen=True)
-class InterfileHeader:
-    """A parsed Interfile header: normalised keys (see :func:`normalise_key`) to raw value strings.
+def _fail(path: Path, key: str, message: str) -> InterfileError:
+    return InterfileError(message, path=path, key=key)
 
-    A key that occurs twice keeps its last value (as STIR). ``path`` is the header
-    file; relative ``name of data file`` values resolve against its directory.
+
+# --------------------------------------------------------------------------- header
+@dataclass(frozen=True, eq=False)
+class InterfileHeader:
+    """A parsed Interfile header: normalised keys (:func:`normalise_key`) -> raw value strings.
+
+    A key given twice keeps its last value (as in STIR). ``path`` is the header file;
+    a relative ``name of data file`` resolves against its directory.
     """
 
     path: Path
     entries: Mapping[str, str]
 
-    # ---------------------------------------------------------------- raw access
     def __contains__(self, key: str) -> bool:
         return normalise_key(key) in self.entries
 
     def get(self, key: str, default: str | None = None) -> str | None:
-        """The raw value of ``key`` (any spelling STIR would accept), or ``default``."""
+        """The raw value of ``key`` (in any spelling STIR accepts), or ``default``."""
         return self.entries.get(normalise_key(key), default)
 
     def error(self, key: str, expected: str, found: str | None = None) -> InterfileError:
@@ -209,11 +198,8 @@ class InterfileHeader:
         k = normalise_key(key)
         if found is None:
             found = f"{self.entries[k]!r}" if k in self.entries else "no such key"
-        return InterfileError(
-            f"Interfile header '{self.path}': '{_display_key(k)}' should be {expected}; found {found}",
-            path=self.path,
-            key=_display_key(k),
-        )
+        msg = f"Interfile header '{self.path}': '{_display_key(k)}' should be {expected}; found {found}"
+        return _fail(self.path, _display_key(k), msg)
 
     def require(self, key: str, expected: str = "present") -> str:
         value = self.get(key)
@@ -221,8 +207,7 @@ class InterfileHeader:
             raise self.error(key, expected, None if value is None else "an empty value")
         return value
 
-    # ---------------------------------------------------------------- typed access
-    def _scalar(self, key: str, default, convert, expected: str):
+    def _scalar(self, key: str, default, convert: Callable, expected: str):
         value = self.get(key)
         if value is None or not value.strip():
             if default is _MISSING:
@@ -244,8 +229,9 @@ class InterfileHeader:
     def get_float(self, key: str, default=_MISSING) -> float:
         return self._scalar(key, default, lambda t: float(_to_decimal(t)), "a finite number")
 
-    def get_list(self, key: str, default=_MISSING, convert=None, expected: str = "a list such as '{ 1,2,3 }'"):
-        """The items of a list value (see :func:`parse_list`), each passed through ``convert`` if given."""
+    def get_list(self, key: str, default=_MISSING, convert: Callable | None = None,
+                 expected: str = "a list such as '{ 1,2,3 }'") -> list:
+        """Items of a list value (:func:`parse_list`), each through ``convert`` when given."""
         value = self.get(key)
         if value is None:
             if default is _MISSING:
@@ -264,81 +250,59 @@ class InterfileHeader:
         return self.get_list(key, default, _to_decimal, "a list of numbers such as '{ 1.5,2 }'")
 
     def get_choice(self, key: str, choices: Sequence[str], default: str | None = None) -> str:
-        """A value from ``choices`` (compared standardised); returns the standardised value."""
+        """A value among ``choices`` (compared standardised), returned standardised."""
         value = self.get(key)
+        expected = "one of " + ", ".join(repr(c) for c in choices)
         if value is None or not value.strip():
             if default is None:
-                raise self.error(key, "one of " + ", ".join(repr(c) for c in choices))
+                raise self.error(key, expected)
             return standardise_keyword(default)
-        v = standardise_keyword(value)
-        std = [standardise_keyword(c) for c in choices]
-        if v not in std:
-            raise self.error(key, "one of " + ", ".join(repr(c) for c in choices))
-        return v
-
-    # ---------------------------------------------------------------- derived
-    @property
-    def directory(self) -> Path:
-        return self.path.parent
+        if standardise_keyword(value) not in [standardise_keyword(c) for c in choices]:
+            raise self.error(key, expected)
+        return standardise_keyword(value)
 
     @property
     def data_file(self) -> Path:
         """``name of data file``, resolved against the header's directory (STIR's ``prepend_directory_name``)."""
-        name = self.require("name of data file", "the name of the binary data file")
-        p = Path(name.strip())
-        return p if p.is_absolute() else self.directory / p
+        p = Path(self.require("name of data file", "the name of the binary data file").strip())
+        return p if p.is_absolute() else self.path.parent / p
 
     @property
     def patient_position(self) -> str | None:
-        """``'HFS'``, ``'HFP'``, ``'FFS'`` or ``'FFP'`` from ``patient orientation``/``patient rotation``
-        (or Siemens' ``%patient orientation``); ``None`` when unknown or absent."""
-        siemens = self.get("%patient orientation")
-        if siemens and siemens.strip().upper() in ("HFS", "HFP", "FFS", "FFP"):
-            return siemens.strip().upper()
-        orientation = self.get("patient orientation")
-        rotation = self.get("patient rotation")
+        """'HFS', 'HFP', 'FFS' or 'FFP' from ``patient orientation`` and ``patient rotation`` (or
+        Siemens' ``%patient orientation``); ``None`` when absent or other."""
+        siemens = (self.get("%patient orientation") or "").strip().upper()
+        if siemens in ("HFS", "HFP", "FFS", "FFP"):
+            return siemens
+        orientation, rotation = self.get("patient orientation"), self.get("patient rotation")
         if orientation is None or rotation is None:
             return None
         return _PATIENT_POSITIONS.get((standardise_keyword(orientation), standardise_keyword(rotation)))
 
     @property
     def time_frames(self) -> list[tuple[float, float]]:
-        """(start, duration) in s of each time frame, from ``image relative start time (sec) [i]`` and
-        ``image duration (sec) [i]`` (0 where absent); one entry per ``number of time frames``."""
+        """(start, duration) in s per ``number of time frames``, from ``image relative start time
+        (sec) [i]`` and ``image duration (sec) [i]`` (0 when absent)."""
         n = self.get_int("number of time frames", 1)
-        return [
-            (self.get_float(f"image relative start time (sec)[{i}]", 0.0), self.get_float(f"image duration (sec)[{i}]", 0.0))
-            for i in range(1, max(n, 0) + 1)
-        ]
+        return [(self.get_float(f"image relative start time (sec)[{i}]", 0.0),
+                 self.get_float(f"image duration (sec)[{i}]", 0.0)) for i in range(1, max(n, 0) + 1)]
 
 
 def _read_header_lines(path: Path) -> list[str]:
-    if not path.exists():
-        raise InterfileError(f"Interfile header '{path}' does not exist", path=path, key="path")
     if not path.is_file():
-        raise InterfileError(f"Interfile header '{path}' is not a file", path=path, key="path")
+        raise _fail(path, "path", f"Interfile header '{path}' does not exist or is not a file")
     size = path.stat().st_size
     if size > _MAX_HEADER_BYTES:
-        raise InterfileError(
-            f"'{path}' has {size:,} bytes, too large for an Interfile header (is it the binary data file?)",
-            path=path,
-            key="path",
-        )
+        raise _fail(path, "path", f"'{path}' has {size:,} bytes, too many for an Interfile header (a data file?)")
     raw = path.read_bytes()
     if b"\x00" in raw[:65536]:
-        raise InterfileError(
-            f"'{path}' contains NUL bytes: a binary file, not an Interfile header (pass the .hs/.hv header)",
-            path=path,
-            key="path",
-        )
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    text = raw.decode("latin-1")
+        raise _fail(path, "path", f"'{path}' holds NUL bytes: a binary file, not an Interfile header (pass the header)")
+    text = raw[3:].decode("latin-1") if raw.startswith(b"\xef\xbb\xbf") else raw.decode("latin-1")
     lines: list[str] = []
     pending = ""
     for line in text.splitlines():
         line = pending + line
-        if line.endswith("\\"):  # continuation: the next line is appended (STIR's read_line)
+        if line.endswith("\\"):  # continues on the next line (STIR's read_line)
             pending = line[:-1]
             continue
         pending = ""
@@ -349,8 +313,10 @@ def _read_header_lines(path: Path) -> list[str]:
 
 
 def parse_header(path: str | os.PathLike) -> InterfileHeader:
-    """Parse an Interfile header (``.hs``, ``.hv``, also Siemens ``.l.hdr``/``.n.hdr``) into an
-    :class:`InterfileHeader`. Only syntax is checked here; the readers check the content."""
+    """Parse an Interfile header (``.hs``, ``.hv``, also Siemens ``.l.hdr``/``.n.hdr``).
+
+    Only the syntax is checked here; the readers check the content.
+    """
     path = Path(path)
     entries: dict[str, str] = {}
     started = False
@@ -358,32 +324,19 @@ def parse_header(path: str | os.PathLike) -> InterfileHeader:
         s = line.strip()
         if not s or s.startswith(";"):
             continue
-        if ":=" in s:
-            raw_key, value = s.split(":=", 1)
-        else:
-            raw_key, value = s, ""
+        raw_key, _, value = s.partition(":=")
         key = normalise_key(raw_key)
-        value = value.strip(" \t")
         if not started:
             if key != "interfile":
-                raise InterfileError(
-                    f"Interfile header '{path}': the first keyword must be '!INTERFILE :='; "
-                    f"found {s[:60]!r} on line {lineno}",
-                    path=path,
-                    key="!INTERFILE",
-                )
+                raise _fail(path, "!INTERFILE", f"Interfile header '{path}': the first keyword must be "
+                                                f"'!INTERFILE :='; found {s[:60]!r} on line {lineno}")
             started = True
-            continue
-        if key == "end of interfile":
+        elif key == "end of interfile":
             break
-        if key:
-            entries[key] = value
+        elif key:
+            entries[key] = value.strip(" \t")
     if not started:
-        raise InterfileError(
-            f"Interfile header '{path}': the first keyword must be '!INTERFILE :='; found an empty file",
-            path=path,
-            key="!INTERFILE",
-        )
+        raise _fail(path, "!INTERFILE", f"Interfile header '{path}': expected '!INTERFILE :=', found an empty file")
     return InterfileHeader(path=path, entries=entries)
 
 
@@ -412,14 +365,14 @@ _STIR_SCANNERS = (
      (1, 2, 8, 9, 1, 16, 9), ("0.145", "511")),
     (("PRT-1", "RPT"), ("16", "384", "74.6", "0.7", "0.675", "0.31088", "128", "128"),
      (4, 1, 8, 8, 1, 8, 32), None),
-    (("GE Signa PET/MR", "PET/MR Signa", "Signa PET/MR"), ("45", "448", "62.36", "0.85", "0.556", "0.201565", "357", "331"),
-     (4, 5, 9, 4, 1, 1, 1), ("0.105", "511")),
+    (("GE Signa PET/MR", "PET/MR Signa", "Signa PET/MR"),
+     ("45", "448", "62.36", "0.85", "0.556", "0.201565", "357", "331"), (4, 5, 9, 4, 1, 1, 1), ("0.105", "511")),
 )
 
 
 def _stir_scanner(name: str | None):
     """STIR's ``Scanner::get_scanner_from_name`` over the table above (names compared standardised):
-    ``(canonical name, {key: value}, block/energy lines)`` or ``None``."""
+    ``(canonical name, {key: value}, [(block/energy key, value)])``, or ``None``."""
     wanted = standardise_keyword(name or "")
     for names, values, blocks, energy in _STIR_SCANNERS:
         if wanted and any(standardise_keyword(n) == wanted for n in names):
@@ -429,82 +382,64 @@ def _stir_scanner(name: str | None):
 
 
 # --------------------------------------------------------------------------- scanner
-def _decimal_mm(d_cm: Decimal, factor: Decimal = Decimal(10)) -> float:
+def _mm(value_cm: Decimal, factor: int = 10) -> float:
     with localcontext() as ctx:
         ctx.prec = 50
-        return float(d_cm * factor)
+        return float(value_cm * factor)
 
 
 def scanner_from_header(hdr: InterfileHeader | str | os.PathLike) -> Scanner:
-    """The :class:`Scanner` of a projection-data header (the ``Scanner parameters`` block).
+    """The :class:`Scanner` of a projection-data header (its ``Scanner parameters`` block).
 
-    Lengths in cm become mm exactly (``inner ring diameter (cm) / 2 * 10`` is the
-    inner radius). ``Default bin size (cm)`` of -1 or 0 stays <= 0 ("not given").
-    Values absent from the header come from STIR's definition of the scanner named
-    by ``originating system`` when STIR knows it; a scanner nobody can complete is
-    an :class:`InterfileError` naming the missing key.
+    cm become mm exactly (inner radius = ``inner ring diameter (cm)`` * 10 / 2). A
+    ``Default bin size (cm)`` of -1 or 0 stays <= 0 ("not given"). Keys the header lacks
+    come from STIR's definition of the ``originating system`` when STIR knows it; a
+    scanner that stays incomplete is an :class:`InterfileError` naming the key.
     """
     hdr = _as_header(hdr)
     geometry_key = next((k for k in hdr.entries if k.startswith("scanner geometry")), None)
-    if geometry_key is not None and standardise_keyword(hdr.entries[geometry_key]) not in ("cylindrical", ""):
-        raise hdr.error(
-            geometry_key, "'Cylindrical' (block and generic scanner geometries are not supported)"
-        )
+    if geometry_key and standardise_keyword(hdr.entries[geometry_key]) not in ("cylindrical", ""):
+        raise hdr.error(geometry_key, "'Cylindrical' (block and generic scanner geometries are not supported)")
     system = (hdr.get("originating system") or "").strip()
     known = _stir_scanner(system)
 
-    def dec(key: str, missing: Decimal, fill_if) -> Decimal:
-        value = hdr.get_decimal(key, missing)
-        if known is not None and fill_if(value):
-            value = Decimal(known[1][key])
-        return value
+    def value(key: str, missing: int, fill_if: Callable[[Decimal], bool]) -> Decimal:
+        v = hdr.get_decimal(key, Decimal(missing))
+        return Decimal(known[1][key]) if known is not None and fill_if(v) else v  # STIR's rules for filling
 
-    num_rings = int(dec("number of rings", Decimal(-1), lambda v: v < 1))
-    num_dets = int(dec("number of detectors per ring", Decimal(-1), lambda v: v < 1))
-    inner_diameter_cm = dec("inner ring diameter (cm)", Decimal(-1), lambda v: v < 0)
-    doi_cm = dec("average depth of interaction (cm)", Decimal(-1), lambda v: v < 0)
-    ring_spacing_cm = dec("distance between rings (cm)", Decimal(-1), lambda v: v < 0)
-    bin_size_cm = dec("default bin size (cm)", Decimal(-1), lambda v: v < 0)
-    max_non_arc = int(dec("maximum number of non-arc-corrected bins", Decimal(0), lambda v: v <= 0))
-    default_arc = int(dec("default number of arc-corrected bins", Decimal(0), lambda v: v <= 0))
-    view_offset_deg = hdr.get_float("view offset (degrees)", 0.0)
-
-    where = f" (and '{system}' is not a scanner STIR knows)" if system and known is None else ""
-    for key, ok, what in (
+    num_rings = int(value("number of rings", -1, lambda v: v < 1))
+    num_dets = int(value("number of detectors per ring", -1, lambda v: v < 1))
+    diameter = value("inner ring diameter (cm)", -1, lambda v: v < 0)
+    doi = value("average depth of interaction (cm)", -1, lambda v: v < 0)
+    spacing = value("distance between rings (cm)", -1, lambda v: v < 0)
+    bin_size = value("default bin size (cm)", -1, lambda v: v < 0)
+    max_non_arc = int(value("maximum number of non-arc-corrected bins", 0, lambda v: v <= 0))
+    default_arc = int(value("default number of arc-corrected bins", 0, lambda v: v <= 0))
+    unknown = f" (and STIR does not know the originating system '{system}')" if system and known is None else ""
+    for key, ok, expected in (
         ("number of rings", num_rings >= 1, "an integer >= 1"),
         ("number of detectors per ring", num_dets >= 2, "an integer >= 2"),
-        ("inner ring diameter (cm)", inner_diameter_cm > 0, "a diameter > 0 cm"),
-        ("average depth of interaction (cm)", doi_cm >= 0, "a depth >= 0 cm"),
-        ("distance between rings (cm)", ring_spacing_cm > 0, "a ring spacing > 0 cm"),
+        ("inner ring diameter (cm)", diameter > 0, "a diameter > 0 cm"),
+        ("average depth of interaction (cm)", doi >= 0, "a depth >= 0 cm"),
+        ("distance between rings (cm)", spacing > 0, "a ring spacing > 0 cm"),
     ):
         if not ok:
-            raise hdr.error(key, what + where)
-    if known is not None:
-        name = known[0]
-    else:
-        name = system or (hdr.get("scanner type") or "").strip() or "unknown"
+            raise hdr.error(key, expected + unknown)
+    name = known[0] if known is not None else system or (hdr.get("scanner type") or "").strip() or "unknown"
     try:
         return Scanner(
-            name=name,
-            num_rings=num_rings,
-            num_detectors_per_ring=num_dets,
-            inner_ring_radius_mm=_decimal_mm(inner_diameter_cm, Decimal(5)),
-            average_depth_of_interaction_mm=_decimal_mm(doi_cm),
-            ring_spacing_mm=_decimal_mm(ring_spacing_cm),
-            default_bin_size_mm=_decimal_mm(bin_size_cm),
-            view_offset_deg=view_offset_deg,
-            max_num_non_arccorrected_bins=max_non_arc,
-            default_num_arccorrected_bins=default_arc,
+            name=name, num_rings=num_rings, num_detectors_per_ring=num_dets,
+            inner_ring_radius_mm=_mm(diameter, 5), average_depth_of_interaction_mm=_mm(doi),
+            ring_spacing_mm=_mm(spacing), default_bin_size_mm=_mm(bin_size),
+            view_offset_deg=hdr.get_float("view offset (degrees)", 0.0),
+            max_num_non_arccorrected_bins=max_non_arc, default_num_arccorrected_bins=default_arc,
         )
     except GeometryError as exc:
-        raise InterfileError(
-            f"Interfile header '{hdr.path}': 'Scanner parameters' do not make a scanner: {exc}",
-            path=hdr.path,
-            key="Scanner parameters",
-        ) from exc
+        raise _fail(hdr.path, "Scanner parameters",
+                    f"Interfile header '{hdr.path}': 'Scanner parameters' do not make a scanner: {exc}") from exc
 
 
-# --------------------------------------------------------------------------- projection data structure
+# --------------------------------------------------------------------------- projection-data structure
 @dataclass(frozen=True)
 class _ProjDataLayout:
     geometry: SinogramGeometry
@@ -512,16 +447,13 @@ class _ProjDataLayout:
     storage_order: SinogramStorageOrder
 
 
-def _check_modality(hdr: InterfileHeader) -> None:
+def _check_study(hdr: InterfileHeader, pet_data_type: str) -> None:
     modality = hdr.get("imaging modality")
     if modality is not None and standardise_keyword(modality) in ("nm", "nucmed", "spect"):
         raise hdr.error("imaging modality", "PET ('PT' or 'PET'; SPECT data are not supported)")
-
-
-def _check_pet_data_type(hdr: InterfileHeader, wanted: str) -> None:
     value = hdr.get("pet data type")
-    if value is not None and standardise_keyword(value) != standardise_keyword(wanted):
-        raise hdr.error("PET data type", f"'{wanted}'")
+    if value is not None and standardise_keyword(value) != standardise_keyword(pet_data_type):
+        raise hdr.error("PET data type", f"'{pet_data_type}'")
 
 
 def _axis_label(hdr: InterfileHeader, index: int) -> str:
@@ -536,18 +468,14 @@ def _single_int(hdr: InterfileHeader, key: str, what: str) -> int:
 
 
 def _segment_sequence(hdr: InterfileHeader, min_rd: Sequence[int], max_rd: Sequence[int]) -> list[int]:
-    """STIR's ``find_segment_sequence``: segment numbers, in file order, from sorted ring-difference sums."""
+    """STIR's ``find_segment_sequence``: segment numbers, in file order, by sorted ring-difference sums."""
     n = len(min_rd)
-    order = sorted(range(n), key=lambda i: min_rd[i] + max_rd[i])  # stable, as std::sort on pairs for distinct sums
-    zero = 0
-    while zero < n and min_rd[order[zero]] + max_rd[order[zero]] < 0:
-        zero += 1
+    order = sorted(range(n), key=lambda i: min_rd[i] + max_rd[i])
+    zero = next((rank for rank, i in enumerate(order) if min_rd[i] + max_rd[i] >= 0), n)
     if zero == n or min_rd[order[zero]] + max_rd[order[zero]] != 0:
-        raise hdr.error(
-            "minimum ring difference per segment",
-            "per-segment lists with a segment 0 (one whose minimum + maximum ring difference is 0)",
-            f"minimum {list(min_rd)}, maximum {list(max_rd)}",
-        )
+        raise hdr.error("minimum ring difference per segment",
+                        "lists with a segment 0 (one whose minimum + maximum ring difference is 0)",
+                        f"minimum {list(min_rd)}, maximum {list(max_rd)}")
     seq = [0] * n
     for rank, i in enumerate(order):
         seq[i] = rank - zero
@@ -555,31 +483,22 @@ def _segment_sequence(hdr: InterfileHeader, min_rd: Sequence[int], max_rd: Seque
 
 
 def _is_arc_corrected(hdr: InterfileHeader) -> bool:
-    corrections = hdr.get_list("applied corrections", [])
-    if not corrections:  # STIR: keyword absent (or empty) -> assume arc-corrected
+    corrections = [standardise_keyword(c) for c in hdr.get_list("applied corrections", [])]
+    if not corrections:  # STIR: keyword absent (or empty) -> arc-corrected
         return True
-    return any(
-        standardise_keyword(c) in ("arc correction", "arc corrected", "radial arc-correction") for c in corrections
-    )
+    return any(c in ("arc correction", "arc corrected", "radial arc-correction") for c in corrections)
 
 
 def _projdata_layout(hdr: InterfileHeader) -> _ProjDataLayout:
-    _check_modality(hdr)
+    _check_study(hdr, "Emission")
     if "%sms-mi version number" in hdr:
-        raise hdr.error(
-            "%SMS-MI version number",
-            "absent: Siemens e7tools projection-data headers are not supported (convert with STIR first)",
-            "a Siemens header",
-        )
-    _check_pet_data_type(hdr, "Emission")
+        raise hdr.error("%SMS-MI version number", "absent: Siemens e7tools sinogram headers are not supported "
+                        "(convert with STIR first)", "a Siemens header")
     ndim = hdr.get_int("number of dimensions")
     if ndim != 4:
-        labels = [_axis_label(hdr, i) for i in range(1, max(ndim, 0) + 1)]
-        if "timing positions" in labels:
-            raise hdr.error(
-                "number of dimensions", "4 (TOF projection data, with 'timing positions', are not supported)", str(ndim)
-            )
-        raise hdr.error("number of dimensions", "4 (segment, view/axial, axial/view, tangential)", str(ndim))
+        tof = "timing positions" in [_axis_label(hdr, i) for i in range(1, max(ndim, 0) + 1)]
+        raise hdr.error("number of dimensions", "4 (TOF data, with 'timing positions', are not supported)" if tof
+                        else "4 (segment, view/axial coordinate, axial coordinate/view, tangential)", str(ndim))
     if _axis_label(hdr, 1) != "tangential coordinate":
         raise hdr.error("matrix axis label[1]", "'tangential coordinate'")
     if _axis_label(hdr, 4) != "segment":
@@ -590,12 +509,9 @@ def _projdata_layout(hdr: InterfileHeader) -> _ProjDataLayout:
     elif labels23 == ("view", "axial coordinate"):
         order, view_key, axial_key = SinogramStorageOrder.SEGMENT_AXIAL_VIEW_TANG, "matrix size[2]", "matrix size[3]"
     else:
-        raise hdr.error(
-            "matrix axis label[2]",
-            "'axial coordinate' with [3] 'view' (Segment_View_AxialPos_TangPos) or 'view' with [3] "
-            "'axial coordinate' (Segment_AxialPos_View_TangPos)",
-            f"[2] {hdr.get('matrix axis label[2]')!r}, [3] {hdr.get('matrix axis label[3]')!r}",
-        )
+        raise hdr.error("matrix axis label[2]", "'axial coordinate' with [3] 'view' (Segment_View_AxialPos_TangPos) "
+                        "or 'view' with [3] 'axial coordinate' (Segment_AxialPos_View_TangPos)",
+                        f"[2] {hdr.get('matrix axis label[2]')!r}, [3] {hdr.get('matrix axis label[3]')!r}")
     num_bins = _single_int(hdr, "matrix size[1]", "tangential positions")
     num_segments = _single_int(hdr, "matrix size[4]", "segments")
     num_views = _single_int(hdr, view_key, "views")
@@ -605,42 +521,32 @@ def _projdata_layout(hdr: InterfileHeader) -> _ProjDataLayout:
     for key, values in ((axial_key, num_axial), ("minimum ring difference per segment", min_rd),
                         ("maximum ring difference per segment", max_rd)):
         if len(values) != num_segments:
-            raise hdr.error(key, f"a list of {num_segments} values (one per segment, 'matrix size [4]')",
+            raise hdr.error(key, f"{num_segments} values (one per segment, 'matrix size [4]')",
                             f"{len(values)} values {values}")
-    if any(a < 1 for a in num_axial):
-        raise hdr.error(axial_key, "axial positions >= 1 for every segment")
+    if min(num_axial) < 1:
+        raise hdr.error(axial_key, "axial positions >= 1 in every segment")
     frames = hdr.get_int("number of time frames", 1)
     if frames != 1:
         raise hdr.error("number of time frames", "1 (dynamic projection data are not supported)", str(frames))
     seq = _segment_sequence(hdr, min_rd, max_rd)
-    segments = [Segment(seq[i], min_rd[i], max_rd[i], num_axial[i]) for i in range(num_segments)]
     scanner = scanner_from_header(hdr)
     arc = _is_arc_corrected(hdr)
+    bin_size = scanner.default_bin_size_mm
     if arc:
         eff = hdr.get_decimal("effective central bin size (cm)", Decimal(-1))
-        bin_size = _decimal_mm(eff) if eff > 0 else scanner.default_bin_size_mm
+        bin_size = _mm(eff) if eff > 0 else bin_size
         if not bin_size > 0:
-            raise hdr.error(
-                "effective central bin size (cm)",
-                "> 0 for arc-corrected data (or a 'Default bin size (cm)' > 0 in the scanner block)",
-            )
-    else:
-        bin_size = scanner.default_bin_size_mm
+            raise hdr.error("effective central bin size (cm)",
+                            "> 0 for arc-corrected data (or a 'Default bin size (cm)' > 0 in the scanner block)")
+    segments = tuple(Segment(seq[i], min_rd[i], max_rd[i], num_axial[i]) for i in range(len(seq)))
     try:
         geometry = SinogramGeometry(
-            scanner=scanner,
-            segments=tuple(segments),
-            num_views=num_views,
-            num_tangential_poss=num_bins,
-            arc_corrected=arc,
-            tangential_bin_size_mm=bin_size,
+            scanner=scanner, segments=segments,
+            num_views=num_views, num_tangential_poss=num_bins, arc_corrected=arc, tangential_bin_size_mm=bin_size,
         )
     except GeometryError as exc:
-        raise InterfileError(
-            f"Interfile header '{hdr.path}': the projection-data keys do not make a STIR geometry: {exc}",
-            path=hdr.path,
-            key="matrix size",
-        ) from exc
+        raise _fail(hdr.path, "matrix size", f"Interfile header '{hdr.path}': the projection-data keys do not make "
+                                             f"a STIR geometry: {exc}") from exc
     return _ProjDataLayout(geometry=geometry, file_segment_nums=tuple(seq), storage_order=order)
 
 
@@ -651,14 +557,9 @@ def sinogram_geometry_from_header(hdr: InterfileHeader | str | os.PathLike) -> S
 
 # --------------------------------------------------------------------------- binary format
 _NUMBER_FORMATS = {
-    ("float", 4): "f4",
-    ("float", 8): "f8",
-    ("signed integer", 1): "i1",
-    ("signed integer", 2): "i2",
-    ("signed integer", 4): "i4",
-    ("unsigned integer", 1): "u1",
-    ("unsigned integer", 2): "u2",
-    ("unsigned integer", 4): "u4",
+    ("float", 4): "f4", ("float", 8): "f8",
+    ("signed integer", 1): "i1", ("signed integer", 2): "i2", ("signed integer", 4): "i4",
+    ("unsigned integer", 1): "u1", ("unsigned integer", 2): "u2", ("unsigned integer", 4): "u4",
 }
 _SUPPORTED_FORMATS = "'float' (4 or 8 bytes), 'signed integer' or 'unsigned integer' (1, 2 or 4 bytes)"
 
@@ -669,14 +570,10 @@ class _BinaryFormat:
     offset: int
     scale: list[float]  # one value, or one per plane (images)
 
-    @property
-    def description(self) -> str:
-        return f"{self.dtype.name} {'little' if self.dtype.byteorder in '<|' else 'big'} endian"
-
 
 def _binary_format(hdr: InterfileHeader, num_scale_factors: int, per_plane_scaling: bool) -> _BinaryFormat:
-    byte_order_key = "imagedata byte order" if "imagedata byte order" in hdr or "image data byte order" not in hdr \
-        else "image data byte order"
+    siemens_key = "image data byte order" in hdr and "imagedata byte order" not in hdr
+    byte_order_key = "image data byte order" if siemens_key else "imagedata byte order"
     byte_order = hdr.get_choice(byte_order_key, ("LITTLEENDIAN", "BIGENDIAN"), default="BIGENDIAN")
     number_format = standardise_keyword(hdr.get("number format") or "unsigned integer")
     nbytes = hdr.get_int("number of bytes per pixel", -1)
@@ -685,26 +582,20 @@ def _binary_format(hdr: InterfileHeader, num_scale_factors: int, per_plane_scali
     code = _NUMBER_FORMATS.get((number_format, nbytes))
     if code is None:
         if any(fmt == number_format for fmt, _ in _NUMBER_FORMATS):
-            raise hdr.error("number of bytes per pixel", f"a size supported for '{number_format}': {_SUPPORTED_FORMATS}",
-                            str(nbytes))
+            raise hdr.error("number of bytes per pixel", f"a size for '{number_format}': {_SUPPORTED_FORMATS}")
         raise hdr.error("number format", f"one of {_SUPPORTED_FORMATS}")
     dtype = np.dtype(("<" if byte_order == "littleendian" else ">") + code)
-    if "data offset in bytes[1]" in hdr:
-        offset = hdr.get_int("data offset in bytes[1]")
-        offset_key = "data offset in bytes[1]"
-    else:
-        offset = hdr.get_int("data offset in bytes", 0)
-        offset_key = "data offset in bytes"
+    offset_key = "data offset in bytes[1]" if "data offset in bytes[1]" in hdr else "data offset in bytes"
+    offset = hdr.get_int(offset_key, 0)
     if offset < 0:
         raise hdr.error(offset_key, "an integer >= 0")
-    # image scaling factor[1] (frame 1): one value, or one per plane (STIR); default 1
     factors = [float(d) for d in hdr.get_decimal_list("image scaling factor[1]", [Decimal(1)])] or [1.0]
     if len(factors) not in (1, num_scale_factors):
-        raise hdr.error("image scaling factor[1]", f"one value or {num_scale_factors} values", f"{len(factors)} values")
-    if len(factors) > 1 and not per_plane_scaling and any(f != factors[0] for f in factors):
+        raise hdr.error("image scaling factor[1]", f"one value or {num_scale_factors}", f"{len(factors)} values")
+    if len(factors) > 1 and not per_plane_scaling and len(set(factors)) > 1:
         raise hdr.error("image scaling factor[1]", "equal values (one scale for all projection data)")
     units = hdr.get_float("quantification units", 1.0)
-    if units != 1.0:  # Louvain-la-Neuve extension, handled as STIR's InterfileHeader::post_processing
+    if units != 1.0:  # Louvain-la-Neuve's key, as STIR's InterfileHeader::post_processing handles it
         all_one = factors[0] == 1.0
         if any((f != 1.0) if all_one else (f != units) for f in factors):
             raise hdr.error("quantification units", "used only without 'image scaling factor' or with equal values")
@@ -721,91 +612,39 @@ def _data_path(hdr: InterfileHeader, what: str) -> Path:
     return path
 
 
-def _read_raw(hdr: InterfileHeader, data_path: Path, fmt: _BinaryFormat, count: int, what: str, dims: str) -> np.ndarray:
+def _read_raw(hdr: InterfileHeader, data_path: Path, fmt: _BinaryFormat, count: int, what: str, dims: str):
     size = data_path.stat().st_size
     expected = fmt.offset + count * fmt.dtype.itemsize
     if size != expected:
         offset = f" after an offset of {fmt.offset:,} bytes" if fmt.offset else ""
-        raise InterfileError(
-            f"{what} '{data_path.name}' has {size:,} bytes; header '{hdr.path}' expects {expected:,} "
-            f"({dims} {fmt.dtype.name}{offset}; keys 'matrix size', 'number format', "
-            f"'number of bytes per pixel', 'data offset in bytes')",
-            path=data_path,
-            key="matrix size",
-        )
+        raise _fail(data_path, "matrix size",
+                    f"{what} '{data_path.name}' has {size:,} bytes; header '{hdr.path}' expects {expected:,} "
+                    f"({dims} {fmt.dtype.name}{offset}; from 'matrix size', 'number format', "
+                    f"'number of bytes per pixel', 'data offset in bytes')")
     return np.fromfile(data_path, dtype=fmt.dtype, count=count, offset=fmt.offset)
 
 
-def _check_finite(values: np.ndarray, where, what: str, path: Path, hdr_path: Path) -> None:
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _check_finite(values: np.ndarray, where: Callable, what: str, path: Path, hdr_path: Path) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
-        first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise InterfileError(
-            f"{what} '{path.name}' (header '{hdr_path}'): {int(bad.sum()):,} values are NaN or Inf; "
-            f"expected finite numbers (first at {where(first)})",
-            path=path,
-            key="data",
-        )
+        raise _fail(path, "data", f"{what} '{path.name}' (header '{hdr_path}'): {int(bad.sum()):,} values are NaN "
+                                  f"or Inf; expected finite numbers (first at {where(_first(bad))})")
 
 
 # --------------------------------------------------------------------------- projection data I/O
-def _sino_where(geometry: SinogramGeometry):
+def _sino_where(geometry: SinogramGeometry) -> Callable[[tuple[int, ...]], str]:
     seg_of_row, ax_of_row = geometry.sinogram_index_table()
 
     def where(index: tuple[int, ...]) -> str:
         _, row, view, tang = index
-        return (
-            f"segment {int(seg_of_row[row])}, axial position {int(ax_of_row[row])}, view {view}, "
-            f"tangential index {tang} (SIRF array index [0, {row}, {view}, {tang}])"
-        )
+        return (f"segment {int(seg_of_row[row])}, axial position {int(ax_of_row[row])}, view {view}, "
+                f"tangential index {tang}; SIRF array index [0, {row}, {view}, {tang}]")
 
     return where
-
-
-def read_projdata(path: str | os.PathLike, allow_negative: bool = False) -> tuple[SinogramGeometry, np.ndarray]:
-    """Read STIR Interfile projection data: ``(geometry, array)`` with the array float32
-    ``(1, sinograms, views, tangential)`` in SIRF's order (segments 0, +1, -1, ...).
-
-    Negative values are an error unless ``allow_negative`` (additive or multiplicative
-    terms); NaN/Inf always are. ``image scaling factor [1]`` is applied. ``path`` is the
-    ``.hs`` header (a ``.s`` path is taken to mean the ``.hs`` beside it).
-    """
-    hdr = parse_header(_header_of(path, ".hs", ".s"))
-    layout = _projdata_layout(hdr)
-    geometry = layout.geometry
-    fmt = _binary_format(hdr, num_scale_factors=len(geometry.segments), per_plane_scaling=False)
-    data_path = _data_path(hdr, "sinogram")
-    _, S, V, N = geometry.shape
-    raw = _read_raw(hdr, data_path, fmt, S * V * N, "sinogram", f"{S}x{V}x{N}")
-    out = np.empty(geometry.shape, dtype=np.float32)
-    scale = fmt.scale[0]
-    pos = 0
-    for seg_num in layout.file_segment_nums:
-        A = geometry.segment(seg_num).num_axial_poss
-        block = raw[pos : pos + A * V * N]
-        pos += A * V * N
-        if layout.storage_order is SinogramStorageOrder.SEGMENT_VIEW_AXIAL_TANG:
-            block = block.reshape(V, A, N).transpose(1, 0, 2)
-        else:
-            block = block.reshape(A, V, N)
-        r0 = geometry.sirf_row_offset(seg_num)
-        if scale != 1.0:
-            block = block.astype(np.float64) * scale
-        out[0, r0 : r0 + A] = block
-    where = _sino_where(geometry)
-    _check_finite(out, where, "sinogram", data_path, hdr.path)
-    if not allow_negative:
-        negative = out < 0
-        if negative.any():
-            first = tuple(int(i) for i in np.argwhere(negative)[0])
-            raise InterfileError(
-                f"sinogram '{data_path.name}' (header '{hdr.path}'): {int(negative.sum()):,} values are negative "
-                f"(minimum {float(out.min()):g}, first at {where(first)}); expected counts >= 0. "
-                f"Pass allow_negative=True for additive or multiplicative terms",
-                path=data_path,
-                key="data",
-            )
-    return geometry, out
 
 
 def _header_of(path: str | os.PathLike, header_suffix: str, data_suffix: str) -> Path:
@@ -815,19 +654,55 @@ def _header_of(path: str | os.PathLike, header_suffix: str, data_suffix: str) ->
     return path
 
 
+def read_projdata(path: str | os.PathLike, allow_negative: bool = False) -> tuple[SinogramGeometry, np.ndarray]:
+    """Read STIR Interfile projection data: ``(geometry, y)``, ``y`` float32
+    ``(1, sinograms, views, tangential)`` in SIRF's order (segments 0, +1, -1, ...).
+
+    ``path`` is the ``.hs`` header (for a ``.s`` path, the ``.hs`` beside it).
+    ``image scaling factor [1]`` is applied. NaN/Inf are an error; so are negative
+    values unless ``allow_negative`` (for additive or multiplicative terms).
+    """
+    hdr = parse_header(_header_of(path, ".hs", ".s"))
+    layout = _projdata_layout(hdr)
+    geometry = layout.geometry
+    fmt = _binary_format(hdr, num_scale_factors=len(geometry.segments), per_plane_scaling=False)
+    data_path = _data_path(hdr, "sinogram")
+    _, S, V, N = geometry.shape
+    raw = _read_raw(hdr, data_path, fmt, S * V * N, "sinogram", f"{S}x{V}x{N}")
+    out = np.empty(geometry.shape, dtype=np.float32)
+    pos = 0
+    for seg_num in layout.file_segment_nums:
+        A = geometry.segment(seg_num).num_axial_poss
+        block = raw[pos : pos + A * V * N]
+        pos += A * V * N
+        if layout.storage_order is SinogramStorageOrder.SEGMENT_VIEW_AXIAL_TANG:
+            block = block.reshape(V, A, N).transpose(1, 0, 2)  # file (view, axial, tang) -> (axial, view, tang)
+        else:
+            block = block.reshape(A, V, N)
+        if fmt.scale[0] != 1.0:
+            block = block.astype(np.float64) * fmt.scale[0]
+        r0 = geometry.sirf_row_offset(seg_num)
+        out[0, r0 : r0 + A] = block
+    where = _sino_where(geometry)
+    _check_finite(out, where, "sinogram", data_path, hdr.path)
+    negative = out < 0
+    if not allow_negative and negative.any():
+        raise _fail(data_path, "data",
+                    f"sinogram '{data_path.name}' (header '{hdr.path}'): {int(negative.sum()):,} values are negative "
+                    f"(minimum {float(out.min()):g}, first at {where(_first(negative))}); expected counts >= 0. "
+                    f"Pass allow_negative=True for additive or multiplicative terms")
+    return geometry, out
+
+
 def _paired_paths(path: str | os.PathLike, header_suffix: str, data_suffix: str) -> tuple[Path, Path]:
     path = Path(path)
-    if path.suffix.lower() in (header_suffix, data_suffix):
-        stem = path.with_suffix("")
-    else:
-        stem = path
+    stem = path.with_suffix("") if path.suffix.lower() in (header_suffix, data_suffix) else path
     return stem.with_name(stem.name + header_suffix), stem.with_name(stem.name + data_suffix)
 
 
 def _dec_str(d: Decimal) -> str:
-    """A Decimal as plain text without exponent or trailing zeros (``Decimal('65.600')`` -> ``'65.6'``)."""
-    d = d.normalize()
-    text = format(d, "f")
+    """Plain text without exponent or trailing zeros (``Decimal('65.600')`` -> ``'65.6'``)."""
+    text = format(d.normalize(), "f")
     return "0" if text in ("-0", "0") else text
 
 
@@ -842,19 +717,22 @@ def _float_str(x: float) -> str:
     return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
 
 
-def _patient_lines(patient_position: str | None, target: Path) -> list[str]:
-    if patient_position is None:
-        return []
-    table = {v: k for k, v in _PATIENT_POSITIONS.items()}
-    key = patient_position.strip().upper()
-    if key not in table:
-        raise InterfileError(
-            f"writing '{target}': patient_position must be one of {sorted(table)} or None, got {patient_position!r}",
-            path=target,
-            key="patient_position",
-        )
-    orientation, rotation = table[key]
-    return [f"patient orientation := {orientation.replace(' ', '_')}", f"patient rotation := {rotation}"]
+def _common_lines(data_name: str, target: Path, patient_position: str | None, pet_data_type: str,
+                  originating_system: str | None = None) -> list[str]:
+    """The header's opening lines, as STIR writes them."""
+    lines = ["!INTERFILE  :=", "!imaging modality := PT", f"name of data file := {data_name}"]
+    if originating_system is not None:
+        lines.append(f"originating system := {originating_system}")
+    lines += ["!version of keys := STIR4.0", "!GENERAL DATA :=", "!GENERAL IMAGE DATA :=", "!type of data := PET"]
+    if patient_position is not None:
+        table = {v: k for k, v in _PATIENT_POSITIONS.items()}
+        if patient_position.strip().upper() not in table:
+            raise _fail(target, "patient_position", f"writing '{target}': patient_position must be one of "
+                                                    f"{sorted(table)} or None, got {patient_position!r}")
+        orientation, rotation = table[patient_position.strip().upper()]
+        lines += [f"patient orientation := {orientation.replace(' ', '_')}", f"patient rotation := {rotation}"]
+    return lines + ["imagedata byte order := LITTLEENDIAN", "!PET STUDY (General) :=",
+                    f"!PET data type := {pet_data_type}"]
 
 
 def _frame_lines(time_frame: tuple[float, float] | None, target: Path) -> list[str]:
@@ -862,18 +740,15 @@ def _frame_lines(time_frame: tuple[float, float] | None, target: Path) -> list[s
     if time_frame is not None:
         start, duration = (float(v) for v in time_frame)
         if not (math.isfinite(start) and math.isfinite(duration) and duration >= 0):
-            raise InterfileError(
-                f"writing '{target}': time_frame must be (start s, duration s >= 0), got {time_frame!r}",
-                path=target,
-                key="time_frame",
-            )
+            raise _fail(target, "time_frame",
+                        f"writing '{target}': time_frame must be (start s, duration s >= 0), got {time_frame!r}")
         lines += [f"image relative start time (sec)[1] := {_float_str(start)}",
                   f"image duration (sec)[1] := {_float_str(duration)}"]
     return lines
 
 
 def _scanner_block(scanner: Scanner) -> list[str]:
-    known = _stir_scanner(scanner.name)
+    """STIR's ``Scanner::parameter_info()`` for our scanner."""
     lines = [
         "Scanner parameters:=",
         f"Scanner type := {scanner.name}",
@@ -887,71 +762,41 @@ def _scanner_block(scanner: Scanner) -> list[str]:
         f"Maximum number of non-arc-corrected bins := {scanner.max_num_non_arccorrected_bins}",
         f"Default number of arc-corrected bins     := {scanner.default_num_arccorrected_bins}",
     ]
-    # Block/bucket info only for scanners STIR knows, and only when ours is that scanner: STIR
-    # compares it with its own table (a mismatch makes STIR drop the scanner type).
+    # Block/bucket info only when ours is a scanner STIR knows: STIR compares it with its table
+    # (a mismatch makes it drop the scanner type); for other scanners STIR only warns that it is unset.
+    known = _stir_scanner(scanner.name)
     if known is not None and (int(known[1]["number of rings"]), int(known[1]["number of detectors per ring"])) == (
-        scanner.num_rings, scanner.num_detectors_per_ring
-    ):
+            scanner.num_rings, scanner.num_detectors_per_ring):
         lines += [f"{k} := {v}" for k, v in known[2]]
-    lines.append("end scanner parameters:=")
-    return lines
+    return lines + ["end scanner parameters:="]
 
 
-def _effective_central_bin_size_mm(geometry: SinogramGeometry) -> float:
-    """STIR's ``get_sampling_in_s(Bin(0,0,0,0))`` = (s(+1) - s(-1)) / 2: the bin size, or R sin(pi/n_det)."""
+def _projdata_header_text(geometry: SinogramGeometry, data_name: str, storage_order: SinogramStorageOrder,
+                          patient_position: str | None, time_frame: tuple[float, float] | None, target: Path) -> str:
+    segs = geometry.segments  # ascending segment numbers, as STIR writes them
+    axial = f"{{ {','.join(str(s.num_axial_poss) for s in segs)}}}"
+    axes = [("axial coordinate", axial), ("view", geometry.num_views)]  # [2], [3]
+    if storage_order is SinogramStorageOrder.SEGMENT_AXIAL_VIEW_TANG:
+        axes.reverse()
     if geometry.arc_corrected:
-        return geometry.tangential_bin_size_mm
-    return geometry.scanner.effective_ring_radius_mm * math.sin(math.pi / geometry.scanner.num_detectors_per_ring)
-
-
-def _projdata_header_text(
-    geometry: SinogramGeometry,
-    data_name: str,
-    storage_order: SinogramStorageOrder,
-    patient_position: str | None,
-    time_frame: tuple[float, float] | None,
-    target: Path,
-) -> str:
-    segs = geometry.segments  # ascending segment number, as STIR writes them
-    if storage_order is SinogramStorageOrder.SEGMENT_VIEW_AXIAL_TANG:
-        view_index, axial_index = 3, 2
-    else:
-        view_index, axial_index = 2, 3
-    eff = (
-        _mm_to_cm(geometry.tangential_bin_size_mm)
-        if geometry.arc_corrected
-        else repr(_effective_central_bin_size_mm(geometry) / 10)
-    )
-    axis_lines = {
-        4: [f"matrix axis label [4] := segment", f"!matrix size [4] := {len(segs)}"],
-        view_index: [f"matrix axis label [{view_index}] := view", f"!matrix size [{view_index}] := {geometry.num_views}"],
-        axial_index: [
-            f"matrix axis label [{axial_index}] := axial coordinate",
-            f"!matrix size [{axial_index}] := {{ {','.join(str(s.num_axial_poss) for s in segs)}}}",
-        ],
-        1: ["matrix axis label [1] := tangential coordinate", f"!matrix size [1] := {geometry.num_tangential_poss}"],
-    }
-    lines = [
-        "!INTERFILE  :=",
-        "!imaging modality := PT",
-        f"name of data file := {data_name}",
-        f"originating system := {geometry.scanner.name}",
-        "!version of keys := STIR4.0",
-        "!GENERAL DATA :=",
-        "!GENERAL IMAGE DATA :=",
-        "!type of data := PET",
-        *_patient_lines(patient_position, target),
-        "imagedata byte order := LITTLEENDIAN",
-        "!PET STUDY (General) :=",
-        "!PET data type := Emission",
+        eff = _mm_to_cm(geometry.tangential_bin_size_mm)
+    else:  # STIR's get_sampling_in_s(Bin(0,0,0,0)) = (s(1) - s(-1)) / 2 = R sin(pi / detectors per ring)
+        scanner = geometry.scanner
+        eff = repr(scanner.effective_ring_radius_mm * math.sin(math.pi / scanner.num_detectors_per_ring) / 10)
+    lines = _common_lines(data_name, target, patient_position, "Emission", geometry.scanner.name)
+    lines += [
         f"applied corrections := {{{'arc correction' if geometry.arc_corrected else 'None'}}}",
         "!number format := float",
         "!number of bytes per pixel := 4",
         "number of dimensions := 4",
-        *axis_lines[4],
-        *axis_lines[3],
-        *axis_lines[2],
-        *axis_lines[1],
+        "matrix axis label [4] := segment",
+        f"!matrix size [4] := {len(segs)}",
+        f"matrix axis label [3] := {axes[1][0]}",
+        f"!matrix size [3] := {axes[1][1]}",
+        f"matrix axis label [2] := {axes[0][0]}",
+        f"!matrix size [2] := {axes[0][1]}",
+        "matrix axis label [1] := tangential coordinate",
+        f"!matrix size [1] := {geometry.num_tangential_poss}",
         f"minimum ring difference per segment := {{ {','.join(str(s.min_ring_diff) for s in segs)}}}",
         f"maximum ring difference per segment := {{ {','.join(str(s.max_ring_diff) for s in segs)}}}",
         *_scanner_block(geometry.scanner),
@@ -962,33 +807,22 @@ def _projdata_header_text(
     return "\n".join(lines) + "\n"
 
 
-def _as_real_array(data, target: Path) -> np.ndarray:
+def _checked_array(data, shape: tuple[int, ...], target: Path, where: Callable, what: str) -> np.ndarray:
     arr = np.asarray(data)
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise InterfileError(
-            f"writing '{target}': data must be a real numeric array, got dtype {arr.dtype}", path=target, key="data"
-        )
-    return arr
-
-
-def _check_writable_values(arr: np.ndarray, target: Path, where) -> None:
+        raise _fail(target, "data", f"writing '{target}': data must be a real numeric array, got dtype {arr.dtype}")
+    if arr.shape != shape:
+        raise _fail(target, "data", f"writing '{target}': data has shape {arr.shape}; the geometry needs {shape} "
+                                    f"{what}")
     finite = np.isfinite(arr)
     if not finite.all():
-        first = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise InterfileError(
-            f"writing '{target}': data has {int((~finite).sum()):,} NaN/Inf values (first at {where(first)}); "
-            f"expected finite numbers",
-            path=target,
-            key="data",
-        )
+        raise _fail(target, "data", f"writing '{target}': data has {int((~finite).sum()):,} NaN/Inf values "
+                                    f"(first at {where(_first(~finite))}); expected finite numbers")
     big = np.abs(arr) > np.finfo(np.float32).max
     if big.any():
-        first = tuple(int(i) for i in np.argwhere(big)[0])
-        raise InterfileError(
-            f"writing '{target}': data has values beyond float32 range (first at {where(first)})",
-            path=target,
-            key="data",
-        )
+        raise _fail(target, "data",
+                    f"writing '{target}': data exceed the float32 range (first at {where(_first(big))})")
+    return arr
 
 
 def write_projdata(
@@ -1000,30 +834,22 @@ def write_projdata(
     patient_position: str | None = None,
     time_frame: tuple[float, float] | None = None,
 ) -> None:
-    """Write projection data as STIR Interfile: ``<stem>.hs`` + ``<stem>.s`` (float32 little endian).
+    """Write projection data as STIR Interfile: ``<stem>.hs`` + ``<stem>.s``, float32 little endian.
 
-    ``path`` may end in ``.hs``, ``.s`` or neither. ``data`` is SIRF-ordered,
-    ``geometry.shape`` (or without the leading TOF axis of 1). Segments are written
-    in ascending segment number; ``storage_order`` defaults to STIR's
-    Segment_View_AxialPos_TangPos. ``patient_position`` ('HFS', 'HFP', 'FFS', 'FFP')
-    and ``time_frame`` (start s, duration s) are written when given. The data file is
-    written first and the header last, each through a temporary file.
+    ``path`` may end in ``.hs``, ``.s`` or neither. ``data`` is SIRF-ordered, of
+    ``geometry.shape`` (or that without the leading TOF axis). Segments go in ascending
+    segment number, each in ``storage_order`` (STIR's default Segment_View_AxialPos_TangPos).
+    ``patient_position`` ('HFS', 'HFP', 'FFS', 'FFP') and ``time_frame`` (start s,
+    duration s) are written when given. Data file first, header last, atomically.
     """
     if not isinstance(geometry, SinogramGeometry):
         raise TypeError(f"geometry must be a SinogramGeometry, got {type(geometry).__name__}")
     storage_order = SinogramStorageOrder(storage_order)
     header_path, data_path = _paired_paths(path, ".hs", ".s")
-    arr = _as_real_array(data, header_path)
-    if arr.shape == geometry.shape[1:]:
-        arr = arr[None]
-    if arr.shape != geometry.shape:
-        raise InterfileError(
-            f"writing '{header_path}': data has shape {arr.shape}; the geometry needs {geometry.shape} "
-            f"(tof, sinograms, views, tangential) for {geometry.describe()}",
-            path=header_path,
-            key="data",
-        )
-    _check_writable_values(arr, header_path, _sino_where(geometry))
+    arr = np.asarray(data)
+    arr = arr[None] if arr.shape == geometry.shape[1:] else arr
+    arr = _checked_array(arr, geometry.shape, header_path, _sino_where(geometry),
+                         f"(tof, sinograms, views, tangential) for {geometry.describe()}")
     text = _projdata_header_text(geometry, data_path.name, storage_order, patient_position, time_frame, header_path)
     with atomic_path(header_path) as tmp_header, atomic_path(data_path) as tmp_data:
         with open(tmp_data, "wb") as f:
@@ -1034,13 +860,12 @@ def write_projdata(
                     block = block.transpose(1, 0, 2)
                 f.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
         tmp_header.write_text(text, encoding="ascii", errors="replace")
-        # leaving the block renames the data file first, then the header
+    # leaving the with-block renamed the data file first, then the header
 
 
 # --------------------------------------------------------------------------- images
 def _image_layout(hdr: InterfileHeader) -> ImageGeometry:
-    _check_modality(hdr)
-    _check_pet_data_type(hdr, "Image")
+    _check_study(hdr, "Image")
     ndim = hdr.get_int("number of dimensions")
     if ndim != 3:
         raise hdr.error("number of dimensions", "3 (x, y, z)", str(ndim))
@@ -1051,29 +876,24 @@ def _image_layout(hdr: InterfileHeader) -> ImageGeometry:
         n = hdr.get_int(key, 1)
         if n != 1:
             raise hdr.error(key, "1 (dynamic or multi-type images are not supported)", str(n))
-    nx, ny, nz = (_single_int(hdr, f"matrix size[{i}]", axis) for i, axis in ((1, "x"), (2, "y"), (3, "z")))
-    sizes = [hdr.get_decimal(f"scaling factor (mm/pixel)[{i}]", Decimal(1)) for i in (1, 2, 3)]  # STIR default 1 mm
-    for i, v in zip((1, 2, 3), sizes):
+    n_xyz = [_single_int(hdr, f"matrix size[{i}]", axis) for i, axis in ((1, "x"), (2, "y"), (3, "z"))]
+    v_xyz = [hdr.get_decimal(f"scaling factor (mm/pixel)[{i}]", Decimal(1)) for i in (1, 2, 3)]  # STIR: 1 mm
+    for i, v in enumerate(v_xyz, start=1):
         if not v > 0:
             raise hdr.error(f"scaling factor (mm/pixel)[{i}]", "a voxel size > 0 mm")
-    min_indices = (-(nx // 2), -(ny // 2), 0)  # x, y, z
-    origin = []
+    min_xyz = (-(n_xyz[0] // 2), -(n_xyz[1] // 2), 0)
+    origin_xyz = []
     with localcontext() as ctx:
         ctx.prec = 50
-        for i, v, m in zip((1, 2, 3), sizes, min_indices):
-            offset = hdr.get_decimal(f"first pixel offset (mm)[{i}]", None)
-            # first_pixel_offset = min_index * voxel_size + origin
-            origin.append(0.0 if offset is None else float(offset - v * m))
+        for i, (v, m) in enumerate(zip(v_xyz, min_xyz), start=1):
+            first = hdr.get_decimal(f"first pixel offset (mm)[{i}]", None)
+            origin_xyz.append(0.0 if first is None else float(first - v * m) + 0.0)  # first = m * v + origin
     try:
-        return ImageGeometry(
-            shape=(nz, ny, nx),
-            voxel_size_mm=(float(sizes[2]), float(sizes[1]), float(sizes[0])),
-            origin_mm=(origin[2] + 0.0, origin[1] + 0.0, origin[0] + 0.0),
-        )
+        return ImageGeometry(shape=tuple(reversed(n_xyz)), voxel_size_mm=tuple(float(v) for v in reversed(v_xyz)),
+                             origin_mm=tuple(reversed(origin_xyz)))
     except GeometryError as exc:
-        raise InterfileError(
-            f"Interfile header '{hdr.path}': the image keys do not make a geometry: {exc}", path=hdr.path, key="matrix size"
-        ) from exc
+        raise _fail(hdr.path, "matrix size",
+                    f"Interfile header '{hdr.path}': the image keys do not make a geometry: {exc}") from exc
 
 
 def image_geometry_from_header(hdr: InterfileHeader | str | os.PathLike) -> ImageGeometry:
@@ -1081,29 +901,28 @@ def image_geometry_from_header(hdr: InterfileHeader | str | os.PathLike) -> Imag
     return _image_layout(_as_header(hdr))
 
 
-def read_image(path: str | os.PathLike) -> tuple[ImageGeometry, np.ndarray]:
-    """Read a STIR Interfile image: ``(geometry, array)``, the array float32 ``(z, y, x)``.
+def _voxel_where(index: tuple[int, ...]) -> str:
+    return f"voxel (z, y, x) = {index}"
 
+
+def read_image(path: str | os.PathLike) -> tuple[ImageGeometry, np.ndarray]:
+    """Read a STIR Interfile image: ``(geometry, x)``, ``x`` float32 ``(z, y, x)``.
+
+    ``path`` is the ``.hv`` header (for a ``.v`` path, the ``.hv`` beside it).
     ``image scaling factor [1]`` (one value or one per plane) is applied; NaN/Inf are an error.
-    ``path`` is the ``.hv`` header (a ``.v`` path is taken to mean the ``.hv`` beside it).
     """
     hdr = parse_header(_header_of(path, ".hv", ".v"))
     geometry = _image_layout(hdr)
     nz, ny, nx = geometry.shape
     fmt = _binary_format(hdr, num_scale_factors=nz, per_plane_scaling=True)
     data_path = _data_path(hdr, "image")
-    raw = _read_raw(hdr, data_path, fmt, nz * ny * nx, "image", f"{nx}x{ny}x{nz} (x, y, z)")
-    raw = raw.reshape(nz, ny, nx)
+    raw = _read_raw(hdr, data_path, fmt, nz * ny * nx, "image", f"{nx}x{ny}x{nz} (x, y, z)").reshape(nz, ny, nx)
     if all(f == 1.0 for f in fmt.scale):
         out = raw.astype(np.float32)
     else:
         factors = np.asarray(fmt.scale if len(fmt.scale) == nz else fmt.scale * nz, dtype=np.float64)
         out = (raw.astype(np.float64) * factors[:, None, None]).astype(np.float32)
-
-    def where(index: tuple[int, ...]) -> str:
-        return f"voxel (z, y, x) = {index}"
-
-    _check_finite(out, where, "image", data_path, hdr.path)
+    _check_finite(out, _voxel_where, "image", data_path, hdr.path)
     return geometry, out
 
 
@@ -1115,62 +934,30 @@ def write_image(
     patient_position: str | None = None,
     time_frame: tuple[float, float] | None = None,
 ) -> None:
-    """Write an image as STIR Interfile: ``<stem>.hv`` + ``<stem>.v`` (float32 little endian, x fastest).
+    """Write an image as STIR Interfile: ``<stem>.hv`` + ``<stem>.v``, float32 little endian, x fastest.
 
-    ``data`` is ``(z, y, x)`` of ``geometry.shape``. ``first pixel offset (mm)`` is
-    written from the origin (STIR: ``min_index * voxel_size + origin``), exactly, so
-    that :func:`read_image` gives back the same geometry. Data first, header last.
+    ``data`` is ``(z, y, x)`` of ``geometry.shape``. ``first pixel offset (mm)`` is written
+    from the origin (STIR: ``min_index * voxel_size + origin``) in exact decimal, so
+    :func:`read_image` gives back the same geometry. Data file first, header last, atomically.
     """
     if not isinstance(geometry, ImageGeometry):
         raise TypeError(f"geometry must be an ImageGeometry, got {type(geometry).__name__}")
     header_path, data_path = _paired_paths(path, ".hv", ".v")
-    arr = _as_real_array(data, header_path)
-    if arr.shape != geometry.shape:
-        raise InterfileError(
-            f"writing '{header_path}': data has shape {arr.shape}; the geometry needs {geometry.shape} (z, y, x)",
-            path=header_path,
-            key="data",
-        )
-    _check_writable_values(arr, header_path, lambda index: f"voxel (z, y, x) = {index}")
-    nz, ny, nx = geometry.shape
-    vz, vy, vx = geometry.voxel_size_mm
-    oz, oy, ox = geometry.origin_mm
+    arr = _checked_array(data, geometry.shape, header_path, _voxel_where, "(z, y, x)")
+    lines = _common_lines(data_path.name, header_path, patient_position, "Image")
+    lines += ["process status := Reconstructed", "!number format := float", "!number of bytes per pixel := 4",
+              "number of dimensions := 3"]
     offsets = []
     with localcontext() as ctx:
         ctx.prec = 50
-        for o, v, m in ((ox, vx, -(nx // 2)), (oy, vy, -(ny // 2)), (oz, vz, 0)):
-            offsets.append(_dec_str(Decimal(repr(float(o))) + Decimal(repr(float(v))) * m))
-    lines = [
-        "!INTERFILE  :=",
-        "!imaging modality := PT",
-        f"name of data file := {data_path.name}",
-        "!version of keys := STIR4.0",
-        "!GENERAL DATA :=",
-        "!GENERAL IMAGE DATA :=",
-        "!type of data := PET",
-        *_patient_lines(patient_position, header_path),
-        "imagedata byte order := LITTLEENDIAN",
-        "!PET STUDY (General) :=",
-        "!PET data type := Image",
-        "process status := Reconstructed",
-        "!number format := float",
-        "!number of bytes per pixel := 4",
-        "number of dimensions := 3",
-        "matrix axis label [1] := x",
-        f"!matrix size [1] := {nx}",
-        f"scaling factor (mm/pixel) [1] := {repr(float(vx))}",
-        "matrix axis label [2] := y",
-        f"!matrix size [2] := {ny}",
-        f"scaling factor (mm/pixel) [2] := {repr(float(vy))}",
-        "matrix axis label [3] := z",
-        f"!matrix size [3] := {nz}",
-        f"scaling factor (mm/pixel) [3] := {repr(float(vz))}",
-        f"first pixel offset (mm) [1] := {offsets[0]}",
-        f"first pixel offset (mm) [2] := {offsets[1]}",
-        f"first pixel offset (mm) [3] := {offsets[2]}",
-        *_frame_lines(time_frame, header_path),
-        "!END OF INTERFILE :=",
-    ]
+        for i, axis in enumerate("xyz", start=1):
+            k = 3 - i  # array axis of x, y, z
+            n, v, o = geometry.shape[k], geometry.voxel_size_mm[k], geometry.origin_mm[k]
+            m = 0 if axis == "z" else -(n // 2)
+            lines += [f"matrix axis label [{i}] := {axis}", f"!matrix size [{i}] := {n}",
+                      f"scaling factor (mm/pixel) [{i}] := {float(v)!r}"]
+            offsets.append(f"first pixel offset (mm) [{i}] := {_dec_str(Decimal(repr(o)) + Decimal(repr(v)) * m)}")
+    lines += offsets + _frame_lines(time_frame, header_path) + ["!END OF INTERFILE :="]
     with atomic_path(header_path) as tmp_header, atomic_path(data_path) as tmp_data:
         with open(tmp_data, "wb") as f:
             f.write(np.ascontiguousarray(arr, dtype="<f4").tobytes())

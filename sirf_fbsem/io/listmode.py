@@ -82,8 +82,8 @@ Differences from STIR's ``lm_to_projdata``
   prompts - delayeds when both "Store prompts" and "Store delayeds" are set.)
 * Addresses beyond the span-1 sinogram are counted as ``invalid_addresses`` and
   skipped (STIR's behaviour there is undefined).
-* Counts are accumulated in uint32 and returned as float32 (exact below 2**24 per
-  bin; ``info['max_bin_count']`` reports the largest).
+* Counts are accumulated in float32, which is exact up to 2**24 counts per bin; a
+  bin reaching that raises an error rather than losing counts silently.
 
 Performance: two numba passes per chunk of words (parallel decode into flat bin
 indices, then a parallel scatter in which each thread owns an interleaved set of
@@ -153,7 +153,7 @@ class ListmodeError(ValueError):
 
 # ----------------------------------------------------------------------------- headers
 def _normalise_key(key: str) -> str:
-    key = key.strip().lstrip("!%").strip()
+    key = key.replace("_", " ").strip().lstrip("!%").strip()
     key = re.sub(r"\s+", " ", key).lower()
     key = re.sub(r"\s*\[\s*(\d+)\s*\]", r" [\1]", key)
     return key
@@ -162,21 +162,28 @@ def _normalise_key(key: str) -> str:
 def parse_interfile_keys(path: str | os.PathLike) -> dict[str, str]:
     """Keys and values of an Interfile-like header (Siemens ``.l.hdr`` / ``.n.hdr``, STIR ``.hv``).
 
-    Keys are normalised: leading ``!``/``%`` removed, lower case, whitespace collapsed,
-    indices written ``"key [1]"``. Values are stripped strings (the last occurrence wins).
-    Lines without ``:=`` and ``;`` comments are ignored. Raises :class:`ListmodeError`
-    naming the file if it cannot be read or holds no keys.
+    Parsed by :func:`sirf_fbsem.io.interfile.parse_header` (STIR's keyword rules),
+    with keys re-normalised here: leading ``!``/``%`` removed, lower case, whitespace
+    collapsed, indices written ``"key [1]"``. Values are stripped strings (the last
+    occurrence wins). Errors name the file.
     """
-    p = Path(path)
+    try:
+        from .interfile import parse_header
+    except ImportError:  # pragma: no cover - the package ships interfile.py
+        return _parse_keys_locally(Path(path))
+    hdr = parse_header(path)
+    return {_normalise_key(k): v.strip() for k, v in hdr.entries.items() if _normalise_key(k)}
+
+
+def _parse_keys_locally(p: Path) -> dict[str, str]:
     try:
         raw = p.read_bytes()
     except OSError as exc:
         raise ListmodeError(f"cannot read header '{p}': {exc.strerror or exc}") from exc
     if b"\x00" in raw[:4096]:
         raise ListmodeError(f"'{p}' is not a text (Interfile) header: it holds binary data")
-    text = raw.decode("latin-1")
     keys: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in raw.decode("latin-1").splitlines():
         line = line.strip()
         if not line or line.startswith(";") or ":=" not in line:
             continue
@@ -662,13 +669,16 @@ _BUCKET_SHIFT = 18  # the scatter works on 2**18 consecutive bins (1 MiB of coun
 
 @njit(parallel=True, cache=True, nogil=True)
 def _decode_kernel(words, n, nthreads, carried_ms, t0_ms, t1_ms, has_interval, row_of_z, num_z, vn0, n0, mash,
-                   v_out, n_out, tang_shift, fast, codes, stats):
+                   v_out, n_out, tang_shift, fast, codes, stats, shift, nbk, hist, counts):
     """Decode words into codes: a flat output bin (bit 31 set for a delayed) or one of the special codes.
 
-    stats[p] = (index of the first time tag with t >= t1 in thread p's range, or n;
-    index of the last time tag in the range, or -1; its time in ms).
+    Thread p takes one contiguous range of words and fills stats[p] = (index of the
+    first time tag with t >= t1, or n; index of the last time tag, or -1; its time in
+    ms), hist[p] and counts[p] as :func:`_count_kernel` (valid when no tag reached t1).
     """
     step = (n + nthreads - 1) // nthreads
+    inv_vn0 = 1.0 / vn0
+    inv_n0 = 1.0 / n0
     for p in prange(nthreads):
         lo = p * step
         hi = min(n, lo + step)
@@ -676,6 +686,13 @@ def _decode_kernel(words, n, nthreads, carried_ms, t0_ms, t1_ms, has_interval, r
         stop = n
         last_i = -1
         last_t = -1
+        for k in range(hist.shape[1]):
+            hist[p, k] = 0
+        kp = 0
+        kd = 0
+        dp = 0
+        dd = 0
+        inv = 0
         for i in range(lo, hi):
             w = words[i]
             codes[i] = np.uint32(0xFFFFFFFF)
@@ -691,31 +708,60 @@ def _decode_kernel(words, n, nthreads, carried_ms, t0_ms, t1_ms, has_interval, r
                 continue
             prompt = (w >> 30) & 1
             off = np.int64(w & 0x3FFFFFFF)
-            z = off // vn0
+            z = np.int64(off * inv_vn0)  # off // vn0 without a slow 64-bit division
+            if z * vn0 > off:
+                z -= 1
+            elif (z + 1) * vn0 <= off:
+                z += 1
             if z >= num_z:
                 codes[i] = np.uint32(0xFFFFFFFC)
+                inv += 1
                 continue
             row = row_of_z[z]
             if row < 0:
-                codes[i] = np.uint32(0xFFFFFFFE) if prompt else np.uint32(0xFFFFFFFD)
+                if prompt:
+                    codes[i] = np.uint32(0xFFFFFFFE)
+                    dp += 1
+                else:
+                    codes[i] = np.uint32(0xFFFFFFFD)
+                    dd += 1
                 continue
             rem = off - z * vn0
             if fast:
                 flat = row * vn0 + rem
             else:
-                v = rem // n0
+                v = np.int64(rem * inv_n0)
+                if v * n0 > rem:
+                    v -= 1
+                elif (v + 1) * n0 <= rem:
+                    v += 1
                 tg = rem - v * n0 - tang_shift
                 if tg < 0 or tg >= n_out:
-                    codes[i] = np.uint32(0xFFFFFFFE) if prompt else np.uint32(0xFFFFFFFD)
+                    if prompt:
+                        codes[i] = np.uint32(0xFFFFFFFE)
+                        dp += 1
+                    else:
+                        codes[i] = np.uint32(0xFFFFFFFD)
+                        dd += 1
                     continue
                 flat = (row * v_out + v // mash) * n_out + tg
+            key = flat >> shift
             if prompt:
                 codes[i] = np.uint32(flat)
+                kp += 1
             else:
                 codes[i] = np.uint32(flat) | np.uint32(0x80000000)
+                key += nbk
+                kd += 1
+            hist[p, key] += 1
         stats[p, 0] = stop
         stats[p, 1] = last_i
         stats[p, 2] = last_t
+        counts[p, 0] = kp
+        counts[p, 1] = kd
+        counts[p, 2] = dp
+        counts[p, 3] = dd
+        counts[p, 4] = inv
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -777,25 +823,28 @@ def _partition_kernel(codes, n, nthreads, shift, nbk, pos, sorted_bins):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _scatter_kernel(sorted_bins, starts, nbk, prompts, delayeds, store_delayeds):
-    """Histogram each key's bins (each key covers 2**shift consecutive bins: cache-resident)."""
+def _scatter_kernel(sorted_bins, starts, nbk, prompts, delayeds, store_delayeds, saturated):
+    """Histogram each key's bins (a key covers 2**shift consecutive bins, which stay in cache).
+
+    Counts are float32, exact up to 2**24; saturated[key] is set when a bin of the key reaches it.
+    """
     for key in prange(2 * nbk):
         if key >= nbk:
             if not store_delayeds:
                 continue
             for j in range(starts[key], starts[key + 1]):
-                delayeds[sorted_bins[j]] += 1
+                b = sorted_bins[j]
+                c = delayeds[b] + np.float32(1.0)
+                delayeds[b] = c
+                if c >= np.float32(16777216.0):
+                    saturated[key] = True
         else:
             for j in range(starts[key], starts[key + 1]):
-                prompts[sorted_bins[j]] += 1
-
-
-@njit(parallel=True, cache=True)
-def _uint32_to_float32_inplace(counts, out):
-    """out[i] = float32(counts[i]); ``out`` may be a float32 view of ``counts`` (each index is read first)."""
-    for i in prange(counts.size):
-        c = counts[i]
-        out[i] = np.float32(c)
+                b = sorted_bins[j]
+                c = prompts[b] + np.float32(1.0)
+                prompts[b] = c
+                if c >= np.float32(16777216.0):
+                    saturated[key] = True
 
 
 # ----------------------------------------------------------------------------- chunked reading
@@ -1031,14 +1080,15 @@ def histogram_listmode(
     if nbins > _MAX_BINS:
         raise GeometryError(f"output geometry has {nbins:,} bins; at most {_MAX_BINS:,} are supported")
 
-    prompts_u = np.zeros(nbins, dtype=np.uint32)
-    delayeds_u = np.zeros(nbins if store_delayeds else 1, dtype=np.uint32)
+    prompts = np.zeros(nbins, dtype=np.float32)
+    delayeds = np.zeros(nbins if store_delayeds else 1, dtype=np.float32)
     nthreads = max(1, get_num_threads())
     chunk = min(chunk_words, max(n_words, 1))
     codes = np.empty(chunk, dtype=np.uint32)
     sorted_bins = np.empty(chunk, dtype=np.uint32)
     nbk = (nbins + (1 << _BUCKET_SHIFT) - 1) >> _BUCKET_SHIFT
     hist = np.zeros((nthreads, 2 * nbk), dtype=np.int64)
+    saturated = np.zeros(2 * nbk, dtype=np.bool_)
     stats = np.zeros((nthreads, 3), dtype=np.int64)
     counts = np.zeros((nthreads, 5), dtype=np.int64)
     tot = np.zeros(5, dtype=np.int64)  # prompts, delayeds kept; prompts, delayeds dropped; invalid
@@ -1051,10 +1101,11 @@ def histogram_listmode(
         for words in reader:
             n = words.size
             _decode_kernel(words, n, nthreads, carried, t0_ms, t1_ms, has_interval, row_of_z, row_of_z.size,
-                           vn0, n0, mash, V, N, tang_shift, fast, codes, stats)
+                           vn0, n0, mash, V, N, tang_shift, fast, codes, stats, _BUCKET_SHIFT, nbk, hist, counts)
             stop = int(stats[:, 0].min())
             used = n if stop >= n else stop  # STIR stops reading at the first time tag with t >= t1
-            _count_kernel(codes, used, nthreads, _BUCKET_SHIFT, nbk, hist, counts)
+            if used < n:  # recount without the words from the stop on
+                _count_kernel(codes, used, nthreads, _BUCKET_SHIFT, nbk, hist, counts)
             tot += counts.sum(axis=0)
             # slots: key-major, then thread, so each thread writes its own contiguous runs
             per_key = hist.sum(axis=0)
@@ -1062,7 +1113,7 @@ def histogram_listmode(
             np.cumsum(per_key, out=starts[1:])
             pos = starts[:-1][None, :] + np.cumsum(hist, axis=0) - hist
             _partition_kernel(codes, used, nthreads, _BUCKET_SHIFT, nbk, pos, sorted_bins)
-            _scatter_kernel(sorted_bins, starts, nbk, prompts_u, delayeds_u, store_delayeds)
+            _scatter_kernel(sorted_bins, starts, nbk, prompts, delayeds, store_delayeds, saturated)
             if stop < n:
                 carried = np.int64(words[stop] & TIME_MASK)
                 words_read += stop + 1
@@ -1081,16 +1132,11 @@ def histogram_listmode(
         if bar is not None:
             bar.close()
 
-    max_count = int(prompts_u.max()) if nbins else 0
-    if store_delayeds and nbins:
-        max_count = max(max_count, int(delayeds_u.max()))
-    prompts = prompts_u.view(np.float32)
-    _uint32_to_float32_inplace(prompts_u, prompts)
-    delayeds = None
-    if store_delayeds:
-        delayeds = delayeds_u.view(np.float32)
-        _uint32_to_float32_inplace(delayeds_u, delayeds)
-        delayeds = delayeds.reshape(geometry.shape)
+    if saturated.any():
+        raise ListmodeError(
+            f"histogramming '{data}': a sinogram bin reached 2**24 counts, beyond which float32 counts are "
+            "not exact; histogram shorter time intervals and add them"
+        )
     elapsed = time.perf_counter() - t_start
     events_seen = int(tot.sum())
     info: dict[str, Any] = {
@@ -1108,13 +1154,11 @@ def histogram_listmode(
         "current_time_at_end_ms": int(carried),
         "first_time_tag_ms": first_tag,
         "last_time_tag_ms": last_tag,
-        "max_bin_count": max_count,
-        "exact_float32": max_count <= 2**24,
         "elapsed_s": elapsed,
         "words_per_s": words_read / elapsed if elapsed > 0 else float("inf"),
         "events_per_s": events_seen / elapsed if elapsed > 0 else float("inf"),
     }
-    return prompts.reshape(geometry.shape), delayeds, info
+    return prompts.reshape(geometry.shape), (delayeds.reshape(geometry.shape) if store_delayeds else None), info
 
 
 # ----------------------------------------------------------------------------- SIRF path

@@ -62,7 +62,8 @@ class AcquisitionModel(abc.ABC):
     # -------------------------------------------------------------- provided
     def forward(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         """Affine model ``A_s x + b_s`` (SIRF's ``forward``)."""
-        return self.direct(x, subset) + self.additive_term(subset)
+        y = self.direct(x, subset)
+        return y + self.additive_term(subset).to(device=y.device, dtype=y.dtype)
 
     def backward(self, y: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         """``A_s^T y`` (SIRF's ``backward``)."""

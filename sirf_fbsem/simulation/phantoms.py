@@ -41,7 +41,7 @@ import functools
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -219,9 +219,14 @@ class Phantom:
 
 
 # ============================================================================ shared machinery
-# A phantom "model" maps points (z, y, x) in mm (broadcastable float arrays) to
-# (label uint8, activity Bq/ml, mu 1/cm, T1-like), without lesions.
-_Evaluate = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+class _Evaluate(Protocol):
+    """A phantom "model": points (z, y, x) in mm (broadcastable float32 arrays, image frame)
+    -> (label uint8, activity Bq/ml, mu 1/cm, T1-like), without lesions."""
+
+    def __call__(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]: ...
+
+    def bounding_sphere(self) -> tuple[np.ndarray, float]: ...
+
 
 _T1 = np.array([0.0, 0.75, 0.08, 0.2, 0.55, 0.85, 0.62], dtype=np.float32)  # by Tissue
 
@@ -251,6 +256,21 @@ class _CosineField:
         for (kz, ky, kx), ph, a in zip(self.k.astype(np.float32), self.phase.astype(np.float32), self.amp):
             out += np.float32(a) * np.cos(kz * z + ky * y + kx * x + ph)
         return out
+
+    def distance_to_zero_set(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """First-order distance (mm) to the field's zero level set, |f| / |grad f|: thin curved sheets."""
+        shape = np.broadcast_shapes(z.shape, y.shape, x.shape)
+        f = np.zeros(shape, dtype=np.float32)
+        g = [np.zeros(shape, dtype=np.float32) for _ in range(3)]
+        for (kz, ky, kx), ph, a in zip(self.k.astype(np.float32), self.phase.astype(np.float32), self.amp):
+            arg = kz * z + ky * y + kx * x + ph
+            f += np.float32(a) * np.cos(arg)
+            sn = np.float32(a) * np.sin(arg)
+            g[0] -= kz * sn
+            g[1] -= ky * sn
+            g[2] -= kx * sn
+        grad = np.sqrt(g[0] ** 2 + g[1] ** 2 + g[2] ** 2)
+        return np.abs(f) / np.maximum(grad, np.float32(1e-6))
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -292,27 +312,37 @@ def _render(
 ):
     """Evaluate a model on the grid, averaging ``supersample**3`` sub-samples per voxel.
 
+    Only the voxels within the model's bounding sphere are evaluated (the rest is air).
     Returns labels (at voxel centres) when ``labels_only``, else (activity, mu, t1).
     """
-    z, y, x = (c.astype(np.float32) for c in geom.centred_coordinates_mm())
-    nz, ny, nx = geom.shape
+    z_all, y_all, x_all = (c.astype(np.float32) for c in geom.centred_coordinates_mm())
+    centre, radius = evaluate.bounding_sphere()
+    box = []
+    for c_axis, centre_a, v in zip((z_all, y_all, x_all), centre, geom.voxel_size_mm):
+        inside = np.nonzero(np.abs(c_axis - centre_a) <= radius + v)[0]
+        box.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
+    full_shape = geom.shape
+    z, y, x = z_all[box[0]], y_all[box[1]], x_all[box[2]]
+    nz, ny, nx = z.size, y.size, x.size
     ss = 1 if labels_only else int(supersample)
     off = ((np.arange(ss) + 0.5) / ss - 0.5).astype(np.float32)
     vz, vy, vx = (np.float32(v) for v in geom.voxel_size_mm)
     ys = (y[:, None] + off[None, :] * vy).reshape(-1)
     xs = (x[:, None] + off[None, :] * vx).reshape(-1)
-    if labels_only:
-        labels = np.zeros(geom.shape, dtype=np.uint8)
-    else:
-        act = np.zeros(geom.shape, dtype=np.float32)
-        mu = np.zeros(geom.shape, dtype=np.float32)
-        t1 = np.zeros(geom.shape, dtype=np.float32)
+    labels = np.zeros(full_shape, dtype=np.uint8)
+    act = np.zeros(full_shape, dtype=np.float32)
+    mu = np.zeros(full_shape, dtype=np.float32)
+    t1 = np.zeros(full_shape, dtype=np.float32)
+    if min(nz, ny, nx) == 0:
+        return labels if labels_only else (act, mu, t1)
+    sub = (box[0], box[1], box[2])
+    lab_v, act_v, mu_v, t1_v = labels[sub], act[sub], mu[sub], t1[sub]
     for k0, k1 in _chunks(nz, ny * nx * ss**3):
         zs = (z[k0:k1, None] + off[None, :] * vz).reshape(-1)
         Z, Y, X = zs[:, None, None], ys[None, :, None], xs[None, None, :]
         lab, a, m, t = evaluate(Z, Y, X)
         if labels_only:
-            labels[k0:k1] = np.broadcast_to(lab, (k1 - k0, ny, nx))
+            lab_v[k0:k1] = np.broadcast_to(lab, (k1 - k0, ny, nx))
             continue
         a = np.broadcast_to(a, (zs.size, ys.size, xs.size)).copy()
         for les in lesions:
@@ -320,9 +350,9 @@ def _render(
             inside = (Z - cz) ** 2 + (Y - cy) ** 2 + (X - cx) ** 2 <= np.float32(les.radius_mm) ** 2
             a = np.where(inside, a * np.float32(les.contrast), a)
         shape6 = (k1 - k0, ss, ny, ss, nx, ss)
-        act[k0:k1] = a.reshape(shape6).mean(axis=(1, 3, 5))
-        mu[k0:k1] = np.broadcast_to(m, a.shape).reshape(shape6).mean(axis=(1, 3, 5))
-        t1[k0:k1] = np.broadcast_to(t, a.shape).reshape(shape6).mean(axis=(1, 3, 5))
+        act_v[k0:k1] = a.reshape(shape6).mean(axis=(1, 3, 5))
+        mu_v[k0:k1] = np.broadcast_to(m, a.shape).reshape(shape6).mean(axis=(1, 3, 5))
+        t1_v[k0:k1] = np.broadcast_to(t, a.shape).reshape(shape6).mean(axis=(1, 3, 5))
     return labels if labels_only else (act, mu, t1)
 
 
@@ -461,6 +491,7 @@ class _ProceduralHead:
     scalp_mm: float
     cortex_mm: float
     fold_mm: float
+    sulcus_half_width_mm: float
     fissure_half_width_mm: float
     fissure_depth_mm: float
     fold: _CosineField
@@ -473,6 +504,10 @@ class _ProceduralHead:
     wm_activity: float
     rel: tuple[float, float, float]  # scalp, skull, csf activity / WM
     intensity_amp: float
+
+    def bounding_sphere(self) -> tuple[np.ndarray, float]:
+        """(centre (z, y, x), radius) in mm of a sphere holding the whole head."""
+        return self.centre, float(self.brain.max() + self.csf_mm + self.skull_mm + self.scalp_mm) + 1.0
 
     def __call__(self, z, y, x):
         zp, yp, xp = _to_frame(self.R, self.centre, z, y, x)
@@ -499,8 +534,13 @@ class _ProceduralHead:
         put(radius(self.csf_mm) <= 1.0, Tissue.CSF, self.rel[2])
         brain = rb <= 1.0
         put(brain, Tissue.WHITE_MATTER, 1.0)
-        ribbon = self.cortex_mm + self.fold_mm * np.maximum(self.fold(zp, yp, xp), 0.0)
-        put(brain & (depth < ribbon), Tissue.GREY_MATTER, ratio)
+        # cortex: a ribbon under the surface, folded into sulci (zero sheets of a random field)
+        # that reach fold_mm deep, each a thin CSF cleft lined with grey matter on both banks
+        sulcus = self.fold.distance_to_zero_set(zp, yp, xp)
+        folded = brain & (depth < self.fold_mm)
+        put(brain & (depth < self.cortex_mm), Tissue.GREY_MATTER, ratio)
+        put(folded & (sulcus < self.sulcus_half_width_mm + self.cortex_mm), Tissue.GREY_MATTER, ratio)
+        put(folded & (sulcus < self.sulcus_half_width_mm) & (depth < self.fold_mm - self.cortex_mm), Tissue.CSF, self.rel[2])
         # interhemispheric fissure above the corpus callosum, lined with cortex
         upper = brain & (depth < self.fissure_depth_mm) & (zp < 0.25 * self.brain[0])
         put(upper & (np.abs(xp) < self.fissure_half_width_mm + self.cortex_mm), Tissue.GREY_MATTER, ratio)
@@ -553,10 +593,11 @@ def _draw_procedural_head(geom: ImageGeometry, rng: np.random.Generator, params:
         skull_mm=skull * s,
         scalp_mm=scalp * s,
         cortex_mm=float(rng.uniform(2.5, 3.5)) * s,
-        fold_mm=float(rng.uniform(4.0, 8.0)) * s,
+        fold_mm=float(rng.uniform(10.0, 18.0)) * s,
+        sulcus_half_width_mm=float(rng.uniform(0.4, 0.8)) * s,
         fissure_half_width_mm=float(rng.uniform(0.75, 1.5)) * s,
         fissure_depth_mm=float(rng.uniform(0.35, 0.5)) * brain[2],
-        fold=_CosineField.draw(rng, 12, (18.0 * s, 36.0 * s)),
+        fold=_CosineField.draw(rng, 12, (25.0 * s, 50.0 * s)),
         intensity=_CosineField.draw(rng, 8, (40.0, 120.0)),
         bias=_CosineField.draw(rng, 4, (150.0, 300.0)),
         nuclei=nuclei,
@@ -592,6 +633,7 @@ class _MNITemplates:
     affine: np.ndarray  # voxel -> RAS mm
     brain_centre_ras: np.ndarray
     head_radius_mm: float  # largest distance of a head voxel from the brain centre in an axial plane
+    head_extent_mm: float  # largest distance of a head voxel from the brain centre
 
 
 def _dilate(mask, radius_mm: float, voxel_mm: float):
@@ -622,6 +664,12 @@ def _load_mni152(resolution_mm: int) -> _MNITemplates:
     vox = float(abs(affine[0, 0]))
     intracranial = (t1 > 0.02) | (gm + wm > 0.3)
     csf = np.clip(intracranial.astype(np.float32) - gm - wm, 0.0, 1.0)
+    # the population templates are blurred across subjects; sharpen the tissue fractions
+    # (p^3, renormalised to the same intracranial total) towards a single-subject segmentation
+    total = gm + wm + csf
+    sharp = np.stack([gm, wm, csf]) ** 3
+    sharp *= total / np.maximum(sharp.sum(axis=0), 1e-12)
+    gm, wm, csf = sharp
     skull_outer = _dilate(intracranial, 7.0, vox)
     head = _dilate(intracranial, 12.0, vox)
     skull = (skull_outer & ~intracranial).astype(np.float32)
@@ -633,8 +681,9 @@ def _load_mni152(resolution_mm: int) -> _MNITemplates:
     head_ijk = np.argwhere(head)
     head_ras = (affine[:3, :3] @ head_ijk.T).T + affine[:3, 3]
     head_r = float(np.sqrt(((head_ras[:, :2] - centre[:2]) ** 2).sum(axis=1)).max())
+    head_ext = float(np.sqrt(((head_ras - centre) ** 2).sum(axis=1)).max())
     vols = np.stack([gm, wm, csf, skull, scalp, t1n]).astype(np.float32)
-    return _MNITemplates(vols, affine, centre, head_r)
+    return _MNITemplates(vols, affine, centre, head_r, head_ext)
 
 
 @dataclass(frozen=True)
@@ -649,6 +698,10 @@ class _MNIHead:
     intensity_amp: float
     intensity: _CosineField
     bias: _CosineField
+
+    def bounding_sphere(self) -> tuple[np.ndarray, float]:
+        """(centre (z, y, x), radius) in mm of a sphere holding the whole head."""
+        return self.centre, float(self.tpl.head_extent_mm * np.linalg.norm(self.A, 2)) + 2.0
 
     def __call__(self, z, y, x):
         import torch
@@ -691,7 +744,8 @@ def mni152_phantom(
     """A phantom from nilearn's MNI152 grey/white matter templates under a random affine deformation.
 
     CSF is the intracranial space the templates leave to neither grey nor white matter;
-    skull (7 mm) and scalp (5 mm) are grown around it. The head is rotated (as
+    the three fractions are sharpened (cubed and renormalised), as the population
+    templates are blurrier than one subject's segmentation; skull (7 mm) and scalp (5 mm) are grown around it. The head is rotated (as
     :func:`procedural_phantom`), scaled by 1 +- ``size_variation`` per axis and sheared
     slightly, shrunk to fit 90% of the field-of-view radius, and shifted so that the
     image's axial middle lies at a random level (:attr:`PhantomParameters.slice_level`).

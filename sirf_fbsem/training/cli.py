@@ -46,14 +46,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_manifest(data: Path) -> dict:
-    path = data / "manifest.json"
-    if not path.is_file():
+    from ..simulation.dataset import load_manifest
+
+    if not (data / "manifest.json").is_file():
         raise FileNotFoundError(f"--data {str(data)!r} has no manifest.json; run 'sirf-fbsem simulate' first")
-    manifest = json.loads(path.read_text())
-    for key in ("sinogram_geometry", "image_geometry", "num_subsets", "num_stages", "samples"):
-        if key not in manifest:
-            raise KeyError(f"{str(path)!r} lacks {key!r}")
-    return manifest
+    return load_manifest(data)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -559,8 +559,12 @@ class _Trainer:
                 if state["complete"]:
                     continue
             self._fill_cache(k - 1)
-            if state["epoch"] == 0 and not any(r["stage"] == k and r["epoch"] == 0 for r in self.history):
-                self._log(k, 0, None, self._stage_val_loss(k))
+            if state["epoch"] == 0:
+                # the untrained stage is a candidate too (kept if no epoch beats it)
+                val0 = self._stage_val_loss(k)
+                self._early_stopping(state, val0, stage)
+                if not any(r["stage"] == k and r["epoch"] == 0 for r in self.history):
+                    self._log(k, 0, None, val0)
             bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"{self.mode} stage {k + 1}/{self.net.num_stages}",
                        initial=state["epoch"], total=cfg.epochs, disable=not cfg.progress, leave=False)
             for epoch in bar:
@@ -633,10 +637,12 @@ class _Trainer:
             _set_rng_state(payload["rng"])
             if state["complete"]:
                 return True
-        if state["epoch"] == 0 and not self.history:
+        if state["epoch"] == 0:
             self.net.eval()
             val, per = self._joint_val()
-            self._log(None, 0, None, val, per)
+            self._early_stopping(state, val, self.net)
+            if not self.history:
+                self._log(None, 0, None, val, per)
         bar = tqdm(range(state["epoch"], cfg.epochs), desc=self.mode, initial=state["epoch"], total=cfg.epochs,
                    disable=not cfg.progress, leave=False)
         for epoch in bar:

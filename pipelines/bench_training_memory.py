@@ -1,0 +1,317 @@
+"""Peak memory of ONE FBSEM-Net training step versus the number of stages K, per training mode.
+
+    python pipelines/bench_training_memory.py                 # CPU (+ CUDA when present), K = 1 2 4 8 16 32 60
+    python pipelines/bench_training_memory.py --stages 1 2 4 8 16
+    python pipelines/bench_training_memory.py --quick         # small smoke run
+
+Each point (mode, K, device) runs in a FRESH Python process, so the CPU figure is
+that process's peak resident set size (``ru_maxrss``), with the resident size just
+before the step reported beside it (the step's own share is the difference). On
+CUDA the figure is ``torch.cuda.max_memory_allocated`` over the step.
+
+One step = forward, backward and Adam update of one sample (batch size 1):
+
+* ``sequential``: one step of stage K's training; its input is a cached, detached
+  image (here a stand-in tensor), so the step holds one stage whatever K.
+* ``end_to_end``: one graph through K stages, loss on the last output.
+* ``checkpointed``: the same with ``torch.utils.checkpoint`` around every stage.
+* ``greedy``: K stages, each on the detached output of the one before, each
+  backpropagated as soon as its loss is known.
+
+Problem (printed and written to the JSON): a 3D image of 64 x 128 x 128 voxels of
+2 mm (z, y, x), a made-up scanner of 32 rings (4 mm) and 128 detectors, span 3 with
+maximum ring difference 1 (63 sinograms), view mashing 2 (32 views), 128
+arc-corrected tangential bins of 2 mm, 4 subsets; 3D residual CNN with 32 channels
+and 5 convolutions (the model's defaults). The targets are one image broadcast over
+the K stages (no memory per stage): values do not change memory.
+
+CPU points whose memory, extrapolated linearly in K from the points already
+measured for that mode, would exceed ``--max-rss-gb`` are skipped (recorded as such).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "pipelines" / "results"
+MODES = ("sequential", "end_to_end", "checkpointed", "greedy")
+DEFAULT_STAGES = (1, 2, 4, 8, 16, 32, 60)
+
+
+def problem_description(quick: bool) -> dict:
+    if quick:
+        return {
+            "image_shape_zyx": [16, 32, 32], "voxel_size_mm": [4.0, 4.0, 4.0],
+            "scanner": {"name": "bench quick", "num_rings": 8, "num_detectors_per_ring": 64,
+                        "inner_ring_radius_mm": 100.0, "average_depth_of_interaction_mm": 0.0,
+                        "ring_spacing_mm": 8.0, "default_bin_size_mm": 4.0,
+                        "max_num_non_arccorrected_bins": 32, "default_num_arccorrected_bins": 32},
+            "span": 3, "max_ring_diff": 1, "view_mash_factor": 2, "arc_corrected": True, "num_subsets": 4,
+            "regulariser": {"dims": 3, "in_channels": 1, "channels": 8, "layers": 3, "kernel": 3},
+        }
+    return {
+        "image_shape_zyx": [64, 128, 128], "voxel_size_mm": [2.0, 2.0, 2.0],
+        "scanner": {"name": "bench 32 rings", "num_rings": 32, "num_detectors_per_ring": 128,
+                    "inner_ring_radius_mm": 190.0, "average_depth_of_interaction_mm": 0.0,
+                    "ring_spacing_mm": 4.0, "default_bin_size_mm": 2.0,
+                    "max_num_non_arccorrected_bins": 128, "default_num_arccorrected_bins": 128},
+        "span": 3, "max_ring_diff": 1, "view_mash_factor": 2, "arc_corrected": True, "num_subsets": 4,
+        "regulariser": {"dims": 3, "in_channels": 1, "channels": 32, "layers": 5, "kernel": 3},
+    }
+
+
+# ----------------------------------------------------------------------------- worker (fresh process)
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from sirf_fbsem.geometry import ImageGeometry, Scanner, SinogramGeometry
+    from sirf_fbsem.model import FBSEMNet, RegulariserConfig
+    from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
+    from sirf_fbsem.training import TrainConfig, training_step
+
+    torch.manual_seed(0)
+    desc = problem_description(quick)
+    sino = SinogramGeometry.from_span(Scanner(**desc["scanner"]), span=desc["span"],
+                                      max_ring_diff=desc["max_ring_diff"], view_mash_factor=desc["view_mash_factor"],
+                                      arc_corrected=desc["arc_corrected"])
+    image = ImageGeometry(tuple(desc["image_shape_zyx"]), tuple(desc["voxel_size_mm"]))
+    nsub = desc["num_subsets"]
+    reg = dict(desc["regulariser"])
+    if dims is not None:
+        reg["dims"] = dims
+    dev = torch.device(device)
+    model = EmbeddedAcquisitionModel(sino, image, num_subsets=nsub, additive=torch.full(sino.shape, 0.5), device=dev)
+    z, y, x = (torch.as_tensor(c, dtype=torch.float32) for c in image.centred_coordinates_mm())
+    Z, Y, X = torch.meshgrid(z, y, x, indexing="ij")
+    body = ((X**2 + Y**2) < (0.8 * image.fov_radius_mm()) ** 2).float()
+    phantom = (body * (1 + 2 * ((X - 20) ** 2 + Y**2 + Z**2 < 15.0**2).float())).to(dev)
+    with torch.no_grad():
+        prompts = torch.poisson(model.forward(phantom.unsqueeze(0)), generator=torch.Generator(dev).manual_seed(0))
+        sens = torch.stack([model.sensitivity(s) for s in range(nsub)], dim=0).unsqueeze(0)
+    net = FBSEMNet(k, nsub, RegulariserConfig(**reg)).to(dev)
+    batch = {
+        "prompts": prompts,
+        "sensitivity": sens,
+        "targets": phantom[None, None].expand(1, k, *phantom.shape),
+    }
+    cfg = TrainConfig(epochs=1, lr=1e-3, device=device, progress=False)
+    opt = torch.optim.Adam(net.parameters() if mode != "sequential" else net.stages[k - 1].parameters(), lr=1e-3)
+    cached = (0.5 + body).unsqueeze(0).to(dev)  # stand-in for stage K's cached input
+    # warm-up of the projector kernels (JIT) outside the measured step
+    with torch.no_grad():
+        model.direct(phantom.unsqueeze(0), 0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_alloc = torch.cuda.memory_allocated()
+    rss_before = _rss_mb()
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = training_step(net, mode, batch, model, cfg, stage=k - 1, inputs=cached if mode == "sequential" else None)
+    opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    out = {
+        "mode": mode, "stages": k, "device": device, "loss": loss, "step_wall_s": round(wall, 3),
+        "rss_before_step_mb": round(rss_before, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if dev.type == "cuda":
+        out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["cuda_before_step_mb"] = round(base_alloc / 2**20, 1)
+        out["gpu"] = torch.cuda.get_device_name(dev)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def _predict(points: list[dict], k: int, key: str) -> float | None:
+    """Linear extrapolation in K from the two largest measured K (None with < 2 points)."""
+    pts = sorted((p["stages"], p[key]) for p in points if key in p)
+    if len(pts) < 2:
+        return None
+    (k1, m1), (k2, m2) = pts[-2], pts[-1]
+    slope = (m2 - m1) / (k2 - k1)
+    return m2 + slope * (k - k2)
+
+
+def _mem_available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, timeout_s: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode, "--stages", str(k),
+           "--device", device]
+    if quick:
+        cmd.append("--quick")
+    if dims is not None:
+        cmd += ["--dims", str(dims)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "stages": k, "device": device, "status": f"timeout after {timeout_s:.0f} s"}
+    total = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        status = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"failed (rc {proc.returncode})"
+        return {"mode": mode, "stages": k, "device": device, "status": status, "error": " | ".join(tail)}
+    res = json.loads(lines[-1])
+    res.update({"status": "ok", "process_wall_s": round(total, 1)})
+    return res
+
+
+def _table(results: list[dict], key: str, stages: list[int]) -> str:
+    head = f"{'mode':<14}" + "".join(f"{k:>10}" for k in stages)
+    rows = [head]
+    for mode in MODES:
+        cells = []
+        for k in stages:
+            p = next((r for r in results if r["mode"] == mode and r["stages"] == k), None)
+            if p is None:
+                cells.append(f"{'-':>10}")
+            elif p.get("status") != "ok":
+                cells.append(f"{p['status'].split()[0]:>10}")
+            else:
+                cells.append(f"{p[key]:>10.0f}")
+        rows.append(f"{mode:<14}" + "".join(cells))
+    return "\n".join(rows)
+
+
+def _plot(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("peak_rss_mb", "CPU peak RSS (MiB)", "cpu")]
+    if any(r["device"].startswith("cuda") and r.get("status") == "ok" for r in results):
+        keys.append(("cuda_peak_allocated_mb", "CUDA peak allocated (MiB)", "cuda"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.4), squeeze=False)
+    for ax, (key, label, dev) in zip(axes[0], keys):
+        for mode in MODES:
+            pts = sorted((r["stages"], r[key]) for r in results
+                         if r["mode"] == mode and r.get("status") == "ok" and r["device"].startswith(dev) and key in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("stages K")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--stages", type=int, nargs="+", default=None, help=f"K values (default {DEFAULT_STAGES})")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--quick", action="store_true", help="small problem, K = 1 2 4 (smoke run)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=None, help="regulariser dims (default 3)")
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    p.add_argument("--max-rss-gb", type=float, default=None,
+                   help="skip CPU points predicted above this (default 80%% of MemAvailable at start)")
+    p.add_argument("--point-timeout", type=float, default=3600.0, help="seconds per point (default 3600)")
+    p.add_argument("--output", type=Path, default=None, help="JSON path (default pipelines/results/...)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_worker(args.mode, args.stages[0], args.device, args.quick, args.dims)), flush=True)
+        return 0
+
+    stages = args.stages or ([1, 2, 4] if args.quick else list(DEFAULT_STAGES))
+    if args.devices is None:
+        import torch
+
+        args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    max_rss_mb = 1024 * (args.max_rss_gb if args.max_rss_gb is not None else 0.8 * _mem_available_gb())
+    suffix = "_quick" if args.quick else ""
+    out_json = args.output or RESULTS / f"bench_training_memory{suffix}.json"
+    desc = problem_description(args.quick)
+    if args.dims is not None:
+        desc["regulariser"]["dims"] = args.dims
+    print("problem:", json.dumps(desc))
+    results: list[dict] = []
+    meta = {
+        "problem": desc, "stages": stages, "modes": args.modes, "devices": args.devices,
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                 "mem_available_gb_at_start": round(_mem_available_gb(), 1)},
+        "cpu_skip_threshold_mb": round(max_rss_mb),
+        "notes": "peak_rss_mb: ru_maxrss of a fresh process (setup + one step); rss_before_step_mb: VmRSS just "
+                 "before the step. cuda_peak_allocated_mb: torch.cuda.max_memory_allocated over the step.",
+    }
+
+    def save() -> None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_json.with_suffix(".json.part")
+        tmp.write_text(json.dumps({**meta, "results": results}, indent=1))
+        os.replace(tmp, out_json)
+
+    for device in args.devices:
+        for mode in args.modes:
+            done: list[dict] = []
+            for k in stages:
+                if device == "cpu":
+                    pred = _predict(done, k, "peak_rss_mb")
+                    if pred is not None and pred > max_rss_mb:
+                        results.append({"mode": mode, "stages": k, "device": device,
+                                        "status": f"skipped (predicted {pred / 1024:.1f} GiB > "
+                                                  f"{max_rss_mb / 1024:.1f} GiB)"})
+                        print(f"{device} {mode:<13} K={k:<3} {results[-1]['status']}", flush=True)
+                        save()
+                        continue
+                res = run_point(mode, k, device, args.quick, args.dims, args.point_timeout)
+                results.append(res)
+                if res["status"] == "ok":
+                    done.append(res)
+                    extra = f" cuda {res['cuda_peak_allocated_mb']:.0f} MiB" if "cuda_peak_allocated_mb" in res else ""
+                    print(f"{device} {mode:<13} K={k:<3} peak RSS {res['peak_rss_mb']:8.0f} MiB "
+                          f"(before step {res['rss_before_step_mb']:.0f}){extra}; step {res['step_wall_s']:.1f} s",
+                          flush=True)
+                else:
+                    print(f"{device} {mode:<13} K={k:<3} {res['status']} {res.get('error', '')}", flush=True)
+                save()
+    print("\nCPU peak RSS (MiB) of one training step, fresh process per point:")
+    print(_table([r for r in results if r["device"] == "cpu"], "peak_rss_mb", stages))
+    if any(r["device"].startswith("cuda") for r in results):
+        print("\nCUDA peak allocated (MiB):")
+        print(_table([r for r in results if r["device"].startswith("cuda")], "cuda_peak_allocated_mb", stages))
+    png = out_json.with_suffix(".png")
+    _plot(results, png, f"one training step; image {desc['image_shape_zyx']} (z,y,x), CNN {desc['regulariser']}")
+    print(f"\nwrote {out_json} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

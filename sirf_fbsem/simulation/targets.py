@@ -1,0 +1,56 @@
+"""Iteration-dependent training targets: OSEM sub-iterates of the noise-free data.
+
+Sequential FBSEM training matches stage k to the k-th OSEM sub-iterate of the
+noise-free data (Corda-D'Incan et al.), computed with the same subsets, the same
+subset order (0, 1, 2, ..., as :class:`sirf_fbsem.recon.OSEM`) and the same start
+image as the network's unrolled reconstruction::
+
+    x_0 = initial,   x_k = x_{k-1} / sens_s * A_s^T( ybar_s / (A_s x_{k-1} + b_s) ),   s = (k-1) mod num_subsets
+
+with ``ybar`` the noise-free mean prompts. The ground-truth phantom (scaled to the
+same units) is stored beside them by :mod:`.dataset`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..projectors.base import AcquisitionModel
+from ..recon.osem import OSEM, fov_mask
+
+__all__ = ["osem_targets", "default_initial_image"]
+
+
+def default_initial_image(model: AcquisitionModel) -> torch.Tensor:
+    """The start image of the targets and of FBSEM: 1 inside the cylindrical FOV, 0 outside. (Z, Y, X)."""
+    geom = getattr(model, "image_geometry", None)
+    if geom is None:
+        return torch.ones(model.image_shape, dtype=model.dtype, device=model.device)
+    return fov_mask(geom).to(device=model.device, dtype=model.dtype)
+
+
+def osem_targets(
+    model_with_terms: AcquisitionModel,
+    noise_free_prompts: torch.Tensor,
+    num_stages: int,
+    initial: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The first ``num_stages`` OSEM sub-iterates of ``noise_free_prompts``: (K, Z, Y, X).
+
+    Args:
+        model_with_terms: the acquisition model with this sample's multiplicative factors
+            and additive term; its ``num_subsets`` sets the subsets.
+        noise_free_prompts: mean prompts (T, S, V, N).
+        num_stages: K, the number of sub-iterations (FBSEM stages).
+        initial: start image (Z, Y, X); default :func:`default_initial_image`.
+
+    Target k (0-based) is the image after k + 1 updates, the first on subset 0.
+    """
+    if int(num_stages) != num_stages or num_stages < 1:
+        raise ValueError(f"num_stages must be a positive integer, got {num_stages}")
+    if initial is None:
+        initial = default_initial_image(model_with_terms)
+    algo = OSEM(model_with_terms, noise_free_prompts, initial=initial)
+    out = torch.empty((int(num_stages),) + tuple(model_with_terms.image_shape), dtype=algo.x.dtype, device=algo.x.device)
+    for k in range(int(num_stages)):
+        out[k] = algo.update()
+    return out

@@ -1,0 +1,371 @@
+"""FBSEM stage, network, regulariser and model files.
+
+The stage's fusion is checked against the voxel-wise MAP-EM objective it maximises::
+
+    Q(x) = sens (x_em log x - x) - beta/2 (x - x_reg)^2,
+    Q'(x) = 0  <=>  beta x^2 + (sens - beta x_reg) x - sens x_em = 0,
+
+whose positive root is the closed form of :func:`fbsem_fusion`.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from sirf_fbsem.autograd import em_update
+from sirf_fbsem.geometry import GeometryError, ImageGeometry, Scanner, SinogramGeometry
+from sirf_fbsem.model import (
+    FBSEMNet,
+    FBSEMStage,
+    ModelFileError,
+    RegulariserConfig,
+    ResidualCNN,
+    fbsem_fusion,
+    inverse_softplus,
+    load_model,
+    save_model,
+)
+from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
+from sirf_fbsem.recon import OSEM
+
+# ----------------------------------------------------------------------------- a tiny 2D problem
+
+
+def tiny2d_geometry(num_detectors: int = 64, num_bins: int = 32) -> tuple[SinogramGeometry, ImageGeometry]:
+    """One ring (so one sinogram, z = 0), 32 views x 32 bins, and a 1 x 32 x 32 image of 4 mm voxels."""
+    sc = Scanner(
+        name="tiny 2D", num_rings=1, num_detectors_per_ring=num_detectors, inner_ring_radius_mm=70.0,
+        average_depth_of_interaction_mm=0.0, ring_spacing_mm=4.0, default_bin_size_mm=4.0,
+        max_num_non_arccorrected_bins=num_bins, default_num_arccorrected_bins=num_bins,
+    )
+    sino = SinogramGeometry.from_span(sc, span=1, max_ring_diff=0)
+    return sino, ImageGeometry((1, 32, 32), (4.0, 4.0, 4.0))
+
+
+def _phantom(image: ImageGeometry, gen: torch.Generator) -> torch.Tensor:
+    """A disc body with 1-3 hot/cold discs, activity ~1 (Bq/ml-like units)."""
+    _, y, x = image.centred_coordinates_mm()
+    Y, X = torch.meshgrid(torch.as_tensor(y), torch.as_tensor(x), indexing="ij")
+    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))  # noqa: E731
+    r_body = u(35.0, 45.0)
+    img = (X**2 + Y**2 < r_body**2).double() * u(0.8, 1.2)
+    for _ in range(1 + int(torch.randint(3, (), generator=gen))):
+        cx, cy, r = u(-20, 20), u(-20, 20), u(4.0, 10.0)
+        img = img + ((X - cx) ** 2 + (Y - cy) ** 2 < r**2).double() * u(-0.6, 2.0) * (img > 0)
+    return img.clamp_min(0).float().unsqueeze(0)  # (1, Y, X)
+
+
+def tiny_samples(
+    num_samples: int = 8,
+    num_subsets: int = 4,
+    num_targets: int = 4,
+    counts: float = 2e4,
+    seed: int = 0,
+    anatomical: bool = False,
+) -> tuple[EmbeddedAcquisitionModel, list[dict[str, torch.Tensor]]]:
+    """Samples as the simulation writes them: prompts, factors, additive term, subset sensitivities,
+    and targets = OSEM sub-iterates 1..K of the noise-free data (start image ones)."""
+    sino, image = tiny2d_geometry()
+    base = EmbeddedAcquisitionModel(sino, image, num_subsets=num_subsets)
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(num_samples):
+        phantom = _phantom(image, gen)
+        mult = 0.5 + 0.5 * torch.rand(sino.shape, generator=gen)  # normalisation x attenuation stand-in
+        geo = base.with_terms(mult, None).direct(phantom)
+        scale = counts / float(geo.sum())
+        mult = mult * scale
+        additive = torch.full(sino.shape, 0.1 * counts / geo.numel())
+        model = base.with_terms(mult, additive)
+        ybar = model.forward(phantom)
+        prompts = torch.poisson(ybar, generator=gen)
+        algo = OSEM(model, ybar)
+        targets = torch.stack([algo.update().clone() for _ in range(num_targets)])
+        sample = {
+            "prompts": prompts,
+            "multiplicative": mult,
+            "additive": additive,
+            "sensitivity": torch.stack([model.sensitivity(s) for s in range(num_subsets)]),
+            "targets": targets,
+            "phantom": phantom,
+        }
+        if anatomical:
+            sample["anatomical"] = (phantom > 0).float() + 0.5 * (phantom > phantom.mean()).float()
+        samples.append(sample)
+    return base, samples
+
+
+def small_net(num_stages: int = 4, num_subsets: int = 4, beta_init: float = 0.1, seed: int = 0, **kw) -> FBSEMNet:
+    torch.manual_seed(seed)
+    reg = RegulariserConfig(dims=2, channels=8, layers=3, **kw)
+    return FBSEMNet(num_stages, num_subsets, reg, beta_init=beta_init)
+
+
+def _perturb(net: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
+    """Move the (zero-initialised) last layers off zero so the CNNs do something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ----------------------------------------------------------------------------- fusion
+
+
+def test_inverse_softplus_round_trip():
+    for beta in (1e-6, 0.1, 1.0, 5.0, 30.0):
+        assert math.isclose(float(torch.nn.functional.softplus(torch.tensor(inverse_softplus(beta), dtype=torch.float64))),
+                            beta, rel_tol=1e-12)
+    assert inverse_softplus(0.0) == -math.inf
+    with pytest.raises(ValueError, match="beta"):
+        inverse_softplus(-1.0)
+
+
+def test_fusion_with_zero_beta_is_exactly_the_em_image():
+    g = torch.Generator().manual_seed(0)
+    x_em, x_reg, sens = torch.rand(3, 1000, generator=g) * torch.tensor([[5.0], [5.0], [3.0]])
+    sens[:10] = 0
+    out = fbsem_fusion(x_em, x_reg, sens, 0.0)
+    assert torch.equal(out[10:], x_em[10:])
+    assert torch.equal(out[:10], torch.zeros(10))
+
+
+def test_fusion_is_the_maximiser_of_the_voxelwise_map_objective():
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    x_em = torch.rand(n, generator=g, dtype=torch.float64) * 4
+    x_reg = torch.rand(n, generator=g, dtype=torch.float64) * 4
+    sens = 0.05 + torch.rand(n, generator=g, dtype=torch.float64) * 3
+    beta = 10 ** (torch.rand(n, generator=g, dtype=torch.float64) * 4 - 2)  # 1e-2 .. 1e2
+    x = fbsem_fusion(x_em, x_reg, sens, beta)
+    b = 1 - beta * x_reg / sens
+    assert (b > 0).any() and (b < 0).any()  # both branches of the stable form are exercised
+    # stationarity of Q: sens (x_em / x - 1) - beta (x - x_reg) = 0
+    grad = sens * (x_em / x - 1) - beta * (x - x_reg)
+    scale = sens * (x_em / x + 1) + beta * (x + x_reg)
+    assert float((grad.abs() / scale).max()) < 1e-12
+    # Q is strictly concave: the root is the global maximiser; confirm on a dense grid per voxel
+    q = lambda t: sens[:, None] * (x_em[:, None] * torch.log(t) - t) - beta[:, None] / 2 * (t - x_reg[:, None]) ** 2  # noqa: E731
+    hi = 2 * torch.maximum(x_em, x_reg) + 1
+    grid = torch.linspace(1e-6, 1, 20001, dtype=torch.float64)[None, :] * hi[:, None]
+    best = grid.gather(1, q(grid).argmax(dim=1, keepdim=True))[:, 0]
+    step = hi / 20000
+    assert float(((best - x).abs() / step).max()) <= 1.0
+    assert bool((q(x[:, None])[:, 0] >= q(best[:, None])[:, 0] - 1e-12 * q(best[:, None])[:, 0].abs()).all())
+
+
+def test_fusion_stable_in_both_branches_in_float32():
+    # b = 1 - beta x_reg / sens strongly negative (beta x_reg >> sens) and positive; float64 reference
+    x_em = torch.tensor([1e-3, 0.5, 2.0, 1.0, 1e-4, 3.0], dtype=torch.float64)
+    x_reg = torch.tensor([5.0, 4.0, 3.0, 0.1, 2.0, 0.0], dtype=torch.float64)
+    sens = torch.tensor([1e-2, 1e-1, 1.0, 1.0, 1e-3, 2.0], dtype=torch.float64)
+    beta = torch.tensor([1e3, 1e2, 1e3, 1e-2, 1e4, 0.5], dtype=torch.float64)
+    b = 1 - beta * x_reg / sens
+    assert (b < -100).sum() >= 3 and (b > 0).sum() >= 2
+    a = beta / sens
+    ref = (-b + torch.sqrt(b * b + 4 * a * x_em)) / (2 * a)  # float64, fine here
+    ref = torch.where(b > 0, 2 * x_em / (b + torch.sqrt(b * b + 4 * a * x_em)), ref)
+    out = fbsem_fusion(x_em.float(), x_reg.float(), sens.float(), beta.float()).double()
+    assert torch.allclose(out, ref, rtol=2e-6, atol=0)
+    # the textbook form 2 x_em / (b + sqrt(b^2 + 4 a x_em)) cancels catastrophically for b << 0
+    bf, af = b.float(), a.float()
+    naive = (2 * x_em.float() / (bf + torch.sqrt(bf * bf + 4 * af * x_em.float()))).double()
+    assert float(((naive - ref).abs() / ref)[b < -100].max()) > 1e-4
+    # and the other branch formula would cancel for b >> 0 with tiny a x_em (sanity of the split)
+    assert float(out[5]) == pytest.approx(float(ref[5]), rel=1e-6)
+
+
+def test_fusion_finite_with_zero_sensitivity_and_zero_values_incl_gradients():
+    g = torch.Generator().manual_seed(2)
+    x_em = torch.rand(200, generator=g, dtype=torch.float64)
+    x_reg = torch.rand(200, generator=g, dtype=torch.float64)
+    sens = torch.rand(200, generator=g, dtype=torch.float64)
+    sens[::7] = 0
+    x_em[::7] = 0
+    x_em[1::11] = 0  # zero EM value inside the FOV
+    x_reg[2::13] = 0
+    sens[3] = 0.5  # b = 0 exactly with x_em = 0: the root's clamp keeps gradients finite
+    x_reg[3] = 1.0
+    x_em[3] = 0.0
+    for beta0 in (0.0, 0.5, 1e4):
+        xe, xr = x_em.clone().requires_grad_(), x_reg.clone().requires_grad_()
+        beta = torch.tensor(beta0, dtype=torch.float64, requires_grad=True)
+        out = fbsem_fusion(xe, xr, sens, beta)
+        assert torch.isfinite(out).all() and (out >= 0).all()
+        assert torch.equal(out[sens == 0], torch.zeros_like(out[sens == 0]))
+        out.sum().backward()
+        for t in (xe.grad, xr.grad, beta.grad):
+            assert torch.isfinite(t).all()
+
+
+def test_fusion_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    x_em = (0.1 + torch.rand(12, generator=g, dtype=torch.float64)).requires_grad_()
+    x_reg = (0.1 + 2 * torch.rand(12, generator=g, dtype=torch.float64)).requires_grad_()
+    sens = 0.2 + torch.rand(12, generator=g, dtype=torch.float64)
+    beta = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: fbsem_fusion(a, b, sens, c), (x_em, x_reg, beta))
+
+
+# ----------------------------------------------------------------------------- regulariser
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_residual_cnn_shapes_identity_at_init_nonnegative_and_homogeneous(dims):
+    cnn = ResidualCNN(dims=dims, in_channels=1, channels=4, layers=3)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(cnn(x), x, rtol=1e-6)  # zero-initialised last layer: x_reg = x
+    _perturb(cnn, scale=0.5)
+    out = cnn(x)
+    assert out.shape == x.shape and (out >= 0).all() and not torch.allclose(out, x)
+    # intensity normalisation; atol: float32 rounding of the scale, relative to the image maximum
+    assert torch.allclose(cnn(7.0 * x), 7.0 * out, rtol=1e-5, atol=1e-5 * 7.0 * float(out.detach().max()))
+    cnn2 = ResidualCNN(RegulariserConfig(dims=dims, in_channels=2, channels=4, layers=3))
+    assert cnn2(x, anatomical=torch.rand(2, 3, 8, 8)).shape == x.shape
+    with pytest.raises(ValueError, match="anatomical"):
+        cnn2(x)
+    with pytest.raises(ValueError, match="PET-only|in_channels=1"):
+        cnn(x, anatomical=x)
+
+
+def test_regulariser_config_is_validated():
+    with pytest.raises(ValueError, match="dims"):
+        RegulariserConfig(dims=4)
+    with pytest.raises(ValueError, match="kernel"):
+        RegulariserConfig(kernel=4)
+    with pytest.raises(ValueError, match="unknown regulariser config keys"):
+        RegulariserConfig.from_dict({"dims": 2, "colour": "red"})
+    assert RegulariserConfig.from_dict(RegulariserConfig(dims=2).to_dict()) == RegulariserConfig(dims=2)
+
+
+# ----------------------------------------------------------------------------- stage and network
+
+
+def test_stage_with_zero_beta_equals_em_update_exactly():
+    base, samples = tiny_samples(num_samples=2)
+    s = samples[0]
+    model = base.with_terms(s["multiplicative"], s["additive"])
+    stage = FBSEMStage(ResidualCNN(dims=2, channels=4, layers=3), beta_init=0.0)
+    _perturb(stage.regulariser)
+    x = s["targets"][0].unsqueeze(0)
+    y1 = model.take_subset(s["prompts"], 1)
+    out = stage(x, y1, model, 1, s["sensitivity"][1])
+    assert torch.equal(out, em_update(x, y1, model, 1, s["sensitivity"][1]))
+
+
+def test_em_only_network_reproduces_osem_subiterates_in_order():
+    base, samples = tiny_samples(num_samples=1, num_subsets=4)
+    s = samples[0]
+    model = base.with_terms(s["multiplicative"], s["additive"])
+    net = small_net(num_stages=6, num_subsets=4, beta_init=0.0)
+    _perturb(net)
+    outs = net(torch.ones(model.image_shape), s["prompts"], model, s["sensitivity"], return_all=True)
+    algo = OSEM(model, s["prompts"])
+    for k in range(6):
+        assert torch.allclose(outs[k], algo.update(), rtol=1e-5, atol=1e-6), k
+
+
+def test_network_outputs_and_gradients_finite_with_zero_sensitivity_voxels():
+    base, samples = tiny_samples(num_samples=2)
+    s = samples[0]
+    model = base.with_terms(s["multiplicative"], s["additive"])
+    assert bool((s["sensitivity"] == 0).any())  # corners of the square image lie outside the FOV
+    net = small_net(beta_init=2.0)
+    _perturb(net)
+    x0 = torch.ones((1,) + model.image_shape, requires_grad=True)
+    out = net(x0, s["prompts"], model, s["sensitivity"])
+    assert torch.isfinite(out).all() and (out >= 0).all()
+    assert torch.equal(out[0][s["sensitivity"][3] == 0], torch.zeros(int((s["sensitivity"][3] == 0).sum())))
+    out.square().mean().backward()
+    assert torch.isfinite(x0.grad).all()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_stage_is_positively_homogeneous_with_normalised_beta():
+    base, samples = tiny_samples(num_samples=1)
+    s = samples[0]
+    net = small_net(beta_init=1.0)
+    _perturb(net)
+    m1 = base.with_terms(s["multiplicative"], s["additive"])
+    m2 = base.with_terms(s["multiplicative"], 5.0 * s["additive"])
+    x0 = torch.ones((1,) + m1.image_shape)
+    out1 = net(x0, s["prompts"], m1, s["sensitivity"])
+    out2 = net(5.0 * x0, 5.0 * s["prompts"], m2, s["sensitivity"])
+    assert torch.allclose(out2, 5.0 * out1, rtol=1e-4, atol=1e-5)
+
+
+def test_network_options_and_argument_checks():
+    net = small_net(num_stages=5, num_subsets=2)
+    assert net.subset_of_stage(3) == 1
+    assert len(net.betas) == 5 and torch.allclose(net.betas, torch.full((5,), 0.1))
+    shared = FBSEMNet(5, 2, RegulariserConfig(dims=2, channels=4, layers=3), shared_regulariser=True)
+    single = FBSEMNet(1, 2, RegulariserConfig(dims=2, channels=4, layers=3))
+    assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in single.parameters()) + 4
+    assert FBSEMNet.from_config(net.config()).config() == net.config()
+    base, samples = tiny_samples(num_samples=1, num_subsets=4)
+    s = samples[0]
+    with pytest.raises(ValueError, match="4 subsets"):
+        net(torch.ones(base.image_shape), s["prompts"], base)
+    anat = small_net(in_channels=2)
+    with pytest.raises(ValueError, match="anatomical"):
+        anat(torch.ones(base.image_shape), s["prompts"], base)
+
+
+# ----------------------------------------------------------------------------- model files
+
+
+def _metadata():
+    sino, image = tiny2d_geometry()
+    return {"sinogram_geometry": sino, "image_geometry": image, "training_mode": "sequential"}
+
+
+def test_model_file_round_trip(tmp_path):
+    net = small_net(num_stages=3)
+    _perturb(net)
+    path = save_model(tmp_path / "model.pt", net, _metadata())
+    assert (tmp_path / "model.json").is_file()
+    sino, _ = tiny2d_geometry()
+    loaded, meta = load_model(path, expected_sinogram_geometry=sino)
+    assert meta["num_stages"] == 3 and meta["training_mode"] == "sequential"
+    assert meta["intensity_scaling"] == {"regulariser_input": "mean", "beta_units": "normalised"}
+    assert meta["sinogram_geometry"] == sino
+    for (k1, v1), (k2, v2) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    raw = torch.load(path, weights_only=True)  # plain tensors and strings only
+    assert isinstance(raw["metadata_json"], str)
+
+
+def test_model_for_another_geometry_is_refused(tmp_path):
+    net = small_net(num_stages=2)
+    path = save_model(tmp_path / "model.pt", net, _metadata())
+    other, _ = tiny2d_geometry(num_detectors=96, num_bins=40)
+    with pytest.raises(GeometryError, match=r"num_detectors_per_ring: 64 vs 96.*num_views: 32 vs 48"):
+        load_model(path, expected_sinogram_geometry=other)
+    loaded, _ = load_model(path, expected_sinogram_geometry=other, override_geometry=True)
+    assert loaded.num_stages == 2
+
+
+class _Payload:
+    """Stands for any custom object in a pickled file."""
+
+    def __init__(self):
+        self.value = 1
+
+
+def test_model_file_with_pickled_payload_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "sirf_fbsem.fbsem_net", "state_dict": {}, "extra": _Payload()}, path)
+    with pytest.raises(ModelFileError, match="pickled Python objects"):
+        load_model(path)
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump({"a": _Payload()}, f)
+    with pytest.raises(ModelFileError):
+        load_model(tmp_path / "plain.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ModelFileError, match="not a sirf_fbsem FBSEM-Net model"):
+        load_model(tmp_path / "other.pt")

@@ -1,0 +1,213 @@
+"""Training modes on a tiny 2D problem: sequential, end-to-end, checkpointed, greedy; resume; files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sirf_fbsem.model import ModelFileError, load_model
+from sirf_fbsem.training import (
+    CheckpointMismatchError,
+    TrainConfig,
+    collate,
+    evaluate,
+    split_indices,
+    train,
+    training_step,
+    with_terms_factory,
+)
+from test_model import _perturb, small_net, tiny2d_geometry, tiny_samples
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """10 samples, 4 subsets, targets for 4 stages (one OSEM iteration); ~2e4 counts each."""
+    return tiny_samples(num_samples=10, num_subsets=4, num_targets=4, counts=2e4, seed=0)
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(epochs=5, lr=1e-2, batch_size=2, validation_fraction=0.2, seed=0, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(net) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_sequential_training_beats_em_only_and_every_stage_improves(problem, tmp_path):
+    base, samples = problem
+    factory = with_terms_factory(base)
+    net = small_net(num_stages=4, num_subsets=4)
+    sino, image = tiny2d_geometry()
+    result = train(net, samples, "sequential", _config(), factory, tmp_path,
+                   metadata={"sinogram_geometry": sino, "image_geometry": image})
+    assert result.completed
+    em_only = small_net(num_stages=4, num_subsets=4, beta_init=0.0)
+    em_loss = evaluate(em_only, samples, result.val_indices, factory)
+    fbsem_loss = evaluate(result.net, samples, result.val_indices, factory)
+    assert fbsem_loss[-1] < 0.95 * em_loss[-1], (fbsem_loss, em_loss)
+    for k in range(4):
+        rows = [r for r in result.history if r["stage"] == k]
+        assert [r["epoch"] for r in rows] == list(range(6))
+        first, best = rows[0]["val_loss"], min(r["val_loss"] for r in rows[1:])
+        assert best < first, (k, rows)
+        train_losses = [r["train_loss"] for r in rows[1:]]
+        assert train_losses[-1] < train_losses[0], (k, train_losses)
+    # only stage k moves while stage k trains: the betas of later stages keep their initial value
+    stage0_rows = [r for r in result.history if r["stage"] == 0]
+    assert all(b == pytest.approx(0.1) for b in stage0_rows[-1]["beta"][1:])
+    # files: logs, plot, model; the disk cache is removed after a completed run
+    assert (tmp_path / "losses.csv").read_text().startswith("mode,stage,epoch,train_loss,val_loss")
+    assert len(json.loads((tmp_path / "losses.json").read_text())["history"]) == 24
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert not (tmp_path / "cache").exists()
+    loaded, meta = load_model(result.model_path, expected_sinogram_geometry=sino)
+    assert meta["training_mode"] == "sequential" and meta["train_config"]["epochs"] == 5
+    assert evaluate(loaded, samples, result.val_indices, factory) == pytest.approx(fbsem_loss, rel=1e-6)
+
+
+class _Interrupt(RuntimeError):
+    pass
+
+
+def _interrupt_at(step: int):
+    def callback(event):
+        if event.kind == "step" and event.step == step:
+            raise _Interrupt(f"simulated crash at step {step}")
+
+    return callback
+
+
+@pytest.mark.parametrize(
+    "mode,cache,crash_step",
+    [("sequential", "disk", 8), ("sequential", "memory", 8), ("greedy", "disk", 5)],
+)
+def test_resume_after_interruption_gives_the_same_weights(problem, tmp_path, mode, cache, crash_step):
+    base, samples = problem
+    samples = samples[:6]  # 5 training samples -> 3 steps per epoch
+    factory = with_terms_factory(base)
+    cfg = _config(epochs=2, cache=cache)
+    reference = train(small_net(num_stages=3), samples, mode, cfg, factory, tmp_path / "ref")
+    # interrupt in the middle of an epoch (sequential: stage 2, epoch 1, step 2 of 3; greedy: epoch 2, step 2)
+    with pytest.raises(_Interrupt):
+        train(small_net(num_stages=3), samples, mode, cfg, factory, tmp_path / "run",
+              callbacks=[_interrupt_at(crash_step)])
+    with pytest.raises(FileExistsError, match="resume"):
+        train(small_net(num_stages=3), samples, mode, cfg, factory, tmp_path / "run")
+    # a fresh network initialised differently: everything comes from the checkpoints
+    resumed = train(small_net(num_stages=3, seed=99), samples, mode, cfg, factory, tmp_path / "run", resume=True)
+    assert resumed.completed
+    ref_params, new_params = _params(reference.net), _params(resumed.net)
+    assert ref_params.keys() == new_params.keys()
+    for k in ref_params:
+        assert torch.equal(ref_params[k], new_params[k]), k
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in reference.history]
+
+
+def test_resume_with_other_settings_is_refused(problem, tmp_path):
+    base, samples = problem
+    factory = with_terms_factory(base)
+    cfg = _config(epochs=1)
+    train(small_net(num_stages=2), samples[:4], "end_to_end", cfg, factory, tmp_path, callbacks=[_stop_after_epoch])
+    with pytest.raises(CheckpointMismatchError, match="lr: 0.01 vs 0.001"):
+        train(small_net(num_stages=2), samples[:4], "end_to_end", _config(epochs=1, lr=1e-3), factory, tmp_path,
+              resume=True)
+
+
+def _stop_after_epoch(event):
+    if event.kind == "epoch":
+        raise StopIteration
+
+
+def test_callback_stop_iteration_ends_the_run_cleanly(problem, tmp_path):
+    base, samples = problem
+    result = train(small_net(num_stages=2), samples[:4], "greedy", _config(epochs=3),
+                   with_terms_factory(base), tmp_path, callbacks=[_stop_after_epoch])
+    assert not result.completed and result.model_path is None
+    assert [r["epoch"] for r in result.history] == [0, 1]
+    assert (tmp_path / "checkpoints" / "checkpoint.pt").is_file()
+
+
+def test_checkpoint_with_pickled_payload_is_refused(problem, tmp_path):
+    base, samples = problem
+    factory = with_terms_factory(base)
+    train(small_net(num_stages=2), samples[:4], "greedy", _config(epochs=1), factory, tmp_path,
+          callbacks=[_stop_after_epoch])
+    path = tmp_path / "checkpoints" / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["extra"] = _Evil()
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError, match="pickled Python objects"):
+        train(small_net(num_stages=2), samples[:4], "greedy", _config(epochs=1), factory, tmp_path, resume=True)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_end_to_end_and_checkpointed_give_identical_gradients(problem):
+    base, samples = problem
+    batch = collate(samples[:2])
+    model = with_terms_factory(base)(batch)
+    grads = {}
+    for mode in ("end_to_end", "checkpointed"):
+        for all_stages in (False, True):
+            net = small_net(num_stages=4, beta_init=0.5)
+            _perturb(net)
+            loss = training_step(net, mode, batch, model, _config(all_stages_loss=all_stages))
+            grads[mode, all_stages] = (loss, {n: p.grad.clone() for n, p in net.named_parameters()})
+    for all_stages in (False, True):
+        (l1, g1), (l2, g2) = grads["end_to_end", all_stages], grads["checkpointed", all_stages]
+        assert l1 == l2
+        assert all(torch.isfinite(g).all() for g in g1.values())
+        assert any(float(g.abs().max()) > 0 for n, g in g1.items() if "stages.0." in n)  # reaches stage 1
+        for n in g1:
+            assert torch.equal(g1[n], g2[n]), n
+
+
+def test_greedy_training_lowers_the_loss(problem, tmp_path):
+    base, samples = problem
+    factory = with_terms_factory(base)
+    result = train(small_net(num_stages=4), samples, "greedy", _config(epochs=4), factory, tmp_path)
+    val = [r["val_loss"] for r in result.history]
+    train_loss = [r["train_loss"] for r in result.history[1:]]
+    assert min(val[1:]) < val[0] and train_loss[-1] < train_loss[0], result.history
+    # every stage is updated in every step
+    assert all(abs(b - 0.1) > 1e-4 for b in result.history[-1]["beta"])
+
+
+def test_end_to_end_training_runs_and_lowers_the_loss(problem, tmp_path):
+    base, samples = problem
+    result = train(small_net(num_stages=2), samples[:6], "checkpointed", _config(epochs=3, all_stages_loss=True),
+                   with_terms_factory(base), tmp_path)
+    val = [r["val_loss"] for r in result.history]
+    assert min(val[1:]) < val[0], result.history
+
+
+def test_train_config_and_split_are_validated():
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        TrainConfig(validation_fraction=1.0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="l1")
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="abacus")
+    tr, va = split_indices(10, 0.2, seed=3)
+    assert len(va) == 2 and sorted(tr + va) == list(range(10))
+    assert split_indices(10, 0.2, seed=3) == (tr, va)
+    assert split_indices(1, 0.5, seed=0) == ([0], [])
+
+
+def test_sequential_refuses_a_shared_regulariser(problem, tmp_path):
+    from sirf_fbsem.model import FBSEMNet, RegulariserConfig
+
+    base, samples = problem
+    net = FBSEMNet(2, 4, RegulariserConfig(dims=2, channels=4, layers=2), shared_regulariser=True)
+    with pytest.raises(ValueError, match="shared regulariser"):
+        train(net, samples, "sequential", _config(), with_terms_factory(base), tmp_path)
