@@ -30,7 +30,7 @@ from sirf_fbsem.model import (
     save_model,
 )
 from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
-from sirf_fbsem.recon import OSEM
+from sirf_fbsem.recon import OSEM, fov_mask
 
 # ----------------------------------------------------------------------------- a tiny 2D problem
 
@@ -68,7 +68,7 @@ def tiny_samples(
     anatomical: bool = False,
 ) -> tuple[EmbeddedAcquisitionModel, list[dict[str, torch.Tensor]]]:
     """Samples as the simulation writes them: prompts, factors, additive term, subset sensitivities,
-    and targets = OSEM sub-iterates 1..K of the noise-free data (start image ones)."""
+    and targets = OSEM sub-iterates 1..K of the noise-free data (start image 1 inside the FOV)."""
     sino, image = tiny2d_geometry()
     base = EmbeddedAcquisitionModel(sino, image, num_subsets=num_subsets)
     gen = torch.Generator().manual_seed(seed)
@@ -83,7 +83,7 @@ def tiny_samples(
         model = base.with_terms(mult, additive)
         ybar = model.forward(phantom)
         prompts = torch.poisson(ybar, generator=gen)
-        algo = OSEM(model, ybar)
+        algo = OSEM(model, ybar, initial=fov_mask(image).float())  # the start image the trainer uses
         targets = torch.stack([algo.update().clone() for _ in range(num_targets)])
         sample = {
             "prompts": prompts,
@@ -348,6 +348,8 @@ def test_model_for_another_geometry_is_refused(tmp_path):
         load_model(path, expected_sinogram_geometry=other)
     loaded, _ = load_model(path, expected_sinogram_geometry=other, override_geometry=True)
     assert loaded.num_stages == 2
+    with pytest.raises(GeometryError, match=r"voxel size \(z,y,x\) mm: \(4.0, 4.0, 4.0\) vs \(4.0, 2.0, 2.0\)"):
+        load_model(path, expected_image_geometry=ImageGeometry((1, 32, 32), (4.0, 2.0, 2.0)))
 
 
 class _Payload:

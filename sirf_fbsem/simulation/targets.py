@@ -50,7 +50,8 @@ def osem_targets(
     if initial is None:
         initial = default_initial_image(model_with_terms)
     algo = OSEM(model_with_terms, noise_free_prompts, initial=initial)
-    out = torch.empty((int(num_stages),) + tuple(model_with_terms.image_shape), dtype=algo.x.dtype, device=algo.x.device)
+    shape = (int(num_stages),) + tuple(model_with_terms.image_shape)
+    out = torch.empty(shape, dtype=algo.x.dtype, device=algo.x.device)
     for k in range(int(num_stages)):
         out[k] = algo.update()
     return out

@@ -1,13 +1,13 @@
 """``sirf-fbsem train``: flags mapped one to one onto :class:`TrainConfig`, :class:`FBSEMNet` and :func:`train`.
 
-The data directory is one written by ``sirf-fbsem simulate`` (``manifest.json`` with
-the sinogram and image geometry, ``num_subsets``, ``num_stages`` and the sample
-files). The trained network is written to ``OUT/model.pt`` (+ ``model.json``).
+The data directory is one written by ``sirf-fbsem simulate`` (read with
+:class:`~sirf_fbsem.simulation.dataset.FBSEMSampleDataset`: ``manifest.json`` with the
+sinogram and image geometry, ``num_subsets``, ``num_stages``, ``psf_fwhm_mm`` and the
+sample files). The trained network is written to ``OUT/model.pt`` (+ ``model.json``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 __all__ = ["add_train_arguments", "run_train"]
@@ -45,14 +45,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _read_manifest(data: Path) -> dict:
-    from ..simulation.dataset import load_manifest
-
-    if not (data / "manifest.json").is_file():
-        raise FileNotFoundError(f"--data {str(data)!r} has no manifest.json; run 'sirf-fbsem simulate' first")
-    return load_manifest(data)
-
-
 def run_train(args: argparse.Namespace) -> int:
     """Train from parsed flags; returns 0 when the run completed, 1 when it was stopped early."""
     from ..geometry import image_geometry_from_dict, sinogram_geometry_from_dict
@@ -62,7 +54,8 @@ def run_train(args: argparse.Namespace) -> int:
     from ..simulation.dataset import FBSEMSampleDataset
     from .trainers import TrainConfig, train, with_terms_factory
 
-    manifest = _read_manifest(args.data)
+    dataset = FBSEMSampleDataset(args.data)
+    manifest = dataset.manifest
     sino = sinogram_geometry_from_dict(manifest["sinogram_geometry"])
     image = image_geometry_from_dict(manifest["image_geometry"])
     num_subsets = int(manifest["num_subsets"])
@@ -85,7 +78,6 @@ def run_train(args: argparse.Namespace) -> int:
     base = EmbeddedAcquisitionModel(
         sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=args.device
     )
-    dataset = FBSEMSampleDataset(args.data)
     result = train(
         net, dataset, args.mode, config, with_terms_factory(base), args.out, resume=args.resume,
         metadata={"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],

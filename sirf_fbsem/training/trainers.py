@@ -46,6 +46,7 @@ from ..io.atomic import atomic_path
 from ..model.fbsem import FBSEMNet
 from ..model.io import safe_torch_load, save_model
 from ..projectors.base import AcquisitionModel
+from ..simulation.targets import default_initial_image
 
 __all__ = [
     "MODES",
@@ -211,11 +212,14 @@ def with_terms_factory(base_model: Any) -> ModelFactory:
 
 
 def _initial(batch: Batch, model: AcquisitionModel) -> torch.Tensor:
-    """Start image: the batch's ``initial`` or ones (OSEM's uniform start), (B, Z, Y, X)."""
+    """Start image (B, Z, Y, X): the batch's ``initial`` if the samples have one, else the
+    start image of the simulated targets, :func:`~sirf_fbsem.simulation.targets.default_initial_image`
+    (1 inside the cylindrical FOV, 0 outside)."""
     if "initial" in batch:
         return batch["initial"]
-    b = batch["prompts"].shape[0]
-    return torch.ones((b,) + tuple(model.image_shape), dtype=batch["prompts"].dtype, device=batch["prompts"].device)
+    prompts = batch["prompts"]
+    x0 = default_initial_image(model).to(dtype=prompts.dtype, device=prompts.device)
+    return x0.expand((prompts.shape[0],) + tuple(x0.shape)).clone()
 
 
 def _net_inputs(net: FBSEMNet, batch: Batch) -> dict[str, Any]:
@@ -250,7 +254,7 @@ def training_step(
     Args:
         stage: sequential mode: the stage trained.
         inputs: sequential mode: the stage's (cached, detached) input (B, Z, Y, X); for
-            stage 0 the start image is used when None.
+            stage 0 the start image (the batch's ``initial``, else 1 inside the FOV) when None.
     Returns:
         the loss value (sequential: stage's loss; end_to_end/checkpointed: the loss
         optimised; greedy: the sum of the per-stage losses).
@@ -706,7 +710,8 @@ def train(
         net: the network (its parameters are trained in place, on ``config.device``).
         dataset: indexable samples (dicts with ``prompts`` (T,S,V,N), ``targets`` (K',Z,Y,X)
             with K' >= K, and optionally ``multiplicative``, ``additive``, ``sensitivity``
-            (num_subsets,Z,Y,X), ``anatomical`` (Z,Y,X), ``initial`` (Z,Y,X; default ones)),
+            (num_subsets,Z,Y,X), ``anatomical`` (Z,Y,X), ``initial`` (Z,Y,X); default: 1 inside
+            the FOV, the start image of the simulated targets),
             e.g. :class:`sirf_fbsem.simulation.dataset.FBSEMSampleDataset` or a list.
         mode: ``"sequential"``, ``"end_to_end"``, ``"checkpointed"`` or ``"greedy"``.
         config: :class:`TrainConfig`.
