@@ -85,11 +85,13 @@ Differences from STIR's ``lm_to_projdata``
 * Counts are accumulated in float32, which is exact up to 2**24 counts per bin; a
   bin reaching that raises an error rather than losing counts silently.
 
-Performance: two numba passes per chunk of words (parallel decode into flat bin
-indices, then a parallel scatter in which each thread owns an interleaved set of
-cache lines of the output), with the next chunk read in a background thread. The
-memory used is the output sinograms plus a few chunk buffers, independent of the
-file size.
+Performance: three numba passes per chunk of words, while a background thread reads
+the next chunk: (1) parallel decode of word ranges into flat output bins (a
+precomputed table maps each listmode sinogram ``z`` to its output row), with a
+histogram of bin blocks of 2**18 bins; (2) a parallel counting sort of the bins by
+block; (3) a parallel scatter, one block at a time per thread, so the increments
+stay in cache and threads never write the same bin. Memory: the output sinograms
+plus four chunk-sized buffers (2 x read, codes, sorted), independent of the file size.
 """
 from __future__ import annotations
 
