@@ -55,7 +55,8 @@ class OSEM:
     Args:
         model: acquisition model (its ``num_subsets`` sets the subsets).
         prompts: measured counts, full sinogram (T,S,V,N) (or (B,T,S,V,N)).
-        initial: start image (Z,Y,X); default 1 inside the FOV mask, as STIR's uniform start.
+        initial: start image (Z,Y,X); default 1 everywhere (STIR's uniform start). FBSEM targets start
+            from 1 inside the FOV mask (simulation.targets.default_initial_image): pass that to compare.
         mask: optional (Z,Y,X) mask applied after each update.
     """
 
