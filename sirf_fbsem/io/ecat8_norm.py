@@ -80,8 +80,8 @@ class ECAT8Norm:
 
     Arrays: ``geometric`` (2 rings - 1, T) indexed ``[ring1 + ring2, t + T//2]``;
     ``interference`` (T, 9) ``[t + T//2, view % 9]``; ``crystal_efficiencies``
-    (rings, detectors) ``[ring, crystal]``; ``axial_effects`` (num norm sinograms,).
-    ``norm_segments``: the span/ring-difference layout of the axial effects.
+    (rings, detectors) ``[ring, crystal]``; ``axial_effects`` (num norm sinograms,), one per
+    sinogram of the norm's own layout (``norm_span``, ``norm_max_ring_diff``) in ECAT order.
     """
 
     header_path: Path
@@ -293,7 +293,8 @@ def read_ecat8_norm(path: str | os.PathLike) -> ECAT8Norm:
     axial = comp(o4, s4[0], 4)
     # STIR, for the mMR only: shift the crystal efficiencies by one crystal, then zero the gaps
     eff = np.roll(eff, 1, axis=1)
-    eff[:, ::_CRYSTALS_PER_BLOCK] = 0.0
+    for inc in range(_VIRTUAL_CRYSTALS_PER_BLOCK):
+        eff[:, inc::_CRYSTALS_PER_BLOCK] = 0.0
     for name, arr, i in (("geometric effects", geometric, 1), ("crystal interference", interference, 2),
                          ("crystal efficiencies", eff, 3), ("axial effects", axial, 4)):
         if not np.all(np.isfinite(arr)):

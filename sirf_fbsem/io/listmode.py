@@ -922,7 +922,7 @@ def histogram_listmode(
     geometry: SinogramGeometry,
     time_interval_s: tuple[float, float] | None = None,
     store_delayeds: bool = True,
-    chunk_words: int = 2**24,
+    chunk_words: int = 2**22,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Histogram a PETLINK 32-bit listmode file into SIRF-ordered sinograms, as STIR's lm_to_projdata.
@@ -936,7 +936,8 @@ def histogram_listmode(
             current time ``t0 <= t < t1`` are kept (None: all). An interval that
             does not overlap the acquisition raises ``ValueError``.
         store_delayeds: also histogram the delayed coincidences (separately).
-        chunk_words: words per chunk (two chunk buffers plus one code buffer in memory).
+        chunk_words: words per chunk; four buffers of this many 32-bit words are used
+            (2**22: 64 MiB in all, whatever the file size).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -1092,8 +1093,12 @@ def histogram_with_sirf(
         lm2sino.set_output_prefix(os.path.join(folder, "prompts" if prompts else "delayeds"))
         lm2sino.set_template(template if not isinstance(template, (str, os.PathLike)) else str(template))
         lm2sino.set_time_interval(t0, t1)
-        lm2sino.flag_on("store_prompts") if prompts else lm2sino.flag_off("store_prompts")
-        lm2sino.flag_off("store_delayeds") if prompts else lm2sino.flag_on("store_delayeds")
+        if prompts:
+            lm2sino.flag_on("store_prompts")
+            lm2sino.flag_off("store_delayeds")
+        else:
+            lm2sino.flag_off("store_prompts")
+            lm2sino.flag_on("store_delayeds")
         lm2sino.set_up()
         lm2sino.process()
         arr = np.array(lm2sino.get_output().as_array(), dtype=np.float32)  # a copy
