@@ -184,7 +184,7 @@ def row_blocks(m: np.ndarray, tan_theta: np.ndarray, samp: np.ndarray, n_ax: np.
     return np.asarray(start, dtype=np.int64), np.asarray(length, dtype=np.int64), dz
 
 
-# --------------------------------------------------------------------------- one ray (fallback)
+# --------------------------------------------------------------------------- strides
 
 
 @njit(cache=True)
@@ -216,62 +216,6 @@ def _prepare(p, A1, B1, A2, B2, nz, ny, nx):
     return sp, s1, s2, base, A1, B1, A2, B2, _on_grid(A2, B2)
 
 
-@njit(cache=True)
-def _trace_fwd(img, k_lo, k_hi, sp, s1, s2, base, A1, B1, A2, B2, two):
-    """Sum of the bilinear samples of one ray over planes k_lo..k_hi (float64)."""
-    acc = 0.0
-    if two:
-        off = base + int64(A2) * s2
-        for k in range(k_lo, k_hi + 1):
-            w1 = A1 + k * B1
-            i1 = np.floor(w1)
-            f1 = w1 - i1
-            j = uint64(off + k * sp + int64(i1) * s1)
-            acc += (1.0 - f1) * img[j] + f1 * img[j + uint64(s1)]
-    else:
-        for k in range(k_lo, k_hi + 1):
-            w1 = A1 + k * B1
-            w2 = A2 + k * B2
-            i1 = np.floor(w1)
-            i2 = np.floor(w2)
-            f1 = w1 - i1
-            f2 = w2 - i2
-            j = uint64(base + k * sp + int64(i1) * s1 + int64(i2) * s2)
-            acc += (1.0 - f2) * ((1.0 - f1) * img[j] + f1 * img[j + uint64(s1)]) + f2 * (
-                (1.0 - f1) * img[j + uint64(s2)] + f1 * img[j + uint64(s1 + s2)]
-            )
-    return acc
-
-
-@njit(cache=True)
-def _trace_adj(buf, val, k_lo, k_hi, sp, s1, s2, base, A1, B1, A2, B2, two):
-    """Scatter ``val`` times the bilinear weights of one ray into ``buf``."""
-    if two:
-        off = base + int64(A2) * s2
-        for k in range(k_lo, k_hi + 1):
-            w1 = A1 + k * B1
-            i1 = np.floor(w1)
-            f1 = w1 - i1
-            j = uint64(off + k * sp + int64(i1) * s1)
-            buf[j] += val * (1.0 - f1)
-            buf[j + uint64(s1)] += val * f1
-    else:
-        for k in range(k_lo, k_hi + 1):
-            w1 = A1 + k * B1
-            w2 = A2 + k * B2
-            i1 = np.floor(w1)
-            i2 = np.floor(w2)
-            f1 = w1 - i1
-            f2 = w2 - i2
-            j = uint64(base + k * sp + int64(i1) * s1 + int64(i2) * s2)
-            g = val * (1.0 - f2)
-            h = val * f2
-            buf[j] += g * (1.0 - f1)
-            buf[j + uint64(s1)] += g * f1
-            buf[j + uint64(s2)] += h * (1.0 - f1)
-            buf[j + uint64(s1 + s2)] += h * f1
-
-
 # --------------------------------------------------------------------------- a block of rows
 
 
@@ -301,6 +245,102 @@ def _block_ranges(klo, khi, r0, nr, m, dzi, tp, tt, B2, n_p, k_lo0, k_hi0, nz, v
 
 
 @njit(cache=True)
+def _rows_fwd4(img, acc, kmin, kmax, klo, khi, zo, base, sp, s1, s2, A1, B1, A2, B2):
+    """acc[a] += bilinear samples of img (1D, padded) for the rows of a block, planes kmin..kmax."""
+    cast = img.dtype.type
+    u1 = uint64(s1)
+    u2 = uint64(s2)
+    u12 = uint64(s1 + s2)
+    for k in range(kmin, kmax + 1):
+        w1 = A1 + k * B1
+        w2 = A2 + k * B2
+        i1 = np.floor(w1)
+        i2 = np.floor(w2)
+        f1 = w1 - i1
+        f2 = w2 - i2
+        g1 = 1.0 - f1
+        g2 = 1.0 - f2
+        c00 = cast(g1 * g2)
+        c10 = cast(f1 * g2)
+        c01 = cast(g1 * f2)
+        c11 = cast(f1 * f2)
+        idx = base + k * sp + int64(i1) * s1 + int64(i2) * s2
+        for a in range(acc.shape[0]):
+            if klo[a] <= k and k <= khi[a]:
+                j = uint64(idx + zo[a])
+                acc[a] += c00 * img[j] + c10 * img[j + u1] + c01 * img[j + u2] + c11 * img[j + u12]
+
+
+@njit(cache=True)
+def _rows_fwd2(img, acc, kmin, kmax, klo, khi, zo, off, sp, s1, A1, B1):
+    """As :func:`_rows_fwd4` with the second secondary axis constant on a voxel centre (offset in ``off``)."""
+    cast = img.dtype.type
+    u1 = uint64(s1)
+    for k in range(kmin, kmax + 1):
+        w1 = A1 + k * B1
+        i1 = np.floor(w1)
+        f1 = w1 - i1
+        c0 = cast(1.0 - f1)
+        c1 = cast(f1)
+        idx = off + k * sp + int64(i1) * s1
+        for a in range(acc.shape[0]):
+            if klo[a] <= k and k <= khi[a]:
+                j = uint64(idx + zo[a])
+                acc[a] += c0 * img[j] + c1 * img[j + u1]
+
+
+@njit(cache=True)
+def _rows_adj4(buf, val, kmin, kmax, klo, khi, zo, base, sp, s1, s2, A1, B1, A2, B2):
+    """Transpose of :func:`_rows_fwd4`: buf (1D, padded) += val[a] x the bilinear weights."""
+    cast = buf.dtype.type
+    u1 = uint64(s1)
+    u2 = uint64(s2)
+    u12 = uint64(s1 + s2)
+    for k in range(kmin, kmax + 1):
+        w1 = A1 + k * B1
+        w2 = A2 + k * B2
+        i1 = np.floor(w1)
+        i2 = np.floor(w2)
+        f1 = w1 - i1
+        f2 = w2 - i2
+        g1 = 1.0 - f1
+        g2 = 1.0 - f2
+        c00 = cast(g1 * g2)
+        c10 = cast(f1 * g2)
+        c01 = cast(g1 * f2)
+        c11 = cast(f1 * f2)
+        idx = base + k * sp + int64(i1) * s1 + int64(i2) * s2
+        for a in range(val.shape[0]):
+            if klo[a] <= k and k <= khi[a]:
+                j = uint64(idx + zo[a])
+                y = val[a]
+                buf[j] += c00 * y
+                buf[j + u1] += c10 * y
+                buf[j + u2] += c01 * y
+                buf[j + u12] += c11 * y
+
+
+@njit(cache=True)
+def _rows_adj2(buf, val, kmin, kmax, klo, khi, zo, off, sp, s1, A1, B1):
+    """Transpose of :func:`_rows_fwd2`."""
+    cast = buf.dtype.type
+    u1 = uint64(s1)
+    for k in range(kmin, kmax + 1):
+        w1 = A1 + k * B1
+        i1 = np.floor(w1)
+        f1 = w1 - i1
+        c0 = cast(1.0 - f1)
+        c1 = cast(f1)
+        idx = off + k * sp + int64(i1) * s1
+        for a in range(val.shape[0]):
+            if klo[a] <= k and k <= khi[a]:
+                j = uint64(idx + zo[a])
+                y = val[a]
+                buf[j] += c0 * y
+                buf[j + u1] += c1 * y
+
+
+@njit(cache=True)
 def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov):
     """Forward projection of rows r0..r0+nr-1 of view v (all tangential positions)."""
     nb = img.shape[0]
@@ -308,10 +348,13 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
     nz, ny, nx = shape[0], shape[1], shape[2]
     vz, vy, vx = vox[0], vox[1], vox[2]
     z0, y0, x0 = first[0], first[1], first[2]
-    acc = np.zeros((nb, nr))
+    acc = np.zeros((nb, nr), dtype=img.dtype)
     klo = np.empty(nr, np.int64)
     khi = np.empty(nr, np.int64)
-    cast = img.dtype.type
+    one = np.zeros(1, dtype=img.dtype)  # one row, for rays traced one by one
+    kl1 = np.zeros(1, np.int64)
+    kh1 = np.zeros(1, np.int64)
+    zo1 = np.zeros(1, np.int64)
     n = n_ax[r0]
     for t in range(N):
         acc[:] = 0.0
@@ -322,14 +365,23 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
         for i in range(n):
             dzi = ((i + 0.5) / n - 0.5) * samp[r0]
             if p == 0:
+                # principal axis z: the rows share nothing, trace them one by one
                 for a in range(nr):
                     k_lo, k_hi, q, a1, b1, a2, b2, _ = ray_setup(
                         cos_phi[v], sin_phi[v], s[t], m[r0 + a] + dzi, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
                     )
-                    if k_lo <= k_hi:
-                        sp, s1, s2, base, a1, b1, a2, b2, two = _prepare(q, a1, b1, a2, b2, nz, ny, nx)
-                        for b in range(nb):
-                            acc[b, a] += _trace_fwd(img[b], k_lo, k_hi, sp, s1, s2, base, a1, b1, a2, b2, two)
+                    if k_lo > k_hi:
+                        continue
+                    sp, s1, s2, base, a1, b1, a2, b2, two = _prepare(q, a1, b1, a2, b2, nz, ny, nx)
+                    kl1[0] = k_lo
+                    kh1[0] = k_hi
+                    for b in range(nb):
+                        one[0] = 0.0
+                        if two:
+                            _rows_fwd2(img[b], one, k_lo, k_hi, kl1, kh1, zo1, base + int64(a2) * s2, sp, s1, a1, b1)
+                        else:
+                            _rows_fwd4(img[b], one, k_lo, k_hi, kl1, kh1, zo1, base, sp, s1, s2, a1, b1, a2, b2)
+                        acc[b, a] += one[0]
                 continue
             if k_lo0 > k_hi0:
                 continue
@@ -337,45 +389,11 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
             if kmin > kmax:
                 continue
             sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
-            if two:
-                off = base + int64(Ag) * s2
-                for k in range(kmin, kmax + 1):
-                    w1 = Af + k * Bf
-                    i1 = np.floor(w1)
-                    f1 = w1 - i1
-                    c0 = cast(1.0 - f1)
-                    c1 = cast(f1)
-                    idx = off + k * sp + int64(i1) * s1
-                    for a in range(nr):
-                        if klo[a] <= k and k <= khi[a]:
-                            j = uint64(idx + zo[a])
-                            for b in range(nb):
-                                acc[b, a] += c0 * img[b, j] + c1 * img[b, j + uint64(s1)]
-            else:
-                for k in range(kmin, kmax + 1):
-                    w1 = Af + k * Bf
-                    w2 = Ag + k * Bg
-                    i1 = np.floor(w1)
-                    i2 = np.floor(w2)
-                    f1 = w1 - i1
-                    f2 = w2 - i2
-                    g1 = 1.0 - f1
-                    g2 = 1.0 - f2
-                    c00 = cast(g1 * g2)
-                    c10 = cast(f1 * g2)
-                    c01 = cast(g1 * f2)
-                    c11 = cast(f1 * f2)
-                    idx = base + k * sp + int64(i1) * s1 + int64(i2) * s2
-                    for a in range(nr):
-                        if klo[a] <= k and k <= khi[a]:
-                            j = uint64(idx + zo[a])
-                            for b in range(nb):
-                                acc[b, a] += (
-                                    c00 * img[b, j]
-                                    + c10 * img[b, j + uint64(s1)]
-                                    + c01 * img[b, j + uint64(s2)]
-                                    + c11 * img[b, j + uint64(s1 + s2)]
-                                )
+            for b in range(nb):
+                if two:
+                    _rows_fwd2(img[b], acc[b], kmin, kmax, klo, khi, zo, base + int64(Ag) * s2, sp, s1, Af, Bf)
+                else:
+                    _rows_fwd4(img[b], acc[b], kmin, kmax, klo, khi, zo, base, sp, s1, s2, Af, Bf, Ag, Bg)
         w = step / n
         for a in range(nr):
             for b in range(nb):
@@ -393,7 +411,10 @@ def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp
     val = np.zeros((nb, nr), dtype=buf.dtype)
     klo = np.empty(nr, np.int64)
     khi = np.empty(nr, np.int64)
-    cast = buf.dtype.type
+    one = np.zeros(1, dtype=buf.dtype)  # one row, for rays traced one by one
+    kl1 = np.zeros(1, np.int64)
+    kh1 = np.zeros(1, np.int64)
+    zo1 = np.zeros(1, np.int64)
     n = n_ax[r0]
     for t in range(N):
         tt = tan_theta[r0, t]
@@ -412,15 +433,22 @@ def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp
         for i in range(n):
             dzi = ((i + 0.5) / n - 0.5) * samp[r0]
             if p == 0:
+                # principal axis z: the rows share nothing, trace them one by one
                 for a in range(nr):
                     k_lo, k_hi, q, a1, b1, a2, b2, _ = ray_setup(
                         cos_phi[v], sin_phi[v], s[t], m[r0 + a] + dzi, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
                     )
-                    if k_lo <= k_hi:
-                        sp, s1, s2, base, a1, b1, a2, b2, two = _prepare(q, a1, b1, a2, b2, nz, ny, nx)
-                        for b in range(nb):
-                            if val[b, a] != 0.0:
-                                _trace_adj(buf[b], val[b, a], k_lo, k_hi, sp, s1, s2, base, a1, b1, a2, b2, two)
+                    if k_lo > k_hi:
+                        continue
+                    sp, s1, s2, base, a1, b1, a2, b2, two = _prepare(q, a1, b1, a2, b2, nz, ny, nx)
+                    kl1[0] = k_lo
+                    kh1[0] = k_hi
+                    for b in range(nb):
+                        one[0] = val[b, a]
+                        if two:
+                            _rows_adj2(buf[b], one, k_lo, k_hi, kl1, kh1, zo1, base + int64(a2) * s2, sp, s1, a1, b1)
+                        else:
+                            _rows_adj4(buf[b], one, k_lo, k_hi, kl1, kh1, zo1, base, sp, s1, s2, a1, b1, a2, b2)
                 continue
             if k_lo0 > k_hi0:
                 continue
@@ -428,46 +456,11 @@ def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp
             if kmin > kmax:
                 continue
             sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
-            if two:
-                off = base + int64(Ag) * s2
-                for k in range(kmin, kmax + 1):
-                    w1 = Af + k * Bf
-                    i1 = np.floor(w1)
-                    f1 = w1 - i1
-                    c0 = cast(1.0 - f1)
-                    c1 = cast(f1)
-                    idx = off + k * sp + int64(i1) * s1
-                    for a in range(nr):
-                        if klo[a] <= k and k <= khi[a]:
-                            j = uint64(idx + zo[a])
-                            for b in range(nb):
-                                y = val[b, a]
-                                buf[b, j] += c0 * y
-                                buf[b, j + uint64(s1)] += c1 * y
-            else:
-                for k in range(kmin, kmax + 1):
-                    w1 = Af + k * Bf
-                    w2 = Ag + k * Bg
-                    i1 = np.floor(w1)
-                    i2 = np.floor(w2)
-                    f1 = w1 - i1
-                    f2 = w2 - i2
-                    g1 = 1.0 - f1
-                    g2 = 1.0 - f2
-                    c00 = cast(g1 * g2)
-                    c10 = cast(f1 * g2)
-                    c01 = cast(g1 * f2)
-                    c11 = cast(f1 * f2)
-                    idx = base + k * sp + int64(i1) * s1 + int64(i2) * s2
-                    for a in range(nr):
-                        if klo[a] <= k and k <= khi[a]:
-                            j = uint64(idx + zo[a])
-                            for b in range(nb):
-                                y = val[b, a]
-                                buf[b, j] += c00 * y
-                                buf[b, j + uint64(s1)] += c10 * y
-                                buf[b, j + uint64(s2)] += c01 * y
-                                buf[b, j + uint64(s1 + s2)] += c11 * y
+            for b in range(nb):
+                if two:
+                    _rows_adj2(buf[b], val[b], kmin, kmax, klo, khi, zo, base + int64(Ag) * s2, sp, s1, Af, Bf)
+                else:
+                    _rows_adj4(buf[b], val[b], kmin, kmax, klo, khi, zo, base, sp, s1, s2, Af, Bf, Ag, Bg)
 
 
 @njit(cache=True)

@@ -4,9 +4,9 @@ Same algorithm, same padded image and the same per-ray set-up as
 :mod:`.joseph_numba` (:func:`_setup` repeats :func:`.joseph_numba.ray_setup`
 operation by operation in float64, so both backends trace the same planes).
 Rays are processed in chunks of (row, view) pairs such that a chunk holds at most
-about ``SAMPLE_BUDGET`` samples; within a chunk every sample (ray, plane) is one
-element: gathers with bilinear weights for the forward, ``index_add_`` for the
-adjoint.
+about ``SAMPLE_BUDGET`` samples; within a chunk the samples form a (rays, planes)
+array, padded to the longest ray with zero weights: gathers with bilinear weights
+for the forward, ``index_add_`` for the adjoint.
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from .rays import RayTable
 
 __all__ = ["forward", "adjoint", "SAMPLE_BUDGET"]
 
-#: upper bound on the samples (rays x planes x batch) held at once in a chunk
+#: upper bound on the samples (rays x planes) held at once in a chunk, on a GPU
 SAMPLE_BUDGET = 1 << 24
+#: the same on the CPU, where large temporaries cost page faults on every allocation
+SAMPLE_BUDGET_CPU = 1 << 20
 
 
 class _Tables:
@@ -129,11 +131,12 @@ def _setup(tb: _Tables, r: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sub: 
     return k_lo, count, st[p], st[q1], st[q2], A1, B1, A2, B2, step / n
 
 
-def _chunks(tb: _Tables, num_batch: int):
-    """Ranges of (row, view) items (row-major) holding at most about SAMPLE_BUDGET samples."""
+def _chunks(tb: _Tables):
+    """Ranges of (row, view) items (row-major) holding at most SAMPLE_BUDGET(_CPU) samples."""
     S, V, N = tb.m.shape[0], tb.cos_phi.shape[0], tb.s.shape[0]
-    per_item = N * tb.max_nax * max(tb.shape) * max(1, num_batch)
-    size = max(1, SAMPLE_BUDGET // per_item)
+    per_item = N * tb.max_nax * max(tb.shape)
+    budget = SAMPLE_BUDGET_CPU if tb.m.device.type == "cpu" else SAMPLE_BUDGET
+    size = max(1, budget // per_item)
     for i0 in range(0, S * V, size):
         yield i0, min(S * V, i0 + size)
 
@@ -157,24 +160,27 @@ def _rays_of(tb: _Tables, i0: int, i1: int):
 
 
 def _samples(tb: _Tables, ray):
-    """Per sample: ray index, flat padded index of corner (0,0), the strides s1, s2 and the 4 weights (float64)."""
+    """Samples as (rays, K) arrays, K the most planes of a ray: flat padded index of corner (0,0)
+    and the 4 bilinear weights (float64, 0 beyond a ray's last plane, whose index is then 0)."""
     k_lo, count, sp, s1, s2, A1, B1, A2, B2, _ = ray
     dev = k_lo.device
-    rid = torch.repeat_interleave(torch.arange(count.numel(), device=dev), count)
-    j = torch.arange(rid.numel(), device=dev) - (torch.cumsum(count, 0) - count)[rid]
-    k = k_lo[rid] + j
+    K = int(count.max()) if count.numel() else 0
+    j = torch.arange(K, device=dev)
+    valid = j[None, :] < count[:, None]
+    k = k_lo[:, None] + j[None, :]
     kf = k.to(torch.float64)
-    w1 = A1[rid] + kf * B1[rid]
-    w2 = A2[rid] + kf * B2[rid]
+    w1 = A1[:, None] + kf * B1[:, None]
+    w2 = A2[:, None] + kf * B2[:, None]
     i1 = torch.floor(w1)
     i2 = torch.floor(w2)
-    f1 = w1 - i1
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    f1 = torch.where(valid, w1 - i1, zero)
+    g1 = torch.where(valid, 1.0 - (w1 - i1), zero)
     f2 = w2 - i2
-    s1r, s2r = s1[rid], s2[rid]
-    idx = tb.base + k * sp[rid] + i1.to(torch.int64) * s1r + i2.to(torch.int64) * s2r
-    g1 = 1.0 - f1
     g2 = 1.0 - f2
-    return rid, idx, s1r, s2r, (g1 * g2, f1 * g2, g1 * f2, f1 * f2)
+    idx = tb.base + k * sp[:, None] + i1.to(torch.int64) * s1[:, None] + i2.to(torch.int64) * s2[:, None]
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    return idx, s1[:, None], s2[:, None], (g1 * g2, f1 * g2, g1 * f2, f1 * f2)
 
 
 def forward(image: torch.Tensor, rays: RayTable) -> torch.Tensor:
@@ -185,21 +191,19 @@ def forward(image: torch.Tensor, rays: RayTable) -> torch.Tensor:
     img = torch.nn.functional.pad(image, (PAD,) * 6).reshape(nb, -1)
     S, V, N = rays.sinogram_shape
     out = torch.zeros((nb, S * V * N), dtype=dt, device=image.device)
-    for i0, i1 in _chunks(tb, nb):
+    for i0, i1 in _chunks(tb):
         r, v, t, sub, local = _rays_of(tb, i0, i1)
         ray = _setup(tb, r, v, t, sub)
-        rid, idx, s1, s2, c = _samples(tb, ray)
-        if rid.numel() == 0:
-            continue
-        vals = (
-            img[:, idx] * c[0].to(dt)
-            + img[:, idx + s1] * c[1].to(dt)
-            + img[:, idx + s2] * c[2].to(dt)
-            + img[:, idx + s1 + s2] * c[3].to(dt)
-        )
-        per_ray = torch.zeros((nb, r.numel()), dtype=dt, device=image.device).index_add_(1, rid, vals)
-        per_ray *= ray[-1].to(dt)
-        out[:, i0 * N : i1 * N].index_add_(1, local, per_ray)
+        idx, s1, s2, c = _samples(tb, ray)
+        c = [ci.to(dt) for ci in c]
+        w = ray[-1].to(dt)
+        corners = (idx, idx + s1, idx + s2, idx + s1 + s2)
+        for b in range(nb):
+            x = img[b]
+            vals = x.take(corners[0]) * c[0]
+            for j in range(1, 4):
+                vals += x.take(corners[j]) * c[j]
+            out[b, i0 * N : i1 * N].index_add_(0, local, vals.sum(dim=1) * w)
     return out.reshape(nb, S, V, N)
 
 
@@ -212,17 +216,16 @@ def adjoint(sino: torch.Tensor, rays: RayTable) -> torch.Tensor:
     y = sino.reshape(nb, -1)
     buf = torch.zeros((nb,) + tb.padded_shape, dtype=dt, device=sino.device)
     flat = buf.view(nb, -1)
-    for i0, i1 in _chunks(tb, nb):
+    for i0, i1 in _chunks(tb):
         r, v, t, sub, local = _rays_of(tb, i0, i1)
         ray = _setup(tb, r, v, t, sub)
-        rid, idx, s1, s2, c = _samples(tb, ray)
-        if rid.numel() == 0:
-            continue
-        per_ray = y[:, i0 * N : i1 * N][:, local] * ray[-1].to(dt)
-        vals = per_ray[:, rid]
-        flat.index_add_(1, idx, vals * c[0].to(dt))
-        flat.index_add_(1, idx + s1, vals * c[1].to(dt))
-        flat.index_add_(1, idx + s2, vals * c[2].to(dt))
-        flat.index_add_(1, idx + s1 + s2, vals * c[3].to(dt))
+        idx, s1, s2, c = _samples(tb, ray)
+        c = [ci.to(dt) for ci in c]
+        w = ray[-1].to(dt)
+        corners = [(idx + off).reshape(-1) for off in (0, s1, s2, s1 + s2)]
+        for b in range(nb):
+            val = (y[b, i0 * N : i1 * N][local] * w)[:, None]
+            for j in range(4):
+                flat[b].index_add_(0, corners[j], (val * c[j]).reshape(-1))
     nz, ny, nx = tb.shape
     return buf[:, PAD : PAD + nz, PAD : PAD + ny, PAD : PAD + nx].contiguous()

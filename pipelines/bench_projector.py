@@ -1,0 +1,298 @@
+"""Benchmark of the embedded Joseph projector on a full Siemens mMR span-11 sinogram.
+
+For each (device, image) point a fresh Python process builds the ray table, JIT-
+compiles (or loads from numba's cache) the kernels on a tiny geometry, then times
+one forward projection of a uniform cylinder and one back projection of the
+resulting sinogram, and reports its peak resident memory (``ru_maxrss``, which
+also counts what torch and numba take on import). Results are compared with STIR's
+ray tracer (``--stir-reference``, measured on a similar 2-core machine), printed
+as a table, written as JSON and drawn as a bar plot.
+
+    python pipelines/bench_projector.py                      # mMR, both images, CPU (+ CUDA if present)
+    python pipelines/bench_projector.py --quick              # small test scanner, smoke test
+    python pipelines/bench_projector.py --images 172 --devices cpu --threads 2
+
+Images: ``default`` is SIRF's default image for the scanner (285x285x127 for the
+mMR); an integer n is an n x n x nz image with the same voxels. The cylinder has
+value 1, a radius of a quarter of the image width and fills every plane.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_STIR_REFERENCE = REPO.parent / "shared" / "bench" / "stir_reference.json"
+DEFAULT_OUT = REPO / "pipelines" / "results" / "bench_projector.json"
+
+
+# ----------------------------------------------------------------------------- one point (child process)
+
+
+def _geometry(quick: bool):
+    from sirf_fbsem.geometry import SinogramGeometry, scanner_preset
+
+    if quick:
+        return SinogramGeometry.from_span(scanner_preset("small_test"), span=3, max_ring_diff=4)
+    return SinogramGeometry.from_span(scanner_preset("Siemens_mMR"), span=11, max_ring_diff=60)
+
+
+def _image(sino, spec: str):
+    from sirf_fbsem.geometry import ImageGeometry
+
+    im = sino.default_image()
+    if spec == "default":
+        return im
+    n = int(spec)
+    return ImageGeometry((im.shape[0], n, n), im.voxel_size_mm, im.origin_mm)
+
+
+def _cylinder(im, torch):
+    """Value 1 inside radius = width / 4 (voxel centres), every plane."""
+    import numpy as np
+
+    _, y, x = im.centred_coordinates_mm()
+    radius = im.shape[2] * im.voxel_size_mm[2] / 4.0
+    disc = (y[:, None] ** 2 + x[None, :] ** 2) < radius**2
+    img = np.broadcast_to(disc, im.shape).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0), radius
+
+
+def _sync(torch, device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_point(device: str, image: str, quick: bool) -> dict:
+    """Time one forward and one back projection; returns a result record."""
+    t_import = time.perf_counter()
+    import numba
+    import torch
+
+    from sirf_fbsem.projectors.joseph import joseph_adjoint, joseph_forward
+    from sirf_fbsem.projectors.rays import make_ray_table
+
+    t_import = time.perf_counter() - t_import
+    torch.set_grad_enabled(False)
+    sino = _geometry(quick)
+    im = _image(sino, image)
+    dev = torch.device(device)
+
+    # JIT / kernel warm-up on a tiny geometry (numba: compile or load from its cache)
+    from sirf_fbsem.geometry import SinogramGeometry, scanner_preset
+
+    tiny = SinogramGeometry.from_span(scanner_preset("small_test"), span=3, max_ring_diff=4)
+    tiny_rays = make_ray_table(tiny, tiny.default_image(), views=[0, 1])
+    t0 = time.perf_counter()
+    xt = torch.ones((1,) + tiny.default_image().shape, dtype=torch.float32, device=dev)
+    yt = joseph_forward(xt, tiny_rays)
+    joseph_adjoint(yt, tiny_rays)
+    _sync(torch, device)
+    jit_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rays = make_ray_table(sino, im)
+    rays_s = time.perf_counter() - t0
+    x, radius = _cylinder(im, torch)
+    x = x.to(dev)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(torch, device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    y = joseph_forward(x, rays)
+    _sync(torch, device)
+    fwd_s, fwd_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    b = joseph_adjoint(y, rays)
+    _sync(torch, device)
+    back_s, back_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    rec = {
+        "scanner": sino.scanner.name,
+        "span": sino.span,
+        "sinogram_shape": list(sino.shape),
+        "image": image,
+        "image_shape": list(im.shape),
+        "voxel_size_mm": list(im.voxel_size_mm),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "backend": "numba" if device == "cpu" else "torch",
+        "dtype": "float32",
+        "threads": numba.get_num_threads() if device == "cpu" else None,
+        "import_s": round(t_import, 3),
+        "jit_s": round(jit_s, 3),
+        "ray_table_s": round(rays_s, 3),
+        "forward_s": round(fwd_s, 3),
+        "back_s": round(back_s, 3),
+        # CPU seconds of the process (all threads): on a busy machine, cpu_s / threads is
+        # what the wall time would be with the cores to ourselves
+        "forward_cpu_s": round(fwd_cpu_s, 3),
+        "back_cpu_s": round(back_cpu_s, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "cylinder_radius_mm": round(radius, 3),
+        "sino_sum": float(y.double().sum()),
+        "backprojection_sum": float(b.double().sum()),
+        "load_average_after": list(os.getloadavg()),  # 1, 5, 15 min: other work on the machine
+    }
+    if device == "cuda":
+        rec["cuda_max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return rec
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _stir_reference(path: Path) -> dict[tuple[int, ...], dict]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {tuple(r["image_shape"]): r for r in data.get("results", [])}
+
+
+def _spawn(device: str, image: str, quick: bool, threads: int | None, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--devices", device, "--images", image]
+    if quick:
+        cmd.append("--quick")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if threads:
+        env["NUMBA_NUM_THREADS"] = str(threads)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        return {"device": device, "image": image, "error": proc.stderr.strip().splitlines()[-5:]}
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    rec["process_wall_s"] = round(time.perf_counter() - t0, 3)
+    return rec
+
+
+def _table(results: list[dict]) -> str:
+    head = (
+        f"{'device':6} {'image (z,y,x)':16} {'thr':>3} {'jit s':>6} {'fwd s':>8} {'back s':>8} "
+        f"{'fwd cpu':>8} {'back cpu':>8} {'RSS GB':>6} {'STIR fwd':>8} {'STIR back':>9} {'x fwd':>6} {'x back':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['device']:6} {r['image']:16} ERROR {' | '.join(r['error'])}")
+            continue
+        st = r.get("stir") or {}
+        sf, sb = st.get("forward_s"), st.get("back_s")
+        shape = "x".join(str(n) for n in r["image_shape"])
+        lines.append(
+            f"{r['device']:6} {shape:16} {r['threads'] or '-':>3} {r['jit_s']:6.1f} {r['forward_s']:8.2f} "
+            f"{r['back_s']:8.2f} {r['forward_cpu_s']:8.1f} {r['back_cpu_s']:8.1f} {r['peak_rss_gb']:6.2f} "
+            f"{sf if sf is not None else '-':>8} {sb if sb is not None else '-':>9} "
+            f"{(sf / r['forward_s']) if sf else float('nan'):6.1f} {(sb / r['back_s']) if sb else float('nan'):6.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return
+    labels, series = [], {}
+    for r in ok:
+        shape = "x".join(str(n) for n in r["image_shape"])
+        labels.append(f"{shape} (z,y,x)\n{r['device']}")
+        st = r.get("stir") or {}
+        for key, val in (
+            ("ours forward", r["forward_s"]),
+            ("ours back", r["back_s"]),
+            ("STIR forward", st.get("forward_s", math.nan)),
+            ("STIR back", st.get("back_s", math.nan)),
+        ):
+            series.setdefault(key, []).append(val)
+    fig, ax = plt.subplots(figsize=(2.2 + 1.8 * len(labels), 4))
+    width = 0.2
+    colours = {"ours forward": "#1f77b4", "ours back": "#aec7e8", "STIR forward": "#d62728", "STIR back": "#ff9896"}
+    for j, (key, vals) in enumerate(series.items()):
+        xs = [i + (j - 1.5) * width for i in range(len(labels))]
+        ax.bar(xs, vals, width, label=key, color=colours[key])
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("wall time (s)")
+    ax.set_title(f"{ok[0]['scanner']} span {ok[0]['span']}: one full projection")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", default=None, help="comma-separated: 'default' and/or n (n x n x nz); default: default,172")
+    ap.add_argument("--devices", default="cpu,cuda", help="comma-separated subset of cpu,cuda (cuda skipped if absent)")
+    ap.add_argument("--quick", action="store_true", help="small test scanner (smoke test); images default to default,31")
+    ap.add_argument("--threads", type=int, default=None, help="numba threads (default: numba's, all cores)")
+    ap.add_argument("--stir-reference", type=Path, default=DEFAULT_STIR_REFERENCE)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results; the plot goes next to it (.png)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per point")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    images = (args.images or ("default,31" if args.quick else "default,172")).split(",")
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    for d in devices:
+        if d not in ("cpu", "cuda"):
+            ap.error(f"--devices: expected cpu and/or cuda, got {d!r}")
+
+    if args.worker:
+        print(json.dumps(run_point(devices[0], images[0], args.quick)))
+        return 0
+
+    import torch
+
+    if "cuda" in devices and not torch.cuda.is_available():
+        print("CUDA not available: skipping the cuda points", file=sys.stderr)
+        devices = [d for d in devices if d != "cuda"]
+    stir = {} if args.quick else _stir_reference(args.stir_reference)
+    if not args.quick and not stir:
+        print(f"no STIR reference at {args.stir_reference}: no comparison", file=sys.stderr)
+    results = []
+    for device in devices:
+        for image in images:
+            print(f"... {device} {image}", file=sys.stderr, flush=True)
+            rec = _spawn(device, image, args.quick, args.threads, args.timeout)
+            if "error" not in rec and tuple(rec["image_shape"]) in stir:
+                ref = stir[tuple(rec["image_shape"])]
+                rec["stir"] = {k: ref.get(k) for k in ("forward_s", "back_s", "peak_rss_gb", "sino_sum", "projector")}
+                rec["speedup_forward"] = round(ref["forward_s"] / rec["forward_s"], 2)
+                rec["speedup_back"] = round(ref["back_s"] / rec["back_s"], 2)
+            results.append(rec)
+    report = {
+        "description": "Embedded Joseph projector, one full forward and back projection of a uniform cylinder "
+        "(float32); wall seconds; peak RSS of a fresh process per point.",
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_at_start": list(os.getloadavg()),
+        },
+        "stir_reference": str(args.stir_reference) if stir else None,
+        "results": results,
+    }
+    print(_table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    _plot(results, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
