@@ -27,6 +27,12 @@ the K stages (no memory per stage): values do not change memory.
 
 CPU points whose memory, extrapolated linearly in K from the points already
 measured for that mode, would exceed ``--max-rss-gb`` are skipped (recorded as such).
+
+Peak RSS includes what glibc's allocator keeps after ``free``: with its default
+dynamic mmap threshold, freed image-sized blocks (4 MiB here) stay in the heap and
+fragment it, so RSS creeps up with K even where live memory does not (checkpointed,
+greedy). ``--mmap-threshold 1048576`` sets ``MALLOC_MMAP_THRESHOLD_`` in the workers,
+so RSS follows live memory; the JSON records the setting.
 """
 from __future__ import annotations
 
@@ -161,7 +167,11 @@ def _mem_available_gb() -> float:
     return float("nan")
 
 
-def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, timeout_s: float) -> dict:
+def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, timeout_s: float,
+              mmap_threshold: int | None = None) -> dict:
+    env = dict(os.environ)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)  # glibc: fixed threshold, no dynamic growth
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode, "--stages", str(k),
            "--device", device]
     if quick:
@@ -170,7 +180,7 @@ def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, tim
         cmd += ["--dims", str(dims)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "stages": k, "device": device, "status": f"timeout after {timeout_s:.0f} s"}
     total = time.perf_counter() - t0
@@ -223,11 +233,22 @@ def _plot(results: list[dict], path: Path, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(title, fontsize="small")
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _title(desc: dict, mmap_threshold: int | None) -> str:
+    reg = desc["regulariser"]
+    t = (f"one training step (batch 1): image {desc['image_shape_zyx']} (z,y,x), {reg['dims']}D CNN "
+         f"{reg['channels']} ch x {reg['layers']} conv, {desc['num_subsets']} subsets")
+    if mmap_threshold is not None:
+        t += f"; MALLOC_MMAP_THRESHOLD_={mmap_threshold}"
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip CPU points predicted above this (default 80%% of MemAvailable at start)")
     p.add_argument("--point-timeout", type=float, default=3600.0, help="seconds per point (default 3600)")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default pipelines/results/...)")
+    p.add_argument("--resume", action="store_true", help="keep the points already in the JSON (same problem)")
+    p.add_argument("--mmap-threshold", type=int, default=None,
+                   help="set glibc MALLOC_MMAP_THRESHOLD_ (bytes) in the workers: large freed blocks go back to "
+                        "the OS at once, so RSS follows live memory instead of heap retention")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
@@ -250,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_worker(args.mode, args.stages[0], args.device, args.quick, args.dims)), flush=True)
         return 0
 
+    if args.replot:
+        path = args.output or RESULTS / f"bench_training_memory{'_quick' if args.quick else ''}.json"
+        data = json.loads(path.read_text())
+        _plot(data["results"], path.with_suffix(".png"), _title(data["problem"], data.get("malloc_mmap_threshold")))
+        print(f"wrote {path.with_suffix('.png')}")
+        return 0
     stages = args.stages or ([1, 2, 4] if args.quick else list(DEFAULT_STAGES))
     if args.devices is None:
         import torch
@@ -268,9 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                  "mem_available_gb_at_start": round(_mem_available_gb(), 1)},
         "cpu_skip_threshold_mb": round(max_rss_mb),
+        "malloc_mmap_threshold": args.mmap_threshold,
         "notes": "peak_rss_mb: ru_maxrss of a fresh process (setup + one step); rss_before_step_mb: VmRSS just "
                  "before the step. cuda_peak_allocated_mb: torch.cuda.max_memory_allocated over the step.",
     }
+
+    if args.resume and out_json.is_file():
+        old = json.loads(out_json.read_text())
+        if old.get("problem") == desc and old.get("malloc_mmap_threshold") == args.mmap_threshold:
+            results = [r for r in old.get("results", []) if r.get("status") == "ok"]
+            print(f"resuming: {len(results)} points kept from {out_json}")
 
     def save() -> None:
         out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -280,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for device in args.devices:
         for mode in args.modes:
-            done: list[dict] = []
+            done = [r for r in results if r["mode"] == mode and r["device"] == device and r.get("status") == "ok"]
             for k in stages:
+                if any(r["stages"] == k for r in done):
+                    continue
                 if device == "cpu":
                     pred = _predict(done, k, "peak_rss_mb")
                     if pred is not None and pred > max_rss_mb:
@@ -291,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{device} {mode:<13} K={k:<3} {results[-1]['status']}", flush=True)
                         save()
                         continue
-                res = run_point(mode, k, device, args.quick, args.dims, args.point_timeout)
+                res = run_point(mode, k, device, args.quick, args.dims, args.point_timeout, args.mmap_threshold)
                 results.append(res)
                 if res["status"] == "ok":
                     done.append(res)
@@ -308,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nCUDA peak allocated (MiB):")
         print(_table([r for r in results if r["device"].startswith("cuda")], "cuda_peak_allocated_mb", stages))
     png = out_json.with_suffix(".png")
-    _plot(results, png, f"one training step; image {desc['image_shape_zyx']} (z,y,x), CNN {desc['regulariser']}")
+    _plot(results, png, _title(desc, args.mmap_threshold))
     print(f"\nwrote {out_json} and {png}")
     return 0
 

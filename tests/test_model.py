@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import pickle
 
-import numpy as np
 import pytest
 import torch
 
@@ -338,6 +337,11 @@ def test_model_file_round_trip(tmp_path):
         assert k1 == k2 and torch.equal(v1, v2)
     raw = torch.load(path, weights_only=True)  # plain tensors and strings only
     assert isinstance(raw["metadata_json"], str)
+    shared = FBSEMNet(3, 4, RegulariserConfig(dims=2, channels=4, layers=2), shared_regulariser=True)
+    _perturb(shared)
+    loaded, meta = load_model(save_model(tmp_path / "shared.pt", shared, _metadata()))
+    assert meta["shared_regulariser"] and loaded.stages[0].regulariser is loaded.stages[2].regulariser
+    assert all(torch.equal(a, b) for a, b in zip(shared.parameters(), loaded.parameters()))
 
 
 def test_model_for_another_geometry_is_refused(tmp_path):

@@ -210,3 +210,19 @@ def test_sequential_refuses_a_shared_regulariser(problem, tmp_path):
     net = FBSEMNet(2, 4, RegulariserConfig(dims=2, channels=4, layers=2), shared_regulariser=True)
     with pytest.raises(ValueError, match="shared regulariser"):
         train(net, samples, "sequential", _config(), with_terms_factory(base), tmp_path)
+
+
+def test_train_cli_flags_map_onto_the_config():
+    import argparse
+
+    from sirf_fbsem.training.cli import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    args = parser.parse_args(["--data", "d", "--out", "o", "--mode", "greedy", "--stages", "6", "--shared",
+                              "--epochs", "3", "--lr", "0.002", "--batch-size", "2", "--device", "cpu", "--resume",
+                              "--dims", "2", "--anatomical"])
+    assert (args.mode, args.stages, args.shared, args.epochs, args.lr, args.batch_size) == ("greedy", 6, True, 3, 0.002, 2)
+    assert (args.resume, args.dims, args.anatomical, str(args.data), str(args.out)) == (True, 2, True, "d", "o")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data", "d", "--out", "o", "--mode", "fastest"])

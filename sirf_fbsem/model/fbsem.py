@@ -105,7 +105,13 @@ def fbsem_fusion(
 
 
 class FBSEMStage(nn.Module):
-    """One FBSEM stage: OSEM sub-update, residual CNN, closed-form fusion (see the module docstring).
+    """One FBSEM stage on subset s (symbols as in the module docstring's table)::
+
+        x_em   = x / sens_s * A_s^T( y_s / (A_s x + b_s) )
+        x_reg  = CNN(x)
+        x_next = 2 x_em / ( (1 - beta x_reg / sens_s) + sqrt((1 - beta x_reg / sens_s)^2 + 4 beta x_em / sens_s) )
+
+    ``beta = softplus(rho)`` (times the per-sample unit of ``beta_units``); 0 outside the FOV.
 
     Args:
         regulariser: module ``(x (B,Z,Y,X), anatomical, mask) -> x_reg (B,Z,Y,X)``.
@@ -245,7 +251,7 @@ class FBSEMNet(nn.Module):
         """Run stages on ``x0``.
 
         Args:
-            x0: start image (B, Z, Y, X) or (Z, Y, X).
+            x0: start image (B, Z, Y, X) or (Z, Y, X) (broadcast over a batch of prompts).
             prompts: full measured sinogram (B, T, S, V, N) or (T, S, V, N), counts.
             model: acquisition model with ``num_subsets == self.num_subsets`` (its
                 factors and additive term may be per sample, (B, T, S, V, N)).
@@ -266,7 +272,7 @@ class FBSEMNet(nn.Module):
             )
         if self.uses_anatomical and anatomical is None:
             raise ValueError("this network's regulariser takes an anatomical image (in_channels=2); none given")
-        single = x0.dim() == 3
+        single = x0.dim() == 3 and prompts.dim() == 4
         x = x0.unsqueeze(0) if single else x0
         if x.dim() != 4 or tuple(x.shape[1:]) != tuple(model.image_shape):
             raise ValueError(

@@ -222,14 +222,17 @@ def attenuation_factors(model: EmbeddedAcquisitionModel, mu_map: np.ndarray | to
 
     Uses the model's geometry only (no factors, no PSF); LORs that miss the object get 1.
     """
-    geo = _geometric_model(model)
-    mu = torch.as_tensor(np.asarray(mu_map) if not isinstance(mu_map, torch.Tensor) else mu_map)
+    line = _geometric_model(model).direct(_mu_tensor(model, mu_map))
+    return torch.exp(-0.1 * line.clamp_min(0))
+
+
+def _mu_tensor(model: EmbeddedAcquisitionModel, mu_map: np.ndarray | torch.Tensor) -> torch.Tensor:
+    mu = mu_map if isinstance(mu_map, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(mu_map))
     if tuple(mu.shape) != tuple(model.image_shape):
         raise ValueError(f"mu_map has shape {tuple(mu.shape)}; the model's image is {model.image_shape} (z,y,x)")
     if (mu < 0).any():
         raise ValueError(f"mu_map has negative values (min {float(mu.min()):g} 1/cm)")
-    line = geo.direct(mu.to(device=model.device, dtype=model.dtype))
-    return torch.exp(-0.1 * line.clamp_min(0))
+    return mu.to(device=model.device, dtype=model.dtype)
 
 
 def detection_efficiencies(
@@ -243,15 +246,18 @@ def detection_efficiencies(
     """
     rng = _rng(rng)
     nr, D = geom.scanner.num_rings, geom.scanner.num_detectors_per_ring
-    crystal = np.clip(1.0 + params.crystal_efficiency_std * rng.standard_normal((nr, D)), 0.3, 2.0)
+    crystal = np.clip(1.0 + params.crystal_efficiency_std * rng.standard_normal((nr, D)), 0.3, 2.0).astype(np.float32)
     if params.detector_gap_period:
         crystal[:, params.detector_gap_period - 1 :: params.detector_gap_period] = 0.0
     eff = _pair_product(crystal, geom)
     s = geom.s_mm()
-    eff *= (1.0 - params.geometric_profile * (s / max(np.abs(s).max(), 1e-9)) ** 2)[None, None, :]
+    eff *= (1.0 - params.geometric_profile * (s / max(np.abs(s).max(), 1e-9)) ** 2).astype(np.float32)[None, None, :]
     if params.bin_efficiency_std > 0:
-        eff *= np.clip(1.0 + params.bin_efficiency_std * rng.standard_normal(eff.shape), 0.5, 1.5)
-    return eff[None].astype(np.float32)
+        noise = rng.standard_normal(eff.shape, dtype=np.float32)
+        noise *= np.float32(params.bin_efficiency_std)
+        noise += np.float32(1.0)
+        eff *= np.clip(noise, 0.5, 1.5, out=noise)
+    return eff[None]
 
 
 def randoms_distribution(
@@ -276,12 +282,14 @@ def randoms_distribution(
         fan += amplitude * np.cos(harmonic * angle + rng.uniform(0, 2 * np.pi))[None, :]
     var = params.randoms_fan_variation
     fan *= (1.0 + var * rng.uniform(-1, 1) * ring_pos - 0.5 * var * ring_pos**2)[:, None]
-    fan = np.clip(fan, 0.1, None)
-    r = _pair_product(fan, geom)[None] * efficiencies
+    fan = np.clip(fan, 0.1, None).astype(np.float32)
+    r = _pair_product(fan, geom)[None]
+    r *= efficiencies
     total = float(r.sum(dtype=np.float64))
     if total <= 0:
         raise ValueError("the randoms distribution is zero everywhere (all detectors dead?)")
-    return (r / total).astype(np.float32)
+    r /= np.float32(total)
+    return r
 
 
 def _gaussian_filter_dim(x: torch.Tensor, dim: int, sigma: float, circular: bool) -> torch.Tensor:
@@ -320,7 +328,7 @@ def scatter_distribution(
     the sinogram continued by its tangential mirror image after pi) and along the axial
     positions of each segment; then times the detection efficiencies.
     """
-    y = attenuated_projection.to(torch.float64)
+    y = attenuated_projection.to(torch.float32)
     T, S, V, N = y.shape
     y = _gaussian_filter_dim(y, 3, params.scatter_tangential_fwhm * N * _FWHM_TO_SIGMA, circular=False)
     sigma_v = params.scatter_view_fwhm_deg / (180.0 / V) * _FWHM_TO_SIGMA
@@ -335,8 +343,8 @@ def scatter_distribution(
             sigma = params.scatter_axial_fwhm * k * _FWHM_TO_SIGMA
             rows.append(_gaussian_filter_dim(y[:, off : off + k], 1, sigma, circular=False))
         y = torch.cat(rows, dim=1)
-    y = y.clamp_min(0) * efficiencies.to(torch.float64)
-    total = float(y.sum())
+    y = y.clamp_min(0) * efficiencies.to(y)
+    total = float(y.sum(dtype=torch.float64))
     if total <= 0:
         raise ValueError("the scatter distribution is zero everywhere (empty activity, or all detectors dead)")
     return (y / total).to(attenuated_projection.dtype)
@@ -362,11 +370,17 @@ def simulate_acquisition(
         )
     geom = model.sinogram_geometry
     dev, dt = model.device, model.dtype
-    attenuation = attenuation_factors(model, phantom.mu_map)
+    mu = _mu_tensor(model, phantom.mu_map)
+    activity = torch.from_numpy(np.ascontiguousarray(phantom.activity)).to(device=dev, dtype=dt)
+    if model.psf is None:  # one batched projection of mu and f (the rays are set up once)
+        line, projection = _geometric_model(model).direct(torch.stack([mu, activity]))
+    else:
+        line = _geometric_model(model).direct(mu)
+        projection = model.with_terms(None, None).direct(activity)  # G P f, (T,S,V,N)
+    attenuation = torch.exp(-0.1 * line.clamp_min(0))
+    del line
     normalisation = torch.from_numpy(detection_efficiencies(geom, params, rng)).to(device=dev, dtype=dt)
     multiplicative = normalisation * attenuation
-    activity = torch.from_numpy(np.ascontiguousarray(phantom.activity)).to(device=dev, dtype=dt)
-    projection = model.with_terms(None, None).direct(activity)  # G P f, (T,S,V,N)
     trues_shape = (projection * multiplicative).to(torch.float64)
     trues_sum = float(trues_shape.sum())
     if not trues_sum > 0:

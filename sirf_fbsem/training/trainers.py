@@ -27,14 +27,13 @@ lowest validation loss are kept (per stage in sequential mode).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
