@@ -488,7 +488,6 @@ class ImageGeometry:
         """Raise :class:`GeometryError` if this image does not fit inside the scanner."""
         _, y, x = self.centred_coordinates_mm()
         R = sino.scanner.effective_ring_radius_mm
-        corner = math.hypot(max(abs(x[0]), abs(x[-1])), max(abs(y[0]), abs(y[-1])))
         inscribed = min(max(abs(x[0]), abs(x[-1])), max(abs(y[0]), abs(y[-1])))
         if inscribed >= R:
             raise GeometryError(
@@ -502,7 +501,6 @@ class ImageGeometry:
                 f"image geometry {self.shape} (z,y,x): z from {z[0]:.1f} to {z[-1]:.1f} mm (scanner-centred) "
                 f"lies outside the scanner's axial extent +-{half_axial:.1f} mm"
             )
-        del corner
 
     def nifti_affine(self, scanner: Scanner, patient_position: str = "HFS") -> np.ndarray:
         """4x4 RAS affine for the array transposed to (x, y, z), from the STIR geometry (DESIGN.md)."""

@@ -89,6 +89,20 @@ class AcquisitionModel(abc.ABC):
         idx = torch.as_tensor(self.subset_views(subset), device=y.device)
         return y.index_select(y.dim() - 2, idx)
 
+    @staticmethod
+    def as_batch(t: torch.Tensor, item_shape: tuple[int, ...], what: str) -> tuple[torch.Tensor, bool]:
+        """``t`` with a leading batch axis, and whether it had none; checks the item shape."""
+        n = len(item_shape)
+        if t.dim() == n:
+            t, single = t.unsqueeze(0), True
+        elif t.dim() == n + 1:
+            single = False
+        else:
+            raise ValueError(f"{what} must have {n} or {n + 1} dimensions, got shape {tuple(t.shape)}")
+        if tuple(t.shape[1:]) != tuple(item_shape):
+            raise ValueError(f"{what} has shape {tuple(t.shape[1:])}; the model expects {tuple(item_shape)}")
+        return t, single
+
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")

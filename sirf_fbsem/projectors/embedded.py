@@ -146,23 +146,11 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         return new
 
     # ------------------------------------------------------------------ operators
-    @staticmethod
-    def _batch_image(x: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, bool]:
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-            single = True
-        elif x.dim() == 4:
-            single = False
-        else:
-            raise ValueError(f"image must be (Z,Y,X) or (B,Z,Y,X), got shape {tuple(x.shape)}")
-        if tuple(x.shape[1:]) != tuple(shape):
-            raise ValueError(f"image has shape {tuple(x.shape[1:])} (z,y,x); the model expects {shape}")
-        return x, single
 
     def direct(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         from .joseph import joseph_forward
 
-        xb, single = self._batch_image(x, self.image_shape)
+        xb, single = self.as_batch(x, self.image_shape, "image (z,y,x)")
         xb = xb.to(device=self._device, dtype=self._dtype)
         if self.psf is not None:
             xb = self.psf(xb)
@@ -175,15 +163,7 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
     def adjoint(self, y: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         from .joseph import joseph_adjoint
 
-        expected = self.subset_sinogram_shape(subset)
-        if y.dim() == 4:
-            yb, single = y.unsqueeze(0), True
-        elif y.dim() == 5:
-            yb, single = y, False
-        else:
-            raise ValueError(f"sinogram must be (T,S,V,N) or (B,T,S,V,N), got shape {tuple(y.shape)}")
-        if tuple(yb.shape[1:]) != expected:
-            raise ValueError(f"sinogram has shape {tuple(yb.shape[1:])}; subset {subset} expects {expected}")
+        yb, single = self.as_batch(y, self.subset_sinogram_shape(subset), f"sinogram of subset {subset}")
         yb = yb.to(device=self._device, dtype=self._dtype)
         m = self._term(self.multiplicative, subset)
         if m is not None:

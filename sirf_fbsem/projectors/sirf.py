@@ -635,18 +635,6 @@ class SIRFAcquisitionModel(AcquisitionModel):
             new._models[None] = self._models[None]
         return new
 
-    @staticmethod
-    def _batch(t: torch.Tensor, item_shape: tuple[int, ...], what: str) -> tuple[torch.Tensor, bool]:
-        n = len(item_shape)
-        if t.dim() == n:
-            t, single = t.unsqueeze(0), True
-        elif t.dim() == n + 1:
-            single = False
-        else:
-            raise ValueError(f"{what} must have {n} or {n + 1} dimensions, got shape {tuple(t.shape)}")
-        if tuple(t.shape[1:]) != tuple(item_shape):
-            raise ValueError(f"{what} has shape {tuple(t.shape[1:])}; the model expects {tuple(item_shape)}")
-        return t, single
 
     @staticmethod
     def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -654,7 +642,7 @@ class SIRFAcquisitionModel(AcquisitionModel):
 
     def direct(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         """``A_s x``: (Z,Y,X) or (B,Z,Y,X) -> (T,S,V_s,N) or (B,T,S,V_s,N)."""
-        xb, single = self._batch(x, self.image_shape, "image (z,y,x)")
+        xb, single = self.as_batch(x, self.image_shape, "image (z,y,x)")
         model = self.sirf_model(subset)
         out = [from_sirf(model.direct(to_sirf_image(item, self.image_template))) for item in xb]
         y = torch.stack(out).to(device=x.device, dtype=self._out_dtype(x))
@@ -662,7 +650,7 @@ class SIRFAcquisitionModel(AcquisitionModel):
 
     def adjoint(self, y: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         """``A_s^T y``: (T,S,V_s,N) or (B,T,S,V_s,N) -> (Z,Y,X) or (B,Z,Y,X)."""
-        yb, single = self._batch(y, self.subset_sinogram_shape(subset), f"sinogram of subset {subset}")
+        yb, single = self.as_batch(y, self.subset_sinogram_shape(subset), f"sinogram of subset {subset}")
         model = self.sirf_model(subset)
         template = self.acquisition_template(subset)
         out = [from_sirf(model.adjoint(to_sirf_acquisition(item, template))) for item in yb]
