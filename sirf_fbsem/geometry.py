@@ -217,7 +217,9 @@ class SinogramGeometry:
             )
         R = self.scanner.effective_ring_radius_mm
         smax = float(np.max(np.abs(self.s_mm())))
-        if smax >= R:
+        # Arc-corrected data may reach beyond the ring (STIR's mMR arc-corrected template: 344 bins of
+        # 2.0445 mm); those bins have no LOR and STIR's ray tracer leaves them empty (cylindrical FOV).
+        if smax >= R and not self.arc_corrected:
             raise GeometryError(
                 f"tangential positions reach |s| = {smax:.1f} mm, beyond the effective ring radius {R:.1f} mm "
                 f"(num_tangential_poss = {self.num_tangential_poss})"
@@ -366,13 +368,18 @@ class SinogramGeometry:
         return a * samp - m_offset
 
     def tan_theta(self, segment_num: int) -> np.ndarray:
-        """tan of the polar angle of a segment's LORs, per tangential position, shape (num_tangential_poss,)."""
+        """tan of the polar angle of a segment's LORs, per tangential position, shape (num_tangential_poss,).
+
+        NaN (as in STIR) for arc-corrected bins with |s| >= R, which have no LOR.
+        """
         delta = self.segment(segment_num).average_ring_diff
         if abs(delta) < 1e-4:
             return np.zeros(self.num_tangential_poss)
         R = self.scanner.effective_ring_radius_mm
         s = self.s_mm()
-        return delta * self.scanner.ring_spacing_mm / (2.0 * np.sqrt(R * R - s * s))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = delta * self.scanner.ring_spacing_mm / (2.0 * np.sqrt(R * R - s * s))
+        return np.where(np.abs(s) < R, t, np.nan)
 
     def sinogram_lor_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per SIRF sinogram row: m (mm, scanner-centred), mean ring difference, and axial sampling (mm).
@@ -478,10 +485,15 @@ class ImageGeometry:
         return float(x[0]), float(y[0]), float(z[0] + scanner.axial_fov_centre_gantry_mm)
 
     def fov_radius_mm(self) -> float:
-        """STIR ray tracer's cylindrical FOV radius: (min(max index, -min index) - 1) * voxel size."""
+        """Cylindrical FOV radius of STIR's ProjMatrixByBinUsingRayTracing, mm.
+
+        ``min(max index, -min index) * voxel size``, the smaller over x and y, with STIR's
+        indices (``-(n // 2) .. n - 1 - n // 2``). STIR dropped its former ``- 1`` in 2003;
+        LORs with ``|s| >`` this radius are not traced.
+        """
         ny, nx = self.shape[1], self.shape[2]
-        rx = (min(nx - 1 - nx // 2, nx // 2) - 1) * self.voxel_size_mm[2]
-        ry = (min(ny - 1 - ny // 2, ny // 2) - 1) * self.voxel_size_mm[1]
+        rx = min(nx - 1 - nx // 2, nx // 2) * self.voxel_size_mm[2]
+        ry = min(ny - 1 - ny // 2, ny // 2) * self.voxel_size_mm[1]
         return max(min(rx, ry), 0.0)
 
     def check_fits(self, sino: SinogramGeometry) -> None:

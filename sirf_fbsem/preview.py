@@ -2,7 +2,8 @@
 
 One row per image: ``num_slices`` evenly spaced axial (transverse) slices, then a
 coronal and a sagittal maximum-intensity projection. Each row has its own grey
-scale from min(0, image min) to the image max. Written atomically.
+scale from min(0, image min) to a high percentile of the image (99.9 by default, so that
+a few hot voxels, e.g. point sources, do not wash out the rest; 100 = the max). Written atomically.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def save_montage(
     title: str | None = None,
     cmap: str = "gray_r",
     voxel_size_mm: Sequence[float] | None = None,
+    vmax_percentile: float = 99.9,
 ) -> Path:
     """Save a PNG montage of axial slices plus coronal and sagittal MIPs; return the path.
 
@@ -59,12 +61,16 @@ def save_montage(
     taken evenly from the first to the last plane (fewer if the image has fewer).
     ``voxel_size_mm`` ``(vz, vy, vx)`` sets the aspect of the projections (default
     isotropic). ``cmap`` is any matplotlib colour map (``gray_r``, ``hot``, ...).
+    ``vmax_percentile`` (0 < p <= 100): top of each row's grey scale, as a percentile of
+    that row's voxel values (values above saturate).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if int(num_slices) < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    if not 0 < float(vmax_percentile) <= 100:
+        raise ValueError(f"vmax_percentile must be in (0, 100], got {vmax_percentile}")
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"montage path must end in .png, got {str(path)!r}")
@@ -77,7 +83,7 @@ def save_montage(
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, (row_title, vol) in enumerate(rows):
         nz = vol.shape[0]
-        vmax = float(vol.max())
+        vmax = float(vol.max()) if vmax_percentile >= 100 else float(np.percentile(vol, vmax_percentile))
         vmin = min(0.0, float(vol.min()))
         if vmax <= vmin:
             vmax = vmin + 1.0

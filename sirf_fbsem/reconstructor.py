@@ -481,6 +481,8 @@ class FBSEMReconstructor(_IterativeReconstructor):
     model's number of subsets (another value is refused); ``num_subiterations``
     defaults to the model's number of stages and cannot exceed it. A model trained
     on another sinogram or image geometry is refused unless ``override_geometry``.
+    Differs from OSMAPOSL: the first stage takes the current estimate times STIR's
+    cylindrical FOV mask (0 outside), the start image the stages were trained from.
 
     Args:
         model: model file written by :func:`sirf_fbsem.model.io.save_model`, or an
@@ -630,6 +632,12 @@ class FBSEMReconstructor(_IterativeReconstructor):
         k = self._subiteration - 1
         if k >= net.num_stages:
             raise self._error(f"sub-iteration {k + 1}: the FBSEM model has only {net.num_stages} stages")
+        if k == 0 and b.image_geometry is not None:
+            # the stages were trained from an image that is 0 outside STIR's cylindrical FOV
+            # (simulation.targets.default_initial_image); a uniform start image is cut to match
+            from .recon.osem import fov_mask
+
+            x = x * fov_mask(b.image_geometry).to(device=x.device, dtype=x.dtype)
         return net(x, b.prompts.to(self._device), b.model, anatomical=self._anatomical_tensor, stages=[k])
 
 
@@ -702,7 +710,9 @@ def reconstruct_acquisition(
     net.to(device)
     model = acq.model(image_geom, num_subsets=net.num_subsets, psf_fwhm_mm=psf, device=device)
     prompts = prompts.to(device)
-    x = torch.ones(image_geom.shape, dtype=torch.float32, device=device)
+    from .simulation.targets import default_initial_image
+
+    x = default_initial_image(model).to(torch.float32)  # the start image the stages were trained from
     with torch.no_grad(), tqdm(total=net.num_stages, desc="FBSEM", unit="stage", disable=not progress,
                                leave=False) as bar:
         for k in range(net.num_stages):

@@ -6,6 +6,8 @@ model, Poisson noise added, and written as Interfile; everything reads it back.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from sirf_fbsem.autograd import em_update
 from sirf_fbsem.geometry import SinogramGeometry, scanner_preset
 from sirf_fbsem.io.interfile import read_image, write_projdata
 from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
-from sirf_fbsem.recon import OSEM
+from sirf_fbsem.recon import OSEM, fov_mask
 from sirf_fbsem.reconstructor import FBSEMReconstructor, OSEMReconstructor, reconstruct_acquisition
 
 SIRF_METHODS = [
@@ -246,7 +248,8 @@ def test_fbsem_with_beta_zero_equals_osem_subiterates(scan, model_file):
     path, g, prompts = scan
     recon, image = ready(FBSEMReconstructor(model_file), path)
     model = EmbeddedAcquisitionModel(g, g.default_image(), num_subsets=2)
-    algo = OSEM(model, torch.from_numpy(prompts))
+    # FBSEM starts from the estimate cut to the FOV (the training start image)
+    algo = OSEM(model, torch.from_numpy(prompts), initial=fov_mask(g.default_image()).float())
     for k in range(4):
         recon.update(image)
         algo.update()
@@ -260,7 +263,7 @@ def test_fbsem_process_with_beta_zero_equals_osem(scan, model_file):
     recon, _ = ready(FBSEMReconstructor(model_file), path)
     recon.process()
     model = EmbeddedAcquisitionModel(g, g.default_image(), num_subsets=2)
-    ref = OSEM(model, torch.from_numpy(prompts)).run(4, progress=False)
+    ref = OSEM(model, torch.from_numpy(prompts), initial=fov_mask(g.default_image()).float()).run(4, progress=False)
     np.testing.assert_allclose(recon.get_output().as_array(), ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -301,17 +304,34 @@ def test_fbsem_without_model_is_an_error(scan):
 
 
 # ----------------------------------------------------------------------------- README scripts
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_script(after: str) -> str:
+    """The first ```python block of the README after the line containing ``after``."""
+    text = README.read_text()
+    i = text.index(after)
+    start = text.index("```python\n", i) + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def run_without_sirf(code: str, replacements: dict[str, str]) -> dict:
+    """Run a README script with its one-line change: ``import sirf_fbsem.stir as pet``."""
+    assert "import sirf.STIR as pet" in code
+    code = code.replace("import sirf.STIR as pet", "import sirf_fbsem.stir as pet")
+    for old, new in replacements.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own example
+    return namespace
+
+
 def test_readme_osem_script_runs_without_sirf(scan):
     path, _, _ = scan
-    acq = pet.AcquisitionData(str(path))
-    image = acq.create_uniform_image(1.0)
-    am = pet.AcquisitionModelUsingRayTracingMatrix(); am.set_up(acq, image)
-    obj = pet.make_Poisson_loglikelihood(acq, acq_model=am)
-    recon = pet.OSMAPOSLReconstructor()
-    recon.set_objective_function(obj); recon.set_num_subsets(6); recon.set_num_subiterations(12)
-    recon.set_up(image); recon.set_current_estimate(image); recon.process()
-    out = recon.get_output()
-    assert isinstance(out, pet.ImageData)
+    ns = run_without_sirf(readme_script("A typical SIRF OSEM script"), {"'sino.hs'": repr(str(path))})
+    out, image = ns["out"], ns["image"]
+    assert isinstance(ns["recon"], pet.OSMAPOSLReconstructor) and isinstance(out, pet.ImageData)
     arr = out.as_array()
     assert arr.shape == image.dimensions() and np.isfinite(arr).all() and arr.min() >= 0
     truth = phantom(image.geometry) * 3.0
@@ -324,18 +344,16 @@ def test_readme_fbsem_script_runs_without_sirf(scan, tmp_path):
     path, g, _ = scan
     model_path = save_net(tmp_path / "model.pt", make_net(num_stages=3, num_subsets=3, beta_init=0.1),
                           g, g.default_image())
-    acq = pet.AcquisitionData(str(path))
-    image = acq.create_uniform_image(1.0)
-    am = pet.AcquisitionModelUsingRayTracingMatrix(); am.set_up(acq, image)
-    obj = pet.make_Poisson_loglikelihood(acq, acq_model=am)
-    recon = FBSEMReconstructor(str(model_path))
-    recon.set_objective_function(obj)
-    recon.set_up(image); recon.set_current_estimate(image); recon.process()
-    out = recon.get_output()
-    assert isinstance(out, pet.ImageData)
+    ns = run_without_sirf(readme_script("<!-- readme-fbsem-script -->"), {
+        "'sino.hs'": repr(str(path)), "'model.pt'": repr(str(model_path)),
+        "'fbsem.hv'": repr(str(tmp_path / "fbsem.hv"))})
+    out, image, recon = ns["out"], ns["image"], ns["recon"]
+    assert isinstance(recon, FBSEMReconstructor) and isinstance(out, pet.ImageData)
     arr = out.as_array()
     assert arr.shape == image.dimensions() and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() > 0
-    assert recon.get_subiteration_num() == 4
+    assert recon.get_subiteration_num() == 4  # STIR's counter: the next sub-iteration, after 3 stages
+    written = pet.ImageData(str(tmp_path / "fbsem.hv")).as_array()
+    np.testing.assert_array_equal(written, arr)
 
 
 # ----------------------------------------------------------------------------- facade and CLI entry
@@ -377,7 +395,10 @@ def test_reconstruct_acquisition_osem_and_fbsem(scan, model_file):
     np.testing.assert_allclose(x.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
     xf, desc = reconstruct_acquisition(acq, img, algorithm="fbsem", model_path=model_file, progress=False)
     assert desc == "FBSEM-Net (4 stages, sequential, beta0.pt)"
-    np.testing.assert_allclose(xf.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)  # beta = 0, 4 stages = 2 it x 2
+    # beta = 0, 4 stages = 2 it x 2 subsets of OSEM from the training start image (1 in the FOV)
+    ref_fov = OSEM(EmbeddedAcquisitionModel(g, img, num_subsets=2), torch.from_numpy(prompts),
+                   initial=fov_mask(img).float()).run(4, progress=False)
+    np.testing.assert_allclose(xf.numpy(), ref_fov.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="2 subsets"):
         reconstruct_acquisition(acq, img, algorithm="fbsem", model_path=model_file, num_subsets=4, progress=False)
 
@@ -465,7 +486,8 @@ def test_sirf_objects_give_sirf_images_and_sirf_errors(fake_sirf, scan, model_fi
     recon.process()
     out = recon.get_output()
     assert type(out) is fake_sirf.ImageData
-    ref = OSEM(EmbeddedAcquisitionModel(g, g.default_image(), num_subsets=2), torch.from_numpy(prompts)).run(4, progress=False)
+    ref = OSEM(EmbeddedAcquisitionModel(g, g.default_image(), num_subsets=2), torch.from_numpy(prompts),
+               initial=fov_mask(g.default_image()).float()).run(4, progress=False)
     np.testing.assert_allclose(out.as_array(), ref.numpy(), rtol=1e-5, atol=1e-6)
     assert type(recon.get_subset_sensitivity()) is fake_sirf.ImageData
 

@@ -68,8 +68,17 @@ def make_ray_table(
     s = sino.s_mm()
     m, delta, samp = sino.sinogram_lor_tables()
     R = sino.scanner.effective_ring_radius_mm
-    tan_theta = delta[:, None] * sino.scanner.ring_spacing_mm / (2.0 * np.sqrt(R * R - s[None, :] ** 2))
+    beyond = np.abs(s) >= R  # arc-corrected bins outside the ring: no LOR
+    if beyond.any() and not restrict_to_cylindrical_fov:
+        raise GeometryError(
+            f"{int(beyond.sum())} tangential positions reach |s| >= the ring radius {R:.1f} mm (largest "
+            f"{float(np.abs(s).max()):.1f} mm); they have no LOR: use restrict_to_cylindrical_fov=True, "
+            "which leaves them empty as STIR's ray tracer does"
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tan_theta = delta[:, None] * sino.scanner.ring_spacing_mm / (2.0 * np.sqrt(R * R - s[None, :] ** 2))
     tan_theta[np.abs(delta) < 1e-4, :] = 0.0
+    tan_theta[:, beyond] = 0.0  # never traced: |s| >= R > FOV radius (check_fits)
     vz = image.voxel_size_mm[0]
     # STIR: ceil(sampling / vz - 1e-3) rays per axial position
     n_ax = np.maximum(1, np.ceil(samp / vz - 1e-3)).astype(np.int64)
