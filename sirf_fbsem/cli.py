@@ -1,6 +1,8 @@
 """Command line: ``sirf-fbsem reconstruct | simulate | train | evaluate``.
 
 Each sub-command maps its flags one to one onto library calls; nothing here computes.
+Under ``torchrun`` (``torchrun --nproc-per-node N -m sirf_fbsem train|reconstruct ...``)
+``train`` trains data-parallel and ``reconstruct`` shares its inputs among the ranks.
 """
 from __future__ import annotations
 
@@ -23,9 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sirf-fbsem", description="FBSEM-Net PET reconstruction for SIRF/STIR data.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("reconstruct", help="reconstruct a sinogram (.hs) or mMR listmode (.l.hdr)")
-    r.add_argument("input", type=Path, help="Interfile sinogram .hs or listmode header .l.hdr")
-    r.add_argument("--output", "-o", type=Path, required=True, help="output image: .nii, .nii.gz or .hv")
+    r = sub.add_parser("reconstruct", help="reconstruct sinograms (.hs) or mMR listmode (.l.hdr)")
+    r.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="Interfile sinogram .hs or listmode header .l.hdr; several inputs, @LIST.txt "
+                        "(one path a line) or a quoted glob ('scans/*.hs') with --output-dir")
+    r.add_argument("--output", "-o", type=Path, help="output image of a single input: .nii, .nii.gz or .hv")
+    r.add_argument("--output-dir", type=Path,
+                   help="batch: write DIR/<input stem><--format> for every input (existing outputs are "
+                        "skipped; summary in DIR/reconstruct_summary.json; torchrun shares the inputs among ranks)")
+    r.add_argument("--format", dest="output_format", choices=["nii.gz", "nii", "hv"], default="nii.gz",
+                   help="batch output format (default nii.gz)")
     r.add_argument("--algorithm", choices=["osem", "mlem", "fbsem"], default=None,
                    help="default: fbsem when --model is given, else osem")
     r.add_argument("--model", type=Path, help="trained FBSEM model file (.pt)")
@@ -41,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--negative", choices=["zero", "error"], default="zero",
                    help="negative prompts (precorrected data): clip to 0 with a warning (default) or stop")
     r.add_argument("--psf-fwhm", type=float, default=0.0, help="image-space PSF FWHM, mm (0 = none)")
-    r.add_argument("--dicom", type=Path, help="also write a DICOM PET series into this directory")
-    r.add_argument("--preview", type=Path, help="also write a PNG montage")
+    r.add_argument("--dicom", type=Path,
+                   help="also write a DICOM PET series into this directory (batch: into DIR/<input stem>/)")
+    r.add_argument("--preview", type=Path, help="also write a PNG montage (batch: a directory, DIR/<input stem>.png)")
     r.add_argument("--patient-position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     r.add_argument("--no-progress", action="store_true")
@@ -72,18 +82,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+    """One input with ``--output`` (as always), or a batch with ``--output-dir`` (sharded across
+    torchrun ranks); returns 1 when any input of a batch failed."""
+    from .batch import BatchItem, expand_inputs, plan_outputs, run_batch
+    from .distributed import init_distributed, local_device, shutdown
 
-    from .acquisition import load_acquisition
-
-    progress = not args.no_progress
-    t0 = time.perf_counter()
     algorithm = args.algorithm or ("fbsem" if args.model else "osem")
     if algorithm == "fbsem" and args.model is None:
         raise SystemExit("sirf-fbsem reconstruct: --algorithm fbsem needs --model MODEL.pt")
+    inputs = expand_inputs(args.inputs)
+    if args.output is not None and args.output_dir is not None:
+        raise SystemExit("sirf-fbsem reconstruct: give --output (one input) or --output-dir (a batch), not both")
+    if args.output_dir is None:
+        if args.output is None:
+            raise SystemExit("sirf-fbsem reconstruct: --output FILE (one input) or --output-dir DIR is required")
+        if len(inputs) != 1:
+            raise SystemExit(f"sirf-fbsem reconstruct: {len(inputs)} inputs need --output-dir DIR, not --output")
+        _check_output_suffix(args.output)
+    ctx = init_distributed(args.device)
+    try:
+        device = local_device(args.device, ctx.local_rank) if ctx.is_distributed else args.device
+        progress = not args.no_progress and ctx.is_main
+        if args.output_dir is None and not ctx.is_distributed:
+            _reconstruct_one(args, inputs[0], args.output, args.dicom, args.preview, algorithm, device, progress)
+            return 0
+        if args.output_dir is None:  # one input under torchrun: rank 0 writes it, as a single process would
+            items = [BatchItem(inputs[0], args.output)]
+        else:
+            items = plan_outputs(inputs, args.output_dir, "." + args.output_format)
+
+        def process(item: BatchItem) -> None:
+            dicom, preview = args.dicom, args.preview
+            if args.output_dir is not None:  # per-input places inside the given directories
+                stem = item.output.name[: -len("." + args.output_format)]
+                dicom = None if dicom is None else dicom / stem
+                preview = None if preview is None else preview / f"{stem}.png"
+            _reconstruct_one(args, item.input, item.output, dicom, preview, algorithm, device, progress)
+
+        results = run_batch(
+            items, process, ctx,
+            summary_path=None if args.output_dir is None else args.output_dir / "reconstruct_summary.json",
+            skip_existing=args.output_dir is not None,
+        )
+        failed = [r for r in results if r.status == "failed"]
+        if ctx.is_main and args.output_dir is not None:
+            counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
+            print(f"reconstruct: {len(results)} inputs on {ctx.world_size} rank(s): {counts['written']} written, "
+                  f"{counts['skipped']} skipped (output exists), {counts['failed']} failed; summary "
+                  f"{args.output_dir / 'reconstruct_summary.json'}")
+            for r in failed:
+                print(f"  failed: {r.input}: {r.error}", file=sys.stderr)
+        return 1 if failed else 0
+    finally:
+        shutdown(ctx)
+
+
+def _check_output_suffix(out: Path) -> None:
+    name = out.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz") or name.endswith(".hv")):
+        raise SystemExit(f"sirf-fbsem reconstruct: --output must end in .nii, .nii.gz or .hv, got {out}")
+
+
+def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, dicom: Path | None,
+                     preview: Path | None, algorithm: str, device: str, progress: bool) -> None:
+    """Reconstruct ``input_path`` and write ``output`` (+ DICOM series, preview), each atomically."""
+    import numpy as np
+
+    from .acquisition import load_acquisition
+
+    t0 = time.perf_counter()
     acq = load_acquisition(
-        args.input,
+        input_path,
         norm=args.norm,
         mu_map=args.mu_map,
         additive=args.additive,
@@ -104,46 +173,45 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         num_iterations=args.iterations,
         num_subsets=args.subsets,
         psf_fwhm_mm=args.psf_fwhm,
-        device=args.device,
+        device=device,
         progress=progress,
     )
     image = x.detach().cpu().numpy().astype(np.float32)
-    _write_outputs(args, image, image_geom, acq, description)
+    _write_outputs(args, output, dicom, preview, input_path, image, image_geom, acq, description)
     print(
-        f"{description}: {image_geom.describe()} -> {args.output} "
+        f"{description}: {image_geom.describe()} -> {output} "
         f"({time.perf_counter() - t0:.1f} s; sum {image.sum():.4g})"
     )
-    return 0
 
 
-def _write_outputs(args, image, image_geom, acq, description: str) -> None:
-    out = Path(args.output)
-    name = out.name.lower()
-    if name.endswith(".nii") or name.endswith(".nii.gz"):
-        from .io.nifti import write_nifti
-
-        write_nifti(out, image, image_geom, acq.geometry.scanner, patient_position=args.patient_position,
-                    description=description)
-    elif name.endswith(".hv"):
-        from .io.interfile import write_image
-
-        write_image(out, image_geom, image)
-    else:
-        raise SystemExit(f"sirf-fbsem reconstruct: --output must end in .nii, .nii.gz or .hv, got {out}")
-    if args.dicom:
+def _write_outputs(args: argparse.Namespace, out: Path, dicom: Path | None, preview: Path | None,
+                   input_path: Path, image, image_geom, acq, description: str) -> None:
+    """DICOM series and preview first, the image last: an existing image marks a finished input."""
+    if dicom:
         from .io.dicom import write_dicom_series
 
         extra = {}
         hdr = acq.metadata.get("listmode_header")
         if hdr is not None and getattr(hdr, "radiopharmaceutical", None):
             extra["radiopharmaceutical"] = hdr.radiopharmaceutical
-        write_dicom_series(args.dicom, image, image_geom, acq.geometry.scanner,
+        write_dicom_series(dicom, image, image_geom, acq.geometry.scanner,
                            patient_position=args.patient_position, series_description=description,
                            units="BQML" if acq.multiplicative is not None else "CNTS", **extra)
-    if args.preview:
+    if preview:
         from .preview import save_montage
 
-        save_montage(args.preview, image, title=f"{Path(args.input).name}: {description}")
+        save_montage(preview, image, title=f"{Path(input_path).name}: {description}",
+                     voxel_size_mm=image_geom.voxel_size_mm)
+    name = out.name.lower()
+    if name.endswith(".nii") or name.endswith(".nii.gz"):
+        from .io.nifti import write_nifti
+
+        write_nifti(out, image, image_geom, acq.geometry.scanner, patient_position=args.patient_position,
+                    description=description)
+    else:
+        from .io.interfile import write_image
+
+        write_image(out, image_geom, image)
 
 
 def main(argv: list[str] | None = None) -> int:

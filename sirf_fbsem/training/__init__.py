@@ -1,4 +1,6 @@
-"""Training FBSEM-Net: sequential, end-to-end, checkpointed and greedy modes (one entry point, :func:`train`)."""
+"""Training FBSEM-Net: sequential, end-to-end, checkpointed and greedy modes (one entry point, :func:`train`),
+in one process or data-parallel under ``torchrun`` (:mod:`sirf_fbsem.distributed`)."""
+from ..distributed import DistContext, init_distributed
 from .trainers import (
     MODES,
     CheckpointMismatchError,
@@ -16,11 +18,13 @@ from .trainers import (
 __all__ = [
     "MODES",
     "CheckpointMismatchError",
+    "DistContext",
     "TrainConfig",
     "TrainEvent",
     "TrainResult",
     "collate",
     "evaluate",
+    "init_distributed",
     "split_indices",
     "train",
     "training_step",

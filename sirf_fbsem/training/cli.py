@@ -4,11 +4,22 @@ The data directory is one written by ``sirf-fbsem simulate`` (read with
 :class:`~sirf_fbsem.simulation.dataset.FBSEMSampleDataset`: ``manifest.json`` with the
 sinogram and image geometry, ``num_subsets``, ``num_stages``, ``psf_fwhm_mm`` and the
 sample files). The trained network is written to ``OUT/model.pt`` (+ ``model.json``).
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m sirf_fbsem train ...``) every rank
+runs this command: the process group is joined from the environment (gloo for
+``--device cpu``, nccl for ``--device cuda``, one GPU per local rank), the global batch
+``--batch-size`` is split across ranks, and ``--out`` must be a directory every rank
+sees. A job that torchrun restarts (``--max-restarts``) resumes from its checkpoints
+without ``--resume``.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..distributed import DistContext
 
 __all__ = ["add_train_arguments", "run_train"]
 
@@ -43,10 +54,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", choices=("disk", "memory"), default="disk",
                         help="sequential mode: where stage outputs are cached (default disk)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--stage-devices", nargs="+", default=None, metavar="DEVICE",
+                        help="greedy mode: place stage k on DEVICE[k %% n], round robin (GLEAM), e.g. cuda:0 cuda:1")
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train from parsed flags; returns 0 when the run completed, 1 when it was stopped early."""
+    """Train from parsed flags; returns 0 when the run completed, 1 when it was stopped early.
+
+    Joins the torchrun job when there is one (:func:`~sirf_fbsem.distributed.init_distributed`)."""
+    from ..distributed import elastic_restart_count, init_distributed, local_device, shutdown
+
+    ctx = init_distributed(args.device)
+    try:
+        return _run_train(args, ctx, resume=args.resume or elastic_restart_count() > 0,
+                          device=local_device(args.device, ctx.local_rank) if ctx.is_distributed else args.device)
+    finally:
+        shutdown(ctx)
+
+
+def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device: str) -> int:
     from ..geometry import image_geometry_from_dict, sinogram_geometry_from_dict
     from ..model.fbsem import FBSEMNet
     from ..model.regularisers import RegulariserConfig
@@ -66,8 +92,9 @@ def run_train(args: argparse.Namespace) -> int:
         )
     config = TrainConfig(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, validation_fraction=args.validation_fraction,
-        seed=args.seed, patience=args.patience, device=args.device, all_stages_loss=args.all_stages_loss,
-        cache=args.cache, progress=not args.no_progress,
+        seed=args.seed, patience=args.patience, device=device, all_stages_loss=args.all_stages_loss,
+        cache=args.cache, progress=not args.no_progress and ctx.is_main,
+        stage_devices=tuple(args.stage_devices) if args.stage_devices else None,
     )
     reg = RegulariserConfig(dims=args.dims, in_channels=2 if args.anatomical else 1, channels=args.channels,
                             layers=args.layers)
@@ -76,16 +103,19 @@ def run_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     net = FBSEMNet(num_stages, num_subsets, reg, shared_regulariser=args.shared, beta_init=args.beta_init)
     base = EmbeddedAcquisitionModel(
-        sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=args.device
+        sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=device
     )
     result = train(
-        net, dataset, args.mode, config, with_terms_factory(base), args.out, resume=args.resume,
+        net, dataset, args.mode, config, with_terms_factory(base), args.out, resume=resume, distributed=ctx,
         metadata={"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],
                   "data": str(args.data), "psf_fwhm_mm": manifest.get("psf_fwhm_mm")},
     )
     last = next((r for r in reversed(result.history) if r["val_loss"] is not None), None)
     status = "completed" if result.completed else "stopped"
-    print(f"training {status} ({args.mode}, {num_stages} stages); logs in {result.out_dir}"
+    if not ctx.is_main:
+        return 0 if result.completed else 1
+    print(f"training {status} ({args.mode}, {num_stages} stages"
+          + (f", {ctx.world_size} ranks" if ctx.is_distributed else "") + f"); logs in {result.out_dir}"
           + (f"; last validation MSE {last['val_loss']:.4g}" if last else "")
           + (f"; model {result.model_path}" if result.model_path else ""))
     return 0 if result.completed else 1

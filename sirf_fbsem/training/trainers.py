@@ -24,6 +24,21 @@ at any point and restarted with ``resume=True`` redoes the unfinished epoch and 
 with the same weights (bitwise on CPU). Loss logs: ``losses.csv``, ``losses.json``,
 ``loss_curve.png``. With validation samples, the weights of the epoch with the
 lowest validation loss are kept (per stage in sequential mode).
+
+Distributed data parallel (``torchrun``; see :mod:`sirf_fbsem.distributed`): when the default
+process group is initialised with more than one rank, every mode trains the network
+wrapped in ``DistributedDataParallel``; each global batch (the same seeded order on
+every rank) is split across ranks and the losses weighted so that the averaged gradient
+is that of one process on the whole batch. Validation losses are sums over ranks. In
+sequential mode the cache of stage outputs is computed shard by shard (each sample on
+one rank) into the shared ``out_dir/cache``; stage boundaries are barriers. Rank 0
+writes checkpoints and logs (atomically) while the others wait at a barrier; on resume
+every rank loads the same checkpoint. Callbacks run on every rank: one that raises
+StopIteration must do so on every rank at the same step.
+
+Greedy mode can place stages on several devices, round robin (GLEAM):
+``TrainConfig.stage_devices``; stage k runs on ``stage_devices[k % len]`` and the
+detached image moves between devices.
 """
 from __future__ import annotations
 
@@ -46,6 +61,7 @@ from ..model.fbsem import FBSEMNet
 from ..model.io import safe_torch_load, save_model
 from ..projectors.base import AcquisitionModel
 from ..simulation.targets import default_initial_image
+from ..distributed import DistContext, current_context, loss_weight, shard_batch, shard_items
 
 __all__ = [
     "MODES",
@@ -55,6 +71,8 @@ __all__ = [
     "train",
     "training_step",
     "evaluate",
+    "forward_stages",
+    "stage_device",
     "collate",
     "split_indices",
     "with_terms_factory",
@@ -96,7 +114,9 @@ class TrainConfig:
         cache: sequential mode: keep stage outputs on ``"disk"`` (peak memory one
             stage) or in ``"memory"``.
         keep_cache: keep the disk cache after a completed run.
-        progress: show tqdm progress bars.
+        progress: show tqdm progress bars (on rank 0 only in a distributed run).
+        stage_devices: greedy mode only: devices of the stages, round robin (stage k on
+            ``stage_devices[k % len(stage_devices)]``, as GLEAM places them); None: all on ``device``.
     """
 
     epochs: int = 10
@@ -111,6 +131,7 @@ class TrainConfig:
     cache: Literal["disk", "memory"] = "disk"
     keep_cache: bool = False
     progress: bool = True
+    stage_devices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int) -> None:
@@ -137,6 +158,17 @@ class TrainConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"TrainConfig.device {self.device!r} is not a torch device: {err}") from None
+        if self.stage_devices is not None:
+            if isinstance(self.stage_devices, str) or len(self.stage_devices) == 0:
+                raise ValueError(
+                    f"TrainConfig.stage_devices must be a non-empty sequence of devices, got {self.stage_devices!r}"
+                )
+            object.__setattr__(self, "stage_devices", tuple(str(d) for d in self.stage_devices))
+            for d in self.stage_devices:
+                try:
+                    torch.device(d)
+                except (RuntimeError, TypeError) as err:
+                    raise ValueError(f"TrainConfig.stage_devices entry {d!r} is not a torch device: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,6 +270,62 @@ def _check_targets(net: FBSEMNet, batch: Batch) -> None:
         raise ValueError(f"samples have {k} targets (OSEM sub-iterates); the network has {net.num_stages} stages")
 
 
+def stage_device(stage_devices: Sequence[str] | None, k: int) -> torch.device | None:
+    """Device of stage ``k`` when stages are placed round robin (GLEAM), else None."""
+    if not stage_devices:
+        return None
+    return torch.device(stage_devices[k % len(stage_devices)])
+
+
+def _model_on(model: AcquisitionModel, device: torch.device) -> AcquisitionModel:
+    """``model`` on ``device`` (a moved copy when it lives elsewhere; the backend must offer ``to``)."""
+    if model.device == device:
+        return model
+    move = getattr(type(model), "to", None)
+    if move is None:
+        raise TypeError(
+            f"placing stages on several devices needs an acquisition model with .to(device); "
+            f"{type(model).__name__} has none"
+        )
+    return move(model, device)
+
+
+class _Placement:
+    """Per-device copies of a batch's tensors and its acquisition model (greedy stages on several devices)."""
+
+    def __init__(self, prompts: torch.Tensor, targets: torch.Tensor, kw: Mapping[str, Any], model: AcquisitionModel):
+        self._src = (prompts, targets, dict(kw), model)
+        self._copies: dict[torch.device, tuple[torch.Tensor, torch.Tensor, dict[str, Any], AcquisitionModel]] = {}
+
+    def on(self, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], AcquisitionModel]:
+        if device is None:
+            return self._src
+        if device not in self._copies:
+            prompts, targets, kw, model = self._src
+            kw_d = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            self._copies[device] = (prompts.to(device), targets.to(device), kw_d, _model_on(model, device))
+        return self._copies[device]
+
+
+def forward_stages(
+    net: FBSEMNet, batch: Batch, model: AcquisitionModel, stage_devices: Sequence[str] | None = None
+) -> list[torch.Tensor]:
+    """Every stage's output (B, Z, Y, X) from the start image; stage k on ``stage_device(stage_devices, k)``
+    (outputs on the device of their stage)."""
+    kw = _net_inputs(net, batch)
+    x0 = _initial(batch, model)
+    if not stage_devices:
+        return net(x0, batch["prompts"], model, return_all=True, **kw)
+    place = _Placement(batch["prompts"], batch["targets"], kw, model)
+    outs, x = [], x0
+    for k in range(net.num_stages):
+        dev = stage_device(stage_devices, k)
+        prompts, _, kw_d, model_d = place.on(dev)
+        x = net(x.to(dev), prompts, model_d, stages=[k], **kw_d)
+        outs.append(x)
+    return outs
+
+
 # ---------------------------------------------------------------------------- one step
 def training_step(
     net: FBSEMNet,
@@ -247,6 +335,8 @@ def training_step(
     config: TrainConfig,
     stage: int | None = None,
     inputs: torch.Tensor | None = None,
+    forward: Callable[..., Any] | None = None,
+    loss_scale: float = 1.0,
 ) -> float:
     """Forward and backward of one batch in ``mode``: gradients accumulate in ``.grad``, no optimiser step.
 
@@ -254,14 +344,22 @@ def training_step(
         stage: sequential mode: the stage trained.
         inputs: sequential mode: the stage's (cached, detached) input (B, Z, Y, X); for
             stage 0 the start image (the batch's ``initial``, else 1 inside the FOV) when None.
+        forward: what runs the network's forward pass: ``net`` (default) or its
+            ``DistributedDataParallel`` wrapper, whose backward averages gradients over ranks.
+        loss_scale: the loss is multiplied by this before the backward pass (a rank's share
+            of a global batch, :func:`~sirf_fbsem.distributed.loss_weight`).
     Returns:
-        the loss value (sequential: stage's loss; end_to_end/checkpointed: the loss
+        the (unscaled) loss value (sequential: stage's loss; end_to_end/checkpointed: the loss
         optimised; greedy: the sum of the per-stage losses).
     """
     _check_targets(net, batch)
     kw = _net_inputs(net, batch)
     targets = batch["targets"]
     prompts = batch["prompts"]
+    run = net if forward is None else forward
+
+    def backward(loss: torch.Tensor) -> None:
+        (loss if loss_scale == 1.0 else loss * loss_scale).backward()
     if mode == "sequential":
         if stage is None:
             raise ValueError("sequential training_step needs the stage index")
@@ -269,28 +367,32 @@ def training_step(
             if stage != 0:
                 raise ValueError(f"stage {stage} needs its cached inputs (outputs of stage {stage - 1})")
             inputs = _initial(batch, model)
-        out = net(inputs.detach(), prompts, model, stages=[stage], **kw)
+        out = run(inputs.detach(), prompts, model, stages=[stage], **kw)
         loss = _mse(out, targets[:, stage])
-        loss.backward()
+        backward(loss)
         return float(loss.detach())
     x0 = _initial(batch, model)
     if mode in ("end_to_end", "checkpointed"):
         ckpt = mode == "checkpointed"
         if config.all_stages_loss:
-            outs = net(x0, prompts, model, return_all=True, checkpointing=ckpt, **kw)
+            outs = run(x0, prompts, model, return_all=True, checkpointing=ckpt, **kw)
             loss = sum(_mse(o, targets[:, k]) for k, o in enumerate(outs))
         else:
-            out = net(x0, prompts, model, checkpointing=ckpt, **kw)
+            out = run(x0, prompts, model, checkpointing=ckpt, **kw)
             loss = _mse(out, targets[:, net.num_stages - 1])
-        loss.backward()
+        backward(loss)
         return float(loss.detach())
     if mode == "greedy":
+        place = _Placement(prompts, targets, kw, model)
         x = x0
         total = 0.0
         for k in range(net.num_stages):
-            out = net(x.detach(), prompts, model, stages=[k], **kw)
-            loss = _mse(out, targets[:, k])
-            loss.backward()  # frees stage k's graph now: memory stays one stage
+            dev = stage_device(config.stage_devices, k)
+            prompts_k, targets_k, kw_k, model_k = place.on(dev)
+            x_k = x.detach() if dev is None else x.detach().to(dev)
+            out = run(x_k, prompts_k, model_k, stages=[k], **kw_k)
+            loss = _mse(out, targets_k[:, k])
+            backward(loss)  # frees stage k's graph now: memory stays one stage
             total += float(loss.detach())
             x = out.detach()
         return total
@@ -305,18 +407,20 @@ def evaluate(
     model_factory: ModelFactory,
     device: str | torch.device = "cpu",
     batch_size: int = 1,
+    stage_devices: Sequence[str] | None = None,
 ) -> list[float]:
-    """Mean squared error of every stage's output against its target over ``indices``, shape (K,)."""
+    """Mean squared error of every stage's output against its target over ``indices``, shape (K,)
+    (zeros for no indices); ``stage_devices``: stages placed round robin as in greedy training."""
     sums = [0.0] * net.num_stages
     n = 0
     for lo in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[lo : lo + batch_size]], device)
         _check_targets(net, batch)
         model = model_factory(batch)
-        outs = net(_initial(batch, model), batch["prompts"], model, return_all=True, **_net_inputs(net, batch))
+        outs = forward_stages(net, batch, model, stage_devices)
         b = batch["prompts"].shape[0]
         for k, o in enumerate(outs):
-            sums[k] += float(_mse(o, batch["targets"][:, k])) * b
+            sums[k] += float(_mse(o, batch["targets"][:, k].to(o.device))) * b
         n += b
     return [s / max(n, 1) for s in sums]
 
@@ -370,6 +474,19 @@ def _save_tensor(path: Path, t: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- the run
+@dataclass
+class _Shard:
+    """This rank's part of a global batch: ``idx`` the samples it runs (its share, or one
+    sample with weight 0 when its share is empty), ``n_local`` its share's size, ``weight``
+    its loss scale."""
+
+    global_idx: list[int]
+    idx: list[int]
+    n_local: int
+    weight: float
+    batch: Batch
+
+
 class _Trainer:
     """One training run; ``run()`` does the work (see :func:`train`)."""
 
@@ -383,15 +500,23 @@ class _Trainer:
         out_dir: Path,
         callbacks: Sequence[Callback],
         resume: bool,
+        distributed: DistContext | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if config.stage_devices is not None and mode != "greedy":
+            raise ValueError(f"TrainConfig.stage_devices places the stages of greedy training; mode is {mode!r}")
         if mode == "sequential" and net.shared_regulariser:
             raise ValueError(
                 "sequential training trains each stage's own parameters; a network with a shared regulariser "
                 "(shared_regulariser=True) cannot be trained stage by stage: use end_to_end, checkpointed or greedy"
             )
         self.net = net.to(config.device)
+        if config.stage_devices is not None:
+            for k, st in enumerate(self.net.stages):
+                st.to(stage_device(config.stage_devices, k))
+        self.dist = current_context() if distributed is None else distributed
+        self.forward: Callable[..., Any] = self.net  # the DDP wrapper in a distributed run
         self.dataset = dataset
         self.mode = mode
         self.config = config
@@ -410,11 +535,20 @@ class _Trainer:
             {
                 "mode": mode,
                 "network": net.config(),
-                "config": {k: v for k, v in config.to_dict().items() if k not in ("progress", "keep_cache")},
+                "config": self._signature_config(),
                 "num_samples": len(dataset),
             },
             sort_keys=True,
         )
+
+    def _signature_config(self) -> dict[str, Any]:
+        """The settings a resumed run must share (ranks of a distributed run differ only in the
+        device index, so the device type stands for it there)."""
+        cfg = {k: v for k, v in self.config.to_dict().items()
+               if k not in ("progress", "keep_cache") and not (k == "stage_devices" and v is None)}
+        if self.dist.is_distributed:
+            cfg["device"] = torch.device(self.config.device).type
+        return cfg
 
     # -------------------------------------------------------------- bookkeeping
     def _emit(self, event: TrainEvent) -> None:
@@ -437,6 +571,8 @@ class _Trainer:
         self._write_logs(plot=False)
 
     def _write_logs(self, plot: bool) -> None:
+        if not self.dist.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.out_dir / "losses.json") as tmp:
             tmp.write_text(json.dumps({"mode": self.mode, "config": self.config.to_dict(), "history": self.history},
@@ -462,7 +598,9 @@ class _Trainer:
 
     def _prepare_dir(self) -> None:
         initial = self.ckpt_dir / "initial.pt"
-        if self.ckpt_dir.exists() and any(self.ckpt_dir.glob("*.pt")):
+        existing = self.ckpt_dir.exists() and any(self.ckpt_dir.glob("*.pt"))
+        self.dist.barrier()  # every rank has looked before rank 0 writes
+        if existing:
             if not self.resume:
                 raise FileExistsError(
                     f"{str(self.ckpt_dir)!r} holds checkpoints of an earlier run; pass resume=True (--resume) "
@@ -472,10 +610,52 @@ class _Trainer:
             self._check_signature(payload, initial)
             self.net.load_state_dict(payload["net"])
             return
-        if self.cache_dir.exists():
-            shutil.rmtree(self.cache_dir)
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _save(initial, {"run_signature": self.run_signature, "net": _clone_state(self.net)})
+        if self.dist.is_main:
+            if self.cache_dir.exists():
+                shutil.rmtree(self.cache_dir)
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _save(initial, {"run_signature": self.run_signature, "net": _clone_state(self.net)})
+        if self.dist.is_distributed:  # every rank starts from rank 0's initial weights
+            self.dist.barrier()
+            self.net.load_state_dict(safe_torch_load(initial, "initial checkpoint")["net"])
+
+    def _save_checkpoint(self, path: Path, payload: Mapping[str, Any]) -> None:
+        """Rank 0 writes (atomically); the others wait until the file is complete."""
+        if self.dist.is_main:
+            _save(path, payload)
+        self.dist.barrier()
+
+    def _wrap(self) -> None:
+        """Distributed run: the DistributedDataParallel wrapper that runs the forward passes."""
+        if not self.dist.is_distributed:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        devices = {p.device for p in self.net.parameters()}
+        single_cuda = len(devices) == 1 and next(iter(devices)).type == "cuda"
+        self.forward = DistributedDataParallel(
+            self.net,
+            device_ids=[next(iter(devices))] if single_cuda else None,
+            # sequential and greedy passes run one stage: the others' parameters are unused
+            find_unused_parameters=self.mode in ("sequential", "greedy"),
+        )
+
+    def _train_batches(self, order: Sequence[int]) -> Iterable[_Shard]:
+        """Global batches of ``order``, each cut to this rank's share (the whole batch for one process)."""
+        bs, world = self.config.batch_size, self.dist.world_size
+        for lo in range(0, len(order), bs):
+            gidx = list(order[lo : lo + bs])
+            if world == 1:
+                yield _Shard(gidx, gidx, len(gidx), 1.0, collate([self.dataset[i] for i in gidx], self.config.device))
+                continue
+            mine = shard_batch(gidx, self.dist.rank, world)
+            run = mine or gidx[:1]  # an empty share joins the gradient reduction with weight 0
+            yield _Shard(gidx, run, len(mine), loss_weight(len(mine), len(gidx), world),
+                         collate([self.dataset[i] for i in run], self.config.device))
+
+    def _local_val(self) -> list[int]:
+        """This rank's validation samples (all of them for one process)."""
+        return shard_batch(self.val_idx, self.dist.rank, self.dist.world_size)
 
     def _batches(self, order: Sequence[int]) -> Iterable[tuple[list[int], Batch]]:
         bs = self.config.batch_size
@@ -504,13 +684,18 @@ class _Trainer:
 
     @torch.no_grad()
     def _fill_cache(self, stage: int) -> None:
-        """Outputs of ``stage`` for every sample (one at a time: deterministic), as inputs of ``stage + 1``."""
+        """Outputs of ``stage`` for every sample (one at a time: deterministic), as inputs of ``stage + 1``.
+
+        Distributed: each rank computes its shard of the samples (round robin) and writes
+        them to the shared cache (memory cache: the shards are gathered on every rank);
+        rank 0 marks the stage complete between two barriers."""
         if stage < 0 or self._cache_complete(stage):
             return
         self._fill_cache(stage - 1)
         store: dict[int, torch.Tensor] = {}
-        for i in tqdm(range(len(self.dataset)), desc=f"cache stage {stage + 1}", leave=False,
-                      disable=not self.config.progress):
+        mine = shard_items(len(self.dataset), self.dist.rank, self.dist.world_size)
+        for i in tqdm(mine, desc=f"cache stage {stage + 1}", leave=False,
+                      disable=not (self.config.progress and self.dist.is_main)):
             batch = collate([self.dataset[i]], self.config.device)
             model = self.factory(batch)
             x_in = self._stage_inputs(stage, [i], batch, model)
@@ -520,27 +705,32 @@ class _Trainer:
             else:
                 _save_tensor(self._cache_path(stage, i), out.detach().cpu())
         if self.config.cache == "memory":
+            if self.dist.is_distributed:
+                for part in self.dist.all_gather_object({i: t.cpu() for i, t in store.items()}):
+                    store.update({i: t.to(self.config.device) for i, t in part.items()})
             self._memory_cache[stage] = store
-        else:
+            self._memory_cache.pop(stage - 1, None)  # the inputs of ``stage`` are no longer needed
+            return
+        self.dist.barrier()  # every shard is on disk
+        if self.dist.is_main:
             with atomic_path(self.cache_dir / f"stage_{stage:03d}" / "complete.json") as tmp:
                 tmp.write_text(json.dumps({"stage": stage, "num_samples": len(self.dataset)}))
-        # the inputs of ``stage`` are no longer needed
-        if self.config.cache == "memory":
-            self._memory_cache.pop(stage - 1, None)
-        elif not self.config.keep_cache:
-            shutil.rmtree(self.cache_dir / f"stage_{stage - 1:03d}", ignore_errors=True)
+            if not self.config.keep_cache:  # the inputs of ``stage`` are no longer needed
+                shutil.rmtree(self.cache_dir / f"stage_{stage - 1:03d}", ignore_errors=True)
+        self.dist.barrier()
 
     @torch.no_grad()
     def _stage_val_loss(self, stage: int) -> float | None:
         if not self.val_idx:
             return None
         total, n = 0.0, 0
-        for idx, batch in self._batches(self.val_idx):
+        for idx, batch in self._batches(self._local_val()):
             model = self.factory(batch)
             x_in = self._stage_inputs(stage, idx, batch, model)
             out = self.net(x_in, batch["prompts"], model, stages=[stage], **_net_inputs(self.net, batch))
             total += float(_mse(out, batch["targets"][:, stage])) * len(idx)
             n += len(idx)
+        total, n = self.dist.all_reduce_sum([total, n])
         return total / n
 
     def _run_sequential(self) -> bool:
@@ -569,20 +759,23 @@ class _Trainer:
                 if not any(r["stage"] == k and r["epoch"] == 0 for r in self.history):
                     self._log(k, 0, None, val0)
             bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"{self.mode} stage {k + 1}/{self.net.num_stages}",
-                       initial=state["epoch"], total=cfg.epochs, disable=not cfg.progress, leave=False)
+                       initial=state["epoch"], total=cfg.epochs, disable=not (cfg.progress and self.dist.is_main),
+                       leave=False)
             for epoch in bar:
                 stage.train()
                 total, n = 0.0, 0
-                for idx, batch in self._batches(_epoch_order(self.train_idx, cfg.seed, k, epoch)):
-                    model = self.factory(batch)
+                for sh in self._train_batches(_epoch_order(self.train_idx, cfg.seed, k, epoch)):
+                    model = self.factory(sh.batch)
                     opt.zero_grad(set_to_none=True)
-                    x_in = self._stage_inputs(k, idx, batch, model)
-                    loss = training_step(self.net, "sequential", batch, model, cfg, stage=k, inputs=x_in)
+                    x_in = self._stage_inputs(k, sh.idx, sh.batch, model)
+                    loss = training_step(self.net, "sequential", sh.batch, model, cfg, stage=k, inputs=x_in,
+                                         forward=self.forward, loss_scale=sh.weight)
                     opt.step()
                     self.step_count += 1
-                    total += loss * len(idx)
-                    n += len(idx)
+                    total += loss * sh.n_local
+                    n += sh.n_local
                     self._emit(TrainEvent("step", self.mode, k, epoch + 1, self.step_count, loss, None, self.net))
+                total, n = self.dist.all_reduce_sum([total, n])
                 stage.eval()
                 val = self._stage_val_loss(k)
                 stop = self._early_stopping(state, val, stage)
@@ -593,9 +786,10 @@ class _Trainer:
                     state["complete"] = True
                 self._log(k, epoch + 1, total / n, val)
                 bar.set_postfix(train=f"{total / n:.4g}", val="-" if val is None else f"{val:.4g}")
-                _save(path, {"run_signature": self.run_signature, "stage": k, "stage_state": _clone_state(stage),
-                             "optimizer": opt.state_dict(), "train_state": state, "history": self.history,
-                             "step": self.step_count, "rng": _rng_state()})
+                self._save_checkpoint(path, {
+                    "run_signature": self.run_signature, "stage": k, "stage_state": _clone_state(stage),
+                    "optimizer": opt.state_dict(), "train_state": state, "history": self.history,
+                    "step": self.step_count, "rng": _rng_state()})
                 self._emit(TrainEvent("epoch", self.mode, k, epoch + 1, self.step_count, total / n, val, self.net))
                 if state["complete"]:
                     break
@@ -620,8 +814,12 @@ class _Trainer:
     def _joint_val(self) -> tuple[float | None, list[float] | None]:
         if not self.val_idx:
             return None, None
-        per_stage = evaluate(self.net, self.dataset, self.val_idx, self.factory, self.config.device,
-                             self.config.batch_size)
+        mine = self._local_val()
+        per_stage = evaluate(self.net, self.dataset, mine, self.factory, self.config.device,
+                             self.config.batch_size, self.config.stage_devices)
+        if self.dist.is_distributed:
+            sums = self.dist.all_reduce_sum([v * len(mine) for v in per_stage] + [len(mine)])
+            per_stage = [v / sums[-1] for v in sums[:-1]]
         return per_stage[-1], per_stage
 
     def _run_joint(self) -> bool:
@@ -647,19 +845,21 @@ class _Trainer:
             if not self.history:
                 self._log(None, 0, None, val, per)
         bar = tqdm(range(state["epoch"], cfg.epochs), desc=self.mode, initial=state["epoch"], total=cfg.epochs,
-                   disable=not cfg.progress, leave=False)
+                   disable=not (cfg.progress and self.dist.is_main), leave=False)
         for epoch in bar:
             self.net.train()
             total, n = 0.0, 0
-            for idx, batch in self._batches(_epoch_order(self.train_idx, cfg.seed, -1, epoch)):
-                model = self.factory(batch)
+            for sh in self._train_batches(_epoch_order(self.train_idx, cfg.seed, -1, epoch)):
+                model = self.factory(sh.batch)
                 opt.zero_grad(set_to_none=True)
-                loss = training_step(self.net, self.mode, batch, model, cfg)
+                loss = training_step(self.net, self.mode, sh.batch, model, cfg, forward=self.forward,
+                                     loss_scale=sh.weight)
                 opt.step()
                 self.step_count += 1
-                total += loss * len(idx)
-                n += len(idx)
+                total += loss * sh.n_local
+                n += sh.n_local
                 self._emit(TrainEvent("step", self.mode, None, epoch + 1, self.step_count, loss, None, self.net))
+            total, n = self.dist.all_reduce_sum([total, n])
             self.net.eval()
             val, per = self._joint_val()
             stop = self._early_stopping(state, val, self.net)
@@ -670,9 +870,10 @@ class _Trainer:
                 state["complete"] = True
             self._log(None, epoch + 1, total / n, val, per)
             bar.set_postfix(train=f"{total / n:.4g}", val="-" if val is None else f"{val:.4g}")
-            _save(path, {"run_signature": self.run_signature, "net_state": _clone_state(self.net),
-                         "optimizer": opt.state_dict(), "train_state": state, "history": self.history,
-                         "step": self.step_count, "rng": _rng_state()})
+            self._save_checkpoint(path, {
+                "run_signature": self.run_signature, "net_state": _clone_state(self.net),
+                "optimizer": opt.state_dict(), "train_state": state, "history": self.history,
+                "step": self.step_count, "rng": _rng_state()})
             self._emit(TrainEvent("epoch", self.mode, None, epoch + 1, self.step_count, total / n, val, self.net))
             if state["complete"]:
                 break
@@ -682,6 +883,7 @@ class _Trainer:
     # -------------------------------------------------------------- entry
     def run(self) -> bool:
         self._prepare_dir()
+        self._wrap()
         try:
             if self.mode == "sequential":
                 return self._run_sequential()
@@ -702,6 +904,7 @@ def train(
     callbacks: Iterable[Callback] = (),
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    distributed: DistContext | None = None,
 ) -> TrainResult:
     """Train ``net`` on ``dataset`` in ``mode`` (module docstring); writes checkpoints and logs to ``out_dir``.
 
@@ -722,17 +925,27 @@ def train(
         resume: continue the run whose checkpoints are in ``out_dir`` (its settings must match).
         metadata: when given (with ``sinogram_geometry`` and ``image_geometry``), the trained
             network is written to ``out_dir/model.pt`` with :func:`~sirf_fbsem.model.io.save_model`.
+        distributed: the job's :class:`~sirf_fbsem.distributed.DistContext`; None:
+            the initialised default process group if any (``torchrun``), else one process.
+            Every rank calls :func:`train` with the same arguments and ``out_dir`` (a shared
+            directory); rank 0 writes the files.
     """
-    trainer = _Trainer(net, dataset, mode, config, model_factory, Path(out_dir), list(callbacks), resume)
+    trainer = _Trainer(net, dataset, mode, config, model_factory, Path(out_dir), list(callbacks), resume,
+                       distributed)
     completed = trainer.run()
     model_path = None
     if completed:
-        if mode == "sequential" and config.cache == "disk" and not config.keep_cache and trainer.cache_dir.exists():
+        main = trainer.dist.is_main
+        if (main and mode == "sequential" and config.cache == "disk" and not config.keep_cache
+                and trainer.cache_dir.exists()):
             shutil.rmtree(trainer.cache_dir)
         if metadata is not None:
             meta = dict(metadata)
             meta.update({"training_mode": mode, "train_config": config.to_dict()})
-            model_path = save_model(Path(out_dir) / "model.pt", trainer.net, meta)
+            model_path = Path(out_dir) / "model.pt"
+            if main:
+                model_path = save_model(model_path, trainer.net, meta)
+        trainer.dist.barrier()
     return TrainResult(trainer.net, trainer.history, trainer.train_idx, trainer.val_idx, completed, Path(out_dir),
                        model_path)
 
