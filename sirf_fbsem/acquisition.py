@@ -1,9 +1,10 @@
 """Everything measured about one scan, gathered from the files a user points at.
 
-``load_acquisition`` turns a sinogram (Interfile ``.hs``) or a listmode file
-(mMR ``.l.hdr``), plus optional normalisation, attenuation (mu-map) and additive
-terms, into an :class:`Acquisition`: prompts and the terms of the acquisition
-model, all as SIRF-ordered (T,S,V,N) float32 arrays.
+``load_acquisition`` turns a sinogram (Interfile ``.hs``), an mMR listmode file
+(``.l.hdr``) or a PETSIRD listmode file (recognised by its content, whatever its
+name), plus optional normalisation, attenuation (mu-map) and additive terms, into an
+:class:`Acquisition`: prompts and the terms of the acquisition model, all as
+SIRF-ordered (T,S,V,N) float32 arrays.
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def attenuation_factors(
     return torch.exp(-0.1 * line).cpu().numpy().astype(np.float32)
 
 
+def _is_petsird(path: Path) -> bool:
+    from .io.petsird import petsird_format
+
+    return path.is_file() and petsird_format(path) is not None
+
+
 def _is_listmode(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".l.hdr") or name.endswith(".l") or name.endswith(".hdr.stir")
@@ -72,14 +79,16 @@ def load_acquisition(
     """Read prompts and optional terms.
 
     Args:
-        path: Interfile sinogram (.hs) or mMR listmode header (.l.hdr).
+        path: Interfile sinogram (.hs), mMR listmode header (.l.hdr) or PETSIRD file
+            (binary or NDJSON; any name: recognised by its first bytes).
         norm: mMR ECAT8 norm (.n.hdr / .n) or an Interfile sinogram of multiplicative
             efficiency factors (.hs; counts = factor x true counts).
         mu_map: attenuation map (Interfile .hv or NIfTI) in 1/cm.
         additive: Interfile sinogram of randoms + scatter (counts). For listmode without
-            it, randoms are estimated from the delayeds.
+            it, randoms are estimated from the delayeds (when the file has any).
         time_interval_s: (t0, t1) seconds from the start, listmode only.
-        span: axial compression when histogramming listmode (1 or 11 for the mMR).
+        span: axial compression when histogramming listmode (1 or 11 for the mMR; any odd
+            span for PETSIRD, with the largest maximum ring difference it allows).
         image: image geometry for the mu-map resampling (default: the scanner's default image).
         negative: what to do with negative prompts (precorrected data such as STIR's
             recon_demo have them): "error" (default) or "zero" (clip to 0, with a warning).
@@ -91,7 +100,17 @@ def load_acquisition(
     path = Path(path)
     meta: dict = {}
     add = None
-    if _is_listmode(path):
+    if _is_petsird(path):
+        from .io import petsird, randoms
+
+        prompts, delayeds, info = petsird.histogram_petsird(
+            path, span=span, time_interval_s=time_interval_s, store_delayeds=True, progress=progress
+        )
+        geom = info["sinogram_geometry"]
+        meta.update(info)
+        if additive is None and delayeds is not None and delayeds.sum() > 0:
+            add = randoms.randoms_from_delayeds(delayeds, geom, smooth=True).astype(np.float32)
+    elif _is_listmode(path):
         from .io import listmode, randoms
 
         hdr = listmode.read_listmode_header(path)
@@ -123,7 +142,7 @@ def load_acquisition(
         from .io import mumap
 
         img = image or geom.default_image()
-        mu_geom, mu = mumap.read_mu_map(mu_map)
+        mu_geom, mu = mumap.read_mu_map(mu_map, scanner=geom.scanner)
         mumap.check_mu_units(mu, mu_map)
         if mu_geom != img:
             mu = mumap.resample_to(mu, mu_geom, img, geom.scanner)

@@ -186,22 +186,45 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
 
 def _write_outputs(args: argparse.Namespace, out: Path, dicom: Path | None, preview: Path | None,
                    input_path: Path, image, image_geom, acq, description: str) -> None:
-    """DICOM series and preview first, the image last: an existing image marks a finished input."""
+    """DICOM series and preview first, the image last: an existing image marks a finished input.
+
+    Each file is written atomically; when one fails, those already written for this input are
+    removed, so a failed input leaves nothing behind.
+    """
+    written: list[Path] = []
+    try:
+        _write_each(args, out, dicom, preview, input_path, image, image_geom, acq, description, written)
+    except BaseException:
+        import shutil
+
+        for path in written:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _write_each(args: argparse.Namespace, out: Path, dicom: Path | None, preview: Path | None,
+                input_path: Path, image, image_geom, acq, description: str, written: list[Path]) -> None:
     if dicom:
-        from .io.dicom import write_dicom_series
+        from .io.dicom import radiopharmaceutical_from_header, write_dicom_series
 
         extra = {}
         hdr = acq.metadata.get("listmode_header")
-        if hdr is not None and getattr(hdr, "radiopharmaceutical", None):
-            extra["radiopharmaceutical"] = hdr.radiopharmaceutical
+        info = None if hdr is None else radiopharmaceutical_from_header(hdr)
+        if info is not None:
+            extra["radiopharmaceutical"] = info
         write_dicom_series(dicom, image, image_geom, acq.geometry.scanner,
                            patient_position=args.patient_position, series_description=description,
                            units="BQML" if acq.multiplicative is not None else "CNTS", **extra)
+        written.append(Path(dicom))
     if preview:
         from .preview import save_montage
 
         save_montage(preview, image, title=f"{Path(input_path).name}: {description}",
                      voxel_size_mm=image_geom.voxel_size_mm)
+        written.append(Path(preview))
     name = out.name.lower()
     if name.endswith(".nii") or name.endswith(".nii.gz"):
         from .io.nifti import write_nifti

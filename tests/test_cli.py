@@ -95,3 +95,53 @@ def test_reconstruct_bad_output_suffix_is_refused_before_work(shared_data: Path,
         main(["reconstruct", str(shared_data / SMALLLONG), "--output", str(tmp_path / "o.tiff"),
               "--iterations", "1", "--no-progress"])
     assert _files(tmp_path) == []
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "test_data" / "phantom_scan.hs"
+
+
+def test_failed_image_write_removes_the_dicom_series_already_written(tmp_path: Path, capsys, monkeypatch):
+    """Outputs of one input are all or nothing: the image (written last) fails, the DICOM goes too."""
+    import sirf_fbsem.io.nifti as nifti
+
+    def failing_write(path, *args, **kwargs):
+        raise ValueError(f"cannot write '{path}': disk full (injected)")
+
+    monkeypatch.setattr(nifti, "write_nifti", failing_write)
+    rc = main(["reconstruct", str(BUNDLED), "--algorithm", "osem", "--iterations", "1",
+               "--output", str(tmp_path / "o.nii.gz"), "--dicom", str(tmp_path / "dicom"),
+               "--preview", str(tmp_path / "p.png"), "--no-progress"])
+    assert rc == 2
+    assert "disk full" in capsys.readouterr().err
+    assert _files(tmp_path) == []
+
+
+def test_listmode_header_fills_dicom_radiopharmaceutical(shared_data: Path, tmp_path: Path):
+    """The mMR listmode header's isotope, half-life, tracer and injection time reach the DICOM series;
+    its activity of 0 Bq ("unknown") is left out rather than written as a dose."""
+    pydicom = pytest.importorskip("pydicom")
+    from sirf_fbsem.geometry import scanner_preset
+    from sirf_fbsem.io.dicom import radiopharmaceutical_from_header, write_dicom_series
+    from sirf_fbsem.io.listmode import read_listmode_header
+
+    # the header of SIRF's mMR example; its .l data file is not in the shared data: a stand-in file
+    shutil.copy(shared_data / "sirf/examples/PET/mMR/list.l.hdr", tmp_path / "list.l.hdr")
+    (tmp_path / "list.l").write_bytes(b"")
+    hdr = read_listmode_header(tmp_path / "list.l.hdr")
+    info = radiopharmaceutical_from_header(hdr)
+    assert info is not None and info["radionuclide"] == "F-18"
+    assert info["half_life_s"] == pytest.approx(hdr.isotope_halflife_s)
+    assert "total_dose_bq" not in info  # the header says 0 Bq
+    geom = scanner_preset("small_test")
+    from sirf_fbsem.geometry import SinogramGeometry
+
+    image_geom = SinogramGeometry.from_span(geom, span=3, max_ring_diff=4).default_image()
+    image = np.ones(image_geom.shape, dtype=np.float32)
+    write_dicom_series(tmp_path / "s", image, image_geom, geom, series_description="test", radiopharmaceutical=info)
+    first = pydicom.dcmread(sorted((tmp_path / "s").iterdir())[0])
+    item = first.RadiopharmaceuticalInformationSequence[0]
+    assert item.Radiopharmaceutical == hdr.radiopharmaceutical
+    assert float(item.RadionuclideHalfLife) == pytest.approx(hdr.isotope_halflife_s)
+    assert item.RadionuclideCodeSequence[0].CodeMeaning.replace("^", "").lower().startswith("18fluorine")
+    assert "RadionuclideTotalDose" not in item
+    assert radiopharmaceutical_from_header(type("H", (), {"isotope": "Unobtainium-1"})()) is None

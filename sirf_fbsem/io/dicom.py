@@ -35,7 +35,7 @@ from ..geometry import ImageGeometry, Scanner, _patient_flips
 from .atomic import atomic_dir
 from .nifti import _check_volume
 
-__all__ = ["write_dicom_series", "PET_IMAGE_STORAGE", "PET_UNITS", "PET_CORRECTIONS", "RADIONUCLIDES"]
+__all__ = ["write_dicom_series", "radiopharmaceutical_from_header", "PET_IMAGE_STORAGE", "PET_UNITS", "PET_CORRECTIONS", "RADIONUCLIDES"]
 
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 
@@ -182,6 +182,37 @@ def _radiopharmaceutical_item(info: Mapping[str, Any]):
     if info.get("radiopharmaceutical") is not None:
         item.Radiopharmaceutical = _lo("radiopharmaceutical['radiopharmaceutical']", info["radiopharmaceutical"])
     return item, half_life
+
+
+def radiopharmaceutical_from_header(header: Any) -> dict[str, Any] | None:
+    """The ``radiopharmaceutical`` mapping of :func:`write_dicom_series` from a listmode header.
+
+    Takes what the header knows (``isotope``, ``isotope_halflife_s``, ``radiopharmaceutical``,
+    ``tracer_activity_bq``, ``tracer_injection_time``, as
+    :class:`~sirf_fbsem.io.listmode.ListmodeHeader`); values a scanner writes as "unknown"
+    (an activity or half-life of 0) are left out. None when the isotope is missing or not
+    a known PET radionuclide: DICOM then carries no radiopharmaceutical rather than a wrong one.
+    """
+    isotope = getattr(header, "isotope", None)
+    if not isotope:
+        return None
+    try:
+        info: dict[str, Any] = {"radionuclide": _normalise_radionuclide(isotope)}
+    except ValueError:
+        return None
+    name = getattr(header, "radiopharmaceutical", None)
+    if name:
+        info["radiopharmaceutical"] = str(name)[:64]
+    half_life = getattr(header, "isotope_halflife_s", None)
+    if half_life is not None and half_life > 0:
+        info["half_life_s"] = float(half_life)
+    dose = getattr(header, "tracer_activity_bq", None)
+    if dose is not None and dose > 0:
+        info["total_dose_bq"] = float(dose)
+    start = getattr(header, "tracer_injection_time", None)
+    if isinstance(start, _dt.datetime):
+        info["start_datetime"] = start
+    return info
 
 
 def _quantise(arr: np.ndarray) -> tuple[np.ndarray, list[str], bool]:
