@@ -1,0 +1,253 @@
+"""The evaluation study: simulate, train FBSEM (sequential and end-to-end), compare with OSEM and MAP-EM.
+
+    python pipelines/evaluate.py                  # the reported setting (~20-40 min on 2 CPU cores)
+    python pipelines/evaluate.py --quick          # a 2-minute smoke run of the same steps
+
+1. Simulates (``simulation.simulate_dataset``, seeded, resumable) on a 2D setting (one ring of
+   the scanner, one direct sinogram, a single-slice image): training phantoms (half at each
+   count level), and per count level separate *tuning* phantoms (to choose the baselines'
+   hyperparameters) and held-out *test* phantoms.
+2. Trains FBSEM-Net sequentially and end-to-end (``training.train``) on the same data, the
+   same network, the same epochs (per stage in sequential mode) and the same targets.
+3. Evaluates (``sirf_fbsem.evaluation``) OSEM, OSEM + Gaussian post-filter, MAP-EM with a
+   quadratic prior and both networks on the test phantoms, and writes
+   ``pipelines/results/evaluate_<setting>.json`` and ``.png``.
+
+Targets (``--targets``): ``truth`` (default) trains every stage's output against the ground-truth
+phantom (as the FBSEM-Net paper, Mehranian & Reader 2020, trained against the reference image);
+``osem`` uses the simulated targets, the noise-free OSEM sub-iterates (the package's sequential
+design): a network matching them can be no better than noise-free OSEM after K sub-iterations.
+
+Everything is reused when present (datasets, trained models, checkpoints of an interrupted
+training); the evaluation is redone only with ``--force`` or when its JSON is missing.
+Intermediate data go to ``--work`` (default ``out/evaluate_<setting>``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sirf_fbsem.evaluation import EvaluationConfig, evaluate_methods, load_samples, save_evaluation_montage, write_json
+from sirf_fbsem.geometry import ImageGeometry, scanner_preset
+from sirf_fbsem.model.fbsem import FBSEMNet
+from sirf_fbsem.model.io import load_model
+from sirf_fbsem.model.regularisers import RegulariserConfig
+from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
+from sirf_fbsem.simulation import AcquisitionParameters, FBSEMSampleDataset, SimulationConfig, simulate_dataset
+from sirf_fbsem.simulation.acquisition import single_slice_geometry
+from sirf_fbsem.training import TrainConfig, train, with_terms_factory
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "pipelines" / "results"
+SEEDS = {"train": 1000, "tune": 2000, "test": 3000}
+
+
+class StudySamples(torch.utils.data.Dataset):
+    """Training samples in common image units, optionally with the ground truth as every stage's target.
+
+    Each sample is rescaled so that its phantom has mean 1 over its support: images (phantom,
+    targets) are divided by ``c = mean(phantom > 0)``, and the multiplicative factors and the
+    sensitivities multiplied by it, so the prompts and the model ``y = m G x + b`` are unchanged.
+    Without it the MSE of a 1e6-count sample would outweigh that of a 2e5-count one 25 times
+    (image units scale with the counts); the network is scale-equivariant, so this only
+    balances the loss over count levels.
+    """
+
+    def __init__(self, base: torch.utils.data.Dataset, num_stages: int, truth_targets: bool):
+        self.base, self.num_stages, self.truth_targets = base, num_stages, truth_targets
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = dict(self.base[i])
+        phantom = s["phantom"]
+        c = float(phantom[phantom > 0].mean())
+        s["phantom"] = phantom / c
+        s["multiplicative"] = s["multiplicative"] * c
+        s["sensitivity"] = s["sensitivity"] * c
+        if self.truth_targets:
+            s["targets"] = s["phantom"].unsqueeze(0).expand((self.num_stages,) + tuple(phantom.shape)).clone()
+        else:
+            s["targets"] = s["targets"] / c
+        return s
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", default=None, help="name of the outputs (default mmr2d, or quick with --quick)")
+    p.add_argument("--work", type=Path, default=None, help="work directory (default out/evaluate_<setting>)")
+    p.add_argument("--scanner", default="Siemens_mMR", help="scanner preset; one ring of it is used (2D)")
+    p.add_argument("--image-size", type=int, default=128, help="in-plane image size n (n x n, default voxels)")
+    p.add_argument("--counts", type=float, nargs="+", default=[2e5, 1e6], help="count levels (prompts per slice)")
+    p.add_argument("--train-samples", type=int, default=40, help="training phantoms in all (split over count levels)")
+    p.add_argument("--tune-samples", type=int, default=4, help="tuning phantoms per count level")
+    p.add_argument("--test-samples", type=int, default=8, help="test phantoms per count level")
+    p.add_argument("--subsets", type=int, default=6, help="subsets of every method")
+    p.add_argument("--stages", type=int, default=12, help="FBSEM stages K")
+    p.add_argument("--epochs", type=int, default=12, help="epochs (per stage in sequential mode)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--layers", type=int, default=5)
+    p.add_argument("--targets", choices=("truth", "osem"), default="truth")
+    p.add_argument("--osem-iterations", type=int, default=10)
+    p.add_argument("--map-iterations", type=int, default=20)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (small_test scanner, few samples, 1 epoch)")
+    p.add_argument("--force", action="store_true", help="redo the evaluation even when its JSON exists")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.scanner, args.image_size = "small_test", 47
+        args.train_samples, args.tune_samples, args.test_samples = 4, 1, 2
+        args.subsets, args.stages, args.epochs, args.channels, args.layers = 4, 4, 1, 8, 3
+        args.osem_iterations, args.map_iterations = 4, 4
+    args.setting = args.setting or ("quick" if args.quick else "mmr2d")
+    args.work = args.work or ROOT / "out" / f"evaluate_{args.setting}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    t_start = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    progress = not args.no_progress
+    sino, image = single_slice_geometry(scanner_preset(args.scanner))
+    image = ImageGeometry((1, args.image_size, args.image_size), image.voxel_size_mm)
+    timings: dict[str, float] = {}
+
+    # ---- 1. data
+    t0 = time.perf_counter()
+    per_level = max(1, args.train_samples // len(args.counts))
+    dirs: dict[str, list[Path]] = {"train": [], "tune": [], "test": []}
+    for li, counts in enumerate(args.counts):
+        cfg = SimulationConfig(num_subsets=args.subsets, num_stages=args.stages,
+                               acquisition=AcquisitionParameters(counts=counts))
+        for part, n in (("train", per_level), ("tune", args.tune_samples), ("test", args.test_samples)):
+            d = args.work / f"{part}_{counts:.3g}"
+            simulate_dataset(d, n, sino, image, cfg, seed=SEEDS[part] + li, resume=True, progress=progress)
+            dirs[part].append(d)
+    timings["simulate_s"] = time.perf_counter() - t0
+
+    # ---- 2. training (same network, data, targets, epochs)
+    datasets = [FBSEMSampleDataset(d) for d in dirs["train"]]
+    data: torch.utils.data.Dataset = torch.utils.data.ConcatDataset(datasets)
+    data = StudySamples(data, args.stages, truth_targets=args.targets == "truth")
+    base = EmbeddedAcquisitionModel(sino, image, num_subsets=args.subsets)
+    models: dict[str, Path] = {}
+    train_info: dict[str, Any] = {}
+    for mode, name in (("sequential", "fbsem_sequential"), ("end_to_end", "fbsem_end_to_end")):
+        run_dir = args.work / f"train_{mode}"
+        model_path = run_dir / "model.pt"
+        t0 = time.perf_counter()
+        if not model_path.exists():
+            torch.manual_seed(0)
+            net = FBSEMNet(args.stages, args.subsets,
+                           RegulariserConfig(dims=2, channels=args.channels, layers=args.layers), beta_init=0.1)
+            config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=1, validation_fraction=0.1, seed=0,
+                                 progress=progress)
+            resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("*.pt"))
+            result = train(net, data, mode, config, with_terms_factory(base), run_dir, resume=resume,
+                           metadata={"sinogram_geometry": sino, "image_geometry": image, "targets": args.targets,
+                                     "data": [str(d) for d in dirs["train"]]})
+            if not result.completed or result.model_path is None:
+                print(f"{mode} training did not complete", file=sys.stderr)
+                return 1
+            timings[f"train_{mode}_s"] = time.perf_counter() - t0
+        log = run_dir / "losses.json"
+        history = json.loads(log.read_text())["history"] if log.exists() else []
+        last_val = [r["val_loss"] for r in history if r.get("val_loss") is not None]
+        train_info[name] = {"model": str(model_path), "final_validation_mse": last_val[-1] if last_val else None}
+        models[name] = model_path
+
+    # ---- 3. evaluation
+    json_path = RESULTS / f"evaluate_{args.setting}.json"
+    png_path = RESULTS / f"evaluate_{args.setting}.png"
+    if json_path.exists() and not args.force:
+        print(f"{json_path} exists (use --force to redo the evaluation)")
+        _print_table(json.loads(json_path.read_text()))
+        return 0
+    t0 = time.perf_counter()
+    test, _ = load_samples(dirs["test"])
+    tune, _ = load_samples(dirs["tune"])
+    nets = {name: load_model(p, expected_sinogram_geometry=sino, expected_image_geometry=image)[0]
+            for name, p in models.items()}
+    config = EvaluationConfig(osem_iterations=args.osem_iterations, map_iterations=args.map_iterations)
+    result, images = evaluate_methods(test, nets, base, config, tuning_samples=tune, progress=progress)
+    timings["evaluate_s"] = time.perf_counter() - t0
+    timings["total_s_this_run"] = time.perf_counter() - t_start
+    result["setting"] = {
+        "name": args.setting,
+        "scanner": f"{args.scanner}, one ring (2D): {sino.describe()}",
+        "image": image.describe(),
+        "image_shape": list(image.shape),
+        "voxel_size_mm": list(image.voxel_size_mm),
+        "counts": list(args.counts),
+        "randoms_fraction": AcquisitionParameters().randoms_fraction,
+        "scatter_fraction": AcquisitionParameters().scatter_fraction,
+        "phantom": "procedural brain (sirf_fbsem.simulation.phantoms)",
+        "num_training_phantoms": per_level * len(args.counts),
+        "validation_fraction": 0.1,
+        "num_tuning_phantoms_per_level": args.tune_samples,
+        "num_test_phantoms_per_level": args.test_samples,
+        "subsets": args.subsets,
+        "stages": args.stages,
+        "epochs": args.epochs,
+        "epochs_note": "sequential: epochs per stage; end_to_end: epochs over the whole network",
+        "lr": args.lr,
+        "regulariser": {"dims": 2, "channels": args.channels, "layers": args.layers},
+        "targets": args.targets,
+        "training_units": "each training sample rescaled to phantom mean 1 over its support (prompts unchanged)",
+        "seeds": SEEDS,
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+    result["training"] = train_info
+    result["timings"] = timings
+    result["goals"] = _goals(result)
+    write_json(json_path, result)
+    title = f"{args.setting}: {image.describe()}, FBSEM {args.stages} stages, targets {args.targets}"
+    save_evaluation_montage(png_path, images, result, title=title)
+    _print_table(result)
+    print(f"wrote {json_path} and {png_path} ({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+def _goals(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's quality goals at the lowest count level."""
+    levels = result["count_levels"]
+    low = min(levels, key=lambda k: float(k))
+    nr = {m: v["mean"]["nrmse"] for m, v in levels[low]["methods"].items()}
+    seq, e2e = nr.get("fbsem_sequential"), nr.get("fbsem_end_to_end")
+    out: dict[str, Any] = {"count_level": low}
+    if seq is not None:
+        out["sequential/map_em"] = seq / nr["map_em"]
+        out["sequential/map_em <= 0.80"] = bool(seq / nr["map_em"] <= 0.80)
+        out["sequential/osem_filtered"] = seq / nr["osem_filtered"]
+        out["sequential/osem_filtered <= 0.70"] = bool(seq / nr["osem_filtered"] <= 0.70)
+    if seq is not None and e2e is not None:
+        out["sequential/end_to_end"] = seq / e2e
+        out["sequential within 5% of end_to_end"] = bool(abs(seq / e2e - 1) <= 0.05)
+    return out
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    metrics = ("nrmse", "psnr", "ssim", "contrast_recovery", "background_noise")
+    for key, lv in result["count_levels"].items():
+        print(f"\n{key} counts ({lv['num_samples']} test phantoms)")
+        print(f"{'method':<20}" + "".join(f"{m[:12]:>14}" for m in metrics))
+        for name, entry in lv["methods"].items():
+            vals = "".join(f"{entry['mean'][m]:>14.4f}" if entry["mean"][m] is not None else f"{'-':>14}"
+                           for m in metrics)
+            print(f"{name:<20}{vals}   {entry.get('hyperparameters', '')}")
+    if "goals" in result:
+        print("\ngoals:", json.dumps(result["goals"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

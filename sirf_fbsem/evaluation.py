@@ -1,0 +1,751 @@
+"""Evaluation on held-out simulated phantoms: OSEM, OSEM + post-filter, MAP-EM (quadratic prior), FBSEM.
+
+Methods (all start from the FBSEM start image, 1 inside the cylindrical FOV, and use the
+same subsets, visited 0, 1, 2, ...):
+
+* ``osem``: OSEM, every full iteration 1..N; reported at the best iteration.
+* ``osem_filtered``: OSEM iterate n, then a Gaussian post-filter of FWHM f (mm); best (n, f).
+* ``map_em``: MAP-EM with a quadratic smoothness prior, each sub-iteration the OSEM
+  sub-update followed by the *same* closed-form fusion as FBSEM
+  (:func:`~sirf_fbsem.model.fbsem.fbsem_fusion`) with a fixed regulariser image::
+
+      x_em   = x / sens_s * A_s^T( y_s / (A_s x + b_s) )
+      x_reg  = ( x + N(x) ) / 2                     N(x)_j = sum_k w_jk x_k / sum_k w_jk
+      x_next = fbsem_fusion(x_em, x_reg, sens_s, beta * mean_FOV(sens_s) / mean_FOV(x))
+
+  ``N`` is the 1/distance-weighted mean over the 8 (2D) or 26 (3D) neighbours inside the
+  FOV. This is De Pierro's separable surrogate of the prior
+  ``beta_R/4 sum_j sum_k w_jk (x_j - x_k)^2`` (weights normalised per voxel), whose
+  per-voxel form is ``-beta/2 (x_j - x_reg_j)^2``, i.e. exactly the pull towards
+  ``x_reg`` that FBSEM's fusion maximises with a CNN output instead. ``beta`` is in
+  FBSEM's "normalised" units (dimensionless; the same grid serves every count level).
+  ``beta = 0`` gives OSEM exactly. Reported at the best (``beta``, iteration) of a log
+  grid of beta and iterations 1..``map_iterations``.
+* FBSEM networks (any number, by name), run as trained (their stages, their subsets).
+
+Hyperparameters (OSEM iteration, filter iteration and FWHM, MAP-EM beta) are chosen per
+count level by the lowest mean NRMSE over *tuning* samples; when none are given they are
+chosen on the evaluated samples themselves (optimistic for the baselines), and the
+result says which.
+
+Metrics (:mod:`sirf_fbsem.metrics`), against the ground-truth phantom (same units):
+
+* NRMSE = ||x - t|| / ||t|| over the *head mask*: the phantom's support (t > 0) dilated
+  by ``mask_dilation_voxels`` voxels in-plane, inside the cylindrical FOV.
+* PSNR = 10 log10(max(t)^2 / MSE) over the head mask, dB.
+* SSIM: Gaussian window (sigma 1.5 voxels, separable, 2D per slice for a single-slice
+  image, 3D otherwise; Wang et al. 2004 constants with data range max(t)), averaged
+  over the head mask.
+* CR (hot lesions): per connected hot lesion L (``lesion_mask == 1``, at least
+  ``min_lesion_voxels`` voxels), ``(mean_L(x)/mean_B(x) - 1) / (mean_L(t)/mean_B(t) - 1)``,
+  B the white-matter ROI; averaged over the sample's lesions (None when it has none).
+* background noise: std/mean of x in the white-matter ROI: voxels of the T1-like
+  image with value >= 0.8 (white matter is 0.85, grey matter <= 0.62), eroded by one
+  voxel in-plane, minus the lesions dilated by 2 voxels. The phantom's own smooth
+  intensity variation gives the truth a non-zero value (``background_noise`` of
+  ``truth`` in the result), the floor of this figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import metrics
+from .autograd import em_update
+from .geometry import ImageGeometry, SinogramGeometry, image_geometry_from_dict, sinogram_geometry_from_dict
+from .io.atomic import atomic_path
+from .model.fbsem import FBSEMNet, fbsem_fusion
+from .model.regularisers import intensity_scale
+from .projectors.base import AcquisitionModel
+from .projectors.embedded import EmbeddedAcquisitionModel
+from .recon.osem import OSEM, fov_mask
+
+__all__ = [
+    "EvaluationConfig",
+    "EvaluationMasks",
+    "gaussian_filter",
+    "quadratic_prior_reference",
+    "map_em",
+    "osem_iterates",
+    "evaluation_masks",
+    "image_metrics",
+    "evaluate_methods",
+    "save_evaluation_montage",
+    "write_json",
+    "load_samples",
+    "add_evaluate_arguments",
+    "run_evaluate",
+    "BASELINES",
+]
+
+#: baseline method names, in montage order
+BASELINES = ("osem", "osem_filtered", "map_em")
+_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+_METRICS = ("nrmse", "psnr", "ssim", "contrast_recovery", "background_noise")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Settings of :func:`evaluate_methods`.
+
+    Attributes:
+        osem_iterations: full OSEM iterations computed (each one pass over all subsets).
+        num_subsets: subsets of OSEM and MAP-EM (None: the data's manifest value).
+        filter_fwhm_mm: post-filter FWHM grid, mm (0 = no filter).
+        map_betas: MAP-EM strength grid (FBSEM's normalised units).
+        map_iterations: full MAP-EM iterations computed; the best (beta, iteration) is chosen.
+        mask_dilation_voxels: in-plane dilation of the phantom support for the head mask.
+        min_lesion_voxels: smallest hot lesion (connected voxels) scored for CR.
+        device: torch device of the projector and networks.
+    """
+
+    osem_iterations: int = 10
+    num_subsets: int | None = None
+    filter_fwhm_mm: tuple[float, ...] = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)
+    map_betas: tuple[float, ...] = tuple(float(f"{b:.4g}") for b in 10.0 ** np.linspace(-3, 1, 9))
+    map_iterations: int = 20
+    mask_dilation_voxels: int = 2
+    min_lesion_voxels: int = 4
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("osem_iterations", "map_iterations", "min_lesion_voxels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EvaluationConfig.{name} must be an integer >= 1, got {v!r}")
+        if self.num_subsets is not None and (not isinstance(self.num_subsets, int) or self.num_subsets < 1):
+            raise ValueError(f"EvaluationConfig.num_subsets must be None or an integer >= 1, got {self.num_subsets!r}")
+        if not isinstance(self.mask_dilation_voxels, int) or self.mask_dilation_voxels < 0:
+            raise ValueError(
+                f"EvaluationConfig.mask_dilation_voxels must be an integer >= 0, got {self.mask_dilation_voxels!r}"
+            )
+        if not self.filter_fwhm_mm or any(not (f >= 0 and math.isfinite(f)) for f in self.filter_fwhm_mm):
+            raise ValueError(f"EvaluationConfig.filter_fwhm_mm must be finite values >= 0, got {self.filter_fwhm_mm!r}")
+        if not self.map_betas or any(not (b >= 0 and math.isfinite(b)) for b in self.map_betas):
+            raise ValueError(f"EvaluationConfig.map_betas must be finite values >= 0, got {self.map_betas!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["filter_fwhm_mm"] = list(self.filter_fwhm_mm)
+        d["map_betas"] = list(self.map_betas)
+        return d
+
+
+# ============================================================================ image operations
+def gaussian_filter(x: torch.Tensor, fwhm_mm: float, voxel_size_mm: Sequence[float]) -> torch.Tensor:
+    """Isotropic Gaussian filter of FWHM ``fwhm_mm`` on (Z, Y, X) or (B, Z, Y, X); axes of length 1 are skipped.
+
+    Zero padding (the images are 0 outside the FOV); the kernel is truncated at 3 sigma
+    and normalised to sum 1. ``fwhm_mm = 0`` returns ``x`` unchanged.
+    """
+    if fwhm_mm <= 0:
+        return x
+    single = x.dim() == 3
+    v = (x[None] if single else x).unsqueeze(1)  # (B, 1, Z, Y, X)
+    for axis in range(3):
+        n = v.shape[2 + axis]
+        sigma = fwhm_mm * _FWHM_TO_SIGMA / float(voxel_size_mm[axis])
+        if n == 1 or sigma <= 0:
+            continue
+        half = min(int(math.ceil(3 * sigma)), n - 1)
+        t = torch.arange(-half, half + 1, dtype=v.dtype, device=v.device)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = k / k.sum()
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0, 0, 0]
+        pad[axis] = half
+        v = F.conv3d(v, k.reshape(shape), padding=tuple(pad))
+    out = v[:, 0]
+    return out[0] if single else out
+
+
+def _neighbour_kernel(shape: Sequence[int], voxel_size_mm: Sequence[float], dtype, device) -> torch.Tensor:
+    """(1,1,kz,3,3) kernel of 1/distance weights over the 8 (nz = 1) or 26 neighbours; centre 0."""
+    kz = 1 if shape[0] == 1 else 3
+    dz = torch.arange(kz, dtype=torch.float64) - (kz // 2)
+    d1 = torch.arange(3, dtype=torch.float64) - 1
+    Z, Y, X = torch.meshgrid(dz * voxel_size_mm[0], d1 * voxel_size_mm[1], d1 * voxel_size_mm[2], indexing="ij")
+    dist = torch.sqrt(Z**2 + Y**2 + X**2)
+    w = torch.where(dist > 0, 1.0 / torch.where(dist > 0, dist, torch.ones_like(dist)), torch.zeros_like(dist))
+    return w.to(dtype=dtype, device=device)[None, None]
+
+
+def quadratic_prior_reference(x: torch.Tensor, fov: torch.Tensor, voxel_size_mm: Sequence[float]) -> torch.Tensor:
+    """De Pierro reference image of the quadratic prior: ``(x + N(x)) / 2`` (module docstring).
+
+    Args:
+        x: image (Z, Y, X) or (B, Z, Y, X), >= 0.
+        fov: boolean (Z, Y, X) (or broadcastable) support; neighbours outside it are ignored.
+        voxel_size_mm: (vz, vy, vx), for the 1/distance weights.
+    Returns:
+        same shape as ``x``, >= 0; 0 outside ``fov``.
+    """
+    single = x.dim() == 3
+    v = x[None] if single else x
+    m = torch.broadcast_to(fov.to(device=v.device), v.shape).to(v.dtype)
+    k = _neighbour_kernel(v.shape[1:], voxel_size_mm, v.dtype, v.device)
+    pad = (k.shape[2] // 2, 1, 1)
+    num = F.conv3d((v * m).unsqueeze(1), k, padding=pad)[:, 0]
+    den = F.conv3d(m.unsqueeze(1), k, padding=pad)[:, 0]
+    neighbours = torch.where(den > 0, num / den.clamp_min(1e-30), v)
+    out = 0.5 * (v + neighbours) * m
+    return out[0] if single else out
+
+
+def _initial(model: AcquisitionModel) -> torch.Tensor:
+    geom = getattr(model, "image_geometry", None)
+    if geom is None:
+        return torch.ones(model.image_shape, dtype=model.dtype, device=model.device)
+    return fov_mask(geom).to(device=model.device, dtype=model.dtype)
+
+
+def osem_iterates(
+    model: AcquisitionModel, prompts: torch.Tensor, num_iterations: int, initial: torch.Tensor | None = None
+) -> torch.Tensor:
+    """OSEM images after each full iteration 1..``num_iterations``: (num_iterations, Z, Y, X).
+
+    ``initial`` defaults to FBSEM's start image (1 inside the cylindrical FOV).
+    """
+    algo = OSEM(model, prompts, initial=_initial(model) if initial is None else initial)
+    out = []
+    for _ in range(int(num_iterations)):
+        for _ in range(model.num_subsets):
+            algo.update()
+        out.append(algo.x.clone())
+    return torch.stack(out)
+
+
+def map_em(
+    model: AcquisitionModel,
+    prompts: torch.Tensor,
+    beta: float,
+    num_iterations: int,
+    voxel_size_mm: Sequence[float],
+    initial: torch.Tensor | None = None,
+    return_iterates: bool = False,
+) -> torch.Tensor:
+    """MAP-EM with a quadratic prior through FBSEM's fusion (module docstring); returns (Z, Y, X),
+    or (num_iterations, Z, Y, X), the image after every full iteration, with ``return_iterates``.
+
+    Args:
+        model: acquisition model with this sample's factors and additive term (its subsets are used).
+        prompts: measured counts (T, S, V, N).
+        beta: strength >= 0 in FBSEM's normalised units; 0 gives OSEM exactly.
+        num_iterations: full iterations (each ``model.num_subsets`` sub-iterations).
+        voxel_size_mm: (vz, vy, vx) for the neighbour weights.
+        initial: start image (Z, Y, X); default 1 inside the cylindrical FOV.
+    """
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    x = (_initial(model) if initial is None else initial).to(device=model.device, dtype=model.dtype).clone()
+    prompts = torch.as_tensor(prompts).to(device=model.device, dtype=model.dtype)
+    subset_prompts = [model.take_subset(prompts, s) for s in range(model.num_subsets)]
+    iterates: list[torch.Tensor] = []
+    with torch.no_grad():
+        for _ in range(int(num_iterations)):
+            for s in range(model.num_subsets):
+                sens = model.sensitivity(s).to(x)
+                x_em = em_update(x, subset_prompts[s], model, s, sens)
+                fov = sens > 0
+                x_reg = quadratic_prior_reference(x, fov, voxel_size_mm)
+                unit = intensity_scale(sens[None], fov[None]) / intensity_scale(x[None], fov[None])
+                x = fbsem_fusion(x_em, x_reg, sens, beta * unit[0])
+            iterates.append(x.clone())
+    return torch.stack(iterates) if return_iterates else x
+
+
+# ============================================================================ masks and metrics
+@dataclass
+class EvaluationMasks:
+    """Boolean (Z, Y, X) masks of one sample (module docstring), numpy arrays."""
+
+    head: np.ndarray
+    white_matter: np.ndarray
+    lesions: list[np.ndarray] = field(default_factory=list)
+
+
+def _dilate(mask: np.ndarray, voxels: int) -> np.ndarray:
+    """In-plane (y, x) binary dilation by a (2r+1)^2 square."""
+    if voxels <= 0:
+        return mask.copy()
+    t = torch.from_numpy(mask.astype(np.float32))[:, None]
+    out = F.max_pool2d(t, 2 * voxels + 1, stride=1, padding=voxels)
+    return out[:, 0].numpy() > 0.5
+
+
+def _erode(mask: np.ndarray, voxels: int) -> np.ndarray:
+    return ~_dilate(~mask, voxels)
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """Connected components (26-connectivity) of a boolean (Z, Y, X) mask, as boolean masks."""
+    seen = np.zeros_like(mask, dtype=bool)
+    comps = []
+    shape = mask.shape
+    offsets = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)]
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        comp = np.zeros_like(mask, dtype=bool)
+        queue = deque([start])
+        seen[start] = True
+        while queue:
+            p = queue.popleft()
+            comp[p] = True
+            for o in offsets:
+                q = (p[0] + o[0], p[1] + o[1], p[2] + o[2])
+                if all(0 <= q[i] < shape[i] for i in range(3)) and mask[q] and not seen[q]:
+                    seen[q] = True
+                    queue.append(q)
+        comps.append(comp)
+    return comps
+
+
+def evaluation_masks(
+    sample: Mapping[str, Any], image_geometry: ImageGeometry, dilation_voxels: int = 2, min_lesion_voxels: int = 4
+) -> EvaluationMasks:
+    """Head mask, white-matter ROI and hot lesions of a sample (keys ``phantom``, ``anatomical``, ``lesion_mask``)."""
+    truth = _np(sample["phantom"])
+    fov = fov_mask(image_geometry).numpy()
+    head = _dilate(truth > 0, dilation_voxels) & fov
+    lesion_mask = _np(sample["lesion_mask"])
+    hot = lesion_mask == 1
+    lesions = [c for c in _components(hot) if int(c.sum()) >= min_lesion_voxels]
+    anat = _np(sample["anatomical"])
+    wm = _erode(anat >= 0.8, 1) & fov & (truth > 0) & ~_dilate(lesion_mask != 0, 2)
+    return EvaluationMasks(head=head, white_matter=wm, lesions=lesions)
+
+
+def _np(a: Any) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def image_metrics(
+    x: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray, masks: EvaluationMasks
+) -> dict[str, float | None]:
+    """NRMSE, PSNR (dB), SSIM, mean hot-lesion CR and white-matter CV of ``x`` (Z, Y, X) against ``truth``."""
+    x, truth = _np(x).astype(np.float64), _np(truth).astype(np.float64)
+    out: dict[str, float | None] = {
+        "nrmse": metrics.nrmse(x, truth, masks.head),
+        "psnr": metrics.psnr(x, truth, masks.head),
+        "ssim": metrics.ssim(x, truth, masks.head),
+        "contrast_recovery": None,
+        "background_noise": None,
+    }
+    if masks.white_matter.sum() >= 2:
+        out["background_noise"] = metrics.background_noise(x, masks.white_matter)
+        if masks.lesions:
+            crs = [metrics.contrast_recovery(x, truth, les, masks.white_matter) for les in masks.lesions]
+            out["contrast_recovery"] = float(np.mean(crs))
+    return out
+
+
+# ============================================================================ the study
+def _mean_std(rows: Sequence[Mapping[str, float | None]]) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    mean: dict[str, float | None] = {}
+    std: dict[str, float | None] = {}
+    for k in _METRICS:
+        v = [r[k] for r in rows if r.get(k) is not None and math.isfinite(r[k])]
+        mean[k] = float(np.mean(v)) if v else None
+        std[k] = float(np.std(v)) if v else None
+    return mean, std
+
+
+def _level_key(counts: float) -> str:
+    return f"{float(counts):.3g}"
+
+
+def _group(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for s in samples:
+        groups.setdefault(_level_key(s["counts"]), []).append(s)
+    return dict(sorted(groups.items(), key=lambda kv: float(kv[0])))
+
+
+class _Prepared:
+    """One sample on the device: its acquisition model, prompts, truth and masks."""
+
+    def __init__(self, sample: Mapping[str, Any], base: EmbeddedAcquisitionModel, config: EvaluationConfig):
+        dev = torch.device(config.device)
+        self.sample = sample
+        self.model = base.with_terms(sample["multiplicative"].to(dev), sample["additive"].to(dev))
+        self.prompts = sample["prompts"].to(dev)
+        self.truth = sample["phantom"]
+        self.masks = evaluation_masks(sample, base.image_geometry, config.mask_dilation_voxels,
+                                      config.min_lesion_voxels)
+        self.index = int(sample.get("index", -1))
+
+    def nrmse(self, x: torch.Tensor) -> float:
+        return metrics.nrmse(x, self.truth, self.masks.head)
+
+
+def _baseline_grids(
+    prepared: Sequence[_Prepared], base: EmbeddedAcquisitionModel, config: EvaluationConfig, bar: tqdm
+) -> dict[str, np.ndarray]:
+    """NRMSE grids over samples: osem (n_samples, iters), filtered (n_samples, iters, fwhm), map (n_samples, betas)."""
+    vox = base.image_geometry.voxel_size_mm
+    n = len(prepared)
+    osem_g = np.zeros((n, config.osem_iterations))
+    filt_g = np.zeros((n, config.osem_iterations, len(config.filter_fwhm_mm)))
+    map_g = np.zeros((n, len(config.map_betas), config.map_iterations))
+    for i, p in enumerate(prepared):
+        its = osem_iterates(p.model, p.prompts, config.osem_iterations).cpu()
+        for it in range(config.osem_iterations):
+            osem_g[i, it] = p.nrmse(its[it])
+            for j, f in enumerate(config.filter_fwhm_mm):
+                filt_g[i, it, j] = p.nrmse(gaussian_filter(its[it], f, vox))
+        bar.update(1)
+        for j, b in enumerate(config.map_betas):
+            its_b = map_em(p.model, p.prompts, b, config.map_iterations, vox, return_iterates=True).cpu()
+            map_g[i, j] = [p.nrmse(x) for x in its_b]
+            bar.update(1)
+    return {"osem": osem_g, "filtered": filt_g, "map": map_g}
+
+
+def _select(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[str, dict[str, Any]]:
+    osem_mean = grids["osem"].mean(axis=0)
+    filt_mean = grids["filtered"].mean(axis=0)
+    map_mean = grids["map"].mean(axis=0)
+    it_f, j_f = np.unravel_index(int(np.argmin(filt_mean)), filt_mean.shape)
+    j_b, it_b = np.unravel_index(int(np.argmin(map_mean)), map_mean.shape)
+    return {
+        "osem": {"iterations": int(np.argmin(osem_mean)) + 1},
+        "osem_filtered": {"iterations": int(it_f) + 1, "fwhm_mm": float(config.filter_fwhm_mm[j_f])},
+        "map_em": {"beta": float(config.map_betas[j_b]), "iterations": int(it_b) + 1,
+                   "beta_at_grid_edge": int(j_b) in (0, len(config.map_betas) - 1)},
+    }
+
+
+def _grid_json(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[str, Any]:
+    return {
+        "osem_nrmse_by_iteration": [float(v) for v in grids["osem"].mean(axis=0)],
+        "filtered_nrmse_by_iteration_and_fwhm": [[float(v) for v in row] for row in grids["filtered"].mean(axis=0)],
+        "fwhm_mm": list(config.filter_fwhm_mm),
+        "map_em_nrmse_by_beta_and_iteration": [[float(v) for v in row] for row in grids["map"].mean(axis=0)],
+        "map_betas": list(config.map_betas),
+    }
+
+
+def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Tensor:
+    """The network's reconstruction of one sample from its start image (1 inside the FOV), (Z, Y, X) on the CPU."""
+    model = p.model if p.model.num_subsets == net.num_subsets else p.model.with_num_subsets(net.num_subsets)
+    sens = p.sample.get("sensitivity")
+    if sens is None or sens.shape[0] != net.num_subsets:
+        sens = None
+    else:
+        sens = sens.to(device)
+    anat = p.sample["anatomical"].to(device) if net.uses_anatomical else None
+    with torch.no_grad():
+        return net(_initial(model), p.prompts, model, sensitivities=sens, anatomical=anat).cpu()
+
+
+def evaluate_methods(
+    samples: Sequence[Mapping[str, Any]],
+    networks: Mapping[str, FBSEMNet],
+    base_model: EmbeddedAcquisitionModel,
+    config: EvaluationConfig = EvaluationConfig(),
+    tuning_samples: Sequence[Mapping[str, Any]] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Score every method on ``samples`` (dicts of the simulation's sample contract), per count level.
+
+    Args:
+        samples: held-out samples; grouped by their ``counts``.
+        networks: name -> trained FBSEM network (built for ``base_model``'s geometry).
+        base_model: acquisition model of the data's geometry (no factors); its subsets are
+            OSEM's and MAP-EM's (``config.num_subsets`` overrides).
+        config: grids and iteration numbers.
+        tuning_samples: samples (same count levels) on which hyperparameters are chosen;
+            None: chosen on ``samples`` (reported as such).
+        progress: tqdm bars.
+    Returns:
+        (results dict, plain JSON), and per count level the images of the first sample
+        ``{"truth": (Z,Y,X), method: (Z,Y,X), ...}`` for a montage.
+    """
+    device = torch.device(config.device)
+    base = base_model if config.num_subsets is None else base_model.with_num_subsets(config.num_subsets)
+    vox = base.image_geometry.voxel_size_mm
+    test_groups = _group(samples)
+    tune_groups = _group(tuning_samples) if tuning_samples else {}
+    for key in test_groups:
+        if tuning_samples and key not in tune_groups:
+            raise ValueError(f"no tuning samples at {key} counts; tuning count levels are {sorted(tune_groups)}")
+    nets = {name: net.to(device).eval() for name, net in networks.items()}
+    for name in nets:
+        if name in BASELINES or name == "truth":
+            raise ValueError(f"network name {name!r} clashes with a baseline method name")
+    levels: dict[str, Any] = {}
+    images: dict[str, dict[str, np.ndarray]] = {}
+    n_betas = len(config.map_betas)
+    for key, group in test_groups.items():
+        t0 = time.perf_counter()
+        prepared = [_Prepared(s, base, config) for s in group]
+        tune = [_Prepared(s, base, config) for s in tune_groups[key]] if tuning_samples else prepared
+        total = len(tune) * (1 + n_betas) + len(prepared) * (3 + len(nets))
+        with tqdm(total=total, desc=f"evaluate {key} counts", unit="recon", disable=not progress) as bar:
+            grids = _baseline_grids(tune, base, config, bar)
+            chosen = _select(grids, config)
+            rows: dict[str, list[dict[str, Any]]] = {m: [] for m in (*BASELINES, *nets, "truth")}
+            osem_curves = []
+            for i, p in enumerate(prepared):
+                its = osem_iterates(p.model, p.prompts, config.osem_iterations).cpu()
+                osem_curves.append([p.nrmse(x) for x in its])
+                recon = {
+                    "osem": its[chosen["osem"]["iterations"] - 1],
+                    "osem_filtered": gaussian_filter(
+                        its[chosen["osem_filtered"]["iterations"] - 1], chosen["osem_filtered"]["fwhm_mm"], vox
+                    ),
+                }
+                bar.update(2)
+                recon["map_em"] = map_em(p.model, p.prompts, chosen["map_em"]["beta"], chosen["map_em"]["iterations"],
+                                         vox).cpu()
+                bar.update(1)
+                for name, net in nets.items():
+                    recon[name] = _run_network(net, p, device)
+                    bar.update(1)
+                recon["truth"] = p.truth
+                for name, x in recon.items():
+                    row = {"index": p.index, **image_metrics(x, p.truth, p.masks),
+                           "num_hot_lesions": len(p.masks.lesions)}
+                    rows[name].append(row)
+                if i == 0:
+                    images[key] = {name: _np(x) for name, x in recon.items()}
+        methods: dict[str, Any] = {}
+        for name, r in rows.items():
+            mean, std = _mean_std(r)
+            entry: dict[str, Any] = {"mean": mean, "std": std, "per_sample": r}
+            if name in chosen:
+                entry["hyperparameters"] = chosen[name]
+            methods[name] = entry
+        levels[key] = {
+            "counts": float(group[0]["counts"]),
+            "num_samples": len(prepared),
+            "sample_indices": [p.index for p in prepared],
+            "num_tuning_samples": len(tune),
+            "osem_nrmse_by_iteration": [float(v) for v in np.mean(osem_curves, axis=0)],
+            "tuning_grids": _grid_json(grids, config),
+            "methods": methods,
+            "seconds": time.perf_counter() - t0,
+        }
+    selection = (
+        "hyperparameters chosen per count level by the lowest mean NRMSE on the separate tuning samples"
+        if tuning_samples
+        else "hyperparameters chosen per count level by the lowest mean NRMSE on the evaluated samples themselves "
+        "(no separate tuning set: optimistic for the baselines)"
+    )
+    result = {
+        "format": "sirf_fbsem.evaluation/1",
+        "selection": selection,
+        "config": config.to_dict(),
+        "num_subsets": base.num_subsets,
+        "networks": {name: {"num_stages": net.num_stages, "num_subsets": net.num_subsets,
+                            "betas": [float(b) for b in net.betas.detach().cpu()]} for name, net in nets.items()},
+        "definitions": _DEFINITIONS,
+        "count_levels": levels,
+        "summary": _summary(levels, list(nets)),
+    }
+    return result, images
+
+
+_DEFINITIONS = {
+    "nrmse": "||x - t|| / ||t|| over the head mask (phantom support dilated in-plane, inside the FOV); fraction",
+    "psnr": "10 log10(max(t)^2 / MSE) over the head mask, dB",
+    "ssim": "mean SSIM over the head mask; Gaussian window sigma 1.5 voxels (2D per slice for single-slice images, "
+    "3D otherwise); C1 = (0.01 max t)^2, C2 = (0.03 max t)^2",
+    "contrast_recovery": "mean over hot lesions (>= min_lesion_voxels connected voxels) of "
+    "(mean_L x / mean_WM x - 1) / (mean_L t / mean_WM t - 1); 1 = perfect",
+    "background_noise": "std/mean of x in the white-matter ROI (T1-like image >= 0.8, eroded 1 voxel, lesions "
+    "dilated by 2 voxels removed); see 'truth' for the phantom's own value",
+    "osem": "OSEM from 1 inside the FOV, best full iteration",
+    "osem_filtered": "OSEM iterate + isotropic Gaussian post-filter, best (iteration, FWHM)",
+    "map_em": "MAP-EM, quadratic prior (De Pierro surrogate, 1/distance neighbours) through FBSEM's fusion, "
+    "best (beta, full iteration) of the grid (beta in FBSEM's normalised units)",
+}
+
+
+def _summary(levels: Mapping[str, Any], nets: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, lv in levels.items():
+        m = lv["methods"]
+        nr = {name: m[name]["mean"]["nrmse"] for name in m if name != "truth"}
+        entry: dict[str, Any] = {"nrmse": nr}
+        for name in nets:
+            if nr.get(name) is None:
+                continue
+            entry[f"{name}/map_em"] = nr[name] / nr["map_em"] if nr["map_em"] else None
+            entry[f"{name}/osem_filtered"] = nr[name] / nr["osem_filtered"] if nr["osem_filtered"] else None
+        out[key] = entry
+    return out
+
+
+# ============================================================================ outputs
+def write_json(path: str | os.PathLike, result: Mapping[str, Any]) -> Path:
+    """Write ``result`` as indented JSON atomically (NaN/inf become null)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(u) for k, u in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(u) for u in v]
+        return v
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(clean(result), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def save_evaluation_montage(
+    path: str | os.PathLike,
+    images: Mapping[str, Mapping[str, np.ndarray]],
+    result: Mapping[str, Any] | None = None,
+    title: str | None = None,
+) -> Path:
+    """PNG grid: one row per count level, columns truth then every method (the central slice of the
+    first evaluated sample), one grey scale per row (0 to max of the truth), NRMSE in the titles."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not images:
+        raise ValueError("no images to show")
+    levels = list(images)
+    cols = ["truth"] + [m for m in images[levels[0]] if m != "truth"]
+    fig = Figure(figsize=(2.1 * len(cols), 2.3 * len(levels) + (0.4 if title else 0)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(levels), len(cols), squeeze=False)
+    for r, key in enumerate(levels):
+        truth = images[key]["truth"]
+        z = truth.shape[0] // 2
+        vmax = float(truth.max()) or 1.0
+        for c, name in enumerate(cols):
+            ax = axes[r, c]
+            ax.imshow(images[key][name][z], cmap="gray_r", vmin=0.0, vmax=vmax, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            label = name
+            if result is not None and name != "truth":
+                rows = result["count_levels"][key]["methods"][name]["per_sample"]
+                label += f"\nNRMSE {rows[0]['nrmse']:.3f}"
+            ax.set_title(label, fontsize=7)
+        axes[r, 0].set_ylabel(f"{key} counts", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+# ============================================================================ command line
+def _model_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--model takes NAME=PATH (e.g. fbsem_seq=runs/seq/model.pt), got {text!r}")
+    return name, Path(path)
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``evaluate`` flags to ``parser``."""
+    d = EvaluationConfig()
+    parser.add_argument("--data", type=Path, nargs="+", required=True,
+                        help="held-out dataset directories written by 'sirf-fbsem simulate' (grouped by counts)")
+    parser.add_argument("--tune-data", type=Path, nargs="+", default=None,
+                        help="separate dataset directories to choose the baselines' hyperparameters on "
+                        "(default: choose on --data, reported as optimistic)")
+    parser.add_argument("--model", type=_model_arg, action="append", default=[], metavar="NAME=PATH",
+                        help="a trained FBSEM model to evaluate (repeatable)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--name", default="evaluate", help="output file stem: NAME.json, NAME.png (default evaluate)")
+    parser.add_argument("--max-samples", type=int, default=None, help="use at most this many samples per directory")
+    parser.add_argument("--osem-iterations", type=int, default=d.osem_iterations, help="full OSEM iterations")
+    parser.add_argument("--subsets", type=int, default=None, help="OSEM / MAP-EM subsets (default: the data's)")
+    parser.add_argument("--fwhm-mm", type=float, nargs="+", default=list(d.filter_fwhm_mm),
+                        help="post-filter FWHM grid, mm")
+    parser.add_argument("--betas", type=float, nargs="+", default=list(d.map_betas),
+                        help="MAP-EM beta grid (normalised units)")
+    parser.add_argument("--map-iterations", type=int, default=d.map_iterations, help="full MAP-EM iterations")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_samples(
+    directories: Sequence[Path], max_samples: int | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Samples of several dataset directories (same geometry and subsets) and the first manifest."""
+    from .simulation.dataset import FBSEMSampleDataset
+
+    samples: list[dict[str, Any]] = []
+    manifest: dict[str, Any] | None = None
+    for d in directories:
+        ds = FBSEMSampleDataset(d)
+        if manifest is None:
+            manifest = ds.manifest
+        else:
+            for k in ("sinogram_geometry", "image_geometry", "num_subsets", "psf_fwhm_mm"):
+                if ds.manifest.get(k) != manifest.get(k):
+                    raise ValueError(f"dataset {str(d)!r} has another {k} than {str(directories[0])!r}")
+        n = len(ds) if max_samples is None else min(len(ds), int(max_samples))
+        samples += [ds[i] for i in range(n)]
+    assert manifest is not None
+    return samples, manifest
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run ``evaluate`` from parsed flags; writes ``OUT/NAME.json`` and ``OUT/NAME.png``; returns 0."""
+    from .model.io import load_model
+
+    t0 = time.perf_counter()
+    samples, manifest = load_samples(args.data, args.max_samples)
+    tuning = None
+    if args.tune_data:
+        tuning, tmanifest = load_samples(args.tune_data, args.max_samples)
+        for k in ("sinogram_geometry", "image_geometry"):
+            if tmanifest[k] != manifest[k]:
+                raise ValueError(f"--tune-data has another {k} than --data")
+    sino: SinogramGeometry = sinogram_geometry_from_dict(manifest["sinogram_geometry"])
+    image: ImageGeometry = image_geometry_from_dict(manifest["image_geometry"])
+    config = EvaluationConfig(
+        osem_iterations=args.osem_iterations, num_subsets=args.subsets, filter_fwhm_mm=tuple(args.fwhm_mm),
+        map_betas=tuple(args.betas), map_iterations=args.map_iterations, device=args.device,
+    )
+    base = EmbeddedAcquisitionModel(sino, image, num_subsets=int(manifest["num_subsets"]),
+                                    psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=args.device)
+    networks: dict[str, FBSEMNet] = {}
+    model_files: dict[str, str] = {}
+    for name, path in args.model:
+        if name in networks:
+            raise ValueError(f"--model name {name!r} given twice")
+        net, _ = load_model(path, expected_sinogram_geometry=sino, expected_image_geometry=image)
+        networks[name] = net
+        model_files[name] = str(path)
+    result, images = evaluate_methods(samples, networks, base, config, tuning, progress=not args.no_progress)
+    result["data"] = [str(d) for d in args.data]
+    result["tune_data"] = [str(d) for d in args.tune_data] if args.tune_data else None
+    result["model_files"] = model_files
+    result["setting"] = {"sinogram": sino.describe(), "image": image.describe(),
+                         "image_shape": list(image.shape), "voxel_size_mm": list(image.voxel_size_mm),
+                         "psf_fwhm_mm": manifest.get("psf_fwhm_mm")}
+    result["seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    json_path = write_json(out / f"{args.name}.json", result)
+    png_path = save_evaluation_montage(out / f"{args.name}.png", images, result, title=f"{image.describe()}")
+    for key, entry in result["summary"].items():
+        line = ", ".join(f"{m} {v:.4f}" for m, v in entry["nrmse"].items() if v is not None)
+        print(f"{key} counts: NRMSE {line}")
+    print(f"wrote {json_path} and {png_path} ({result['seconds']:.1f} s)")
+    return 0

@@ -1,0 +1,180 @@
+"""Evaluation: metrics, baselines (OSEM, post-filter, MAP-EM through FBSEM's fusion), the evaluate command."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sirf_fbsem import metrics
+from sirf_fbsem.cli import main as cli
+from sirf_fbsem.evaluation import (
+    EvaluationConfig,
+    evaluation_masks,
+    gaussian_filter,
+    image_metrics,
+    map_em,
+    osem_iterates,
+    quadratic_prior_reference,
+)
+from sirf_fbsem.geometry import scanner_preset
+from sirf_fbsem.model.fbsem import FBSEMNet
+from sirf_fbsem.model.io import save_model
+from sirf_fbsem.model.regularisers import RegulariserConfig
+from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
+from sirf_fbsem.recon.osem import fov_mask
+from sirf_fbsem.simulation import AcquisitionParameters, SimulationConfig, simulate_dataset
+from sirf_fbsem.simulation.acquisition import single_slice_geometry
+from sirf_fbsem.simulation.dataset import FBSEMSampleDataset
+
+COUNTS = (2e4, 3e5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """small_test scanner, one ring (48 views x 48 bins), 1 x 47 x 47 image of 4 mm voxels; per count level
+    2 test and 1 tuning phantom; 4 subsets, 2 stages of targets."""
+    root = tmp_path_factory.mktemp("evaluation")
+    sino, image = single_slice_geometry(scanner_preset("small_test"))
+    dirs: dict[str, list] = {"test": [], "tune": []}
+    for i, counts in enumerate(COUNTS):
+        cfg = SimulationConfig(num_subsets=4, num_stages=2, acquisition=AcquisitionParameters(counts=counts))
+        for part, n, seed in (("test", 2, 10), ("tune", 1, 20)):
+            d = root / f"{part}_{i}"
+            simulate_dataset(d, n, sino, image, cfg, seed=seed + i, progress=False)
+            dirs[part].append(d)
+    return root, sino, image, dirs
+
+
+def _sample_and_model(data, level: int = 0, index: int = 0):
+    _, sino, image, dirs = data
+    sample = FBSEMSampleDataset(dirs["test"][level])[index]
+    model = EmbeddedAcquisitionModel(sino, image, num_subsets=4)
+    model = model.with_terms(sample["multiplicative"], sample["additive"])
+    return sample, model, image
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_ssim_is_one_for_identical_images_and_falls_with_noise():
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    ref = (1.0 + ((x - 20) ** 2 + (y - 20) ** 2 < 150).double() * 3.0)[None]  # (1, 40, 40)
+    assert metrics.ssim(ref, ref) == pytest.approx(1.0, abs=1e-12)
+    values = [metrics.ssim(ref + s * torch.randn(ref.shape, generator=g, dtype=torch.float64), ref)
+              for s in (0.05, 0.2, 0.8)]
+    assert 1.0 > values[0] > values[1] > values[2]
+
+
+def test_truth_scores_perfectly_and_masks_are_sensible(data):
+    sample, _, image = _sample_and_model(data, level=1)
+    masks = evaluation_masks(sample, image)
+    truth = sample["phantom"]
+    m = image_metrics(truth, truth, masks)
+    assert m["nrmse"] == 0.0 and math.isinf(m["psnr"]) and m["ssim"] == pytest.approx(1.0)
+    # the head mask covers the phantom; the white-matter ROI is inside it and away from lesions
+    assert bool(masks.head[truth.numpy() > 0].all())
+    assert masks.white_matter.sum() > 20 and not (masks.white_matter & (sample["lesion_mask"].numpy() != 0)).any()
+    if masks.lesions:
+        assert m["contrast_recovery"] == pytest.approx(1.0)
+        assert all((sample["lesion_mask"].numpy()[les] == 1).all() for les in masks.lesions)
+    # a uniformly scaled image has NRMSE |a - 1| exactly
+    assert image_metrics(1.1 * truth, truth, masks)["nrmse"] == pytest.approx(0.1, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- baselines
+def test_quadratic_prior_reference_keeps_a_constant_image_and_averages_neighbours():
+    fov = torch.zeros(1, 9, 9, dtype=torch.bool)
+    fov[:, 2:7, 2:7] = True
+    const = 3.0 * fov.double()
+    assert torch.equal(quadratic_prior_reference(const, fov, (4.0, 2.0, 2.0)), const)
+    spike = torch.zeros(1, 9, 9, dtype=torch.float64)
+    spike[0, 4, 4] = 8.0
+    ref = quadratic_prior_reference(spike, fov, (4.0, 2.0, 2.0))
+    assert float(ref[0, 4, 4]) == pytest.approx(4.0)  # (x + mean of zero neighbours) / 2
+    w_edge, w_diag = 1 / 2.0, 1 / (2.0 * math.sqrt(2))
+    # its edge neighbour: all 8 of its neighbours are in the FOV, one (weight 1/2 mm) holds 8
+    assert float(ref[0, 4, 5]) == pytest.approx(0.5 * 8.0 * w_edge / (4 * w_edge + 4 * w_diag))
+    assert float(ref[0, 0, 0]) == 0.0  # outside the FOV
+
+
+def test_map_em_with_zero_beta_is_exactly_osem(data):
+    sample, model, image = _sample_and_model(data)
+    osem = osem_iterates(model, sample["prompts"], 3)
+    mapem = map_em(model, sample["prompts"], 0.0, 3, image.voxel_size_mm, return_iterates=True)
+    assert torch.equal(mapem, osem)
+
+
+def test_larger_beta_gives_smoother_images(data):
+    sample, model, image = _sample_and_model(data)  # low counts
+    masks = evaluation_masks(sample, image)
+    noise = [metrics.background_noise(map_em(model, sample["prompts"], b, 6, image.voxel_size_mm), masks.white_matter)
+             for b in (0.0, 0.1, 1.0)]
+    assert noise[0] > noise[1] > noise[2], noise
+    # roughness: mean squared difference of horizontal neighbours inside the FOV
+    fov = fov_mask(image)
+    rough = []
+    for b in (0.0, 1.0):
+        x = map_em(model, sample["prompts"], b, 6, image.voxel_size_mm)
+        d = (x[..., 1:] - x[..., :-1]) ** 2
+        rough.append(float(d[fov[..., 1:] & fov[..., :-1]].mean()))
+    assert rough[1] < 0.5 * rough[0]
+
+
+def test_gaussian_filter_keeps_counts_and_the_best_filter_beats_no_filter(data):
+    sample, model, image = _sample_and_model(data)
+    x = osem_iterates(model, sample["prompts"], 4)[-1]
+    assert torch.equal(gaussian_filter(x, 0.0, image.voxel_size_mm), x)
+    y = gaussian_filter(x, 8.0, image.voxel_size_mm)
+    assert float(y.sum()) == pytest.approx(float(x.sum()), rel=1e-3)  # the head lies well inside the image
+    masks = evaluation_masks(sample, image)
+    truth = sample["phantom"]
+    grid = [metrics.nrmse(gaussian_filter(x, f, image.voxel_size_mm), truth, masks.head) for f in (0, 3, 5, 8, 12)]
+    assert min(grid) < 0.97 * grid[0], grid  # at 2e4 counts, smoothing helps
+
+
+def test_evaluation_config_is_validated():
+    with pytest.raises(ValueError, match="osem_iterations"):
+        EvaluationConfig(osem_iterations=0)
+    with pytest.raises(ValueError, match="map_betas"):
+        EvaluationConfig(map_betas=(-1.0,))
+
+
+# ----------------------------------------------------------------------------- command line
+def test_evaluate_cli_writes_json_with_every_method_and_a_png(data, tmp_path):
+    _, sino, image, dirs = data
+    torch.manual_seed(0)
+    net = FBSEMNet(2, 4, RegulariserConfig(dims=2, channels=4, layers=2), beta_init=0.05)
+    model_path = save_model(tmp_path / "m.pt", net, {"sinogram_geometry": sino, "image_geometry": image,
+                                                     "training_mode": "untrained"})
+    out = tmp_path / "res"
+    rc = cli(["evaluate", "--data", *map(str, dirs["test"]), "--tune-data", *map(str, dirs["tune"]),
+              "--model", f"fbsem_tiny={model_path}", "--out", str(out), "--osem-iterations", "3",
+              "--map-iterations", "2", "--betas", "0", "0.1", "1", "--fwhm-mm", "0", "6", "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "evaluate.json").read_text())
+    assert set(result["count_levels"]) == {f"{c:.3g}" for c in COUNTS}
+    assert "separate tuning samples" in result["selection"]
+    for lv in result["count_levels"].values():
+        assert lv["num_samples"] == 2 and lv["num_tuning_samples"] == 1
+        assert len(lv["osem_nrmse_by_iteration"]) == 3
+        methods = lv["methods"]
+        assert set(methods) == {"osem", "osem_filtered", "map_em", "fbsem_tiny", "truth"}
+        for name in ("osem", "osem_filtered", "map_em", "fbsem_tiny"):
+            mean = methods[name]["mean"]
+            assert 0 < mean["nrmse"] < 2 and mean["ssim"] < 1 and len(methods[name]["per_sample"]) == 2
+        assert methods["map_em"]["hyperparameters"]["beta"] in (0.0, 0.1, 1.0)
+        assert methods["osem_filtered"]["hyperparameters"]["fwhm_mm"] in (0.0, 6.0)
+        # selection on the tuning sample: the filtered grid contains the unfiltered OSEM iterates
+        grid = np.array(lv["tuning_grids"]["filtered_nrmse_by_iteration_and_fwhm"])
+        assert grid.min() <= min(lv["tuning_grids"]["osem_nrmse_by_iteration"]) + 1e-12
+        assert methods["truth"]["mean"]["nrmse"] == 0.0
+    png = (out / "evaluate.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_evaluate_cli_rejects_a_malformed_model_flag(data, tmp_path):
+    _, _, _, dirs = data
+    with pytest.raises(SystemExit):
+        cli(["evaluate", "--data", str(dirs["test"][0]), "--model", "no_equals_sign", "--out", str(tmp_path)])
