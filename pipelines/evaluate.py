@@ -17,10 +17,19 @@ Targets (``--targets``): ``truth`` (default) trains every stage's output against
 phantom (as the FBSEM-Net paper, Mehranian & Reader 2020, trained against the reference image);
 ``osem`` uses the simulated targets, the noise-free OSEM sub-iterates (the package's sequential
 design): a network matching them can be no better than noise-free OSEM after K sub-iterations.
+``--target-stride S`` (with ``osem``) simulates K*S noise-free OSEM sub-iterates (same subsets,
+order and start image as the network) and gives stage k (0-based) sub-iterate (k+1)*S: still
+iterates of one noise-free OSEM run, but the last stage's target is sub-iterate K*S, a far better
+converged image (S = 8, K = 12, 6 subsets: 96 sub-iterations = 16 full iterations).
 
 Everything is reused when present (datasets, trained models, checkpoints of an interrupted
 training); the evaluation is redone only with ``--force`` or when its JSON is missing.
-Intermediate data go to ``--work`` (default ``out/evaluate_<setting>``).
+Intermediate data go to ``--work`` (default ``out/evaluate_<setting>``); the default setting
+name encodes the targets (``mmr2d``, ``mmr2d_osem``, ``mmr2d_osem_s<S>``). The training data
+directories are keyed by the number of simulated sub-iterates when it is not K
+(``train_<counts>_n<K*S>``), and ``<work>/study.json`` records the settings that the trained
+models depend on: a work directory of other settings (targets, stride, stages, ...) is refused
+instead of reused.
 """
 from __future__ import annotations
 
@@ -57,10 +66,17 @@ class StudySamples(torch.utils.data.Dataset):
     Without it the MSE of a 1e6-count sample would outweigh that of a 2e5-count one 25 times
     (image units scale with the counts); the network is scale-equivariant, so this only
     balances the loss over count levels.
+
+    With ``stride`` S (OSEM targets only) the base samples hold K*S noise-free OSEM sub-iterates
+    and stage k (0-based) gets sub-iterate (k+1)*S, i.e. index (k+1)*S - 1.
     """
 
-    def __init__(self, base: torch.utils.data.Dataset, num_stages: int, truth_targets: bool):
-        self.base, self.num_stages, self.truth_targets = base, num_stages, truth_targets
+    def __init__(self, base: torch.utils.data.Dataset, num_stages: int, truth_targets: bool, stride: int = 1):
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        self.base, self.num_stages, self.truth_targets, self.stride = base, num_stages, truth_targets, stride
+        # index of the sub-iterate each stage is trained against
+        self.target_index = [(k + 1) * stride - 1 for k in range(num_stages)]
 
     def __len__(self) -> int:
         return len(self.base)
@@ -75,7 +91,12 @@ class StudySamples(torch.utils.data.Dataset):
         if self.truth_targets:
             s["targets"] = s["phantom"].unsqueeze(0).expand((self.num_stages,) + tuple(phantom.shape)).clone()
         else:
-            s["targets"] = s["targets"] / c
+            t = s["targets"]
+            need = self.num_stages * self.stride
+            if t.shape[0] != need:
+                raise ValueError(f"sample {i} has {t.shape[0]} targets; stride {self.stride} x {self.num_stages} "
+                                 f"stages needs {need}")
+            s["targets"] = t[self.target_index] / c
         return s
 
 
@@ -96,18 +117,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--targets", choices=("truth", "osem"), default="truth")
+    p.add_argument("--target-stride", type=int, default=1,
+                   help="with --targets osem: simulate K*S noise-free OSEM sub-iterates and train stage k "
+                   "against sub-iterate (k+1)*S (default 1: the k-th)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="sequential: start stage k from the trained stage k-1 (TrainConfig.warm_start)")
     p.add_argument("--osem-iterations", type=int, default=10)
     p.add_argument("--map-iterations", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (small_test scanner, few samples, 1 epoch)")
     p.add_argument("--force", action="store_true", help="redo the evaluation even when its JSON exists")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.target_stride < 1:
+        p.error("--target-stride must be >= 1")
+    if args.target_stride > 1 and args.targets != "osem":
+        p.error("--target-stride applies to --targets osem only")
     if args.quick:
         args.scanner, args.image_size = "small_test", 47
         args.train_samples, args.tune_samples, args.test_samples = 4, 1, 2
         args.subsets, args.stages, args.epochs, args.channels, args.layers = 4, 4, 1, 8, 3
         args.osem_iterations, args.map_iterations = 4, 4
-    args.setting = args.setting or ("quick" if args.quick else "mmr2d")
+    if args.setting is None:
+        args.setting = "quick" if args.quick else "mmr2d"
+        if args.targets == "osem":
+            args.setting += "_osem" + (f"_s{args.target_stride}" if args.target_stride > 1 else "")
+        if args.warm_start:
+            args.setting += "_warm"
     args.work = args.work or ROOT / "out" / f"evaluate_{args.setting}"
     return args
 
@@ -121,15 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     image = ImageGeometry((1, args.image_size, args.image_size), image.voxel_size_mm)
     timings: dict[str, float] = {}
 
+    per_level = max(1, args.train_samples // len(args.counts))
+    _check_work_dir(args, per_level)
+
     # ---- 1. data
     t0 = time.perf_counter()
-    per_level = max(1, args.train_samples // len(args.counts))
+    # noise-free OSEM sub-iterates simulated per training sample (the targets of tune/test are never read)
+    sim_stages = {"train": args.stages * args.target_stride, "tune": args.stages, "test": args.stages}
     dirs: dict[str, list[Path]] = {"train": [], "tune": [], "test": []}
     for li, counts in enumerate(args.counts):
-        cfg = SimulationConfig(num_subsets=args.subsets, num_stages=args.stages,
-                               acquisition=AcquisitionParameters(counts=counts))
         for part, n in (("train", per_level), ("tune", args.tune_samples), ("test", args.test_samples)):
-            d = args.work / f"{part}_{counts:.3g}"
+            cfg = SimulationConfig(num_subsets=args.subsets, num_stages=sim_stages[part],
+                                   acquisition=AcquisitionParameters(counts=counts))
+            suffix = "" if sim_stages[part] == args.stages else f"_n{sim_stages[part]}"
+            d = args.work / f"{part}_{counts:.3g}{suffix}"
+            # resumes only a directory of the same settings (num_stages included), else DatasetError
             simulate_dataset(d, n, sino, image, cfg, seed=SEEDS[part] + li, resume=True, progress=progress)
             dirs[part].append(d)
     timings["simulate_s"] = time.perf_counter() - t0
@@ -137,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 2. training (same network, data, targets, epochs)
     datasets = [FBSEMSampleDataset(d) for d in dirs["train"]]
     data: torch.utils.data.Dataset = torch.utils.data.ConcatDataset(datasets)
-    data = StudySamples(data, args.stages, truth_targets=args.targets == "truth")
+    data = StudySamples(data, args.stages, truth_targets=args.targets == "truth", stride=args.target_stride)
     base = EmbeddedAcquisitionModel(sino, image, num_subsets=args.subsets)
     models: dict[str, Path] = {}
     train_info: dict[str, Any] = {}
@@ -145,15 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.work / f"train_{mode}"
         model_path = run_dir / "model.pt"
         t0 = time.perf_counter()
-        if not model_path.exists():
+        if model_path.exists():
+            _check_model(model_path, args)
+        else:
             torch.manual_seed(0)
             net = FBSEMNet(args.stages, args.subsets,
                            RegulariserConfig(dims=2, channels=args.channels, layers=args.layers), beta_init=0.1)
             config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=1, validation_fraction=0.1, seed=0,
-                                 progress=progress)
+                                 progress=progress, warm_start=args.warm_start and mode == "sequential")
             resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("*.pt"))
             result = train(net, data, mode, config, with_terms_factory(base), run_dir, resume=resume,
                            metadata={"sinogram_geometry": sino, "image_geometry": image, "targets": args.targets,
+                                     "target_stride": args.target_stride,
+                                     "target_subiterates": [(k + 1) * args.target_stride
+                                                            for k in range(args.stages)],
                                      "data": [str(d) for d in dirs["train"]]})
             if not result.completed or result.model_path is None:
                 print(f"{mode} training did not complete", file=sys.stderr)
@@ -202,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "regulariser": {"dims": 2, "channels": args.channels, "layers": args.layers},
         "targets": args.targets,
+        "warm_start": args.warm_start,
+        "target_stride": args.target_stride if args.targets == "osem" else None,
+        "targets_note": (
+            "ground-truth phantom at every stage" if args.targets == "truth" else
+            f"stage k (0-based) vs noise-free OSEM sub-iterate (k+1)*{args.target_stride} of "
+            f"{args.stages * args.target_stride} (same subsets, order and start image as the network; "
+            f"last stage: {args.stages * args.target_stride / args.subsets:g} full iterations)"
+        ),
         "training_units": "each training sample rescaled to phantom mean 1 over its support (prompts unchanged)",
         "seeds": SEEDS,
         "device": "cpu",
@@ -212,10 +266,52 @@ def main(argv: list[str] | None = None) -> int:
     result["goals"] = _goals(result)
     write_json(json_path, result)
     title = f"{args.setting}: {image.describe()}, FBSEM {args.stages} stages, targets {args.targets}"
+    if args.targets == "osem" and args.target_stride > 1:
+        title += f" (stride {args.target_stride})"
     save_evaluation_montage(png_path, images, result, title=title)
     _print_table(result)
     print(f"wrote {json_path} and {png_path} ({time.perf_counter() - t_start:.0f} s)")
     return 0
+
+
+def _study_key(args: argparse.Namespace, per_level: int) -> dict[str, Any]:
+    """The settings the data and trained models of a work directory depend on."""
+    return {
+        "scanner": args.scanner, "image_size": args.image_size, "counts": [float(c) for c in args.counts],
+        "train_per_level": per_level, "tune_samples": args.tune_samples, "test_samples": args.test_samples,
+        "subsets": args.subsets, "stages": args.stages, "epochs": args.epochs, "lr": args.lr,
+        "channels": args.channels, "layers": args.layers, "targets": args.targets,
+        "target_stride": args.target_stride, "warm_start": args.warm_start,
+    }
+
+
+def _check_work_dir(args: argparse.Namespace, per_level: int) -> None:
+    """Refuse to reuse a work directory made with other settings; record them in ``study.json``.
+
+    A work directory of an older driver has no ``study.json``; then the trained models' metadata
+    (targets, stride; :func:`_check_model`) are the check, and the file is written now.
+    """
+    key = _study_key(args, per_level)
+    path = args.work / "study.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{path} was made with other settings (work dir vs now): {diff}; "
+                             "use another --setting or --work")
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(key, indent=1) + "\n")
+
+
+def _check_model(model_path: Path, args: argparse.Namespace) -> None:
+    """Refuse a trained model of other targets (or target stride) than asked for."""
+    _, meta = load_model(model_path)
+    got = (meta.get("targets"), int(meta.get("target_stride", 1)))
+    want = (args.targets, args.target_stride)
+    if got != want:
+        raise SystemExit(f"{model_path} was trained with targets/stride {got}, not {want}; "
+                         "use another --setting or --work")
 
 
 def _goals(result: dict[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,26 @@ def test_sequential_training_beats_em_only_and_every_stage_improves(problem, tmp
     assert evaluate(loaded, samples, result.val_indices, factory) == pytest.approx(fbsem_loss, rel=1e-6)
 
 
+def test_sequential_warm_start_begins_each_stage_where_the_previous_ended(problem, tmp_path):
+    """With warm_start, stage k starts as stage k-1's trained network: with a learning rate too small
+    to move the weights, every stage ends equal to stage 0; without warm_start none does."""
+    base, samples = problem
+    factory = with_terms_factory(base)
+    still = {}
+    for warm in (True, False):
+        net = small_net(num_stages=3, num_subsets=4)
+        result = train(net, samples, "sequential", _config(epochs=1, lr=1e-12, warm_start=warm), factory,
+                       tmp_path / str(warm))
+        assert result.completed
+        s0 = result.net.stages[0].state_dict()
+        still[warm] = all(
+            torch.allclose(result.net.stages[k].state_dict()[name], s0[name], atol=1e-9)
+            for k in (1, 2) for name in s0)
+    assert still[True] and not still[False]
+    with pytest.raises(ValueError, match="warm_start"):
+        TrainConfig(warm_start="yes")
+
+
 class _Interrupt(RuntimeError):
     pass
 

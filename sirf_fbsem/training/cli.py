@@ -54,6 +54,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", choices=("disk", "memory"), default="disk",
                         help="sequential mode: where stage outputs are cached (default disk)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="sequential: start stage k from the trained weights of stage k-1")
     parser.add_argument("--stage-devices", nargs="+", default=None, metavar="DEVICE",
                         help="greedy mode: place stage k on DEVICE[k %% n], round robin (GLEAM), e.g. cuda:0 cuda:1")
 
@@ -95,6 +97,7 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
         seed=args.seed, patience=args.patience, device=device, all_stages_loss=args.all_stages_loss,
         cache=args.cache, progress=not args.no_progress and ctx.is_main,
         stage_devices=tuple(args.stage_devices) if args.stage_devices else None,
+        warm_start=args.warm_start,
     )
     reg = RegulariserConfig(dims=args.dims, in_channels=2 if args.anatomical else 1, channels=args.channels,
                             layers=args.layers)

@@ -117,6 +117,9 @@ class TrainConfig:
         progress: show tqdm progress bars (on rank 0 only in a distributed run).
         stage_devices: greedy mode only: devices of the stages, round robin (stage k on
             ``stage_devices[k % len(stage_devices)]``, as GLEAM places them); None: all on ``device``.
+        warm_start: sequential mode: stage k starts from the trained weights (CNN and beta) of
+            stage k-1 instead of its own initialisation; later stages then begin where the
+            previous one ended and only learn what changes from stage to stage.
     """
 
     epochs: int = 10
@@ -132,6 +135,7 @@ class TrainConfig:
     keep_cache: bool = False
     progress: bool = True
     stage_devices: tuple[str, ...] | None = None
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int) -> None:
@@ -158,6 +162,8 @@ class TrainConfig:
             torch.device(self.device)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"TrainConfig.device {self.device!r} is not a torch device: {err}") from None
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"TrainConfig.warm_start must be True or False, got {self.warm_start!r}")
         if self.stage_devices is not None:
             if isinstance(self.stage_devices, str) or len(self.stage_devices) == 0:
                 raise ValueError(
@@ -751,6 +757,8 @@ class _Trainer:
                 _set_rng_state(payload["rng"])
                 if state["complete"]:
                     continue
+            elif cfg.warm_start and k > 0:
+                stage.load_state_dict(self.net.stages[k - 1].state_dict())  # stage k-1 is trained (its best)
             self._fill_cache(k - 1)
             if state["epoch"] == 0:
                 # the untrained stage is a candidate too (kept if no epoch beats it)
