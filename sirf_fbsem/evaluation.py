@@ -71,6 +71,7 @@ from .model.regularisers import intensity_scale
 from .projectors.base import AcquisitionModel
 from .projectors.embedded import EmbeddedAcquisitionModel
 from .recon.osem import OSEM, fov_mask
+from .simulation.targets import default_initial_image
 
 __all__ = [
     "EvaluationConfig",
@@ -205,13 +206,6 @@ def quadratic_prior_reference(x: torch.Tensor, fov: torch.Tensor, voxel_size_mm:
     return out[0] if single else out
 
 
-def _initial(model: AcquisitionModel) -> torch.Tensor:
-    geom = getattr(model, "image_geometry", None)
-    if geom is None:
-        return torch.ones(model.image_shape, dtype=model.dtype, device=model.device)
-    return fov_mask(geom).to(device=model.device, dtype=model.dtype)
-
-
 def osem_iterates(
     model: AcquisitionModel, prompts: torch.Tensor, num_iterations: int, initial: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -219,7 +213,7 @@ def osem_iterates(
 
     ``initial`` defaults to FBSEM's start image (1 inside the cylindrical FOV).
     """
-    algo = OSEM(model, prompts, initial=_initial(model) if initial is None else initial)
+    algo = OSEM(model, prompts, initial=default_initial_image(model) if initial is None else initial)
     out = []
     for _ in range(int(num_iterations)):
         for _ in range(model.num_subsets):
@@ -250,7 +244,7 @@ def map_em(
     """
     if not (beta >= 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    x = (_initial(model) if initial is None else initial).to(device=model.device, dtype=model.dtype).clone()
+    x = (default_initial_image(model) if initial is None else initial).to(device=model.device, dtype=model.dtype).clone()
     prompts = torch.as_tensor(prompts).to(device=model.device, dtype=model.dtype)
     subset_prompts = [model.take_subset(prompts, s) for s in range(model.num_subsets)]
     iterates: list[torch.Tensor] = []
@@ -449,7 +443,7 @@ def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Ten
         sens = sens.to(device)
     anat = p.sample["anatomical"].to(device) if net.uses_anatomical else None
     with torch.no_grad():
-        return net(_initial(model), p.prompts, model, sensitivities=sens, anatomical=anat).cpu()
+        return net(default_initial_image(model), p.prompts, model, sensitivities=sens, anatomical=anat).cpu()
 
 
 def evaluate_methods(

@@ -62,7 +62,7 @@ import numpy as np
 from numba import njit
 
 from ..geometry import SCANNER_PRESETS, GeometryError, Scanner, SinogramGeometry
-from .listmode import ListmodeError, bin_for_detector_pair
+from .listmode import ListmodeError, _progress, bin_for_detector_pair
 
 __all__ = [
     "PetsirdError",
@@ -406,16 +406,6 @@ def _coincidences(matrix) -> list:
     if matrix is None or len(matrix) == 0 or len(matrix[0]) == 0:
         return []
     return matrix[0][0]
-
-
-def _progress(total_bytes: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False)
 
 
 def histogram_petsird(
