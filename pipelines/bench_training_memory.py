@@ -25,6 +25,18 @@ arc-corrected tangential bins of 2 mm, 4 subsets; 3D residual CNN with 32 channe
 and 5 convolutions (the model's defaults). The targets are one image broadcast over
 the K stages (no memory per stage): values do not change memory.
 
+With ``--tensor-memory`` (CPU) the worker also runs the step under
+``torch.distributed._tools.mem_tracker.MemTracker``, which follows every tensor storage
+(parameters, data, activations, gradients, optimiser state, temporaries) and reports the
+peak of live tensor bytes: the CPU counterpart of ``max_memory_allocated`` (no
+interpreter, library or allocator-retention baseline, which RSS includes). MemTracker is
+a private torch API: if it is missing the figure is left out.
+
+The summary (printed, and ``summary`` in the JSON) gives per metric the ratio of the
+sequential step at the largest K to the end-to-end step at that K, measured or, where
+end-to-end was skipped, from a least-squares line through its measured points (its
+largest relative residual is given as a check of linearity).
+
 CPU points whose memory, extrapolated linearly in K from the points already
 measured for that mode, would exceed ``--max-rss-gb`` are skipped (recorded as such).
 
@@ -37,6 +49,7 @@ so RSS follows live memory; the JSON records the setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -83,7 +96,7 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None) -> dict:
+def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None, tensor_memory: bool = False) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -127,11 +140,14 @@ def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None) ->
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
+    tracker = _tensor_tracker(net, opt, model, batch, cached, phantom) if tensor_memory else None
     rss_before = _rss_mb()
     t0 = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    loss = training_step(net, mode, batch, model, cfg, stage=k - 1, inputs=cached if mode == "sequential" else None)
-    opt.step()
+    with tracker if tracker is not None else contextlib.nullcontext():
+        opt.zero_grad(set_to_none=True)
+        loss = training_step(net, mode, batch, model, cfg, stage=k - 1,
+                             inputs=cached if mode == "sequential" else None)
+        opt.step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -141,11 +157,30 @@ def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None) ->
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         "torch_threads": torch.get_num_threads(),
     }
+    if tracker is not None:
+        peak = tracker.get_tracker_snapshot("peak").get(dev, {})
+        out["tensor_peak_mb"] = round(peak.get("Total", 0) / 2**20, 1)
+        out["tensor_peak_by_kind_mb"] = {str(kind).split(".")[-1].lower(): round(v / 2**20, 1)
+                                         for kind, v in peak.items() if kind != "Total"}
     if dev.type == "cuda":
         out["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         out["cuda_before_step_mb"] = round(base_alloc / 2**20, 1)
         out["gpu"] = torch.cuda.get_device_name(dev)
     return out
+
+
+def _tensor_tracker(net, opt, model, batch: dict, *tensors):
+    """A MemTracker (torch private API) that knows every tensor made before the step; None if unavailable."""
+    import torch
+
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None
+    tracker = MemTracker()
+    model_tensors = [v for v in vars(model).values() if isinstance(v, torch.Tensor)]
+    tracker.track_external(net, opt, *batch.values(), *tensors, *model_tensors)
+    return tracker
 
 
 # ----------------------------------------------------------------------------- driver
@@ -168,7 +203,7 @@ def _mem_available_gb() -> float:
 
 
 def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, timeout_s: float,
-              mmap_threshold: int | None = None) -> dict:
+              mmap_threshold: int | None = None, tensor_memory: bool = False) -> dict:
     env = dict(os.environ)
     if mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)  # glibc: fixed threshold, no dynamic growth
@@ -178,6 +213,8 @@ def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, tim
         cmd.append("--quick")
     if dims is not None:
         cmd += ["--dims", str(dims)]
+    if tensor_memory and device == "cpu":
+        cmd.append("--tensor-memory")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
@@ -192,6 +229,43 @@ def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, tim
     res = json.loads(lines[-1])
     res.update({"status": "ok", "process_wall_s": round(total, 1)})
     return res
+
+
+def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float, float]:
+    """Least-squares ``m = a + b K`` through ``points``; returns (a, b, largest |relative residual|)."""
+    n = len(points)
+    mk = sum(k for k, _ in points) / n
+    mm = sum(m for _, m in points) / n
+    var = sum((k - mk) ** 2 for k, _ in points)
+    b = sum((k - mk) * (m - mm) for k, m in points) / var
+    a = mm - b * mk
+    return a, b, max(abs(m - (a + b * k)) / m for k, m in points)
+
+
+def summarise(results: list[dict]) -> dict:
+    """Per metric: sequential at the largest K vs end-to-end there (measured, else the fitted line)."""
+    out: dict = {}
+    for key, dev in (("peak_rss_mb", "cpu"), ("tensor_peak_mb", "cpu"), ("cuda_peak_allocated_mb", "cuda")):
+        pts = {m: sorted((r["stages"], r[key]) for r in results if r["mode"] == m and r.get("status") == "ok"
+                         and r["device"].startswith(dev) and key in r) for m in ("sequential", "end_to_end")}
+        if not pts["sequential"] or len(pts["end_to_end"]) < 2:
+            continue
+        k, seq = pts["sequential"][-1]
+        seq_values = [m for _, m in pts["sequential"]]
+        e2e_at_k = dict(pts["end_to_end"]).get(k)
+        entry = {"K": k, "sequential_mb": seq,
+                 "sequential_max_over_min": round(max(seq_values) / min(seq_values), 3)}
+        a, b, resid = _fit_line(pts["end_to_end"])
+        entry["end_to_end_fit_mb"] = {"intercept": round(a, 1), "per_stage": round(b, 1),
+                                      "max_relative_residual": round(resid, 4),
+                                      "measured_K": [kk for kk, _ in pts["end_to_end"]]}
+        if e2e_at_k is not None:
+            entry["end_to_end_mb"], entry["end_to_end_source"] = e2e_at_k, "measured"
+        else:
+            entry["end_to_end_mb"], entry["end_to_end_source"] = round(a + b * k, 1), "fitted line"
+        entry["sequential_over_end_to_end"] = round(seq / entry["end_to_end_mb"], 4)
+        out[key] = entry
+    return out
 
 
 def _table(results: list[dict], key: str, stages: list[int]) -> str:
@@ -218,6 +292,8 @@ def _plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("peak_rss_mb", "CPU peak RSS (MiB)", "cpu")]
+    if any("tensor_peak_mb" in r for r in results):
+        keys.append(("tensor_peak_mb", "CPU peak live tensors (MiB)", "cpu"))
     if any(r["device"].startswith("cuda") and r.get("status") == "ok" for r in results):
         keys.append(("cuda_peak_allocated_mb", "CUDA peak allocated (MiB)", "cuda"))
     fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.4), squeeze=False)
@@ -266,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mmap-threshold", type=int, default=None,
                    help="set glibc MALLOC_MMAP_THRESHOLD_ (bytes) in the workers: large freed blocks go back to "
                         "the OS at once, so RSS follows live memory instead of heap retention")
+    p.add_argument("--tensor-memory", action="store_true",
+                   help="CPU: also the peak of live tensor bytes over the step (MemTracker; module docstring)")
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
@@ -273,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(run_worker(args.mode, args.stages[0], args.device, args.quick, args.dims)), flush=True)
+        print(json.dumps(run_worker(args.mode, args.stages[0], args.device, args.quick, args.dims,
+                                    args.tensor_memory)), flush=True)
         return 0
 
     if args.replot:
@@ -301,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                  "mem_available_gb_at_start": round(_mem_available_gb(), 1)},
         "cpu_skip_threshold_mb": round(max_rss_mb),
         "malloc_mmap_threshold": args.mmap_threshold,
+        "tensor_memory": args.tensor_memory,
         "notes": "peak_rss_mb: ru_maxrss of a fresh process (setup + one step); rss_before_step_mb: VmRSS just "
                  "before the step. cuda_peak_allocated_mb: torch.cuda.max_memory_allocated over the step.",
     }
@@ -332,11 +412,14 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{device} {mode:<13} K={k:<3} {results[-1]['status']}", flush=True)
                         save()
                         continue
-                res = run_point(mode, k, device, args.quick, args.dims, args.point_timeout, args.mmap_threshold)
+                res = run_point(mode, k, device, args.quick, args.dims, args.point_timeout, args.mmap_threshold,
+                                args.tensor_memory)
                 results.append(res)
                 if res["status"] == "ok":
                     done.append(res)
                     extra = f" cuda {res['cuda_peak_allocated_mb']:.0f} MiB" if "cuda_peak_allocated_mb" in res else ""
+                    if "tensor_peak_mb" in res:
+                        extra += f" tensors {res['tensor_peak_mb']:.0f} MiB"
                     print(f"{device} {mode:<13} K={k:<3} peak RSS {res['peak_rss_mb']:8.0f} MiB "
                           f"(before step {res['rss_before_step_mb']:.0f}){extra}; step {res['step_wall_s']:.1f} s",
                           flush=True)
@@ -345,9 +428,19 @@ def main(argv: list[str] | None = None) -> int:
                 save()
     print("\nCPU peak RSS (MiB) of one training step, fresh process per point:")
     print(_table([r for r in results if r["device"] == "cpu"], "peak_rss_mb", stages))
+    if any("tensor_peak_mb" in r for r in results):
+        print("\nCPU peak live tensor bytes (MiB, MemTracker):")
+        print(_table([r for r in results if r["device"] == "cpu"], "tensor_peak_mb", stages))
     if any(r["device"].startswith("cuda") for r in results):
         print("\nCUDA peak allocated (MiB):")
         print(_table([r for r in results if r["device"].startswith("cuda")], "cuda_peak_allocated_mb", stages))
+    summary = summarise(results)
+    if summary:
+        print("\nsequential / end-to-end at the largest K:")
+        for key, v in summary.items():
+            print(f"  {key}: {json.dumps(v)}")
+    meta["summary"] = summary
+    save()
     png = out_json.with_suffix(".png")
     _plot(results, png, _title(desc, args.mmap_threshold))
     print(f"\nwrote {out_json} and {png}")

@@ -22,6 +22,11 @@ order and start image as the network) and gives stage k (0-based) sub-iterate (k
 iterates of one noise-free OSEM run, but the last stage's target is sub-iterate K*S, a far better
 converged image (S = 8, K = 12, 6 subsets: 96 sub-iterations = 16 full iterations).
 
+``--phantom mni152`` uses the MNI152 phantoms (nilearn) for every part instead of the procedural
+ones; ``--beta-init`` / ``--beta-lr`` set the stages' initial beta and its Adam learning rate
+(``TrainConfig.beta_lr``); ``--modes`` trains only the given modes (the evaluation then scores the
+models present in the work directory).
+
 Everything is reused when present (datasets, trained models, checkpoints of an interrupted
 training); the evaluation is redone only with ``--force`` or when its JSON is missing.
 Intermediate data go to ``--work`` (default ``out/evaluate_<setting>``); the default setting
@@ -104,9 +109,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", default=None, help="name of the outputs (default mmr2d, or quick with --quick)")
     p.add_argument("--work", type=Path, default=None, help="work directory (default out/evaluate_<setting>)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and PNG go (default pipelines/results)")
     p.add_argument("--scanner", default="Siemens_mMR", help="scanner preset; one ring of it is used (2D)")
     p.add_argument("--image-size", type=int, default=128, help="in-plane image size n (n x n, default voxels)")
     p.add_argument("--counts", type=float, nargs="+", default=[2e5, 1e6], help="count levels (prompts per slice)")
+    p.add_argument("--phantom", choices=("procedural", "mni152"), default="procedural",
+                   help="phantoms of every part (mni152: nilearn's MNI152 grey/white-matter maps, deformed)")
     p.add_argument("--train-samples", type=int, default=40, help="training phantoms in all (split over count levels)")
     p.add_argument("--tune-samples", type=int, default=4, help="tuning phantoms per count level")
     p.add_argument("--test-samples", type=int, default=8, help="test phantoms per count level")
@@ -114,6 +122,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=12, help="FBSEM stages K")
     p.add_argument("--epochs", type=int, default=12, help="epochs (per stage in sequential mode)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--beta-init", type=float, default=0.1, help="initial beta of every stage (normalised units)")
+    p.add_argument("--beta-lr", type=float, default=None, help="Adam learning rate of the betas (default --lr)")
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--targets", choices=("truth", "osem"), default="truth")
@@ -124,6 +134,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="sequential: start stage k from the trained stage k-1 (TrainConfig.warm_start)")
     p.add_argument("--osem-iterations", type=int, default=10)
     p.add_argument("--map-iterations", type=int, default=20)
+    p.add_argument("--modes", nargs="+", choices=("sequential", "end_to_end"), default=["sequential", "end_to_end"],
+                   help="train only these; models already trained in the work directory are evaluated too "
+                   "(to add a mode later, run again with it and --force)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (small_test scanner, few samples, 1 epoch)")
     p.add_argument("--force", action="store_true", help="redo the evaluation even when its JSON exists")
     p.add_argument("--no-progress", action="store_true")
@@ -139,10 +152,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.osem_iterations, args.map_iterations = 4, 4
     if args.setting is None:
         args.setting = "quick" if args.quick else "mmr2d"
+        if args.phantom != "procedural":
+            args.setting += "_" + args.phantom
         if args.targets == "osem":
             args.setting += "_osem" + (f"_s{args.target_stride}" if args.target_stride > 1 else "")
         if args.warm_start:
             args.setting += "_warm"
+        if args.beta_init != 0.1 or args.beta_lr is not None:
+            args.setting += f"_b{args.beta_init:g}" + (f"_blr{args.beta_lr:g}" if args.beta_lr is not None else "")
     args.work = args.work or ROOT / "out" / f"evaluate_{args.setting}"
     return args
 
@@ -166,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     dirs: dict[str, list[Path]] = {"train": [], "tune": [], "test": []}
     for li, counts in enumerate(args.counts):
         for part, n in (("train", per_level), ("tune", args.tune_samples), ("test", args.test_samples)):
-            cfg = SimulationConfig(num_subsets=args.subsets, num_stages=sim_stages[part],
+            cfg = SimulationConfig(num_subsets=args.subsets, num_stages=sim_stages[part], phantom=args.phantom,
                                    acquisition=AcquisitionParameters(counts=counts))
             suffix = "" if sim_stages[part] == args.stages else f"_n{sim_stages[part]}"
             d = args.work / f"{part}_{counts:.3g}{suffix}"
@@ -182,17 +199,23 @@ def main(argv: list[str] | None = None) -> int:
     base = EmbeddedAcquisitionModel(sino, image, num_subsets=args.subsets)
     models: dict[str, Path] = {}
     train_info: dict[str, Any] = {}
+    skipped: list[str] = []
     for mode, name in (("sequential", "fbsem_sequential"), ("end_to_end", "fbsem_end_to_end")):
         run_dir = args.work / f"train_{mode}"
         model_path = run_dir / "model.pt"
         t0 = time.perf_counter()
+        if mode not in args.modes and not model_path.exists():
+            skipped.append(mode)
+            continue
         if model_path.exists():
             _check_model(model_path, args)
         else:
             torch.manual_seed(0)
             net = FBSEMNet(args.stages, args.subsets,
-                           RegulariserConfig(dims=2, channels=args.channels, layers=args.layers), beta_init=0.1)
-            config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=1, validation_fraction=0.1, seed=0,
+                           RegulariserConfig(dims=2, channels=args.channels, layers=args.layers),
+                           beta_init=args.beta_init)
+            config = TrainConfig(epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=1,
+                                 validation_fraction=0.1, seed=0,
                                  progress=progress, warm_start=args.warm_start and mode == "sequential")
             resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("*.pt"))
             result = train(net, data, mode, config, with_terms_factory(base), run_dir, resume=resume,
@@ -208,12 +231,15 @@ def main(argv: list[str] | None = None) -> int:
         log = run_dir / "losses.json"
         history = json.loads(log.read_text())["history"] if log.exists() else []
         last_val = [r["val_loss"] for r in history if r.get("val_loss") is not None]
-        train_info[name] = {"model": str(model_path), "final_validation_mse": last_val[-1] if last_val else None}
+        train_info[name] = {"model": str(model_path), "final_validation_mse": last_val[-1] if last_val else None,
+                            "training_elapsed_s": history[-1].get("elapsed_s") if history else None}
         models[name] = model_path
+    if skipped:
+        print(f"{skipped} not trained (--modes) and not in {args.work}: evaluated without them")
 
     # ---- 3. evaluation
-    json_path = RESULTS / f"evaluate_{args.setting}.json"
-    png_path = RESULTS / f"evaluate_{args.setting}.png"
+    json_path = args.results / f"evaluate_{args.setting}.json"
+    png_path = args.results / f"evaluate_{args.setting}.png"
     if json_path.exists() and not args.force:
         print(f"{json_path} exists (use --force to redo the evaluation)")
         _print_table(json.loads(json_path.read_text()))
@@ -236,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         "counts": list(args.counts),
         "randoms_fraction": AcquisitionParameters().randoms_fraction,
         "scatter_fraction": AcquisitionParameters().scatter_fraction,
-        "phantom": "procedural brain (sirf_fbsem.simulation.phantoms)",
+        "phantom": {"procedural": "procedural brain", "mni152": "MNI152 grey/white-matter maps (nilearn), "
+                    "randomly deformed"}[args.phantom] + " (sirf_fbsem.simulation.phantoms)",
         "num_training_phantoms": per_level * len(args.counts),
         "validation_fraction": 0.1,
         "num_tuning_phantoms_per_level": args.tune_samples,
@@ -246,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "epochs_note": "sequential: epochs per stage; end_to_end: epochs over the whole network",
         "lr": args.lr,
+        "beta_init": args.beta_init,
+        "beta_lr": args.beta_lr if args.beta_lr is not None else args.lr,
         "regulariser": {"dims": 2, "channels": args.channels, "layers": args.layers},
         "targets": args.targets,
         "warm_start": args.warm_start,
@@ -264,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     result["training"] = train_info
     result["timings"] = timings
     result["goals"] = _goals(result)
+    args.results.mkdir(parents=True, exist_ok=True)
     write_json(json_path, result)
     title = f"{args.setting}: {image.describe()}, FBSEM {args.stages} stages, targets {args.targets}"
     if args.targets == "osem" and args.target_stride > 1:
@@ -282,6 +312,10 @@ def _study_key(args: argparse.Namespace, per_level: int) -> dict[str, Any]:
         "subsets": args.subsets, "stages": args.stages, "epochs": args.epochs, "lr": args.lr,
         "channels": args.channels, "layers": args.layers, "targets": args.targets,
         "target_stride": args.target_stride, "warm_start": args.warm_start,
+        # only when not the defaults, so work directories of earlier runs keep their key
+        **({"phantom": args.phantom} if args.phantom != "procedural" else {}),
+        **({"beta_init": args.beta_init} if args.beta_init != 0.1 else {}),
+        **({"beta_lr": args.beta_lr} if args.beta_lr is not None else {}),
     }
 
 
@@ -295,7 +329,8 @@ def _check_work_dir(args: argparse.Namespace, per_level: int) -> None:
     path = args.work / "study.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in key.items() if old.get(k) != v}
+        # both ways: options at their default are left out of the key (older work directories match)
+        diff = {k: (old.get(k), key.get(k)) for k in sorted(set(old) | set(key)) if old.get(k) != key.get(k)}
         if diff:
             raise SystemExit(f"{path} was made with other settings (work dir vs now): {diff}; "
                              "use another --setting or --work")

@@ -178,3 +178,39 @@ def test_evaluate_cli_rejects_a_malformed_model_flag(data, tmp_path):
     _, _, _, dirs = data
     with pytest.raises(SystemExit):
         cli(["evaluate", "--data", str(dirs["test"][0]), "--model", "no_equals_sign", "--out", str(tmp_path)])
+
+
+def _evaluate_pipeline():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_pipeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_pipeline_trains_the_modes_asked_on_mni152_phantoms_and_keys_its_work_dir(tmp_path):
+    """``pipelines/evaluate.py --quick`` with --modes sequential, --phantom mni152 and --beta-lr: the
+    JSON scores the baselines and the sequential model only, records the settings; the work
+    directory is then refused for other phantoms."""
+    pytest.importorskip("nilearn")
+    pipeline = _evaluate_pipeline()
+    work, results = tmp_path / "work", tmp_path / "results"
+    common = ["--quick", "--no-progress", "--work", str(work), "--results", str(results), "--targets", "osem"]
+    assert pipeline.main(common + ["--modes", "sequential", "--phantom", "mni152", "--beta-lr", "0.05",
+                                   "--setting", "t"]) == 0
+    result = json.loads((results / "evaluate_t.json").read_text())
+    for level in result["count_levels"].values():
+        methods = set(level["methods"])
+        assert {"osem", "osem_filtered", "map_em", "fbsem_sequential"} <= methods
+        assert "fbsem_end_to_end" not in methods
+    assert "MNI152" in result["setting"]["phantom"] and result["setting"]["beta_lr"] == 0.05
+    assert "sequential/end_to_end" not in result["goals"] and "sequential/map_em" in result["goals"]
+    assert (results / "evaluate_t.png").stat().st_size > 1000
+    assert not (work / "train_end_to_end" / "model.pt").exists()
+    study = json.loads((work / "study.json").read_text())
+    assert study["phantom"] == "mni152" and study["beta_lr"] == 0.05
+    with pytest.raises(SystemExit, match="phantom"):
+        pipeline.main(common + ["--modes", "sequential", "--beta-lr", "0.05", "--setting", "t"])

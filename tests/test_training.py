@@ -12,6 +12,7 @@ from sirf_fbsem.training import (
     TrainConfig,
     collate,
     evaluate,
+    make_optimizer,
     split_indices,
     train,
     training_step,
@@ -223,6 +224,44 @@ def test_train_config_and_split_are_validated():
     assert split_indices(1, 0.5, seed=0) == ([0], [])
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_make_optimizer_puts_the_betas_in_their_own_group(shared):
+    """Every parameter is optimised exactly once; the stages' rho at beta_lr, the rest at lr."""
+    from sirf_fbsem.model import FBSEMNet, RegulariserConfig
+
+    net = FBSEMNet(3, 4, RegulariserConfig(dims=2, channels=4, layers=2), shared_regulariser=shared)
+    opt = make_optimizer(net, TrainConfig(lr=1e-3, beta_lr=0.05))
+    groups = {g["lr"]: g["params"] for g in opt.param_groups}
+    assert sorted(groups) == [1e-3, 0.05]
+    assert {id(p) for p in groups[0.05]} == {id(st.rho) for st in net.stages}
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted({id(p) for p in net.parameters()})
+    single = make_optimizer(net.stages[1], TrainConfig(lr=1e-3, beta_lr=0.05))
+    assert [p is net.stages[1].rho for p in single.param_groups[1]["params"]] == [True]
+    assert len(make_optimizer(net, TrainConfig(lr=1e-3)).param_groups) == 1  # beta_lr None: one group at lr
+    for bad in (0.0, -1.0, float("inf"), True, "0.1"):
+        with pytest.raises(ValueError, match="beta_lr"):
+            TrainConfig(beta_lr=bad)
+
+
+def test_beta_lr_moves_the_betas_faster_and_is_part_of_the_run(problem, tmp_path):
+    """Same run but beta_lr 20x lr: the betas travel further from their start; resuming a run
+    with another beta_lr is refused (the checkpoints were made with other settings)."""
+    base, samples = problem
+    factory = with_terms_factory(base)
+    moved = {}
+    for beta_lr in (None, 0.2):
+        net = small_net(num_stages=2, num_subsets=4)
+        result = train(net, samples, "sequential", _config(epochs=2, lr=1e-2, beta_lr=beta_lr), factory,
+                       tmp_path / str(beta_lr))
+        assert result.completed
+        moved[beta_lr] = float((result.net.betas.detach() - 0.1).abs().max())
+    assert moved[0.2] > 3 * moved[None] > 0, moved
+    with pytest.raises(CheckpointMismatchError, match="beta_lr"):
+        train(small_net(num_stages=2, num_subsets=4), samples, "sequential", _config(epochs=3, beta_lr=0.1),
+              factory, tmp_path / "0.2", resume=True)
+
+
 def test_sequential_refuses_a_shared_regulariser(problem, tmp_path):
     from sirf_fbsem.model import FBSEMNet, RegulariserConfig
 
@@ -241,7 +280,8 @@ def test_train_cli_flags_map_onto_the_config():
     add_train_arguments(parser)
     args = parser.parse_args(["--data", "d", "--out", "o", "--mode", "greedy", "--stages", "6", "--shared",
                               "--epochs", "3", "--lr", "0.002", "--batch-size", "2", "--device", "cpu", "--resume",
-                              "--dims", "2", "--anatomical"])
+                              "--dims", "2", "--anatomical", "--beta-lr", "0.05"])
+    assert args.beta_lr == 0.05
     assert (args.mode, args.stages, args.shared, args.epochs, args.lr, args.batch_size) == ("greedy", 6, True, 3, 0.002, 2)
     assert (args.resume, args.dims, args.anatomical, str(args.data), str(args.out)) == (True, 2, True, "d", "o")
     with pytest.raises(SystemExit):

@@ -13,6 +13,7 @@ from .trainers import (
     train,
     training_step,
     with_terms_factory,
+    make_optimizer,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "train",
     "training_step",
     "with_terms_factory",
+    "make_optimizer",
 ]
