@@ -60,6 +60,9 @@ from sirf_fbsem.training import TrainConfig, train, with_terms_factory
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "pipelines" / "results"
 SEEDS = {"train": 1000, "tune": 2000, "test": 3000}
+# options added after the first studies: in the work-directory key and the setting name only when
+# not at these defaults, so older work directories keep their key
+LATER_DEFAULTS: dict[str, Any] = {"phantom": "procedural", "beta_init": 0.1, "beta_lr": None}
 
 
 class StudySamples(torch.utils.data.Dataset):
@@ -113,7 +116,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scanner", default="Siemens_mMR", help="scanner preset; one ring of it is used (2D)")
     p.add_argument("--image-size", type=int, default=128, help="in-plane image size n (n x n, default voxels)")
     p.add_argument("--counts", type=float, nargs="+", default=[2e5, 1e6], help="count levels (prompts per slice)")
-    p.add_argument("--phantom", choices=("procedural", "mni152"), default="procedural",
+    p.add_argument("--phantom", choices=("procedural", "mni152"), default=LATER_DEFAULTS["phantom"],
                    help="phantoms of every part (mni152: nilearn's MNI152 grey/white-matter maps, deformed)")
     p.add_argument("--train-samples", type=int, default=40, help="training phantoms in all (split over count levels)")
     p.add_argument("--tune-samples", type=int, default=4, help="tuning phantoms per count level")
@@ -122,8 +125,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", type=int, default=12, help="FBSEM stages K")
     p.add_argument("--epochs", type=int, default=12, help="epochs (per stage in sequential mode)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    p.add_argument("--beta-init", type=float, default=0.1, help="initial beta of every stage (normalised units)")
-    p.add_argument("--beta-lr", type=float, default=None, help="Adam learning rate of the betas (default --lr)")
+    p.add_argument("--beta-init", type=float, default=LATER_DEFAULTS["beta_init"], help="initial beta of every stage (normalised units)")
+    p.add_argument("--beta-lr", type=float, default=LATER_DEFAULTS["beta_lr"], help="Adam learning rate of the betas (default --lr)")
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--targets", choices=("truth", "osem"), default="truth")
@@ -152,14 +155,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.osem_iterations, args.map_iterations = 4, 4
     if args.setting is None:
         args.setting = "quick" if args.quick else "mmr2d"
-        if args.phantom != "procedural":
+        later = _later_options(args)
+        if "phantom" in later:
             args.setting += "_" + args.phantom
         if args.targets == "osem":
             args.setting += "_osem" + (f"_s{args.target_stride}" if args.target_stride > 1 else "")
         if args.warm_start:
             args.setting += "_warm"
-        if args.beta_init != 0.1 or args.beta_lr is not None:
-            args.setting += f"_b{args.beta_init:g}" + (f"_blr{args.beta_lr:g}" if args.beta_lr is not None else "")
+        if "beta_init" in later or "beta_lr" in later:
+            args.setting += f"_b{args.beta_init:g}" + (f"_blr{args.beta_lr:g}" if "beta_lr" in later else "")
     args.work = args.work or ROOT / "out" / f"evaluate_{args.setting}"
     return args
 
@@ -312,11 +316,13 @@ def _study_key(args: argparse.Namespace, per_level: int) -> dict[str, Any]:
         "subsets": args.subsets, "stages": args.stages, "epochs": args.epochs, "lr": args.lr,
         "channels": args.channels, "layers": args.layers, "targets": args.targets,
         "target_stride": args.target_stride, "warm_start": args.warm_start,
-        # only when not the defaults, so work directories of earlier runs keep their key
-        **({"phantom": args.phantom} if args.phantom != "procedural" else {}),
-        **({"beta_init": args.beta_init} if args.beta_init != 0.1 else {}),
-        **({"beta_lr": args.beta_lr} if args.beta_lr is not None else {}),
+        **_later_options(args),
     }
+
+
+def _later_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of :data:`LATER_DEFAULTS` that are not at their default."""
+    return {k: getattr(args, k) for k, v in LATER_DEFAULTS.items() if getattr(args, k) != v}
 
 
 def _check_work_dir(args: argparse.Namespace, per_level: int) -> None:

@@ -38,7 +38,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     parser.add_argument("--beta-lr", type=float, default=None,
                         help="Adam learning rate of the stages' betas (default: --lr); e.g. 5e-2 with "
-                        "--beta-init 4 lets a stage leave plain OSEM quickly (README, Evaluation)")
+                        "--beta-init 1 lets a stage leave plain OSEM sooner (README, Evaluation)")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per step (default 1)")
     parser.add_argument("--validation-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
@@ -96,7 +96,8 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
             f"--stages {num_stages}: the data have targets for {manifest['num_stages']} stages only"
         )
     config = TrainConfig(
-        epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=args.batch_size, validation_fraction=args.validation_fraction,
+        epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=args.batch_size,
+        validation_fraction=args.validation_fraction,
         seed=args.seed, patience=args.patience, device=device, all_stages_loss=args.all_stages_loss,
         cache=args.cache, progress=not args.no_progress and ctx.is_main,
         stage_devices=tuple(args.stage_devices) if args.stage_devices else None,

@@ -58,7 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..io.atomic import atomic_path
-from ..model.fbsem import FBSEMNet
+from ..model.fbsem import FBSEMNet, FBSEMStage
 from ..model.io import safe_torch_load, save_model
 from ..projectors.base import AcquisitionModel
 from ..simulation.targets import default_initial_image
@@ -254,11 +254,11 @@ def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[list[i
 
 
 def make_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Adam:
-    """Adam over ``module``'s parameters: the betas' ``rho`` (parameters named ``rho``, one per
-    stage) at ``config.beta_lr`` when set, everything else at ``config.lr``."""
-    if config.beta_lr is None:
+    """Adam over ``module``'s parameters: the ``rho`` of every :class:`FBSEMStage` in it at
+    ``config.beta_lr`` when set, everything else at ``config.lr``."""
+    if config.beta_lr is None:  # one group: the optimiser state of earlier checkpoints still loads
         return torch.optim.Adam(module.parameters(), lr=config.lr)
-    betas = [p for n, p in module.named_parameters() if n == "rho" or n.endswith(".rho")]
+    betas = [m.rho for m in module.modules() if isinstance(m, FBSEMStage)]
     seen = {id(p) for p in betas}
     rest = [p for p in module.parameters() if id(p) not in seen]
     groups = [{"params": rest, "lr": config.lr}] + ([{"params": betas, "lr": config.beta_lr}] if betas else [])
