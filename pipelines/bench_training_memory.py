@@ -30,7 +30,8 @@ With ``--tensor-memory`` (CPU) the worker also runs the step under
 (parameters, data, activations, gradients, optimiser state, temporaries) and reports the
 peak of live tensor bytes: the CPU counterpart of ``max_memory_allocated`` (no
 interpreter, library or allocator-retention baseline, which RSS includes). MemTracker is
-a private torch API: if it is missing the figure is left out.
+a private torch API: if it is missing the figure is left out. It refuses a step that calls the
+network more than once (greedy: once per stage), so greedy points have RSS only.
 
 The summary (printed, and ``summary`` in the JSON) gives per metric the ratio of the
 sequential step at the largest K to the end-to-end step at that K, measured or, where
@@ -140,7 +141,9 @@ def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None, te
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_alloc = torch.cuda.memory_allocated()
-    tracker = _tensor_tracker(net, opt, model, batch, cached, phantom) if tensor_memory else None
+    # greedy calls the network once per stage in a step, which MemTracker takes for a new iteration
+    # and refuses: greedy points are measured by RSS only
+    tracker = _tensor_tracker(net, opt, model, batch, cached, phantom) if tensor_memory and mode != "greedy" else None
     rss_before = _rss_mb()
     t0 = time.perf_counter()
     with tracker if tracker is not None else contextlib.nullcontext():
@@ -279,6 +282,8 @@ def _table(results: list[dict], key: str, stages: list[int]) -> str:
                 cells.append(f"{'-':>10}")
             elif p.get("status") != "ok":
                 cells.append(f"{p['status'].split()[0]:>10}")
+            elif key not in p:  # e.g. no tensor figure for greedy
+                cells.append(f"{'-':>10}")
             else:
                 cells.append(f"{p[key]:>10.0f}")
         rows.append(f"{mode:<14}" + "".join(cells))

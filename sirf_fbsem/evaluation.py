@@ -1,4 +1,4 @@
-"""Evaluation on held-out simulated phantoms: OSEM, OSEM + post-filter, MAP-EM (quadratic prior), FBSEM.
+"""Evaluation on held-out simulated phantoms: OSEM, OSEM + post-filter, MAP-EM (quadratic, Bowsher), FBSEM.
 
 Methods (all start from the FBSEM start image, 1 inside the cylindrical FOV, and use the
 same subsets, visited 0, 1, 2, ...):
@@ -21,6 +21,14 @@ same subsets, visited 0, 1, 2, ...):
   FBSEM's "normalised" units (dimensionless; the same grid serves every count level).
   ``beta = 0`` gives OSEM exactly. Reported at the best (``beta``, iteration) of a log
   grid of beta and iterations 1..``map_iterations``.
+* ``map_em_bowsher`` (when ``EvaluationConfig.bowsher_neighbours`` is not empty and the
+  samples have an ``anatomical`` image): MR-guided MAP-EM with the Bowsher prior, the
+  baseline of FBSEM's PET+MR variant (Mehranian & Reader 2020 compare FBSEM-pm with it).
+  Same iteration as ``map_em`` with the weights ``w_jk`` of ``N`` replaced by
+  ``(b_jk + b_kj) / d_jk``: ``b_jk = 1`` when k is one of the ``B`` neighbours of j
+  (inside the FOV) whose anatomical value is closest to j's (ties: nearer first), else 0,
+  i.e. the gradient of ``sum_j sum_k b_jk (x_j - x_k)^2`` (Bowsher et al. 2004). Best
+  (``B``, ``beta``, iteration) of the grids.
 * FBSEM networks (any number, by name), run as trained (their stages, their subsets).
 
 Hyperparameters (OSEM iteration, filter iteration and FWHM, MAP-EM beta) are chosen per
@@ -78,6 +86,8 @@ __all__ = [
     "EvaluationMasks",
     "gaussian_filter",
     "quadratic_prior_reference",
+    "bowsher_weights",
+    "weighted_prior_reference",
     "map_em",
     "osem_iterates",
     "evaluation_masks",
@@ -91,8 +101,8 @@ __all__ = [
     "BASELINES",
 ]
 
-#: baseline method names, in montage order
-BASELINES = ("osem", "osem_filtered", "map_em")
+#: baseline method names, in montage order (``map_em_bowsher`` only with anatomical images and a B grid)
+BASELINES = ("osem", "osem_filtered", "map_em", "map_em_bowsher")
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _METRICS = ("nrmse", "psnr", "ssim", "contrast_recovery", "background_noise")
 
@@ -107,6 +117,9 @@ class EvaluationConfig:
         filter_fwhm_mm: post-filter FWHM grid, mm (0 = no filter).
         map_betas: MAP-EM strength grid (FBSEM's normalised units).
         map_iterations: full MAP-EM iterations computed; the best (beta, iteration) is chosen.
+        bowsher_neighbours: grid of ``B`` (neighbours kept per voxel, of 8 in 2D or 26 in 3D)
+            for the MR-guided MAP-EM baseline; empty: no such baseline. It uses the
+            ``map_betas`` grid and ``map_iterations`` too.
         mask_dilation_voxels: in-plane dilation of the phantom support for the head mask.
         min_lesion_voxels: smallest hot lesion (connected voxels) scored for CR.
         device: torch device of the projector and networks.
@@ -117,6 +130,7 @@ class EvaluationConfig:
     filter_fwhm_mm: tuple[float, ...] = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0)
     map_betas: tuple[float, ...] = tuple(float(f"{b:.4g}") for b in 10.0 ** np.linspace(-3, 1, 9))
     map_iterations: int = 20
+    bowsher_neighbours: tuple[int, ...] = ()
     mask_dilation_voxels: int = 2
     min_lesion_voxels: int = 4
     device: str = "cpu"
@@ -136,11 +150,16 @@ class EvaluationConfig:
             raise ValueError(f"EvaluationConfig.filter_fwhm_mm must be finite values >= 0, got {self.filter_fwhm_mm!r}")
         if not self.map_betas or any(not (b >= 0 and math.isfinite(b)) for b in self.map_betas):
             raise ValueError(f"EvaluationConfig.map_betas must be finite values >= 0, got {self.map_betas!r}")
+        if any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 26 for b in self.bowsher_neighbours):
+            raise ValueError(
+                f"EvaluationConfig.bowsher_neighbours must be integers in [1, 26], got {self.bowsher_neighbours!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["filter_fwhm_mm"] = list(self.filter_fwhm_mm)
         d["map_betas"] = list(self.map_betas)
+        d["bowsher_neighbours"] = list(self.bowsher_neighbours)
         return d
 
 
@@ -206,6 +225,90 @@ def quadratic_prior_reference(x: torch.Tensor, fov: torch.Tensor, voxel_size_mm:
     return out[0] if single else out
 
 
+def _neighbour_offsets(nz: int, voxel_size_mm: Sequence[float]) -> list[tuple[tuple[int, int, int], float]]:
+    """The 8 (``nz == 1``) or 26 neighbour offsets (dz, dy, dx) with their distances (mm), nearest first."""
+    dzs = (0,) if nz == 1 else (-1, 0, 1)
+    out = []
+    for dz in dzs:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if (dz, dy, dx) != (0, 0, 0):
+                    d = math.sqrt((dz * voxel_size_mm[0]) ** 2 + (dy * voxel_size_mm[1]) ** 2
+                                  + (dx * voxel_size_mm[2]) ** 2)
+                    out.append(((dz, dy, dx), d))
+    return sorted(out, key=lambda od: od[1])  # stable: equal distances keep the scan order
+
+
+def _shifted(a: torch.Tensor, offset: tuple[int, int, int]) -> torch.Tensor:
+    """``b[..., j] = a[..., j + offset]`` over the last three axes; 0 where ``j + offset`` is outside."""
+    z, y, x = a.shape[-3:]
+    p = F.pad(a, (1, 1, 1, 1, 1, 1))
+    dz, dy, dx = offset
+    return p[..., 1 + dz:1 + dz + z, 1 + dy:1 + dy + y, 1 + dx:1 + dx + x]
+
+
+def bowsher_weights(
+    anatomical: torch.Tensor, fov: torch.Tensor, voxel_size_mm: Sequence[float], num_neighbours: int
+) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """Symmetric Bowsher neighbour weights (module docstring): ``(b_jk + b_kj) / d_jk``.
+
+    Args:
+        anatomical: (Z, Y, X) anatomical (MR) image, any units.
+        fov: boolean (Z, Y, X); neighbours outside it are never chosen, voxels outside get no weights.
+        voxel_size_mm: (vz, vy, vx), for the distances ``d_jk`` (mm).
+        num_neighbours: ``B``, neighbours kept per voxel (of 8 if Z == 1, else 26).
+    Returns:
+        weights (O, Z, Y, X) float64 for the O offsets, and the offsets (dz, dy, dx): weight
+        ``[o, j]`` belongs to the pair (j, j + offsets[o]); ``weights[o, j] == weights[o', j + o]``
+        where ``offsets[o'] == -offsets[o]``.
+    """
+    u = torch.as_tensor(anatomical).to(torch.float64)
+    if u.dim() != 3:
+        raise ValueError(f"anatomical image must be (Z, Y, X), got shape {tuple(u.shape)}")
+    inside = torch.broadcast_to(torch.as_tensor(fov).to(device=u.device, dtype=torch.bool), u.shape)
+    offs = _neighbour_offsets(u.shape[0], voxel_size_mm)
+    if not 1 <= num_neighbours <= len(offs):
+        raise ValueError(f"num_neighbours must be in [1, {len(offs)}] for this image, got {num_neighbours}")
+    offsets = [o for o, _ in offs]
+    inside_f = inside.to(torch.float64)
+    diffs = []
+    for o in offsets:
+        ok = (_shifted(inside_f, o) > 0) & inside
+        diffs.append(torch.where(ok, (_shifted(u, o) - u).abs(), torch.full_like(u, math.inf)))
+    d = torch.stack(diffs)  # (O, Z, Y, X); offsets sorted nearest first, so a stable sort breaks ties by distance
+    order = torch.sort(d, dim=0, stable=True).indices[:num_neighbours]
+    chosen = torch.zeros_like(d, dtype=torch.bool).scatter_(0, order, True) & torch.isfinite(d)
+    chosen_f = chosen.to(torch.float64)
+    index = {o: i for i, o in enumerate(offsets)}
+    weights = []
+    for i, (o, dist) in enumerate(offs):
+        back = index[(-o[0], -o[1], -o[2])]
+        # b_jk + b_kj: j chose k (offset o), or k = j + o chose j (its offset -o)
+        weights.append((chosen_f[i] + _shifted(chosen_f[back], o)) / dist)
+    return torch.stack(weights) * inside_f, offsets
+
+
+def weighted_prior_reference(
+    x: torch.Tensor, fov: torch.Tensor, weights: torch.Tensor, offsets: Sequence[tuple[int, int, int]]
+) -> torch.Tensor:
+    """De Pierro reference ``(x + N(x)) / 2`` with per-voxel neighbour weights (e.g. :func:`bowsher_weights`).
+
+    Args:
+        x: (Z, Y, X) or (B, Z, Y, X), >= 0.
+        fov: boolean (Z, Y, X); 0 outside.
+        weights: (O, Z, Y, X), >= 0; ``N(x)_j = sum_o w_oj x_{j+o} / sum_o w_oj`` (``x_j`` where the sum is 0).
+        offsets: the O offsets (dz, dy, dx).
+    """
+    w = weights.to(dtype=x.dtype, device=x.device)
+    num = torch.zeros_like(x)
+    for i, o in enumerate(offsets):
+        num = num + w[i] * _shifted(x, o)
+    den = w.sum(dim=0)
+    neighbours = torch.where(den > 0, num / den.clamp_min(1e-30), x)
+    m = torch.as_tensor(fov).to(device=x.device, dtype=x.dtype)
+    return 0.5 * (x + neighbours) * m
+
+
 def osem_iterates(
     model: AcquisitionModel, prompts: torch.Tensor, num_iterations: int, initial: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -230,9 +333,12 @@ def map_em(
     voxel_size_mm: Sequence[float],
     initial: torch.Tensor | None = None,
     return_iterates: bool = False,
+    anatomical: torch.Tensor | None = None,
+    bowsher_neighbours: int | None = None,
 ) -> torch.Tensor:
     """MAP-EM with a quadratic prior through FBSEM's fusion (module docstring); returns (Z, Y, X),
     or (num_iterations, Z, Y, X), the image after every full iteration, with ``return_iterates``.
+    With ``anatomical`` (Z, Y, X) and ``bowsher_neighbours`` B: the Bowsher prior instead.
 
     Args:
         model: acquisition model with this sample's factors and additive term (its subsets are used).
@@ -244,17 +350,27 @@ def map_em(
     """
     if not (beta >= 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if (anatomical is None) != (bowsher_neighbours is None):
+        raise ValueError("the Bowsher prior needs both anatomical and bowsher_neighbours")
     x = (default_initial_image(model) if initial is None else initial).to(device=model.device, dtype=model.dtype).clone()
     prompts = torch.as_tensor(prompts).to(device=model.device, dtype=model.dtype)
     subset_prompts = [model.take_subset(prompts, s) for s in range(model.num_subsets)]
     iterates: list[torch.Tensor] = []
+    bowsher: dict[bytes, tuple[torch.Tensor, list]] = {}  # by FOV (the subsets' FOVs are usually one)
     with torch.no_grad():
         for _ in range(int(num_iterations)):
             for s in range(model.num_subsets):
                 sens = model.sensitivity(s).to(x)
                 x_em = em_update(x, subset_prompts[s], model, s, sens)
                 fov = sens > 0
-                x_reg = quadratic_prior_reference(x, fov, voxel_size_mm)
+                if anatomical is None:
+                    x_reg = quadratic_prior_reference(x, fov, voxel_size_mm)
+                else:
+                    key = fov.cpu().numpy().tobytes()
+                    if key not in bowsher:
+                        w, offs = bowsher_weights(anatomical.to(x.device), fov, voxel_size_mm, int(bowsher_neighbours))
+                        bowsher[key] = (w.to(x.dtype), offs)
+                    x_reg = weighted_prior_reference(x, fov, *bowsher[key])
                 unit = intensity_scale(sens[None], fov[None]) / intensity_scale(x[None], fov[None])
                 x = fbsem_fusion(x_em, x_reg, sens, beta * unit[0])
             iterates.append(x.clone())
@@ -377,6 +493,8 @@ class _Prepared:
         self.sample = sample
         self.model = base.with_terms(sample["multiplicative"].to(dev), sample["additive"].to(dev))
         self.prompts = sample["prompts"].to(dev)
+        anat = sample.get("anatomical")
+        self.anatomical = None if anat is None else torch.as_tensor(anat).to(dev)
         self.truth = sample["phantom"]
         self.masks = evaluation_masks(sample, base.image_geometry, config.mask_dilation_voxels,
                                       config.min_lesion_voxels)
@@ -389,12 +507,14 @@ class _Prepared:
 def _baseline_grids(
     prepared: Sequence[_Prepared], base: EmbeddedAcquisitionModel, config: EvaluationConfig, bar: tqdm
 ) -> dict[str, np.ndarray]:
-    """NRMSE grids over samples: osem (n_samples, iters), filtered (n_samples, iters, fwhm), map (n_samples, betas)."""
+    """NRMSE grids over samples: osem (n_samples, iters), filtered (n_samples, iters, fwhm), map (n_samples,
+    betas, iters) and, with a Bowsher grid, bowsher (n_samples, B, betas, iters)."""
     vox = base.image_geometry.voxel_size_mm
     n = len(prepared)
     osem_g = np.zeros((n, config.osem_iterations))
     filt_g = np.zeros((n, config.osem_iterations, len(config.filter_fwhm_mm)))
     map_g = np.zeros((n, len(config.map_betas), config.map_iterations))
+    bow_g = np.zeros((n, len(config.bowsher_neighbours), len(config.map_betas), config.map_iterations))
     for i, p in enumerate(prepared):
         its = osem_iterates(p.model, p.prompts, config.osem_iterations).cpu()
         for it in range(config.osem_iterations):
@@ -406,7 +526,16 @@ def _baseline_grids(
             its_b = map_em(p.model, p.prompts, b, config.map_iterations, vox, return_iterates=True).cpu()
             map_g[i, j] = [p.nrmse(x) for x in its_b]
             bar.update(1)
-    return {"osem": osem_g, "filtered": filt_g, "map": map_g}
+        for jb, nb in enumerate(config.bowsher_neighbours):
+            for j, b in enumerate(config.map_betas):
+                its_b = map_em(p.model, p.prompts, b, config.map_iterations, vox, return_iterates=True,
+                               anatomical=p.anatomical, bowsher_neighbours=nb).cpu()
+                bow_g[i, jb, j] = [p.nrmse(x) for x in its_b]
+                bar.update(1)
+    grids = {"osem": osem_g, "filtered": filt_g, "map": map_g}
+    if config.bowsher_neighbours:
+        grids["bowsher"] = bow_g
+    return grids
 
 
 def _select(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[str, dict[str, Any]]:
@@ -415,22 +544,35 @@ def _select(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[s
     map_mean = grids["map"].mean(axis=0)
     it_f, j_f = np.unravel_index(int(np.argmin(filt_mean)), filt_mean.shape)
     j_b, it_b = np.unravel_index(int(np.argmin(map_mean)), map_mean.shape)
-    return {
+    edge = (0, len(config.map_betas) - 1)
+    chosen: dict[str, dict[str, Any]] = {
         "osem": {"iterations": int(np.argmin(osem_mean)) + 1},
         "osem_filtered": {"iterations": int(it_f) + 1, "fwhm_mm": float(config.filter_fwhm_mm[j_f])},
         "map_em": {"beta": float(config.map_betas[j_b]), "iterations": int(it_b) + 1,
-                   "beta_at_grid_edge": int(j_b) in (0, len(config.map_betas) - 1)},
+                   "beta_at_grid_edge": int(j_b) in edge},
     }
+    if "bowsher" in grids:
+        bow_mean = grids["bowsher"].mean(axis=0)
+        k_n, j_n, it_n = np.unravel_index(int(np.argmin(bow_mean)), bow_mean.shape)
+        chosen["map_em_bowsher"] = {"neighbours": int(config.bowsher_neighbours[k_n]),
+                                    "beta": float(config.map_betas[j_n]), "iterations": int(it_n) + 1,
+                                    "beta_at_grid_edge": int(j_n) in edge}
+    return chosen
 
 
 def _grid_json(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[str, Any]:
-    return {
+    out = {
         "osem_nrmse_by_iteration": [float(v) for v in grids["osem"].mean(axis=0)],
         "filtered_nrmse_by_iteration_and_fwhm": [[float(v) for v in row] for row in grids["filtered"].mean(axis=0)],
         "fwhm_mm": list(config.filter_fwhm_mm),
         "map_em_nrmse_by_beta_and_iteration": [[float(v) for v in row] for row in grids["map"].mean(axis=0)],
         "map_betas": list(config.map_betas),
     }
+    if "bowsher" in grids:
+        out["map_em_bowsher_nrmse_by_neighbours_beta_and_iteration"] = [
+            [[float(v) for v in row] for row in block] for block in grids["bowsher"].mean(axis=0)]
+        out["bowsher_neighbours"] = list(config.bowsher_neighbours)
+    return out
 
 
 def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Tensor:
@@ -477,22 +619,28 @@ def evaluate_methods(
     for key in test_groups:
         if tuning_samples and key not in tune_groups:
             raise ValueError(f"no tuning samples at {key} counts; tuning count levels are {sorted(tune_groups)}")
+    baselines = tuple(b for b in BASELINES if b != "map_em_bowsher" or config.bowsher_neighbours)
+    if config.bowsher_neighbours:
+        missing = [i for i, s in enumerate([*samples, *(tuning_samples or [])]) if s.get("anatomical") is None]
+        if missing:
+            raise ValueError(f"the Bowsher MAP-EM baseline needs every sample's 'anatomical' image; samples {missing} "
+                             "have none (set EvaluationConfig.bowsher_neighbours=() to leave it out)")
     nets = {name: net.to(device).eval() for name, net in networks.items()}
     for name in nets:
         if name in BASELINES or name == "truth":
             raise ValueError(f"network name {name!r} clashes with a baseline method name")
     levels: dict[str, Any] = {}
     images: dict[str, dict[str, np.ndarray]] = {}
-    n_betas = len(config.map_betas)
+    n_map = len(config.map_betas) * (1 + len(config.bowsher_neighbours))
     for key, group in test_groups.items():
         t0 = time.perf_counter()
         prepared = [_Prepared(s, base, config) for s in group]
         tune = [_Prepared(s, base, config) for s in tune_groups[key]] if tuning_samples else prepared
-        total = len(tune) * (1 + n_betas) + len(prepared) * (3 + len(nets))
+        total = len(tune) * (1 + n_map) + len(prepared) * (len(baselines) + len(nets))
         with tqdm(total=total, desc=f"evaluate {key} counts", unit="recon", disable=not progress) as bar:
             grids = _baseline_grids(tune, base, config, bar)
             chosen = _select(grids, config)
-            rows: dict[str, list[dict[str, Any]]] = {m: [] for m in (*BASELINES, *nets, "truth")}
+            rows: dict[str, list[dict[str, Any]]] = {m: [] for m in (*baselines, *nets, "truth")}
             osem_curves = []
             for i, p in enumerate(prepared):
                 its = osem_iterates(p.model, p.prompts, config.osem_iterations).cpu()
@@ -507,6 +655,11 @@ def evaluate_methods(
                 recon["map_em"] = map_em(p.model, p.prompts, chosen["map_em"]["beta"], chosen["map_em"]["iterations"],
                                          vox).cpu()
                 bar.update(1)
+                if "map_em_bowsher" in chosen:
+                    c = chosen["map_em_bowsher"]
+                    recon["map_em_bowsher"] = map_em(p.model, p.prompts, c["beta"], c["iterations"], vox,
+                                                     anatomical=p.anatomical, bowsher_neighbours=c["neighbours"]).cpu()
+                    bar.update(1)
                 for name, net in nets.items():
                     recon[name] = _run_network(net, p, device)
                     bar.update(1)
@@ -567,6 +720,8 @@ _DEFINITIONS = {
     "osem_filtered": "OSEM iterate + isotropic Gaussian post-filter, best (iteration, FWHM)",
     "map_em": "MAP-EM, quadratic prior (De Pierro surrogate, 1/distance neighbours) through FBSEM's fusion, "
     "best (beta, full iteration) of the grid (beta in FBSEM's normalised units)",
+    "map_em_bowsher": "MR-guided MAP-EM, Bowsher prior (B most similar neighbours in the anatomical image, "
+    "symmetrised, 1/distance) through FBSEM's fusion, best (B, beta, full iteration) of the grids",
 }
 
 
@@ -580,6 +735,8 @@ def _summary(levels: Mapping[str, Any], nets: Sequence[str]) -> dict[str, Any]:
             if nr.get(name) is None:
                 continue
             entry[f"{name}/map_em"] = nr[name] / nr["map_em"] if nr["map_em"] else None
+            if nr.get("map_em_bowsher"):
+                entry[f"{name}/map_em_bowsher"] = nr[name] / nr["map_em_bowsher"]
             entry[f"{name}/osem_filtered"] = nr[name] / nr["osem_filtered"] if nr["osem_filtered"] else None
         out[key] = entry
     return out
@@ -673,6 +830,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=list(d.map_betas),
                         help="MAP-EM beta grid (normalised units)")
     parser.add_argument("--map-iterations", type=int, default=d.map_iterations, help="full MAP-EM iterations")
+    parser.add_argument("--bowsher", type=int, nargs="+", default=list(d.bowsher_neighbours), metavar="B",
+                        help="add MR-guided MAP-EM (Bowsher prior, needs the samples' anatomical image) with this "
+                        "grid of neighbours kept per voxel (of 8 in 2D, 26 in 3D), e.g. --bowsher 2 3 4 5")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -715,7 +875,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     image: ImageGeometry = image_geometry_from_dict(manifest["image_geometry"])
     config = EvaluationConfig(
         osem_iterations=args.osem_iterations, num_subsets=args.subsets, filter_fwhm_mm=tuple(args.fwhm_mm),
-        map_betas=tuple(args.betas), map_iterations=args.map_iterations, device=args.device,
+        map_betas=tuple(args.betas), map_iterations=args.map_iterations,
+        bowsher_neighbours=tuple(args.bowsher), device=args.device,
     )
     base = EmbeddedAcquisitionModel(sino, image, num_subsets=int(manifest["num_subsets"]),
                                     psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=args.device)

@@ -12,12 +12,14 @@ from sirf_fbsem import metrics
 from sirf_fbsem.cli import main as cli
 from sirf_fbsem.evaluation import (
     EvaluationConfig,
+    bowsher_weights,
     evaluation_masks,
     gaussian_filter,
     image_metrics,
     map_em,
     osem_iterates,
     quadratic_prior_reference,
+    weighted_prior_reference,
 )
 from sirf_fbsem.geometry import scanner_preset
 from sirf_fbsem.model.fbsem import FBSEMNet
@@ -122,6 +124,80 @@ def test_larger_beta_gives_smoother_images(data):
     assert rough[1] < 0.5 * rough[0]
 
 
+def _step_anatomy():
+    """(1, 9, 10) MR image with a vertical edge between columns 4 and 5, and a whole-image FOV."""
+    u = torch.full((1, 9, 10), 0.2, dtype=torch.float64)
+    u[..., 5:] = 0.85
+    return u, torch.ones(1, 9, 10, dtype=torch.bool)
+
+
+def test_bowsher_weights_are_symmetric_and_keep_the_b_most_similar_neighbours():
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(1, 12, 11, generator=g, dtype=torch.float64)
+    fov = torch.zeros(1, 12, 11, dtype=torch.bool)
+    fov[:, 1:11, 2:10] = True
+    for b in (1, 3, 8):
+        w, offsets = bowsher_weights(u, fov, (4.0, 2.0, 3.0), b)
+        assert w.shape == (8, 1, 12, 11) and (w >= 0).all()
+        assert not w[:, ~fov].any()  # nothing outside the FOV
+        index = {o: i for i, o in enumerate(offsets)}
+        for i, (dz, dy, dx) in enumerate(offsets):
+            back = index[(-dz, -dy, -dx)]
+            for y in range(12):
+                for x in range(11):
+                    if 0 <= y + dy < 12 and 0 <= x + dx < 11:
+                        assert float(w[i, 0, y, x]) == float(w[back, 0, y + dy, x + dx])  # w_jk = w_kj
+                    else:
+                        assert float(w[i, 0, y, x]) == 0.0
+        # every FOV voxel keeps at least its own B choices; b_jk + b_kj <= 2
+        linked = (w > 0).sum(dim=0)[fov]
+        assert int(linked.min()) >= min(b, 3)  # a FOV corner voxel has only 3 neighbours in the FOV
+        dist = torch.tensor([math.hypot(dy * 2.0, dx * 3.0) for _, dy, dx in offsets], dtype=torch.float64)
+        assert float((w * dist[:, None, None, None]).max()) <= 2.0 + 1e-12
+    # j's own choice: the B smallest |u_j - u_k|
+    w, offsets = bowsher_weights(u, fov, (4.0, 2.0, 3.0), 2)
+    y, x = 5, 5
+    diffs = sorted((abs(float(u[0, y + dy, x + dx] - u[0, y, x])), i) for i, (_, dy, dx) in enumerate(offsets))
+    assert all(float(w[i, 0, y, x]) > 0 for _, i in diffs[:2])
+
+
+def test_bowsher_reference_keeps_an_edge_of_the_anatomy_that_the_quadratic_prior_blurs():
+    u, fov = _step_anatomy()
+    x = 1.0 + 3.0 * (u > 0.5).double()  # activity with the MR image's edge
+    w, offsets = bowsher_weights(u, fov, (4.0, 2.0, 2.0), 3)
+    assert torch.allclose(weighted_prior_reference(x, fov, w, offsets), x, rtol=0, atol=1e-12)
+    assert float((quadratic_prior_reference(x, fov, (4.0, 2.0, 2.0)) - x).abs().max()) > 0.5
+    # with a featureless MR image and all 8 neighbours it is the quadratic prior's reference
+    spike = torch.zeros(1, 9, 10, dtype=torch.float64)
+    spike[0, 4, 4] = 8.0
+    small = torch.zeros_like(fov)
+    small[:, 2:7, 2:8] = True
+    w, offsets = bowsher_weights(torch.ones(1, 9, 10), small, (4.0, 2.0, 2.0), 8)
+    assert torch.allclose(weighted_prior_reference(spike, small, w, offsets),
+                          quadratic_prior_reference(spike, small, (4.0, 2.0, 2.0)), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="num_neighbours"):
+        bowsher_weights(u, fov, (4.0, 2.0, 2.0), 9)
+
+
+def test_bowsher_map_em_is_osem_at_zero_beta_and_beats_the_quadratic_prior_with_a_true_anatomy(data):
+    sample, model, image = _sample_and_model(data)  # low counts
+    anat = sample["anatomical"]
+    osem = osem_iterates(model, sample["prompts"], 3)
+    assert torch.equal(map_em(model, sample["prompts"], 0.0, 3, image.voxel_size_mm, return_iterates=True,
+                              anatomical=anat, bowsher_neighbours=3), osem)
+    with pytest.raises(ValueError, match="Bowsher"):
+        map_em(model, sample["prompts"], 0.1, 1, image.voxel_size_mm, anatomical=anat)
+    masks = evaluation_masks(sample, image)
+    truth = sample["phantom"]
+    betas = (0.03, 0.1, 0.3, 1.0, 3.0)
+    best = {}
+    for name, kw in (("quadratic", {}), ("bowsher", {"anatomical": anat, "bowsher_neighbours": 3})):
+        best[name] = min(min(metrics.nrmse(x, truth, masks.head) for x in
+                             map_em(model, sample["prompts"], b, 8, image.voxel_size_mm, return_iterates=True, **kw))
+                         for b in betas)
+    assert best["bowsher"] < best["quadratic"], best
+
+
 def test_gaussian_filter_keeps_counts_and_the_best_filter_beats_no_filter(data):
     sample, model, image = _sample_and_model(data)
     x = osem_iterates(model, sample["prompts"], 4)[-1]
@@ -139,6 +215,8 @@ def test_evaluation_config_is_validated():
         EvaluationConfig(osem_iterations=0)
     with pytest.raises(ValueError, match="map_betas"):
         EvaluationConfig(map_betas=(-1.0,))
+    with pytest.raises(ValueError, match="bowsher_neighbours"):
+        EvaluationConfig(bowsher_neighbours=(0,))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -151,20 +229,30 @@ def test_evaluate_cli_writes_json_with_every_method_and_a_png(data, tmp_path):
     out = tmp_path / "res"
     rc = cli(["evaluate", "--data", *map(str, dirs["test"]), "--tune-data", *map(str, dirs["tune"]),
               "--model", f"fbsem_tiny={model_path}", "--out", str(out), "--osem-iterations", "3",
-              "--map-iterations", "2", "--betas", "0", "0.1", "1", "--fwhm-mm", "0", "6", "--no-progress"])
+              "--map-iterations", "2", "--betas", "0", "0.1", "1", "--fwhm-mm", "0", "6", "--bowsher", "2", "3",
+              "--no-progress"])
     assert rc == 0
     result = json.loads((out / "evaluate.json").read_text())
     assert set(result["count_levels"]) == {f"{c:.3g}" for c in COUNTS}
     assert "separate tuning samples" in result["selection"]
+    assert result["config"]["bowsher_neighbours"] == [2, 3]
+    assert all("fbsem_tiny/map_em_bowsher" in entry for entry in result["summary"].values())
     for lv in result["count_levels"].values():
         assert lv["num_samples"] == 2 and lv["num_tuning_samples"] == 1
         assert len(lv["osem_nrmse_by_iteration"]) == 3
         methods = lv["methods"]
-        assert set(methods) == {"osem", "osem_filtered", "map_em", "fbsem_tiny", "truth"}
-        for name in ("osem", "osem_filtered", "map_em", "fbsem_tiny"):
+        assert set(methods) == {"osem", "osem_filtered", "map_em", "map_em_bowsher", "fbsem_tiny", "truth"}
+        for name in ("osem", "osem_filtered", "map_em", "map_em_bowsher", "fbsem_tiny"):
             mean = methods[name]["mean"]
             assert 0 < mean["nrmse"] < 2 and mean["ssim"] < 1 and len(methods[name]["per_sample"]) == 2
         assert methods["map_em"]["hyperparameters"]["beta"] in (0.0, 0.1, 1.0)
+        bowsher = methods["map_em_bowsher"]["hyperparameters"]
+        assert bowsher["neighbours"] in (2, 3) and bowsher["beta"] in (0.0, 0.1, 1.0)
+        bgrid = np.array(lv["tuning_grids"]["map_em_bowsher_nrmse_by_neighbours_beta_and_iteration"])
+        assert bgrid.shape == (2, 3, 2)
+        # beta = 0 is OSEM whatever B: the same tuning NRMSE as the quadratic grid's beta = 0 row
+        qgrid = np.array(lv["tuning_grids"]["map_em_nrmse_by_beta_and_iteration"])
+        assert np.allclose(bgrid[:, 0, :], qgrid[0], rtol=0, atol=1e-12)
         assert methods["osem_filtered"]["hyperparameters"]["fwhm_mm"] in (0.0, 6.0)
         # selection on the tuning sample: the filtered grid contains the unfiltered OSEM iterates
         grid = np.array(lv["tuning_grids"]["filtered_nrmse_by_iteration_and_fwhm"])
@@ -192,25 +280,37 @@ def _evaluate_pipeline():
 
 
 def test_evaluate_pipeline_trains_the_modes_asked_on_mni152_phantoms_and_keys_its_work_dir(tmp_path):
-    """``pipelines/evaluate.py --quick`` with --modes sequential, --phantom mni152 and --beta-lr: the
-    JSON scores the baselines and the sequential model only, records the settings; the work
-    directory is then refused for other phantoms."""
+    """``pipelines/evaluate.py --quick`` with --modes sequential, --phantom mni152, --beta-lr and
+    --anatomical (PET+MR): the JSON scores the baselines (Bowsher MAP-EM too) and the sequential
+    PET+MR model only, records the settings; the work directory is then refused for other phantoms
+    and for PET-only networks."""
     pytest.importorskip("nilearn")
     pipeline = _evaluate_pipeline()
     work, results = tmp_path / "work", tmp_path / "results"
     common = ["--quick", "--no-progress", "--work", str(work), "--results", str(results), "--targets", "osem"]
     assert pipeline.main(common + ["--modes", "sequential", "--phantom", "mni152", "--beta-lr", "0.05",
-                                   "--setting", "t"]) == 0
+                                   "--anatomical", "--setting", "t"]) == 0
     result = json.loads((results / "evaluate_t.json").read_text())
     for level in result["count_levels"].values():
         methods = set(level["methods"])
-        assert {"osem", "osem_filtered", "map_em", "fbsem_sequential"} <= methods
+        assert {"osem", "osem_filtered", "map_em", "map_em_bowsher", "fbsem_sequential"} <= methods
         assert "fbsem_end_to_end" not in methods
     assert "MNI152" in result["setting"]["phantom"] and result["setting"]["beta_lr"] == 0.05
     assert "sequential/end_to_end" not in result["goals"] and "sequential/map_em" in result["goals"]
+    goals, low = result["goals"], result["goals"]["count_level"]
+    best = goals["best_map_em"]
+    nr = result["summary"][low]["nrmse"]
+    assert best in ("map_em", "map_em_bowsher") and nr[best] == min(nr["map_em"], nr["map_em_bowsher"])
+    assert goals["sequential/map_em"] == pytest.approx(nr["fbsem_sequential"] / nr[best])
+    assert result["setting"]["regulariser"]["in_channels"] == 2 and "PET+MR" in result["setting"]["anatomical"]
+    from sirf_fbsem.model.io import load_model
+    assert load_model(work / "train_sequential" / "model.pt")[0].uses_anatomical
     assert (results / "evaluate_t.png").stat().st_size > 1000
     assert not (work / "train_end_to_end" / "model.pt").exists()
     study = json.loads((work / "study.json").read_text())
-    assert study["phantom"] == "mni152" and study["beta_lr"] == 0.05
+    assert study["phantom"] == "mni152" and study["beta_lr"] == 0.05 and study["anatomical"] is True
     with pytest.raises(SystemExit, match="phantom"):
-        pipeline.main(common + ["--modes", "sequential", "--beta-lr", "0.05", "--setting", "t"])
+        pipeline.main(common + ["--modes", "sequential", "--beta-lr", "0.05", "--anatomical", "--setting", "t"])
+    with pytest.raises(SystemExit, match="anatomical"):
+        pipeline.main(common + ["--modes", "sequential", "--beta-lr", "0.05", "--phantom", "mni152",
+                                "--setting", "t"])
