@@ -236,13 +236,11 @@ def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, tim
 
 def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float, float]:
     """Least-squares ``m = a + b K`` through ``points``; returns (a, b, largest |relative residual|)."""
-    n = len(points)
-    mk = sum(k for k, _ in points) / n
-    mm = sum(m for _, m in points) / n
-    var = sum((k - mk) ** 2 for k, _ in points)
-    b = sum((k - mk) * (m - mm) for k, m in points) / var
-    a = mm - b * mk
-    return a, b, max(abs(m - (a + b * k)) / m for k, m in points)
+    import numpy as np
+
+    k, m = np.array(points, dtype=float).T
+    b, a = np.polyfit(k, m, 1)
+    return float(a), float(b), float(np.max(np.abs(m - (a + b * k)) / m))
 
 
 def summarise(results: list[dict]) -> dict:

@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     data: torch.utils.data.Dataset = torch.utils.data.ConcatDataset(datasets)
     data = StudySamples(data, args.stages, truth_targets=args.targets == "truth", stride=args.target_stride)
     base = EmbeddedAcquisitionModel(sino, image, num_subsets=args.subsets)
+    reg = RegulariserConfig(dims=2, in_channels=2 if args.anatomical else 1, channels=args.channels,
+                            layers=args.layers)
     models: dict[str, Path] = {}
     train_info: dict[str, Any] = {}
     skipped: list[str] = []
@@ -227,10 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_model(model_path, args)
         else:
             torch.manual_seed(0)
-            net = FBSEMNet(args.stages, args.subsets,
-                           RegulariserConfig(dims=2, in_channels=2 if args.anatomical else 1,
-                                             channels=args.channels, layers=args.layers),
-                           beta_init=args.beta_init)
+            net = FBSEMNet(args.stages, args.subsets, reg, beta_init=args.beta_init)
             config = TrainConfig(epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=1,
                                  validation_fraction=0.1, seed=0,
                                  progress=progress, warm_start=args.warm_start and mode == "sequential")
@@ -293,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "beta_init": args.beta_init,
         "beta_lr": args.beta_lr if args.beta_lr is not None else args.lr,
-        "regulariser": {"dims": 2, "in_channels": 2 if args.anatomical else 1, "channels": args.channels,
-                        "layers": args.layers},
+        "regulariser": {"dims": reg.dims, "in_channels": reg.in_channels, "channels": reg.channels,
+                        "layers": reg.layers},
         "anatomical": ("PET+MR: the networks take the T1-like MR image (lesions absent) as a second channel; "
                        "baselines include Bowsher MAP-EM" if args.anatomical else "PET only"),
         "targets": args.targets,

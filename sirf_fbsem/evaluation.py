@@ -192,14 +192,26 @@ def gaussian_filter(x: torch.Tensor, fwhm_mm: float, voxel_size_mm: Sequence[flo
     return out[0] if single else out
 
 
+def _neighbour_offsets(nz: int, voxel_size_mm: Sequence[float]) -> list[tuple[tuple[int, int, int], float]]:
+    """The 8 (``nz == 1``) or 26 neighbour offsets (dz, dy, dx) with their distances (mm), nearest first."""
+    dzs = (0,) if nz == 1 else (-1, 0, 1)
+    out = []
+    for dz in dzs:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if (dz, dy, dx) != (0, 0, 0):
+                    d = math.sqrt((dz * voxel_size_mm[0]) ** 2 + (dy * voxel_size_mm[1]) ** 2
+                                  + (dx * voxel_size_mm[2]) ** 2)
+                    out.append(((dz, dy, dx), d))
+    return sorted(out, key=lambda od: od[1])  # stable: equal distances keep the scan order
+
+
 def _neighbour_kernel(shape: Sequence[int], voxel_size_mm: Sequence[float], dtype, device) -> torch.Tensor:
     """(1,1,kz,3,3) kernel of 1/distance weights over the 8 (nz = 1) or 26 neighbours; centre 0."""
     kz = 1 if shape[0] == 1 else 3
-    dz = torch.arange(kz, dtype=torch.float64) - (kz // 2)
-    d1 = torch.arange(3, dtype=torch.float64) - 1
-    Z, Y, X = torch.meshgrid(dz * voxel_size_mm[0], d1 * voxel_size_mm[1], d1 * voxel_size_mm[2], indexing="ij")
-    dist = torch.sqrt(Z**2 + Y**2 + X**2)
-    w = torch.where(dist > 0, 1.0 / torch.where(dist > 0, dist, torch.ones_like(dist)), torch.zeros_like(dist))
+    w = torch.zeros((kz, 3, 3), dtype=torch.float64)
+    for (dz, dy, dx), dist in _neighbour_offsets(shape[0], voxel_size_mm):
+        w[dz + kz // 2, dy + 1, dx + 1] = 1.0 / dist
     return w.to(dtype=dtype, device=device)[None, None]
 
 
@@ -223,20 +235,6 @@ def quadratic_prior_reference(x: torch.Tensor, fov: torch.Tensor, voxel_size_mm:
     neighbours = torch.where(den > 0, num / den.clamp_min(1e-30), v)
     out = 0.5 * (v + neighbours) * m
     return out[0] if single else out
-
-
-def _neighbour_offsets(nz: int, voxel_size_mm: Sequence[float]) -> list[tuple[tuple[int, int, int], float]]:
-    """The 8 (``nz == 1``) or 26 neighbour offsets (dz, dy, dx) with their distances (mm), nearest first."""
-    dzs = (0,) if nz == 1 else (-1, 0, 1)
-    out = []
-    for dz in dzs:
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if (dz, dy, dx) != (0, 0, 0):
-                    d = math.sqrt((dz * voxel_size_mm[0]) ** 2 + (dy * voxel_size_mm[1]) ** 2
-                                  + (dx * voxel_size_mm[2]) ** 2)
-                    out.append(((dz, dy, dx), d))
-    return sorted(out, key=lambda od: od[1])  # stable: equal distances keep the scan order
 
 
 def _shifted(a: torch.Tensor, offset: tuple[int, int, int]) -> torch.Tensor:
@@ -356,7 +354,7 @@ def map_em(
     prompts = torch.as_tensor(prompts).to(device=model.device, dtype=model.dtype)
     subset_prompts = [model.take_subset(prompts, s) for s in range(model.num_subsets)]
     iterates: list[torch.Tensor] = []
-    bowsher: dict[bytes, tuple[torch.Tensor, list]] = {}  # by FOV (the subsets' FOVs are usually one)
+    bowsher: dict[int, tuple[torch.Tensor, list]] = {}  # weights by subset (its FOV), made on first use
     with torch.no_grad():
         for _ in range(int(num_iterations)):
             for s in range(model.num_subsets):
@@ -366,11 +364,10 @@ def map_em(
                 if anatomical is None:
                     x_reg = quadratic_prior_reference(x, fov, voxel_size_mm)
                 else:
-                    key = fov.cpu().numpy().tobytes()
-                    if key not in bowsher:
+                    if s not in bowsher:
                         w, offs = bowsher_weights(anatomical.to(x.device), fov, voxel_size_mm, int(bowsher_neighbours))
-                        bowsher[key] = (w.to(x.dtype), offs)
-                    x_reg = weighted_prior_reference(x, fov, *bowsher[key])
+                        bowsher[s] = (w.to(x.dtype), offs)
+                    x_reg = weighted_prior_reference(x, fov, *bowsher[s])
                 unit = intensity_scale(sens[None], fov[None]) / intensity_scale(x[None], fov[None])
                 x = fbsem_fusion(x_em, x_reg, sens, beta * unit[0])
             iterates.append(x.clone())
@@ -583,7 +580,7 @@ def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Ten
         sens = None
     else:
         sens = sens.to(device)
-    anat = p.sample["anatomical"].to(device) if net.uses_anatomical else None
+    anat = p.anatomical if net.uses_anatomical else None
     with torch.no_grad():
         return net(default_initial_image(model), p.prompts, model, sensitivities=sens, anatomical=anat).cpu()
 

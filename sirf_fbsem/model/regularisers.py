@@ -143,7 +143,7 @@ class _ReLUConv(torch.autograd.Function):
         if g_in is not None:
             for i in range(0, g_in.shape[1], 4):  # a (B, 4, ...) boolean at a time, not one of the whole
                 g_in[:, i:i + 4].masked_fill_(a[:, i:i + 4] <= 0, 0)
-        return g_in, g_w, g_b if ctx.has_bias else None, None
+        return g_in, g_w, g_b, None  # g_b is None without a bias (output_mask False)
 
 
 def conv_relu_stack(net: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
