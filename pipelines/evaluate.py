@@ -144,7 +144,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="with --targets osem: simulate K*S noise-free OSEM sub-iterates and train stage k "
                    "against sub-iterate (k+1)*S (default 1: the k-th)")
     p.add_argument("--warm-start", action="store_true",
-                   help="sequential: start stage k from the trained stage k-1 (TrainConfig.warm_start)")
+                   help="sequential: start stage k from the trained stage k-1 (TrainConfig.warm_start; the "
+                   "package's default, off here unless given so that the settings without it reproduce)")
     p.add_argument("--osem-iterations", type=int, default=10)
     p.add_argument("--map-iterations", type=int, default=20)
     p.add_argument("--modes", nargs="+", choices=("sequential", "end_to_end"), default=["sequential", "end_to_end"],

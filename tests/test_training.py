@@ -136,6 +136,23 @@ def test_resume_with_other_settings_is_refused(problem, tmp_path):
               resume=True)
 
 
+def test_warm_start_is_part_of_a_sequential_run_only(problem, tmp_path):
+    """warm_start (default True) changes what a sequential run computes, so resuming one with the
+    other value is refused; the other modes ignore it, so it never stands in their way."""
+    base, samples = problem
+    factory = with_terms_factory(base)
+    assert TrainConfig().warm_start is True
+    for mode in ("sequential", "end_to_end"):
+        train(small_net(num_stages=2), samples[:4], mode, _config(epochs=2, warm_start=False), factory,
+              tmp_path / mode, callbacks=[_stop_after_epoch])
+    with pytest.raises(CheckpointMismatchError, match="warm_start: False vs True"):
+        train(small_net(num_stages=2), samples[:4], "sequential", _config(epochs=2), factory,
+              tmp_path / "sequential", resume=True)
+    resumed = train(small_net(num_stages=2), samples[:4], "end_to_end", _config(epochs=2), factory,
+                    tmp_path / "end_to_end", resume=True)
+    assert resumed.completed and [r["epoch"] for r in resumed.history] == [0, 1, 2]
+
+
 def _stop_after_epoch(event):
     if event.kind == "epoch":
         raise StopIteration
@@ -284,5 +301,8 @@ def test_train_cli_flags_map_onto_the_config():
     assert args.beta_lr == 0.05
     assert (args.mode, args.stages, args.shared, args.epochs, args.lr, args.batch_size) == ("greedy", 6, True, 3, 0.002, 2)
     assert (args.resume, args.dims, args.anatomical, str(args.data), str(args.out)) == (True, 2, True, "d", "o")
+    # sequential stages warm-start by default, as TrainConfig does; --no-warm-start turns it off
+    assert args.warm_start is TrainConfig().warm_start is True
+    assert parser.parse_args(["--data", "d", "--out", "o", "--no-warm-start"]).warm_start is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--data", "d", "--out", "o", "--mode", "fastest"])

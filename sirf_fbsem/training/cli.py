@@ -57,8 +57,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", choices=("disk", "memory"), default="disk",
                         help="sequential mode: where stage outputs are cached (default disk)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--warm-start", action="store_true",
-                        help="sequential: start stage k from the trained weights of stage k-1")
+    parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="sequential: start stage k from the trained weights of stage k-1 (default); "
+                        "--no-warm-start: every stage from its own initialisation")
     parser.add_argument("--stage-devices", nargs="+", default=None, metavar="DEVICE",
                         help="greedy mode: place stage k on DEVICE[k %% n], round robin (GLEAM), e.g. cuda:0 cuda:1")
 

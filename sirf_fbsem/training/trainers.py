@@ -126,9 +126,12 @@ class TrainConfig:
         progress: show tqdm progress bars (on rank 0 only in a distributed run).
         stage_devices: greedy mode only: devices of the stages, round robin (stage k on
             ``stage_devices[k % len(stage_devices)]``, as GLEAM places them); None: all on ``device``.
-        warm_start: sequential mode: stage k starts from the trained weights (CNN and beta) of
-            stage k-1 instead of its own initialisation; later stages then begin where the
-            previous one ended and only learn what changes from stage to stage.
+        warm_start: sequential mode (default True): stage k starts from the trained weights
+            (CNN and beta) of stage k-1 instead of its own initialisation; later stages then
+            begin where the previous one ended and only learn what changes from stage to stage
+            (at 60 stages it halves the later stages' validation loss and lowers the test NRMSE;
+            README, Evaluation). False: every stage from its own initialisation. Other modes
+            ignore it.
     """
 
     epochs: int = 10
@@ -145,7 +148,7 @@ class TrainConfig:
     keep_cache: bool = False
     progress: bool = True
     stage_devices: tuple[str, ...] | None = None
-    warm_start: bool = False
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int) -> None:
@@ -580,6 +583,8 @@ class _Trainer:
         # options at their None default are left out, so runs of older versions still resume
         cfg = {k: v for k, v in self.config.to_dict().items()
                if k not in ("progress", "keep_cache") and not (k in ("stage_devices", "beta_lr") and v is None)}
+        if self.mode != "sequential":
+            cfg["warm_start"] = False  # ignored there: runs begun under the old default still resume
         if self.dist.is_distributed:
             cfg["device"] = torch.device(self.config.device).type
         return cfg
