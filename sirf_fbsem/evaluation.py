@@ -47,6 +47,8 @@ Metrics (:mod:`sirf_fbsem.metrics`), against the ground-truth phantom (same unit
 * CR (hot lesions): per connected hot lesion L (``lesion_mask == 1``, at least
   ``min_lesion_voxels`` voxels), ``(mean_L(x)/mean_B(x) - 1) / (mean_L(t)/mean_B(t) - 1)``,
   B the white-matter ROI; averaged over the sample's lesions (None when it has none).
+  A lesion of low true contrast makes this ratio unstable, so the JSON gives the median
+  over the samples next to the mean (for every metric).
 * background noise: std/mean of x in the white-matter ROI: voxels of the T1-like
   image with value >= 0.8 (white matter is 0.85, grey matter <= 0.62), eroded by one
   voxel in-plane, minus the lesions dilated by 2 voxels. The phantom's own smooth
@@ -461,14 +463,15 @@ def image_metrics(
 
 
 # ============================================================================ the study
-def _mean_std(rows: Sequence[Mapping[str, float | None]]) -> tuple[dict[str, float | None], dict[str, float | None]]:
-    mean: dict[str, float | None] = {}
-    std: dict[str, float | None] = {}
+def _statistics(rows: Sequence[Mapping[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    """Mean, median and std of every metric over the samples (finite values only); the median
+    because a lesion of low true contrast can make one sample's CR far from the others."""
+    out: dict[str, dict[str, float | None]] = {"mean": {}, "median": {}, "std": {}}
     for k in _METRICS:
         v = [r[k] for r in rows if r.get(k) is not None and math.isfinite(r[k])]
-        mean[k] = float(np.mean(v)) if v else None
-        std[k] = float(np.std(v)) if v else None
-    return mean, std
+        for stat, f in (("mean", np.mean), ("median", np.median), ("std", np.std)):
+            out[stat][k] = float(f(v)) if v else None
+    return out
 
 
 def _level_key(counts: float) -> str:
@@ -669,8 +672,7 @@ def evaluate_methods(
                     images[key] = {name: _np(x) for name, x in recon.items()}
         methods: dict[str, Any] = {}
         for name, r in rows.items():
-            mean, std = _mean_std(r)
-            entry: dict[str, Any] = {"mean": mean, "std": std, "per_sample": r}
+            entry: dict[str, Any] = {**_statistics(r), "per_sample": r}
             if name in chosen:
                 entry["hyperparameters"] = chosen[name]
             methods[name] = entry

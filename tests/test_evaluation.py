@@ -245,6 +245,9 @@ def test_evaluate_cli_writes_json_with_every_method_and_a_png(data, tmp_path):
         for name in ("osem", "osem_filtered", "map_em", "map_em_bowsher", "fbsem_tiny"):
             mean = methods[name]["mean"]
             assert 0 < mean["nrmse"] < 2 and mean["ssim"] < 1 and len(methods[name]["per_sample"]) == 2
+            rows = methods[name]["per_sample"]
+            for stat, f in (("mean", np.mean), ("median", np.median), ("std", np.std)):
+                assert methods[name][stat]["nrmse"] == pytest.approx(f([r["nrmse"] for r in rows]), rel=1e-12)
         assert methods["map_em"]["hyperparameters"]["beta"] in (0.0, 0.1, 1.0)
         bowsher = methods["map_em_bowsher"]["hyperparameters"]
         assert bowsher["neighbours"] in (2, 3) and bowsher["beta"] in (0.0, 0.1, 1.0)
