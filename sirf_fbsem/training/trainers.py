@@ -129,9 +129,9 @@ class TrainConfig:
         warm_start: sequential mode (default True): stage k starts from the trained weights
             (CNN and beta) of stage k-1 instead of its own initialisation; later stages then
             begin where the previous one ended and only learn what changes from stage to stage
-            (at 60 stages it halves the later stages' validation loss and lowers the test NRMSE;
-            README, Evaluation). False: every stage from its own initialisation. Other modes
-            ignore it.
+            (README, Evaluation, 60 stages: the later stages' validation loss falls by a quarter to a half;
+            the test NRMSE by 12 % with an MR channel, little PET-only). False: every stage from
+            its own initialisation. Other modes ignore it.
     """
 
     epochs: int = 10
