@@ -11,6 +11,12 @@ as a table, written as JSON and drawn as a bar plot.
     python pipelines/bench_projector.py                      # mMR, both images, CPU (+ CUDA if present)
     python pipelines/bench_projector.py --quick              # small test scanner, smoke test
     python pipelines/bench_projector.py --images 172 --devices cpu --threads 2
+    python pipelines/bench_projector.py --sirf --devices cpu   # + SIRF's ray tracing in the same run
+
+With ``--sirf`` (needs ``sirf.STIR``) each image is also projected by SIRF's
+``AcquisitionModelUsingRayTracingMatrix`` (one tangential LOR, storage scheme 'memory', on
+the same geometry and cylinder) in its own process, and the table gives the ratios
+SIRF / embedded measured in this run.
 
 Images: ``default`` is SIRF's default image for the scanner (285x285x127 for the
 mMR); an integer n is an n x n x nz image with the same voxels. The cylinder has
@@ -71,8 +77,53 @@ def _sync(torch, device: str) -> None:
         torch.cuda.synchronize()
 
 
+def run_sirf_point(image: str, quick: bool) -> dict:
+    """Time SIRF's ray-tracing forward and back projection of the same cylinder (one LOR per bin)."""
+    t_import = time.perf_counter()
+    import numpy as np
+    import sirf.STIR as pet
+    import torch
+
+    from sirf_fbsem.projectors.sirf import sirf_templates
+
+    t_import = time.perf_counter() - t_import
+    pet.set_verbosity(0)
+    pet.MessageRedirector(info=None, warn=None)
+    pet.AcquisitionData.set_storage_scheme("memory")
+    sino = _geometry(quick)
+    im = _image(sino, image)
+    acq, img = sirf_templates(sino, im)
+    x, radius = _cylinder(im, torch)
+    img.fill(x.numpy().astype(np.float32).reshape(im.shape))
+    am = pet.AcquisitionModelUsingRayTracingMatrix()
+    am.set_num_tangential_LORs(1)
+    t0 = time.perf_counter()
+    am.set_up(acq, img)
+    setup_s = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    y = am.forward(img)
+    fwd_s, fwd_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    b = am.backward(y)
+    back_s, back_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "scanner": sino.scanner.name, "span": sino.span, "sinogram_shape": list(sino.shape), "image": image,
+        "image_shape": list(im.shape), "voxel_size_mm": list(im.voxel_size_mm), "device": "sirf",
+        "device_name": f"SIRF {pet.__file__} (STIR ray tracing, 1 LOR, CPU)", "backend": "sirf",
+        "dtype": "float32", "threads": os.cpu_count(), "import_s": round(t_import, 3), "jit_s": 0.0,
+        "ray_table_s": round(setup_s, 3), "forward_s": round(fwd_s, 3), "back_s": round(back_s, 3),
+        "forward_cpu_s": round(fwd_cpu_s, 3), "back_cpu_s": round(back_cpu_s, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "cylinder_radius_mm": round(radius, 3), "sino_sum": float(np.asarray(y.as_array(), np.float64).sum()),
+        "backprojection_sum": float(np.asarray(b.as_array(), np.float64).sum()),
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
 def run_point(device: str, image: str, quick: bool) -> dict:
     """Time one forward and one back projection; returns a result record."""
+    if device == "sirf":
+        return run_sirf_point(image, quick)
     t_import = time.perf_counter()
     import numba
     import torch
@@ -137,7 +188,7 @@ def run_point(device: str, image: str, quick: bool) -> dict:
         "back_cpu_s": round(back_cpu_s, 3),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "cylinder_radius_mm": round(radius, 3),
-        "sino_sum": float(y.double().sum()),
+        "sino_sum": float(y.double().sum()) / im.voxel_size_mm[2],  # SIRF's pixel units (the kernel gives mm)
         "backprojection_sum": float(b.double().sum()),
         "load_average_after": list(os.getloadavg()),  # 1, 5, 15 min: other work on the machine
     }
@@ -242,13 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stir-reference", type=Path, default=DEFAULT_STIR_REFERENCE)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results; the plot goes next to it (.png)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per point")
+    ap.add_argument("--sirf", action="store_true",
+                    help="also time SIRF's ray tracing on each image in this run (needs sirf.STIR)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     images = (args.images or ("default,31" if args.quick else "default,172")).split(",")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     for d in devices:
-        if d not in ("cpu", "cuda"):
+        if d not in ("cpu", "cuda", "sirf"):
             ap.error(f"--devices: expected cpu and/or cuda, got {d!r}")
+    if args.sirf and "sirf" not in devices:
+        devices.append("sirf")
 
     if args.worker:
         print(json.dumps(run_point(devices[0], images[0], args.quick)))
@@ -256,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if "sirf" in devices:
+        try:
+            import sirf.STIR  # noqa: F401
+        except ImportError:
+            ap.error("--sirf needs sirf.STIR, which does not import here")
     if "cuda" in devices and not torch.cuda.is_available():
         print("CUDA not available: skipping the cuda points", file=sys.stderr)
         devices = [d for d in devices if d != "cuda"]
@@ -273,6 +333,13 @@ def main(argv: list[str] | None = None) -> int:
                 rec["speedup_forward"] = round(ref["forward_s"] / rec["forward_s"], 2)
                 rec["speedup_back"] = round(ref["back_s"] / rec["back_s"], 2)
             results.append(rec)
+    sirf_runs = {tuple(r["image_shape"]): r for r in results if r.get("device") == "sirf" and "error" not in r}
+    for rec in results:
+        ref = sirf_runs.get(tuple(rec.get("image_shape", ())))
+        if ref is not None and rec["device"] != "sirf" and "error" not in rec:
+            rec["sirf_over_embedded_forward"] = round(ref["forward_s"] / rec["forward_s"], 2)
+            rec["sirf_over_embedded_back"] = round(ref["back_s"] / rec["back_s"], 2)
+            rec["sirf_sino_sum_ratio"] = round(rec["sino_sum"] / ref["sino_sum"], 5)
     report = {
         "description": "Embedded Joseph projector, one full forward and back projection of a uniform cylinder "
         "(float32); wall seconds; peak RSS of a fresh process per point.",
@@ -287,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     print(_table(results))
+    for rec in results:
+        if "sirf_over_embedded_forward" in rec:
+            shape = "x".join(str(n) for n in rec["image_shape"])
+            print(f"SIRF / embedded ({rec['device']}, {shape}): forward {rec['sirf_over_embedded_forward']}x, "
+                  f"back {rec['sirf_over_embedded_back']}x; sinogram sums embedded/SIRF {rec['sirf_sino_sum_ratio']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     _plot(results, args.out.with_suffix(".png"))

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from .geometry import ImageGeometry, SinogramGeometry
+from .projectors.base import AcquisitionModel
 from .projectors.embedded import EmbeddedAcquisitionModel
+from .projectors.factory import make_acquisition_model
 
 __all__ = ["Acquisition", "load_acquisition", "attenuation_factors"]
 
@@ -32,9 +34,15 @@ class Acquisition:
     source: str = ""
     metadata: dict = field(default_factory=dict)
 
-    def model(self, image: ImageGeometry | None = None, **kwargs) -> EmbeddedAcquisitionModel:
-        """An embedded acquisition model for these data (default image: STIR's default for the scanner)."""
-        return EmbeddedAcquisitionModel(
+    def model(self, image: ImageGeometry | None = None, backend: str = "embedded", **kwargs) -> AcquisitionModel:
+        """The acquisition model of these data on ``backend`` ("embedded" or "sirf").
+
+        ``image`` defaults to STIR's default image of the scanner; ``kwargs`` go to
+        :func:`sirf_fbsem.projectors.factory.make_acquisition_model` (``num_subsets``,
+        ``psf_fwhm_mm``, ``device``).
+        """
+        return make_acquisition_model(
+            backend,
             self.geometry,
             image or self.geometry.default_image(),
             multiplicative=self.multiplicative,
@@ -46,11 +54,12 @@ class Acquisition:
 def attenuation_factors(
     mu_map_per_cm: np.ndarray, image: ImageGeometry, geometry: SinogramGeometry, device: str = "cpu"
 ) -> np.ndarray:
-    """exp(-integral mu dl) per bin, (T,S,V,N): mu in 1/cm, line integrals of the projector in mm (x 0.1)."""
+    """exp(-integral mu dl) per bin, (T,S,V,N): mu in 1/cm; the projector's pixel units x vx give mm (x 0.1 for cm)."""
     model = EmbeddedAcquisitionModel(geometry, image, device=device)
     with torch.no_grad():
-        line = model.direct(torch.as_tensor(np.asarray(mu_map_per_cm, dtype=np.float32)))
-    return torch.exp(-0.1 * line).cpu().numpy().astype(np.float32)
+        line_mm = model.direct(torch.as_tensor(np.asarray(mu_map_per_cm, dtype=np.float32)))
+        line_mm = line_mm * image.voxel_size_mm[2]  # pixel units -> mm
+    return torch.exp(-0.1 * line_mm).cpu().numpy().astype(np.float32)
 
 
 def _is_petsird(path: Path) -> bool:
@@ -75,6 +84,7 @@ def load_acquisition(
     image: ImageGeometry | None = None,
     negative: str = "error",
     progress: bool = True,
+    backend: str = "embedded",
 ) -> Acquisition:
     """Read prompts and optional terms.
 
@@ -92,6 +102,9 @@ def load_acquisition(
         image: image geometry for the mu-map resampling (default: the scanner's default image).
         negative: what to do with negative prompts (precorrected data such as STIR's
             recon_demo have them): "error" (default) or "zero" (clip to 0, with a warning).
+        backend: "sirf" histograms mMR listmode with SIRF's ``ListmodeToSinograms`` and takes
+            SIRF's randoms estimate from the delayeds; "embedded" (default) the package's own
+            histogrammer (the same bins; tests/test_listmode.py) and fan-sum ML randoms.
     """
     if negative not in ("error", "zero"):
         raise ValueError(f"negative must be 'error' or 'zero', got {negative!r}")
@@ -115,13 +128,21 @@ def load_acquisition(
 
         hdr = listmode.read_listmode_header(path)
         geom = _mmr_geometry(span)
-        prompts, delayeds, info = listmode.histogram_listmode(
-            hdr, geom, time_interval_s=time_interval_s, store_delayeds=True, progress=progress
-        )
-        meta.update(info if isinstance(info, dict) else {"listmode": str(info)})
+        if backend == "sirf":  # SIRF's ListmodeToSinograms and its randoms estimate from the delayeds
+            prompts, delayeds, sirf_randoms = listmode.histogram_with_sirf(
+                path, geom, time_interval_s, estimate_randoms=True)
+            meta.update({"histogrammed_by": "sirf.STIR.ListmodeToSinograms", "prompts": float(prompts.sum()),
+                         "delayeds": float(delayeds.sum())})
+            if additive is None and delayeds.sum() > 0:
+                add = sirf_randoms.astype(np.float32)
+        else:
+            prompts, delayeds, info = listmode.histogram_listmode(
+                hdr, geom, time_interval_s=time_interval_s, store_delayeds=True, progress=progress
+            )
+            meta.update(info if isinstance(info, dict) else {"listmode": str(info)})
+            if additive is None and delayeds is not None:
+                add = randoms.randoms_from_delayeds(delayeds, geom, smooth=True).astype(np.float32)
         meta["listmode_header"] = hdr
-        if additive is None and delayeds is not None:
-            add = randoms.randoms_from_delayeds(delayeds, geom, smooth=True).astype(np.float32)
     else:
         if time_interval_s is not None:
             raise ValueError(f"--time applies to listmode input only; {path} is a sinogram")

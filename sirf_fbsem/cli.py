@@ -11,14 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from .projectors.factory import add_backend_argument, check_backend
+
 __all__ = ["main", "build_parser"]
-
-BUNDLED_SCAN = Path(__file__).resolve().parents[1] / "test_data" / "phantom_scan.hs"
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "test_data" / "fbsem_model.pt"
-
-
-def _pair(text: str) -> tuple[float, float]:
-    return tuple(float(v) for v in text)  # type: ignore[return-value]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preview", type=Path, help="also write a PNG montage (batch: a directory, DIR/<input stem>.png)")
     r.add_argument("--patient-position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_backend_argument(r)
     r.add_argument("--no-progress", action="store_true")
 
     for name, helptext in (("simulate", "simulate training data"), ("train", "train FBSEM-Net")):
@@ -87,6 +83,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from .batch import BatchItem, expand_inputs, plan_outputs, run_batch
     from .distributed import init_distributed, local_device, shutdown
 
+    check_backend(args.backend)
     algorithm = args.algorithm or ("fbsem" if args.model else "osem")
     if algorithm == "fbsem" and args.model is None:
         raise SystemExit("sirf-fbsem reconstruct: --algorithm fbsem needs --model MODEL.pt")
@@ -160,6 +157,7 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
         span=args.span,
         negative=args.negative,
         progress=progress,
+        backend=args.backend,
     )
     image_geom = acq.geometry.default_image()
     from .reconstructor import reconstruct_acquisition
@@ -175,6 +173,7 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
         psf_fwhm_mm=args.psf_fwhm,
         device=device,
         progress=progress,
+        backend=args.backend,
     )
     image = x.detach().cpu().numpy().astype(np.float32)
     _write_outputs(args, output, dicom, preview, input_path, image, image_geom, acq, description)

@@ -79,9 +79,10 @@ from .io.atomic import atomic_path
 from .model.fbsem import FBSEMNet, fbsem_fusion
 from .model.regularisers import intensity_scale
 from .projectors.base import AcquisitionModel
-from .projectors.embedded import EmbeddedAcquisitionModel
+from .projectors.base import AcquisitionModel
+from .projectors.factory import add_backend_argument, check_backend, make_acquisition_model
+from .recon.engine import FBSEMUpdate, reconstruct, start_image
 from .recon.osem import OSEM, fov_mask
-from .simulation.targets import default_initial_image
 
 __all__ = [
     "EvaluationConfig",
@@ -316,7 +317,7 @@ def osem_iterates(
 
     ``initial`` defaults to FBSEM's start image (1 inside the cylindrical FOV).
     """
-    algo = OSEM(model, prompts, initial=default_initial_image(model) if initial is None else initial)
+    algo = OSEM(model, prompts, initial=start_image(model) if initial is None else initial)
     out = []
     for _ in range(int(num_iterations)):
         for _ in range(model.num_subsets):
@@ -352,7 +353,7 @@ def map_em(
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
     if (anatomical is None) != (bowsher_neighbours is None):
         raise ValueError("the Bowsher prior needs both anatomical and bowsher_neighbours")
-    x = (default_initial_image(model) if initial is None else initial).to(device=model.device, dtype=model.dtype).clone()
+    x = (start_image(model) if initial is None else initial).to(device=model.device, dtype=model.dtype).clone()
     prompts = torch.as_tensor(prompts).to(device=model.device, dtype=model.dtype)
     subset_prompts = [model.take_subset(prompts, s) for s in range(model.num_subsets)]
     iterates: list[torch.Tensor] = []
@@ -488,7 +489,7 @@ def _group(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, 
 class _Prepared:
     """One sample on the device: its acquisition model, prompts, truth and masks."""
 
-    def __init__(self, sample: Mapping[str, Any], base: EmbeddedAcquisitionModel, config: EvaluationConfig):
+    def __init__(self, sample: Mapping[str, Any], base: AcquisitionModel, config: EvaluationConfig):
         dev = torch.device(config.device)
         self.sample = sample
         self.model = base.with_terms(sample["multiplicative"].to(dev), sample["additive"].to(dev))
@@ -505,7 +506,7 @@ class _Prepared:
 
 
 def _baseline_grids(
-    prepared: Sequence[_Prepared], base: EmbeddedAcquisitionModel, config: EvaluationConfig, bar: tqdm
+    prepared: Sequence[_Prepared], base: AcquisitionModel, config: EvaluationConfig, bar: tqdm
 ) -> dict[str, np.ndarray]:
     """NRMSE grids over samples: osem (n_samples, iters), filtered (n_samples, iters, fwhm), map (n_samples,
     betas, iters) and, with a Bowsher grid, bowsher (n_samples, B, betas, iters)."""
@@ -584,14 +585,14 @@ def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Ten
     else:
         sens = sens.to(device)
     anat = p.anatomical if net.uses_anatomical else None
-    with torch.no_grad():
-        return net(default_initial_image(model), p.prompts, model, sensitivities=sens, anatomical=anat).cpu()
+    rule = FBSEMUpdate(net, anatomical=anat, sensitivities=sens)
+    return reconstruct(model, p.prompts, rule, net.num_stages).cpu()
 
 
 def evaluate_methods(
     samples: Sequence[Mapping[str, Any]],
     networks: Mapping[str, FBSEMNet],
-    base_model: EmbeddedAcquisitionModel,
+    base_model: AcquisitionModel,
     config: EvaluationConfig = EvaluationConfig(),
     tuning_samples: Sequence[Mapping[str, Any]] | None = None,
     progress: bool = True,
@@ -613,6 +614,7 @@ def evaluate_methods(
     """
     device = torch.device(config.device)
     base = base_model if config.num_subsets is None else base_model.with_num_subsets(config.num_subsets)
+    base.support()  # the start-image mask, computed once and shared by every sample's model
     vox = base.image_geometry.voxel_size_mm
     test_groups = _group(samples)
     tune_groups = _group(tuning_samples) if tuning_samples else {}
@@ -833,6 +835,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add MR-guided MAP-EM (Bowsher prior, needs the samples' anatomical image) with this "
                         "grid of neighbours kept per voxel (of 8 in 2D, 26 in 3D), e.g. --bowsher 2 3 4 5")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_backend_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -863,6 +866,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .model.io import load_model
 
     t0 = time.perf_counter()
+    check_backend(args.backend)
     samples, manifest = load_samples(args.data, args.max_samples)
     tuning = None
     if args.tune_data:
@@ -877,8 +881,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         map_betas=tuple(args.betas), map_iterations=args.map_iterations,
         bowsher_neighbours=tuple(args.bowsher), device=args.device,
     )
-    base = EmbeddedAcquisitionModel(sino, image, num_subsets=int(manifest["num_subsets"]),
-                                    psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=args.device)
+    base = make_acquisition_model(args.backend, sino, image, num_subsets=int(manifest["num_subsets"]),
+                                  psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=args.device)
     networks: dict[str, FBSEMNet] = {}
     model_files: dict[str, str] = {}
     for name, path in args.model:

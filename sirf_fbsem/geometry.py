@@ -10,7 +10,11 @@ scanner axis. Two z frames are used and named explicitly:
 * *scanner-centred* z (``m`` in STIR): 0 at the axial centre of the scanner. LOR
   axial positions (``get_m``) and the projector work in this frame.
 * *gantry* z: 0 at the centre of the first ring (``z_gantry = z_centred +
-  (num_rings - 1) * ring_spacing / 2``). Writers (NIfTI, DICOM) use this frame.
+  (num_rings - 1) * ring_spacing / 2``).
+
+Writers (NIfTI, DICOM) use STIR's *physical* image coordinates instead (voxel
+(k, j, i) at ``origin + (k vz, j vy, i vx)``, j and i centred), as STIR's own NIfTI
+writer does; for the scanner's default image these equal gantry coordinates.
 
 A sinogram bin (segment, axial position a, view v, tangential position t) is the
 LOR ``X = s cos(phi) + u sin(phi)``, ``Y = s sin(phi) - u cos(phi)``,
@@ -32,6 +36,7 @@ Array layouts are SIRF's: images ``(z, y, x)``; sinograms
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Sequence
@@ -46,6 +51,7 @@ __all__ = [
     "SinogramGeometry",
     "ImageGeometry",
     "GeometryError",
+    "GeometryWarning",
     "scanner_preset",
     "SCANNER_PRESETS",
     "subset_views",
@@ -58,7 +64,11 @@ __all__ = [
 
 
 class GeometryError(ValueError):
-    """A geometry that is inconsistent or does not fit the data or the scanner."""
+    """A geometry that is inconsistent or impossible (non-finite or non-positive sizes, bad layouts)."""
+
+
+class GeometryWarning(UserWarning):
+    """A geometry that is valid but unusual, e.g. an image reaching past the scanner."""
 
 
 class ImageAxis(int, Enum):
@@ -434,9 +444,12 @@ class ImageGeometry:
     ``shape`` (nz, ny, nx); ``voxel_size_mm`` (vz, vy, vx); ``origin_mm`` (z, y, x),
     STIR's origin. Indices: k = 0..nz-1; j, i run from -(n//2) (STIR's centred
     x/y index ranges). Voxel (k, j, i) of the array sits at
-    ``origin + (k*vz, (j - ny//2)*vy, (i - nx//2)*vx)`` in STIR physical coordinates;
-    the projector (like STIR's) places the z middle of the image at the scanner's
-    axial centre shifted by ``origin_z``.
+    ``origin + (k*vz, (j - ny//2)*vy, (i - nx//2)*vx)`` in STIR physical coordinates
+    (:meth:`first_voxel_physical_mm`; the frame of NIfTI/DICOM output, as STIR's writers);
+    the projector (like STIR's ray tracer) places the z middle of the image at the
+    scanner's axial centre shifted by ``origin_z`` (:meth:`first_voxel_gantry_mm`).
+    The two z frames agree for the scanner's default image and differ otherwise.
+    Images may reach past the scanner (:meth:`check_fits` only warns).
     """
 
     shape: tuple[int, int, int]
@@ -449,7 +462,7 @@ class ImageGeometry:
         org = tuple(float(v) for v in self.origin_mm)
         if len(shape) != 3 or min(shape) < 1:
             raise GeometryError(f"image shape must be 3 positive sizes (z, y, x), got {self.shape}")
-        if len(vs) != 3 or not all(v > 0 for v in vs):
+        if len(vs) != 3 or not all(math.isfinite(v) and v > 0 for v in vs):
             raise GeometryError(f"voxel sizes must be 3 positive lengths in mm (z, y, x), got {self.voxel_size_mm}")
         if len(org) != 3 or not all(math.isfinite(v) for v in org):
             raise GeometryError(f"origin must be 3 finite coordinates in mm (z, y, x), got {self.origin_mm}")
@@ -480,7 +493,13 @@ class ImageGeometry:
         return z, y, x
 
     def first_voxel_gantry_mm(self, scanner: Scanner) -> tuple[float, float, float]:
-        """Gantry (x0, y0, z0) of array voxel [0, 0, 0], mm (gantry z = 0 at the first ring)."""
+        """Gantry (x0, y0, z0) of array voxel [0, 0, 0] where the projector places it, mm.
+
+        Gantry z = 0 at the centre of the first ring; z0 = origin_z - (nz-1)/2 vz + (rings-1)/2 ring
+        spacing (STIR's ray tracer puts the image's axial middle at the scanner's centre, shifted by
+        origin_z). Writers use :meth:`first_voxel_physical_mm` instead, as STIR's do; the two agree
+        for the scanner's default image.
+        """
         z, y, x = self.centred_coordinates_mm()
         return float(x[0]), float(y[0]), float(z[0] + scanner.axial_fov_centre_gantry_mm)
 
@@ -496,30 +515,97 @@ class ImageGeometry:
         ry = min(ny - 1 - ny // 2, ny // 2) * self.voxel_size_mm[1]
         return max(min(rx, ry), 0.0)
 
-    def check_fits(self, sino: SinogramGeometry) -> None:
-        """Raise :class:`GeometryError` if this image does not fit inside the scanner."""
-        _, y, x = self.centred_coordinates_mm()
+    def first_voxel_physical_mm(self) -> tuple[float, float, float]:
+        """STIR physical (x0, y0, z0) of array voxel [0, 0, 0], mm: ``origin + min_indices * voxel size``.
+
+        STIR's ``get_physical_coordinates_for_indices`` (``DiscretisedDensity.inl``) with
+        ``get_relative_coordinates_for_indices = indices * grid spacing``
+        (``DiscretisedDensityOnCartesianGrid.inl``) and minimum indices (0, -(ny//2), -(nx//2)):
+        ``x0 = ox - (nx//2) vx``, ``y0 = oy - (ny//2) vy``, ``z0 = oz``. This is the frame STIR's
+        image writers use (ITK/NIfTI): plane k sits at ``oz + k vz`` whatever the image's axial
+        extent. For the scanner's default image (origin 0) it equals :meth:`first_voxel_gantry_mm`.
+        """
+        nz, ny, nx = self.shape
+        vz, vy, vx = self.voxel_size_mm
+        oz, oy, ox = self.origin_mm
+        return ox - (nx // 2) * vx, oy - (ny // 2) * vy, oz
+
+    @classmethod
+    def from_first_voxel_physical(
+        cls,
+        shape: tuple[int, int, int],
+        voxel_size_mm: tuple[float, float, float],
+        first_voxel_xyz_mm: tuple[float, float, float],
+    ) -> "ImageGeometry":
+        """The geometry whose :meth:`first_voxel_physical_mm` is ``first_voxel_xyz_mm`` (x0, y0, z0).
+
+        Inverse of that method: ``origin = (z0, y0 + (ny//2) vy, x0 + (nx//2) vx)`` (z, y, x).
+        """
+        nz, ny, nx = (int(n) for n in shape)
+        vz, vy, vx = (float(v) for v in voxel_size_mm)
+        x0, y0, z0 = (float(v) for v in first_voxel_xyz_mm)
+        return cls((nz, ny, nx), (vz, vy, vx), (z0, y0 + (ny // 2) * vy, x0 + (nx // 2) * vx))
+
+    def extent_past_scanner(self, sino: SinogramGeometry) -> list[str]:
+        """How this image reaches past the scanner, in words (empty when it lies inside).
+
+        Transaxially: voxel centres at ``|x|`` or ``|y|`` >= the effective ring radius R.
+        Axially: voxel centres beyond ``+-num_rings * ring_spacing / 2`` (scanner-centred z).
+        Both are accepted, as STIR accepts them (see :meth:`check_fits`).
+        """
+        z, y, x = self.centred_coordinates_mm()
         R = sino.scanner.effective_ring_radius_mm
-        inscribed = min(max(abs(x[0]), abs(x[-1])), max(abs(y[0]), abs(y[-1])))
-        if inscribed >= R:
-            raise GeometryError(
-                f"image geometry {self.shape} (z,y,x) with voxels {self.voxel_size_mm} mm reaches "
-                f"{inscribed:.1f} mm from the axis in x/y; the scanner's ring radius is {R:.1f} mm"
-            )
-        z, _, _ = self.centred_coordinates_mm()
+        notes = []
+        reach = max(abs(x[0]), abs(x[-1]), abs(y[0]), abs(y[-1]))
+        if reach >= R:
+            notes.append(f"reaches {reach:.1f} mm from the axis in x/y, past the ring radius {R:.1f} mm")
         half_axial = sino.scanner.num_rings * sino.scanner.ring_spacing_mm / 2.0
         if z[0] < -half_axial - 1e-3 or z[-1] > half_axial + 1e-3:
-            raise GeometryError(
-                f"image geometry {self.shape} (z,y,x): z from {z[0]:.1f} to {z[-1]:.1f} mm (scanner-centred) "
-                f"lies outside the scanner's axial extent +-{half_axial:.1f} mm"
+            notes.append(
+                f"spans z {z[0]:.1f} .. {z[-1]:.1f} mm (scanner-centred), past the scanner's axial extent "
+                f"+-{half_axial:.1f} mm"
+            )
+        return notes
+
+    def check_fits(self, sino: SinogramGeometry) -> None:
+        """Warn (:class:`GeometryWarning`) when this image reaches past the scanner; never refuse it.
+
+        STIR's ray tracer (``ProjMatrixByBinUsingRayTracing::calculate_proj_matrix_elems_for_one_bin``)
+        takes its FOV from the image alone (radius ``min(max index, -min index) * voxel size``, no
+        ring radius), traces each LOR through that FOV "assuming infinitely long scanner", and
+        drops voxels outside the image's planes (``ProjMatrixElemsForOneBin::forward_project``).
+        The embedded projector does the same, so an image past the ring or past the axial extent
+        is projected: its outer parts contribute where LORs (continued past the detectors) cross
+        them, and planes that no LOR crosses contribute nothing.
+        """
+        notes = self.extent_past_scanner(sino)
+        if notes:
+            warnings.warn(
+                f"image geometry {self.shape} (z,y,x) with voxels {self.voxel_size_mm} mm "
+                + " and ".join(notes)
+                + "; projecting it as STIR does (LORs continue past the detectors; parts no LOR crosses "
+                "do not contribute)",
+                GeometryWarning,
+                stacklevel=2,
             )
 
-    def nifti_affine(self, scanner: Scanner, patient_position: str = "HFS") -> np.ndarray:
-        """4x4 RAS affine for the array transposed to (x, y, z), from the STIR geometry (DESIGN.md)."""
-        x0, y0, z0 = self.first_voxel_gantry_mm(scanner)
+    def nifti_affine(self, scanner: Scanner | None = None, patient_position: str = "HFS") -> np.ndarray:
+        """4x4 RAS affine for the array transposed to (x, y, z), as STIR's NIfTI (ITK) writer gives it.
+
+        STIR's ``ITKOutputFileFormat::actual_write_to_file`` sets the ITK origin to the LPS
+        position of the first voxel and the direction columns to the LPS steps along x, y, z;
+        LPS = flips(patient position) * physical (``swap_axes_based_on_orientation``); NIfTI
+        stores RAS = diag(-1, -1, 1) LPS. With ``(x0, y0, z0)`` = :meth:`first_voxel_physical_mm`
+        and ``(sx, sy, sz)`` the flips (HFS (1, 1, -1))::
+
+            [[-sx vx, 0, 0, -sx x0], [0, -sy vy, 0, -sy y0], [0, 0, sz vz, sz z0], [0, 0, 0, 1]]
+
+        ``scanner`` is accepted for the callers' convenience and not needed: STIR's writer
+        places an image by its own coordinates (first plane at ``origin_z``), not by the scanner.
+        """
+        x0, y0, z0 = self.first_voxel_physical_mm()
         vz, vy, vx = self.voxel_size_mm
         sx, sy, sz = _patient_flips(patient_position)
-        # gantry -> LPS: HFS is (x, y, -z); other positions flip axes. RAS = diag(-1,-1,1) LPS.
         a = np.zeros((4, 4))
         a[0, 0], a[0, 3] = -sx * vx, -sx * x0
         a[1, 1], a[1, 3] = -sy * vy, -sy * y0
@@ -546,13 +632,71 @@ def _patient_flips(patient_position: str) -> tuple[int, int, int]:
         ) from None
 
 
-def subset_views(num_views: int, num_subsets: int, subset: int) -> np.ndarray:
-    """Views of an OSEM subset: v with v % num_subsets == subset (STIR's view-based subsets)."""
+#: STIR's view symmetries (DataSymmetriesForBins_PET_CartesianGrid): "90" (90 and 180 degrees
+#: minus phi), "180" (180 degrees minus phi only) or "none"
+VIEW_SYMMETRIES = ("none", "180", "90")
+
+
+def stir_view_symmetry(sino: "SinogramGeometry", image: "ImageGeometry") -> str:
+    """Which view symmetries STIR's ray-tracing projector uses for this sinogram and image.
+
+    As ``DataSymmetriesForBins_PET_CartesianGrid`` (STIR 6.4): none with a non-zero
+    azimuthal offset of view 0, with TOF, or with an image shifted in x or y (> 0.01 mm);
+    "90" when the number of views is a multiple of 4 and vx = vy (within 2e-3 mm); else
+    "180" when it is even; else none. They decide STIR's OSEM subsets (:func:`subset_views`).
+    """
+    if abs(sino.azimuthal_angle_offset_rad) > 1e-4 or sino.num_tof_bins != 1:
+        return "none"
+    if abs(image.origin_mm[1]) > 0.01 or abs(image.origin_mm[2]) > 0.01:
+        return "none"
+    if sino.num_views % 4 == 0 and abs(image.voxel_size_mm[1] - image.voxel_size_mm[2]) <= 2e-3:
+        return "90"
+    if sino.num_views % 2 == 0:
+        return "180"
+    return "none"
+
+
+def basic_views(num_views: int, symmetry: str = "none") -> np.ndarray:
+    """For every view, the basic view STIR computes it with (``find_basic_view_segment_numbers``).
+
+    "90": views in (45, 90) degrees map to ``V/2 - v``, [90, 135) to ``v - V/2``,
+    [135, 180) to ``V - v``; "180": views past 90 degrees map to ``V - v``; "none": itself.
+    """
+    if symmetry not in VIEW_SYMMETRIES:
+        raise GeometryError(f"symmetry must be one of {VIEW_SYMMETRIES}, got {symmetry!r}")
+    v = np.arange(num_views)
+    if symmetry == "none":
+        return v
+    view90 = num_views // 2
+    if symmetry == "180":
+        return np.where(v > view90, num_views - v, v)
+    view45 = view90 // 2
+    view135 = view90 + view45
+    return np.select([v >= view135, v >= view90, v > view45], [num_views - v, v - view90, view90 - v], v)
+
+
+def subset_views(num_views: int, num_subsets: int, subset: int, symmetry: str = "none") -> np.ndarray:
+    """Views of an OSEM subset, as STIR forms them (``find_basic_vs_nums_in_subset``).
+
+    The basic views b with b % num_subsets == subset, each with the views STIR computes
+    from it by symmetry (:func:`basic_views`), sorted. Without symmetries ("none") these are
+    the views v with v % num_subsets == subset. SIRF's OSMAPOSLReconstructor uses the
+    symmetries of its projector (:func:`stir_view_symmetry`), so the same subsets give the
+    same OSEM iterates.
+    """
     if not 1 <= num_subsets <= num_views:
         raise GeometryError(f"num_subsets must be in [1, {num_views}] (the number of views), got {num_subsets}")
     if not 0 <= subset < num_subsets:
         raise GeometryError(f"subset must be in [0, {num_subsets - 1}], got {subset}")
-    return np.arange(subset, num_views, num_subsets)
+    if symmetry == "none":
+        return np.arange(subset, num_views, num_subsets)
+    views = np.nonzero(basic_views(num_views, symmetry) % num_subsets == subset)[0]
+    if views.size == 0:
+        raise GeometryError(
+            f"subset {subset} of {num_subsets} is empty under STIR's view symmetries ({symmetry}) for "
+            f"{num_views} views: use at most {int(basic_views(num_views, symmetry).max()) + 1} subsets"
+        )
+    return views
 
 
 SCANNER_PRESETS: dict[str, Scanner] = {

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import stir as facade
-from .autograd import em_update
+from . import facade
 from .geometry import ImageGeometry, Scanner, SinogramGeometry, geometry_mismatch
 from .projectors.base import AcquisitionModel
+from .recon.engine import EMUpdate, FBSEMUpdate, IterativeReconstruction, UpdateRule, reconstruct, start_image
 
 __all__ = ["OSEMReconstructor", "FBSEMReconstructor", "reconstruct_acquisition"]
 
@@ -163,7 +163,11 @@ def _clamp_ratio(x: torch.Tensor, x_new: torch.Tensor, min_rel: float, max_rel: 
 
 # ----------------------------------------------------------------------------- common machinery
 class _IterativeReconstructor:
-    """SIRF's IterativeReconstructor interface over one sub-iteration step (:meth:`_step`)."""
+    """SIRF's IterativeReconstructor interface over the engine's loop (:mod:`sirf_fbsem.recon.engine`).
+
+    Subclasses give the update rule (:meth:`_rule`); the loop, the start-image rule, the
+    subset order and STIR's relative-change limits are the engine's.
+    """
 
     _label = "reconstruction"
 
@@ -178,7 +182,7 @@ class _IterativeReconstructor:
         self._image: Any = None
         self._template: Any = None
         self._backend: _Backend | None = None
-        self._subset_prompts: dict[int, torch.Tensor] = {}
+        self._loop: IterativeReconstruction | None = None
         self._save_interval = 1
         self._output_enabled = False  # SIRF disables output in the constructor
         self._prefix = "reconstructed_image"
@@ -207,7 +211,7 @@ class _IterativeReconstructor:
 
     def _invalidate(self) -> None:
         self._backend = None
-        self._subset_prompts.clear()
+        self._loop = None
 
     # -------------------------------------------------------------- configuration
     def set_objective_function(self, obj: Any) -> None:
@@ -336,8 +340,9 @@ class _IterativeReconstructor:
                               f"{self.get_num_subiterations()} (STIR refuses this)")
         self._backend = backend
         self._check_backend(backend)
+        self._loop = IterativeReconstruction(backend.model, backend.prompts, self._rule(),
+                                             post_update=self._post_update)
         self._template = image
-        self._subset_prompts.clear()
         self._subiteration = 1
         self._subset_offset = 0
 
@@ -399,25 +404,34 @@ class _IterativeReconstructor:
             raise self._error(f"image has shape {tuple(x.shape)}; set_up() was for {tuple(b.model.image_shape)}")
         return x
 
-    def _prompts(self, subset: int) -> torch.Tensor:
-        if subset not in self._subset_prompts:
-            b = self._require_backend()
-            self._subset_prompts[subset] = b.model.take_subset(b.prompts, subset).to(self._device)
-        return self._subset_prompts[subset]
-
-    def _step(self, x: torch.Tensor) -> torch.Tensor:
+    def _rule(self) -> UpdateRule:
+        """The engine's update rule of this reconstructor (EM, FBSEM stage)."""
         raise NotImplementedError
 
+    def _post_update(self, x_old: torch.Tensor, x_new: torch.Tensor) -> torch.Tensor:
+        return _clamp_ratio(x_old, x_new, self._min_rel, self._max_rel)
+
     def _run(self, num: int, progress: bool) -> None:
-        """``num`` sub-iterations on the current estimate, written back into it in place."""
+        """``num`` sub-iterations of the engine on the current estimate, written back into it in place.
+
+        Sub-iteration 1 starts from the current estimate under the engine's start-image rule
+        (times STIR's cylindrical FOV mask); later calls continue from the estimate as it is.
+        """
         self._require_backend()
         if self._image is None:
             raise self._not_ready("current estimate not set")
+        loop = self._loop
+        assert loop is not None  # built with the backend
         x = self._to_tensor(self._image)
-        with torch.no_grad(), tqdm(total=num, desc=self._label, unit="subiter", disable=not progress,
-                                   leave=False) as bar:
+        loop.x = start_image(loop.model, x) if self._subiteration == 1 else x.to(loop.model.device)
+        loop.subiteration = self._subiteration - 1
+        loop.subset_offset = self._subset_offset
+        with tqdm(total=num, desc=self._label, unit="subiter", disable=not progress, leave=False) as bar:
             for _ in range(num):
-                x = _clamp_ratio(x, self._step(x), self._min_rel, self._max_rel)
+                try:
+                    x = loop.update()
+                except ValueError as e:
+                    raise self._error(str(e)) from e
                 if self._output_enabled and (self._subiteration % self._save_interval == 0
                                              or self._subiteration == self.get_num_subiterations()):
                     self._save(x, self._subiteration)
@@ -454,7 +468,11 @@ class _IterativeReconstructor:
 
 # ----------------------------------------------------------------------------- OSEM
 class OSEMReconstructor(_IterativeReconstructor):
-    """OSEM with SIRF's ``OSMAPOSLReconstructor`` interface (no prior).
+    """OSEM with SIRF's ``OSMAPOSLReconstructor`` interface (no prior), on the engine's loop.
+
+    Differs from OSMAPOSL: the first sub-iteration starts from the current estimate times
+    STIR's cylindrical FOV mask (the engine's start-image rule), so voxels outside the FOV
+    stay 0; inside the FOV the images agree (tests/test_sirf_agreement.py).
 
     ``OSEMReconstructor(filename)``: STIR parameter files are not read; pass no argument.
     """
@@ -467,10 +485,8 @@ class OSEMReconstructor(_IterativeReconstructor):
             raise facade.error(f"{type(self).__name__}({filename!r}): STIR parameter files are not supported; "
                                f"configure the object with its set_* methods")
 
-    def _step(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._require_backend()
-        s = self._next_subset()
-        return em_update(x, self._prompts(s), b.model, s)
+    def _rule(self) -> UpdateRule:
+        return EMUpdate()
 
 
 # ----------------------------------------------------------------------------- FBSEM
@@ -626,19 +642,8 @@ class FBSEMReconstructor(_IterativeReconstructor):
                 np.asarray(self._anatomical.as_array(), dtype=np.float32)).to(self._device)
         net.to(self._device)
 
-    def _step(self, x: torch.Tensor) -> torch.Tensor:
-        b = self._require_backend()
-        net = self._require_net()
-        k = self._subiteration - 1
-        if k >= net.num_stages:
-            raise self._error(f"sub-iteration {k + 1}: the FBSEM model has only {net.num_stages} stages")
-        if k == 0 and b.image_geometry is not None:
-            # the stages were trained from an image that is 0 outside STIR's cylindrical FOV
-            # (simulation.targets.default_initial_image); a uniform start image is cut to match
-            from .recon.osem import fov_mask
-
-            x = x * fov_mask(b.image_geometry).to(device=x.device, dtype=x.dtype)
-        return net(x, b.prompts.to(self._device), b.model, anatomical=self._anatomical_tensor, stages=[k])
+    def _rule(self) -> UpdateRule:
+        return FBSEMUpdate(self._require_net(), anatomical=self._anatomical_tensor)
 
 
 # ----------------------------------------------------------------------------- CLI entry
@@ -653,8 +658,9 @@ def reconstruct_acquisition(
     psf_fwhm_mm: float = 0.0,
     device: str = "cpu",
     progress: bool = True,
+    backend: str = "embedded",
 ) -> tuple[torch.Tensor, str]:
-    """Reconstruct an :class:`~sirf_fbsem.acquisition.Acquisition` on the embedded projector.
+    """Reconstruct an :class:`~sirf_fbsem.acquisition.Acquisition` with the engine (:mod:`.recon.engine`).
 
     Args:
         acq: prompts and model terms.
@@ -668,12 +674,11 @@ def reconstruct_acquisition(
         psf_fwhm_mm: image-space PSF FWHM in mm (0: none).
         device: ``'cpu'`` or ``'cuda[:N]'``.
         progress: tqdm progress bar.
+        backend: acquisition model backend, ``'embedded'`` or ``'sirf'``.
     Returns:
-        (image (Z, Y, X) float32 tensor on ``device``, description such as
+        (image (Z, Y, X) float32 tensor on ``device``, in SIRF's units, description such as
         ``"OSEM 4 it x 4 subsets"``).
     """
-    from .recon.osem import OSEM
-
     if algorithm not in ("osem", "mlem", "fbsem"):
         raise ValueError(f"algorithm must be 'osem', 'mlem' or 'fbsem', got {algorithm!r}")
     if not isinstance(num_iterations, int) or num_iterations < 1:
@@ -681,6 +686,7 @@ def reconstruct_acquisition(
     prompts = torch.as_tensor(np.asarray(acq.prompts, dtype=np.float32))
     psf = float(psf_fwhm_mm) if psf_fwhm_mm else None
     psf_text = f", PSF {psf_fwhm_mm:g} mm" if psf else ""
+    backend_text = "" if backend == "embedded" else f", {backend} backend"
     if algorithm in ("osem", "mlem"):
         if algorithm == "mlem":
             if num_subsets not in (None, 1):
@@ -688,10 +694,10 @@ def reconstruct_acquisition(
             n = 1
         else:
             n = 4 if num_subsets is None else int(num_subsets)
-        model = acq.model(image_geom, num_subsets=n, psf_fwhm_mm=psf, device=device)
-        x = OSEM(model, prompts).run(num_iterations * n, progress=progress)
+        model = acq.model(image_geom, backend=backend, num_subsets=n, psf_fwhm_mm=psf, device=device)
+        x = reconstruct(model, prompts, EMUpdate(), num_iterations * n, progress=progress)
         desc = f"MLEM {num_iterations} it" if algorithm == "mlem" else f"OSEM {num_iterations} it x {n} subsets"
-        return x, desc + psf_text
+        return x, desc + psf_text + backend_text
 
     if model_path is None:
         raise ValueError("algorithm 'fbsem' needs model_path")
@@ -708,16 +714,8 @@ def reconstruct_acquisition(
         raise ValueError(f"FBSEM model {str(model_path)!r} needs an anatomical image, which this entry point "
                          f"does not take")
     net.to(device)
-    model = acq.model(image_geom, num_subsets=net.num_subsets, psf_fwhm_mm=psf, device=device)
-    prompts = prompts.to(device)
-    from .simulation.targets import default_initial_image
-
-    x = default_initial_image(model).to(torch.float32)  # the start image the stages were trained from
-    with torch.no_grad(), tqdm(total=net.num_stages, desc="FBSEM", unit="stage", disable=not progress,
-                               leave=False) as bar:
-        for k in range(net.num_stages):
-            x = net(x, prompts, model, stages=[k])
-            bar.update(1)
+    model = acq.model(image_geom, backend=backend, num_subsets=net.num_subsets, psf_fwhm_mm=psf, device=device)
+    x = reconstruct(model, prompts, FBSEMUpdate(net), net.num_stages, progress=progress)
     mode = meta.get("training_mode") or "unknown training"
-    desc = f"FBSEM-Net ({net.num_stages} stages, {mode}, {Path(model_path).name}){psf_text}"
+    desc = f"FBSEM-Net ({net.num_stages} stages, {mode}, {Path(model_path).name}){psf_text}{backend_text}"
     return x, desc

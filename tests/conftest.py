@@ -10,6 +10,15 @@ import torch
 from sirf_fbsem.geometry import ImageGeometry, Scanner, SinogramGeometry, scanner_preset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_script(after: str) -> str:
+    """The first ```python block of the README after the line containing ``after``."""
+    text = README.read_text()
+    i = text.index(after)
+    start = text.index("```python\n", i) + len("```python\n")
+    return text[start:text.index("```", start)]
 
 
 @pytest.fixture

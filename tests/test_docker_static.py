@@ -191,6 +191,19 @@ def test_package_copied_and_installed(instructions):
         assert dep in map(bare_name, installed), f"{dep} is not installed"
 
 
+def test_with_sirf_suite_runs_at_build_time(instructions):
+    """The image runs the tests marked 'sirf' in SIRF's environment, with the bundled data they need."""
+    copies = [c.args.split() for c in of(instructions, "COPY") if "<<" not in c.args]
+    sources = {src for words in copies for src in words[:-1] if not src.startswith("--")}
+    for needed in ("tests", "test_data", "README.md"):  # README: its SIRF script is executed by a test
+        assert needed in sources, f"{needed} is not copied into the image"
+    runs = [r.args for r in of(instructions, "RUN") if re.search(r"pytest\b.*-m\s+sirf\b", r.args)]
+    assert runs, "no RUN step runs the with-SIRF tests (pytest -m sirf)"
+    for text in runs:
+        src = re.search(rf"(?:source|\.)\s+{re.escape(ENV_SIRF)}", text)
+        assert src and src.start() < text.index("pytest"), "the with-SIRF tests run without SIRF's environment"
+
+
 def _entrypoint_script(instructions) -> tuple[list[str], str]:
     entry = of(instructions, "ENTRYPOINT")
     assert len(entry) == 1, "expected one ENTRYPOINT"

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
 from sirf_fbsem.geometry import (
     GeometryError,
+    GeometryWarning,
     ImageGeometry,
     SinogramGeometry,
     geometry_mismatch,
@@ -100,15 +102,28 @@ def test_subsets_partition_views():
 def test_bad_span_and_image_errors():
     with pytest.raises(GeometryError, match="multiple of span"):
         SinogramGeometry.from_span(scanner_preset("Siemens_mMR"), span=11, max_ring_diff=59)
-    g = mmr()
-    with pytest.raises(GeometryError, match="ring radius"):
-        ImageGeometry((127, 400, 400), (2.03125, 2.0, 2.0)).check_fits(g)
-    with pytest.raises(GeometryError, match="axial"):
-        ImageGeometry((200, 100, 100), (2.03125, 2.0, 2.0)).check_fits(g)
     with pytest.raises(GeometryError, match="voxel sizes"):
         ImageGeometry((10, 10, 10), (0.0, 1.0, 1.0))
+    with pytest.raises(GeometryError, match="voxel sizes"):
+        ImageGeometry((10, 10, 10), (2.0, math.inf, 1.0))
+    with pytest.raises(GeometryError, match="origin"):
+        ImageGeometry((10, 10, 10), (2.0, 1.0, 1.0), origin_mm=(0.0, math.nan, 0.0))
     with pytest.raises(GeometryError, match="unknown scanner"):
         scanner_preset("Nonexistent 9000")
+
+
+def test_images_past_the_scanner_are_accepted_with_a_warning():
+    """STIR projects images wider than the ring or longer than the scanner: a warning, never a refusal."""
+    g = mmr()
+    with pytest.warns(GeometryWarning, match="ring radius"):
+        ImageGeometry((127, 400, 400), (2.03125, 2.0, 2.0)).check_fits(g)
+    with pytest.warns(GeometryWarning, match="axial"):
+        ImageGeometry((200, 100, 100), (2.03125, 2.0, 2.0)).check_fits(g)
+    assert ImageGeometry((127, 400, 400), (2.03125, 2.0, 2.0)).extent_past_scanner(g)[0].startswith("reaches 400.0")
+    assert g.default_image().extent_past_scanner(g) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g.default_image().check_fits(g)  # the default image lies inside: silent
 
 
 def test_serialisation_round_trip_and_mismatch():
@@ -125,13 +140,86 @@ def test_nifti_affine_hfs_places_first_voxel():
     g = mmr()
     img = g.default_image()
     a = img.nifti_affine(g.scanner)
-    x0, y0, z0 = img.first_voxel_gantry_mm(g.scanner)
+    x0, y0, z0 = img.first_voxel_physical_mm()
     assert z0 == pytest.approx(0.0)  # default image: first plane at the first ring
+    assert img.first_voxel_gantry_mm(g.scanner) == pytest.approx((x0, y0, z0))
     assert x0 == pytest.approx(-142 * 2.08626)
     ras = a @ np.array([0, 0, 0, 1.0])
     np.testing.assert_allclose(ras[:3], [-x0, -y0, -z0])
     ras = a @ np.array([1, 2, 3, 1.0])
     np.testing.assert_allclose(ras[:3], [-(x0 + 2.08626), -(y0 + 2 * 2.08626), -(z0 + 3 * 2.03125)])
+
+
+# Expected NIfTI (RAS) affines, derived by hand from STIR rel_6.4.0's writer:
+#   ITKOutputFileFormat::actual_write_to_file: ITK origin = get_LPS_coordinates_for_indices(min_indices),
+#   direction column a = LPS step along index axis a (normalised), spacing = (vx, vy, vz);
+#   get_physical_coordinates_for_indices(k, j, i) = origin + (k vz, j vy, i vx), min indices (0, -(ny//2), -(nx//2));
+#   swap_axes_based_on_orientation: LPS = (x, y, -z) HFS, (-x, -y, -z) HFP, (-x, y, z) FFS, (x, -y, z) FFP;
+#   NIfTI (ITK's writer, nibabel's reader): RAS = diag(-1, -1, 1) LPS.
+# So with (x0, y0, z0) = (ox - (nx//2) vx, oy - (ny//2) vy, oz), HFS gives
+#   [[-vx, 0, 0, -x0], [0, -vy, 0, -y0], [0, 0, -vz, -z0], [0, 0, 0, 1]].
+STIR_NIFTI_AFFINES = {
+    # mMR default image (127, 285, 285), (2.03125, 2.08626, 2.08626) mm, origin 0: x0 = y0 = -142 * 2.08626, z0 = 0
+    "mmr_default_HFS": (
+        ImageGeometry((127, 285, 285), (2.03125, 2.08626, 2.08626)), "HFS",
+        [[-2.08626, 0, 0, 296.24892], [0, -2.08626, 0, 296.24892], [0, 0, -2.03125, 0], [0, 0, 0, 1]],
+    ),
+    # SIRF's brain/emission.hv: 15 planes of 6.75 mm on a 6-ring scanner (not the default extent);
+    # first pixel offset (-105, -105, 0) = min index * voxel + origin, so origin 0, x0 = y0 = -105, z0 = 0.
+    # (A scanner-centred placement would give z0 = -7 * 6.75 + 5 * 13.5 / 2 = -13.5: not what STIR writes.)
+    "brain_emission_HFS": (
+        ImageGeometry((15, 211, 211), (6.75, 1.0, 1.0)), "HFS",
+        [[-1, 0, 0, 105], [0, -1, 0, 105], [0, 0, -6.75, 0], [0, 0, 0, 1]],
+    ),
+    # SIRF's mMR/mu_map.hv: 57 x 57 of 13.0391 mm (wider than the ring): x0 = y0 = -28 * 13.0391 = -365.0948
+    "mmr_mu_map_HFS": (
+        ImageGeometry((127, 57, 57), (2.03125, 13.0391, 13.0391)), "HFS",
+        [[-13.0391, 0, 0, 365.0948], [0, -13.0391, 0, 365.0948], [0, 0, -2.03125, 0], [0, 0, 0, 1]],
+    ),
+    # (9, 16, 20), (2.5, 3.25, 2.0) mm, origin (z, y, x) = (5, -7.5, 12.25):
+    # x0 = 12.25 - 10 * 2 = -7.75, y0 = -7.5 - 8 * 3.25 = -33.5, z0 = 5
+    "offset_HFS": (
+        ImageGeometry((9, 16, 20), (2.5, 3.25, 2.0), (5.0, -7.5, 12.25)), "HFS",
+        [[-2, 0, 0, 7.75], [0, -3.25, 0, 33.5], [0, 0, -2.5, -5], [0, 0, 0, 1]],
+    ),
+    # HFP: LPS = (-x, -y, -z), RAS = (x, y, -z)
+    "offset_HFP": (
+        ImageGeometry((9, 16, 20), (2.5, 3.25, 2.0), (5.0, -7.5, 12.25)), "HFP",
+        [[2, 0, 0, -7.75], [0, 3.25, 0, -33.5], [0, 0, -2.5, -5], [0, 0, 0, 1]],
+    ),
+    # FFS: LPS = (-x, y, z), RAS = (x, -y, z)
+    "offset_FFS": (
+        ImageGeometry((9, 16, 20), (2.5, 3.25, 2.0), (5.0, -7.5, 12.25)), "FFS",
+        [[2, 0, 0, -7.75], [0, -3.25, 0, 33.5], [0, 0, 2.5, 5], [0, 0, 0, 1]],
+    ),
+    # FFP: LPS = (x, -y, z), RAS = (-x, y, z)
+    "offset_FFP": (
+        ImageGeometry((9, 16, 20), (2.5, 3.25, 2.0), (5.0, -7.5, 12.25)), "FFP",
+        [[-2, 0, 0, 7.75], [0, 3.25, 0, -33.5], [0, 0, 2.5, 5], [0, 0, 0, 1]],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STIR_NIFTI_AFFINES))
+def test_nifti_affine_equals_stirs_itk_writer(case):
+    geom, position, expected = STIR_NIFTI_AFFINES[case]
+    np.testing.assert_allclose(geom.nifti_affine(scanner_preset("Siemens_mMR"), position), expected, atol=1e-9)
+    np.testing.assert_allclose(geom.nifti_affine(patient_position=position), expected, atol=1e-9)
+
+
+def test_physical_first_voxel_round_trip_and_default_image_frames_agree():
+    geom = ImageGeometry((9, 16, 20), (2.5, 3.25, 2.0), (5.0, -7.5, 12.25))
+    assert geom.first_voxel_physical_mm() == pytest.approx((-7.75, -33.5, 5.0))
+    back = ImageGeometry.from_first_voxel_physical(geom.shape, geom.voxel_size_mm, geom.first_voxel_physical_mm())
+    assert back.origin_mm == pytest.approx(geom.origin_mm)
+    # for the default image, STIR's physical frame and the projector's gantry frame coincide
+    g = mmr()
+    img = g.default_image()
+    np.testing.assert_allclose(img.first_voxel_physical_mm(), img.first_voxel_gantry_mm(g.scanner), atol=1e-9)
+    # for another axial extent they differ: the projector centres the image axially
+    short = ImageGeometry((63, 285, 285), img.voxel_size_mm)
+    assert short.first_voxel_physical_mm()[2] == 0.0
+    assert short.first_voxel_gantry_mm(g.scanner)[2] == pytest.approx(32 * 2.03125)
 
 
 @pytest.mark.parametrize("shape_yx", [(31, 31), (32, 32), (30, 33)])
@@ -161,17 +249,19 @@ def test_cylindrical_fov_cuts_lors_as_stir(shape_yx):
     assert torch.all(y[:, torch.from_numpy(inside)] > 0)
 
 
-def test_arccorrected_bins_beyond_the_ring_are_empty_as_in_stir():
+@pytest.mark.parametrize("restrict", [True, False])
+def test_arccorrected_bins_beyond_the_ring_as_in_stir(restrict):
     """Arc-corrected data may reach |s| >= R (STIR's mMR arc-corrected template: 344 x 2.0445 mm).
 
-    STIR accepts the geometry and its ray tracer leaves those bins empty; so do we, and the
-    projector stays an exact transpose. Without the cylindrical FOV there is no LOR to trace:
-    a clear error.
+    STIR accepts the geometry. Its FOV comes from the image, so for an image wider than the
+    ring (here the default image) it traces segment-0 bins beyond the ring (tan theta = 0);
+    in oblique segments tan theta is undefined there (STIR: sqrt of a negative number) and
+    we leave those bins empty, with or without the cylindrical FOV. The projector stays an
+    exact transpose.
     """
     import torch
 
     from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
-    from sirf_fbsem.projectors.rays import make_ray_table
 
     sc = scanner_preset("small_test")
     R = sc.effective_ring_radius_mm
@@ -180,20 +270,48 @@ def test_arccorrected_bins_beyond_the_ring_are_empty_as_in_stir():
     beyond = np.abs(g.s_mm()) >= R
     assert beyond.any()
     assert np.isnan(g.tan_theta(1)[beyond]).all() and np.isfinite(g.tan_theta(1)[~beyond]).all()
-    # STIR's default image for such data reaches beyond the ring too, where STIR's tan(theta) is NaN;
-    # check_fits refuses it (test_bad_span_and_image_errors), so use an image inside the ring.
-    with pytest.raises(GeometryError, match="ring radius"):
-        g.default_image().check_fits(g)
-    im = ImageGeometry(shape=(15, 61, 61), voxel_size_mm=(sc.ring_spacing_mm / 2, 4.0, 4.0))
-    model = EmbeddedAcquisitionModel(g, im)
-    x = torch.rand(im.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    y = model.direct(x)
+    im = g.default_image()
+    assert im.fov_radius_mm() > R
+    with pytest.warns(GeometryWarning, match="ring radius"):
+        model = EmbeddedAcquisitionModel(g, im, restrict_to_cylindrical_fov=restrict, dtype=torch.float64)
+    x = torch.rand(im.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.1
+    y = model.direct(x)  # (T, S, V, N)
     assert torch.isfinite(y).all()
-    assert torch.all(y[..., torch.from_numpy(beyond)] == 0) and y.sum() > 0
+    seg0 = slice(0, g.segment(0).num_axial_poss)
+    oblique = slice(g.segment(0).num_axial_poss, None)
+    b = torch.from_numpy(beyond)
+    assert torch.all(y[0, oblique][..., b] == 0)
+    traced = b & torch.from_numpy(np.abs(g.s_mm()) < im.fov_radius_mm() - 1e-6)
+    assert traced.any() and torch.all(y[0, seg0][..., traced] > 0)
     r = torch.rand(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     lhs, rhs = float((y * r).sum()), float((x * model.adjoint(r)).sum())
     assert abs(lhs - rhs) / abs(lhs) < 1e-6
     with pytest.raises(GeometryError, match="ring radius"):
-        make_ray_table(g, im, restrict_to_cylindrical_fov=False)
-    with pytest.raises(GeometryError, match="ring radius"):
         SinogramGeometry.from_span(sc, span=3, max_ring_diff=4, arc_corrected=False, num_tangential_poss=4 * n)
+
+
+def test_subsets_follow_stirs_view_symmetries():
+    """STIR's subsets (find_basic_vs_nums_in_subset): basic views b = s mod n with their symmetric views.
+
+    Expected lists read off SIRF 3.10 / STIR 6.4 (AcquisitionModel.forward(x, s, 4) on recon_demo's
+    64 views, square voxels: the 90-degree symmetries).
+    """
+    from sirf_fbsem.geometry import basic_views, stir_view_symmetry
+
+    assert subset_views(64, 4, 1, "90").tolist() == [1, 5, 9, 13, 19, 23, 27, 31, 33, 37, 41, 45, 51, 55, 59, 63]
+    assert subset_views(64, 4, 3, "90").tolist() == [3, 7, 11, 15, 17, 21, 25, 29, 35, 39, 43, 47, 49, 53, 57, 61]
+    for sym, top in (("90", 16), ("180", 32)):
+        b = basic_views(64, sym)
+        assert b.max() == top and set(b.tolist()) == set(range(top + 1))
+        for n in (1, 3, 4, 6, 8):
+            views = np.concatenate([subset_views(64, n, s, sym) for s in range(n)])
+            assert sorted(views.tolist()) == list(range(64))  # a partition
+    assert subset_views(64, 4, 1, "none").tolist() == list(range(1, 64, 4))
+    g = SinogramGeometry.from_span(scanner_preset("Siemens_mMR"), span=11, max_ring_diff=60)
+    assert stir_view_symmetry(g, g.default_image()) == "90"
+    shifted = ImageGeometry(g.default_image().shape, g.default_image().voxel_size_mm, (0.0, 5.0, 0.0))
+    assert stir_view_symmetry(g, shifted) == "none"
+    oblong = ImageGeometry((127, 100, 100), (2.03125, 2.0, 2.1))
+    assert stir_view_symmetry(g, oblong) == "180"
+    with pytest.raises(GeometryError, match="empty"):
+        subset_views(64, 20, 19, "90")

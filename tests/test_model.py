@@ -9,11 +9,14 @@ whose positive root is the closed form of :func:`fbsem_fusion`.
 """
 from __future__ import annotations
 
+import json
 import math
 import pickle
 
 import pytest
 import torch
+
+from sirf_fbsem.recon.engine import start_image
 
 from sirf_fbsem.autograd import em_update
 from sirf_fbsem.geometry import GeometryError, ImageGeometry, Scanner, SinogramGeometry
@@ -317,8 +320,8 @@ def test_em_only_network_reproduces_osem_subiterates_in_order():
     model = base.with_terms(s["multiplicative"], s["additive"])
     net = small_net(num_stages=6, num_subsets=4, beta_init=0.0)
     _perturb(net)
-    outs = net(torch.ones(model.image_shape), s["prompts"], model, s["sensitivity"], return_all=True)
-    algo = OSEM(model, s["prompts"])
+    outs = net(start_image(model), s["prompts"], model, s["sensitivity"], return_all=True)
+    algo = OSEM(model, s["prompts"])  # the same start-image rule (1 inside the FOV)
     for k in range(6):
         assert torch.allclose(outs[k], algo.update(), rtol=1e-5, atol=1e-6), k
 
@@ -430,3 +433,24 @@ def test_model_file_with_pickled_payload_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ModelFileError, match="not a sirf_fbsem FBSEM-Net model"):
         load_model(tmp_path / "other.pt")
+
+
+def test_model_file_records_units_and_old_convention_is_refused(tmp_path):
+    """Models record SIRF's projection units; a model without them (trained on line integrals in mm) is refused."""
+    from sirf_fbsem.model.io import ModelFileError
+    from sirf_fbsem.projectors.base import PROJECTION_UNITS
+
+    path = save_model(tmp_path / "model.pt", small_net(), _metadata())
+    _, meta = load_model(path)
+    assert meta["projection_units"] == PROJECTION_UNITS == "stir_pixel_units"
+    payload = torch.load(path, weights_only=True)
+    for units, message in ((None, "former units"), ("mm", "field 'projection_units' is 'mm'")):
+        old = json.loads(payload["metadata_json"])
+        old.pop("projection_units", None)
+        if units is not None:
+            old["projection_units"] = units
+        payload["metadata_json"] = json.dumps(old)
+        bad = tmp_path / f"old_{units}.pt"
+        torch.save(payload, bad)
+        with pytest.raises(ModelFileError, match=message):
+            load_model(bad)

@@ -72,13 +72,24 @@ def test_single_slice_geometry_is_2d(geom2d, model2d):
     sino, image = geom2d
     assert sino.shape == (1, 1, 48, 48)
     assert image.shape[0] == 1
-    # the LOR plane passes through the slice centre: a uniform slice projects to its chord lengths
-    y = model2d.direct(torch.ones(image.shape))
+    # the LOR plane passes through the slice centre: a uniform slice projects to the length of
+    # the traced part of each LOR (STIR's: the FOV chord reaching out to its end voxels' edges),
+    # in STIR's pixel units (mm / x voxel size)
+    from sirf_fbsem.projectors.joseph_numba import stir_u_range
+
+    y = model2d.direct(torch.ones(image.shape)) * image.voxel_size_mm[2]
     r = image.fov_radius_mm()
-    s = torch.as_tensor(sino.s_mm(), dtype=torch.float32)
-    chord = 2 * torch.sqrt((r * r - s * s).clamp_min(0))
-    central = s.abs() < 0.5 * r
-    torch.testing.assert_close(y[0, 0, :, central], chord[central].expand(48, -1), rtol=0.03, atol=0.0)
+    _, yc, xc = image.centred_coordinates_mm()
+    phi, s = sino.phi_rad(), sino.s_mm()
+    vz, vy, vx = image.voxel_size_mm
+
+    def length(p: float, st: float) -> float:
+        u_lo, u_hi = stir_u_range(st, np.cos(p), np.sin(p), r, xc[0], yc[0], vx, vy)
+        return u_hi - u_lo
+
+    traced = torch.tensor([[length(p, st) for st in s] for p in phi], dtype=torch.float32)
+    central = torch.as_tensor(np.abs(s) < 0.5 * r)
+    torch.testing.assert_close(y[0, 0][:, central], traced[:, central], rtol=0.03, atol=0.0)
 
 
 # ============================================================================ phantoms
@@ -171,9 +182,9 @@ def test_attenuation_factors(phantom2d, model2d, acq2d, geom2d):
     att = acq2d.attenuation
     assert att.shape == sino.shape
     assert torch.all(att > 0) and torch.all(att <= 1)
-    # independent: exp(-0.1 * line integrals in mm of mu in 1/cm)
+    # independent: exp(-0.1 * line integrals in mm of mu in 1/cm); the projector's pixel units x vx = mm
     geo = EmbeddedAcquisitionModel(sino, image)
-    expected = torch.exp(-0.1 * geo.direct(torch.from_numpy(phantom2d.mu_map)))
+    expected = torch.exp(-0.1 * geo.direct(torch.from_numpy(phantom2d.mu_map)) * image.voxel_size_mm[2])
     torch.testing.assert_close(att, expected, rtol=1e-6, atol=1e-7)
     # LORs that miss the head are not attenuated
     misses = geo.direct(torch.from_numpy(phantom2d.head_mask.astype(np.float32))) == 0
@@ -256,11 +267,11 @@ def test_targets_equal_an_independent_osem_run(acq2d, model2d, geom2d):
     model = EmbeddedAcquisitionModel(
         sino, image, num_subsets=NUM_SUBSETS, multiplicative=acq2d.multiplicative, additive=acq2d.additive
     )
-    x0 = fov_mask(image).float()
+    x0 = model.support().float()  # the engine's start image: 1 where some LOR sees the voxel
     algo = OSEM(model, acq2d.noise_free, initial=x0)
     for k in range(K):
         torch.testing.assert_close(targets[k], algo.update(), rtol=1e-6, atol=1e-6)
-    # and the first two sub-iterates written out: subset 0 from the FOV start image, then subset 1
+    # and the first two sub-iterates written out: subset 0 from the start image, then subset 1
     x = x0
     for k, s in enumerate((0, 1)):
         y_s = model.take_subset(acq2d.noise_free, s)

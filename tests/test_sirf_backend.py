@@ -271,7 +271,12 @@ def test_no_aliasing_between_calls_and_batch_items(model, images, image_template
     b1 = model.adjoint(batch[0], 0)
     b2 = model.adjoint(batch[1], 0)
     assert rel_l2(b1, b2) > 1e-2
-    assert torch.equal(model.adjoint(batch, 0)[0], b1)
+    # STIR back-projects with OpenMP threads, whose float32 sums come in a thread-dependent
+    # order: two calls on the same data agree to rounding (~3e-7 of the maximum on 2 threads,
+    # bitwise with OMP_NUM_THREADS=1), not bitwise. Aliasing would give the other item's image.
+    batch_back = model.adjoint(batch, 0)
+    assert rel_max_err(batch_back[0], b1) < 1e-5 and rel_max_err(batch_back[1], b2) < 1e-5
+    assert rel_l2(batch_back[0], b2) > 1e-2
     assert torch.equal(from_sirf(image_template), template_before)  # templates are never filled
     # SIRF -> torch copies: changing the SIRF object afterwards does not reach the tensor
     obj = to_sirf_image(images[0], image_template)

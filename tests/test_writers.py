@@ -2,8 +2,9 @@
 
 The image is small (9 x 16 x 20, Z x Y x X) with three different voxel sizes and a
 non-zero origin, so any mix-up of axes, signs or offsets shows. Expected world
-positions are computed here from first principles (STIR's voxel placement and
-STIR's gantry -> LPS flips), not from the package's own geometry helpers.
+positions are computed here from first principles (STIR's physical voxel placement,
+as its ITK/NIfTI writer uses it, and STIR's physical -> LPS flips), not from the
+package's own geometry helpers.
 
 Validators (dciodvfy from dicom3tools, dcm2niix) are not installed by the tests;
 tests that need them are skipped, with the reason, when they are absent.
@@ -32,8 +33,8 @@ GEOM = ImageGeometry(shape=(9, 16, 20), voxel_size_mm=(2.5, 3.25, 2.0), origin_m
 HOT = (6, 3, 15)  # (k, j, i) of the hot voxel: z plane, row, column
 POSITIONS = ["HFS", "HFP", "FFS", "FFP"]
 
-# STIR DiscretisedDensity::swap_axes_based_on_orientation: gantry (x, y, z) -> LPS
-LPS_FROM_GANTRY = {
+# STIR DiscretisedDensity::swap_axes_based_on_orientation: physical (x, y, z) -> LPS
+LPS_FROM_PHYSICAL = {
     "HFS": lambda x, y, z: (x, y, -z),
     "HFP": lambda x, y, z: (-x, -y, -z),
     "FFS": lambda x, y, z: (-x, y, z),
@@ -41,25 +42,24 @@ LPS_FROM_GANTRY = {
 }
 
 
-def gantry_mm(k: float, j: float, i: float) -> tuple[float, float, float]:
-    """Gantry (x, y, z) of array voxel (k, j, i), from STIR's voxel placement.
+def physical_mm(k: float, j: float, i: float) -> tuple[float, float, float]:
+    """STIR physical (x, y, z) of array voxel (k, j, i), as STIR's NIfTI (ITK) writer places it.
 
-    x, y: centred indices (i - nx//2), (j - ny//2) times the voxel size, plus the
-    origin. z: the image's axial middle sits at the scanner's axial centre (shifted by
-    origin z), and gantry z = 0 is the centre of the first ring.
+    ``get_physical_coordinates_for_indices``: origin + (k vz, j' vy, i' vx) with STIR's
+    centred indices j' = j - ny//2, i' = i - nx//2 and k from 0. The first plane sits
+    at origin z whatever the image's axial extent (not at a scanner-centred position).
     """
     nz, ny, nx = GEOM.shape
     vz, vy, vx = GEOM.voxel_size_mm
     oz, oy, ox = GEOM.origin_mm
     x = ox + (i - nx // 2) * vx
     y = oy + (j - ny // 2) * vy
-    axial_centre = (SCANNER.num_rings - 1) * SCANNER.ring_spacing_mm / 2.0
-    z = oz + (k - (nz - 1) / 2.0) * vz + axial_centre
+    z = oz + k * vz
     return x, y, z
 
 
 def expected_lps(position: str, k: float, j: float, i: float) -> np.ndarray:
-    return np.array(LPS_FROM_GANTRY[position](*gantry_mm(k, j, i)))
+    return np.array(LPS_FROM_PHYSICAL[position](*physical_mm(k, j, i)))
 
 
 def expected_ras(position: str, k: float, j: float, i: float) -> np.ndarray:
@@ -212,7 +212,7 @@ def test_dicom_files_and_pydicom_reread(series, image):
 
 @pytest.mark.parametrize("position", POSITIONS)
 def test_dicom_hot_voxel_patient_position(series, position):
-    """LPS of the hot voxel from IPP/IOP/PixelSpacing equals STIR's gantry -> LPS."""
+    """LPS of the hot voxel from IPP/IOP/PixelSpacing equals STIR's physical -> LPS."""
     _, files, _ = series[position]
     ds = pydicom.dcmread(files[HOT[0]])
     row, col = np.unravel_index(np.argmax(ds.pixel_array), ds.pixel_array.shape)

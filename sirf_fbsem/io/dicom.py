@@ -7,8 +7,10 @@ PET Isotope, NM/PET Patient Orientation, Frame of Reference, General Equipment,
 General Image, Image Plane, Image Pixel, PET Image, SOP Common. PET Multi-gated
 Acquisition is not written (it is required only for GATED series; these are STATIC).
 
-Geometry (DESIGN.md): with ``(x0, y0, z0)`` the gantry position (mm) of voxel
-``[0, 0, 0]`` and ``(sx, sy, sz)`` the patient-position signs that take gantry
+Geometry (DESIGN.md): with ``(x0, y0, z0)`` the STIR physical position (mm) of voxel
+``[0, 0, 0]`` (:meth:`ImageGeometry.first_voxel_physical_mm`: ``origin + (0, -(ny//2) vy,
+-(nx//2) vx)`` in (z, y, x), the frame of STIR's NIfTI writer; STIR has no DICOM writer)
+and ``(sx, sy, sz)`` the patient-position signs that take STIR's physical
 ``(x, y, z)`` to LPS (HFS ``(1, 1, -1)``, HFP ``(-1, -1, -1)``, FFS ``(-1, 1, 1)``,
 FFP ``(1, -1, 1)``, the same signs :meth:`ImageGeometry.nifti_affine` uses)::
 
@@ -354,7 +356,7 @@ def write_dicom_series(
     pixels, slopes, signed = _quantise(arr)
     nz, ny, nx = geometry.shape
     vz, vy, vx = geometry.voxel_size_mm
-    x0, y0, z0 = geometry.first_voxel_gantry_mm(scanner)
+    x0, y0, z0 = geometry.first_voxel_physical_mm()
     row_dir = (float(sx), 0.0, 0.0)
     col_dir = (0.0, float(sy), 0.0)
     normal = np.cross(row_dir, col_dir)

@@ -1143,15 +1143,20 @@ def histogram_listmode(
 def histogram_with_sirf(
     header_path: str | os.PathLike,
     template,
-    time_interval_s: tuple[float, float],
+    time_interval_s: tuple[float, float] | None,
     store_delayeds: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None]:
+    estimate_randoms: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """The same histogramming through SIRF (``sirf.STIR.ListmodeToSinograms``), when SIRF is installed.
 
-    ``template``: a template sinogram (``.hs`` file name or ``sirf.STIR.AcquisitionData``).
+    ``template``: a template sinogram (``.hs`` file name, ``sirf.STIR.AcquisitionData``, or a
+    :class:`~sirf_fbsem.geometry.SinogramGeometry`, written as a template here).
     STIR stores prompts - delayeds when both flags are on, so this runs twice: prompts
-    only, then (``store_delayeds``) delayeds only. Returns float32 arrays shaped
-    ``(1, S, V, N)`` (SIRF order). Output files go to a temporary folder that is removed.
+    only, then (``store_delayeds``) delayeds only. With ``estimate_randoms`` it also returns
+    SIRF's randoms estimate from the delayeds (``ListmodeToSinograms.estimate_randoms``:
+    STIR's ML singles fit to the fan sums). Returns float32 arrays shaped ``(1, S, V, N)``
+    (SIRF order): ``(prompts, delayeds)`` or ``(prompts, delayeds, randoms)``. Output files
+    go to a temporary folder that is removed. ``time_interval_s`` None: the whole file.
     """
     try:
         import sirf.STIR as pet
@@ -1159,14 +1164,15 @@ def histogram_with_sirf(
         raise ImportError("histogram_with_sirf needs SIRF (sirf.STIR); use histogram_listmode without it") from exc
     import tempfile
 
-    t0, t1 = (float(x) for x in time_interval_s)
+    from ..geometry import SinogramGeometry
 
-    def run(prompts: bool, folder: str) -> np.ndarray:
+    def run(prompts: bool, folder: str, randoms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         lm2sino = pet.ListmodeToSinograms()
         lm2sino.set_input(str(header_path))
         lm2sino.set_output_prefix(os.path.join(folder, "prompts" if prompts else "delayeds"))
-        lm2sino.set_template(template if not isinstance(template, (str, os.PathLike)) else str(template))
-        lm2sino.set_time_interval(t0, t1)
+        lm2sino.set_template(template_arg)
+        if time_interval_s is not None:
+            lm2sino.set_time_interval(*(float(x) for x in time_interval_s))
         if prompts:
             lm2sino.flag_on("store_prompts")
             lm2sino.flag_off("store_delayeds")
@@ -1176,9 +1182,24 @@ def histogram_with_sirf(
         lm2sino.set_up()
         lm2sino.process()
         arr = np.array(lm2sino.get_output().as_array(), dtype=np.float32)  # a copy
-        return arr.reshape((1,) + arr.shape[-3:])
+        arr = arr.reshape((1,) + arr.shape[-3:])
+        if not randoms:
+            return arr
+        est = np.array(lm2sino.estimate_randoms().as_array(), dtype=np.float32)
+        return arr, est.reshape((1,) + est.shape[-3:])
 
     with tempfile.TemporaryDirectory(prefix="sirf_fbsem_lm_") as folder:
+        template_arg = template
+        if isinstance(template, SinogramGeometry):
+            from .interfile import write_projdata
+
+            template_arg = os.path.join(folder, "template.hs")
+            write_projdata(template_arg, template, np.zeros(template.shape, dtype=np.float32))
+        elif isinstance(template, (str, os.PathLike)):
+            template_arg = str(template)
         prompts = run(True, folder)
+        if estimate_randoms:
+            delayeds, randoms = run(False, folder, randoms=True)
+            return prompts, delayeds, randoms
         delayeds = run(False, folder) if store_delayeds else None
     return prompts, delayeds

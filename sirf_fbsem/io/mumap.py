@@ -4,13 +4,22 @@ Units: STIR and SIRF expect linear attenuation coefficients in **1/cm** at 511 k
 (water about 0.096 /cm, cortical bone about 0.17 /cm). Maps in other units (1/mm x
 10, Siemens' 1/cm x 10000, Hounsfield units) are refused by :func:`check_mu_units`.
 
-Positions: an image of geometry ``g`` (:class:`~sirf_fbsem.geometry.ImageGeometry`)
+Positions. A NIfTI mu-map is read as the inverse of STIR's NIfTI writer
+(:meth:`ImageGeometry.nifti_affine`): its first voxel's STIR physical position
+``(x0, y0, z0)`` gives the origin (:meth:`ImageGeometry.from_first_voxel_physical`),
+so a file SIRF/STIR wrote comes back with the geometry STIR had in memory.
+
+For resampling, an image of geometry ``g`` (:class:`~sirf_fbsem.geometry.ImageGeometry`)
 has voxel ``(k, j, i)`` at gantry coordinates
 ``g.first_voxel_gantry_mm(scanner) + (i vx, j vy, k vz)`` in (x, y, z), the frame
-the projector uses (z = 0 at the first ring; an image's axial middle sits at the
-scanner's middle shifted by its ``origin_mm[0]``). :func:`resample_to` samples the
-source at the target voxel centres in that frame (trilinear, zero outside the
-source grid, which is exact separable linear interpolation for axis-aligned grids).
+the projector uses, as STIR's ray tracer (z = 0 at the first ring; an image's axial
+middle sits at the scanner's middle shifted by its ``origin_mm[0]``).
+:func:`resample_to` samples the source at the target voxel centres in that frame
+(trilinear, zero outside the source grid, which is exact separable linear
+interpolation for axis-aligned grids), so a resampled mu-map attenuates the same
+LORs as the original. For images of the same axial extent (e.g. both the scanner's
+default) this frame and STIR's physical one differ by a constant and resampling in
+either gives the same result.
 """
 from __future__ import annotations
 
@@ -67,17 +76,20 @@ def read_mu_map(
     """Read a mu-map: ``(geometry, mu)`` with ``mu`` float32 ``(Z, Y, X)`` in 1/cm.
 
     Interfile (``.hv``, STIR's image header; a ``.v`` path finds its ``.hv``) or NIfTI
-    (``.nii``, ``.nii.gz``) whose affine must be axis-aligned. For NIfTI, ``scanner``
-    and ``patient_position`` place the volume in the gantry frame (the inverse of
-    :meth:`ImageGeometry.nifti_affine`). Units are checked unless ``check_units=False``.
+    (``.nii``, ``.nii.gz``) whose affine must be axis-aligned. For NIfTI,
+    ``patient_position`` says how the file's RAS axes map to STIR's (the inverse of
+    :meth:`ImageGeometry.nifti_affine`, i.e. of STIR's NIfTI writer). ``scanner`` (a preset
+    name or a :class:`Scanner`) is validated but does not change where an image lies:
+    STIR places images by their own coordinates. Units are checked unless ``check_units=False``.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"mu-map '{p}' does not exist")
     name = p.name.lower()
     if name.endswith(_NIFTI_SUFFIXES):
-        sc = scanner_preset(scanner) if isinstance(scanner, str) else scanner
-        geom, mu = _read_nifti_mu(p, sc, patient_position)
+        if isinstance(scanner, str):
+            scanner_preset(scanner)  # an unknown name is an error
+        geom, mu = _read_nifti_mu(p, patient_position)
     elif name.endswith((".hv", ".v")):
         geom, mu = _read_interfile_image(p)
     else:
@@ -94,7 +106,13 @@ def _read_interfile_image(p: Path) -> tuple[ImageGeometry, np.ndarray]:
     return read_image(p)
 
 
-def _read_nifti_mu(p: Path, scanner: Scanner, patient_position: str) -> tuple[ImageGeometry, np.ndarray]:
+def _read_nifti_mu(p: Path, patient_position: str) -> tuple[ImageGeometry, np.ndarray]:
+    """(geometry, mu (Z, Y, X)) of an axis-aligned NIfTI file, inverting :meth:`ImageGeometry.nifti_affine`.
+
+    The RAS affine's diagonal must be ``(-sx vx, -sy vy, sz vz)`` up to per-axis flips (undone
+    by flipping the data); its translation ``(-sx x0, -sy y0, sz z0)`` gives STIR's physical
+    first voxel ``(x0, y0, z0)`` (mm) and so the origin.
+    """
     try:
         import nibabel as nib
     except ImportError as exc:  # pragma: no cover - nibabel is a dependency
@@ -124,15 +142,14 @@ def _read_nifti_mu(p: Path, scanner: Scanner, patient_position: str) -> tuple[Im
             diag[ax] = -diag[ax]
             data = np.flip(data, axis=ax)
     vx, vy, vz = np.abs(diag)
-    # ImageGeometry.nifti_affine has translation (-sx x0, -sy y0, sz z0) for the first voxel's gantry (x0, y0, z0)
+    # ImageGeometry.nifti_affine has translation (-sx x0, -sy y0, sz z0) for the first voxel's physical (x0, y0, z0)
     x0, y0, z0 = origin[0] / (-sx), origin[1] / (-sy), origin[2] / sz
     nx, ny, nz = data.shape
-    gx, gy, gz = ImageGeometry(shape=(nz, ny, nx), voxel_size_mm=(vz, vy, vx)).first_voxel_gantry_mm(scanner)
-    geom = ImageGeometry(shape=(nz, ny, nx), voxel_size_mm=(vz, vy, vx), origin_mm=(z0 - gz, y0 - gy, x0 - gx))
+    geom = ImageGeometry.from_first_voxel_physical((nz, ny, nx), (vz, vy, vx), (x0, y0, z0))
     canonical = np.eye(4)
     canonical[:3, :3] = np.diag(diag)
     canonical[:3, 3] = origin
-    if not np.allclose(geom.nifti_affine(scanner, patient_position), canonical, atol=1e-3):  # pragma: no cover
+    if not np.allclose(geom.nifti_affine(patient_position=patient_position), canonical, atol=1e-3):  # pragma: no cover
         raise GeometryError(f"mu-map '{p}': internal error converting the NIfTI affine to a STIR geometry")
     return geom, np.ascontiguousarray(data.transpose(2, 1, 0))
 

@@ -7,8 +7,12 @@ stored ``(x, y, z)`` array to RAS+ mm and is :meth:`ImageGeometry.nifti_affine`
 
     HFS:  [[-vx, 0, 0, -x0], [0, -vy, 0, -y0], [0, 0, -vz, -z0], [0, 0, 0, 1]]
 
-with ``(x0, y0, z0)`` the gantry position (mm) of voxel ``[0, 0, 0]``; other patient
-positions flip axes. The writer never falls back to an identity affine.
+with ``(x0, y0, z0)`` the STIR physical position (mm) of voxel ``[0, 0, 0]``,
+``origin + (0, -(ny//2) vy, -(nx//2) vx)`` (:meth:`ImageGeometry.first_voxel_physical_mm`);
+other patient positions flip axes. This is exactly what STIR's own NIfTI writer
+(``ITKOutputFileFormat``, which SIRF's ``ImageData.write_par`` uses) writes, for any
+axial extent and origin; for the scanner's default image (x0, y0, z0) is also the gantry
+position (z = 0 at the first ring). The writer never falls back to an identity affine.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def write_nifti(
     path: str | os.PathLike,
     image,
     geometry: ImageGeometry,
-    scanner: Scanner,
+    scanner: Scanner | None = None,
     patient_position: str = "HFS",
     units: str | None = "Bq/ml",
     description: str = "",
@@ -74,9 +78,11 @@ def write_nifti(
 
     Stored as float32 in (x, y, z) order. qform and sform are both
     ``geometry.nifti_affine(scanner, patient_position)`` with code 1 (scanner
-    anatomical: coordinates come from the scanner's gantry frame); spatial unit mm,
-    time unit s. NIfTI has no field for intensity units, so ``units`` goes in
-    ``descrip`` after ``description`` (at most 80 ASCII bytes together).
+    anatomical), the affine STIR's NIfTI writer gives; spatial unit mm, time unit s.
+    ``scanner`` does not change the affine (STIR places an image by its own
+    coordinates); it is accepted so that all writers take the same arguments. NIfTI has
+    no field for intensity units, so ``units`` goes in ``descrip`` after
+    ``description`` (at most 80 ASCII bytes together).
 
     Raises :class:`GeometryError` when the image does not match the geometry or the
     patient position is unknown; nothing is written then. Returns the path.

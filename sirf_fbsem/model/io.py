@@ -9,7 +9,9 @@ The JSON carries everything needed to rebuild the network and to check it agains
 data: the sinogram and image geometry (``geometry.*_to_dict``), the network config
 (num_stages, num_subsets, regulariser config incl. its intensity normalisation,
 shared flag, beta units), the training mode, the package version, and any extra
-plain-JSON entries given by the caller. A copy of the JSON is written beside the
+plain-JSON entries given by the caller, and ``projection_units`` (the units of the
+projections the model was trained on, :data:`~sirf_fbsem.projectors.base.PROJECTION_UNITS`;
+a model without it, trained before the package moved to SIRF's units, is refused). A copy of the JSON is written beside the
 model (``model.json``) for people to read; :func:`load_model` never reads it.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from .. import __version__
+from ..projectors.base import PROJECTION_UNITS
 from ..geometry import (
     GeometryError,
     ImageGeometry,
@@ -110,6 +113,7 @@ def save_model(path: str | os.PathLike, net: FBSEMNet, metadata: Mapping[str, An
                 "beta_units": net.beta_units,
             },
             "training_mode": metadata.get("training_mode"),
+            "projection_units": PROJECTION_UNITS,
             "sirf_fbsem_version": __version__,
             "format_version": MODEL_FORMAT_VERSION,
         }
@@ -169,6 +173,7 @@ def load_model(
         state = payload["state_dict"]
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise ModelFileError(f"model file {str(path)!r} is incomplete or corrupt: {err!r}") from None
+    _check_units(path, meta)
     sino = sinogram_geometry_from_dict(meta["sinogram_geometry"])
     img = image_geometry_from_dict(meta["image_geometry"])
     if expected_sinogram_geometry is not None:
@@ -196,6 +201,24 @@ def load_model(
     meta["sinogram_geometry"] = sino
     meta["image_geometry"] = img
     return net, meta
+
+
+def _check_units(path: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """Refuse a model trained on projections in other units than :data:`PROJECTION_UNITS`."""
+    units = meta.get("projection_units")
+    if units == PROJECTION_UNITS:
+        return
+    if units is None:
+        raise ModelFileError(
+            f"model file {str(path)!r} was trained in the embedded projector's former units (line integrals "
+            f"in mm, sirf_fbsem before 0.2); this sirf_fbsem computes in SIRF's units ({PROJECTION_UNITS!r}: "
+            f"lengths divided by the x voxel size), so its images would be on another scale. Retrain the "
+            f"model with this version (sirf-fbsem simulate + train)"
+        )
+    raise ModelFileError(
+        f"model file {str(path)!r}: field 'projection_units' is {units!r}; this sirf_fbsem reads models "
+        f"trained in {PROJECTION_UNITS!r}"
+    )
 
 
 def _image_mismatch(a: ImageGeometry, b: ImageGeometry, tol_mm: float = 1e-3) -> list[str]:

@@ -4,7 +4,9 @@ Mean of the measured prompts in a subset ``s`` of views::
 
     ybar_s = A_s x + b_s,     A_s = S_s G_s P
 
-with ``G`` the geometric projector (line integrals in mm), ``P`` an optional
+with ``G`` the geometric projector (line integrals in STIR's "pixel units": intersection
+lengths in mm divided by the image's x voxel size, as STIR's ray tracer and SIRF's
+``AcquisitionModelUsingRayTracingMatrix`` give them; :data:`PROJECTION_UNITS`), ``P`` an optional
 image-space PSF, ``S`` the multiplicative factors (normalisation x attenuation,
 per sinogram bin) and ``b`` the additive term (randoms + scatter, counts).
 
@@ -25,7 +27,15 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["AcquisitionModel", "adjoint_mismatch"]
+from ..geometry import ImageGeometry
+
+__all__ = ["AcquisitionModel", "adjoint_mismatch", "PROJECTION_UNITS"]
+
+#: The units of every backend's projections, recorded in model files
+#: (:mod:`sirf_fbsem.model.io`): intersection lengths divided by the image's x voxel size
+#: (STIR's ProjMatrixByBinUsingRayTracing without NEWSCALE; what SIRF returns). Images
+#: reconstructed from counts are then in counts x (x voxel size / mm) per voxel, SIRF's numbers.
+PROJECTION_UNITS = "stir_pixel_units"
 
 
 class AcquisitionModel(abc.ABC):
@@ -37,6 +47,8 @@ class AcquisitionModel(abc.ABC):
     sinogram_shape: tuple[int, int, int, int]
     #: number of OSEM subsets (views v with v % num_subsets == s form subset s)
     num_subsets: int
+    #: the voxel grid of the images (STIR's VoxelsOnCartesianGrid: shape, voxel sizes in mm, origin)
+    image_geometry: ImageGeometry
 
     # -------------------------------------------------------------- to implement
     @abc.abstractmethod
@@ -59,6 +71,18 @@ class AcquisitionModel(abc.ABC):
     def with_num_subsets(self, num_subsets: int) -> "AcquisitionModel":
         """The same model with another number of subsets (shares data, not caches)."""
 
+    @abc.abstractmethod
+    def with_terms(self, multiplicative=None, additive=None) -> "AcquisitionModel":
+        """The same geometry and subsets with other factors S and additive term b.
+
+        Each term is a (T,S,V,N) array (or (B,T,S,V,N) per sample where the backend allows
+        it), or None (S = 1, b = 0). Training uses this for each batch's terms.
+        """
+
+    @abc.abstractmethod
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "AcquisitionModel":
+        """The same model computing on / returning to ``device`` (and ``dtype`` where the backend can)."""
+
     # -------------------------------------------------------------- provided
     def forward(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         """Affine model ``A_s x + b_s`` (SIRF's ``forward``)."""
@@ -77,6 +101,22 @@ class AcquisitionModel(abc.ABC):
             ones = torch.ones(shape, dtype=self.dtype, device=self.device)
             cache[subset] = self.adjoint(ones, subset)
         return cache[subset]
+
+    def support(self) -> torch.Tensor:
+        """Boolean (Z,Y,X) mask of the voxels some LOR of the model sees: ``A^T 1 > 0``. Cached.
+
+        The engine's start image is 0 outside it (:func:`sirf_fbsem.recon.engine.start_image`):
+        ``A (x * support) = A x`` for every x, so OSEM from it equals OSEM from x (STIR's
+        uniform start), and no voxel that no data constrain is ever non-zero.
+        """
+        cached = self.__dict__.get("_support")
+        if cached is None:
+            ones = torch.ones(self.sinogram_shape, dtype=self.dtype, device=self.device)
+            with torch.no_grad():
+                back = self.adjoint(ones)
+            cached = (back.amax(dim=0) if back.dim() == 4 else back) > 0
+            self.__dict__["_support"] = cached
+        return cached
 
     def subset_sinogram_shape(self, subset: int | None) -> tuple[int, int, int, int]:
         t, s, _, n = self.sinogram_shape

@@ -1,6 +1,13 @@
 """The embedded acquisition model: STIR geometry, Joseph projector, factors, additive term, PSF.
 
-    ybar_s = m_s * G_s(P x) + b_s
+    ybar_s = m_s * G_s(P x) + b_s,      G = L / vx
+
+``L`` is the Joseph line integral (mm); ``G`` is in STIR's "pixel units": lengths
+divided by the image's x voxel size ``vx`` (mm), as STIR's ``ProjMatrixByBinUsingRayTracing``
+(and so SIRF's ``AcquisitionModelUsingRayTracingMatrix``) returns them. Projections,
+sensitivities and reconstructed images therefore carry SIRF's numbers: an image of ones
+projects to chord lengths in voxels, and OSEM of the same data gives the same image on
+either backend (:data:`~sirf_fbsem.projectors.base.PROJECTION_UNITS`).
 
 ``G`` traces the LORs of :mod:`sirf_fbsem.geometry` through the image with the
 Joseph kernels of :mod:`sirf_fbsem.projectors.joseph` (numba on CPU, torch on
@@ -13,10 +20,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..geometry import GeometryError, ImageGeometry, SinogramGeometry, subset_views
+from ..geometry import GeometryError, ImageGeometry, SinogramGeometry, stir_view_symmetry, subset_views
 from .base import AcquisitionModel
 from .psf import GaussianPSF
-from .rays import RayTable, make_ray_table
+from .rays import RayTable, make_ray_table, tangential_lor_offsets_mm
 
 __all__ = ["EmbeddedAcquisitionModel"]
 
@@ -35,6 +42,8 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         additive: additive term b (randoms + scatter, counts), same shapes; None means 0.
         psf_fwhm_mm: image-space Gaussian PSF FWHM (z, y, x) in mm, or a scalar for all axes.
         restrict_to_cylindrical_fov: trace only inside STIR's cylindrical FOV (STIR's default).
+        num_tangential_LORs: rays per bin across its width, each weighted 1/n, as STIR's ray
+            tracer (``set_num_tangential_LORs``; SIRF's default is 2, the embedded one 1).
         device, dtype: where and in which precision the model computes.
         backend: "auto" (numba on CPU, torch on CUDA), "numba" or "torch".
     """
@@ -52,15 +61,22 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        num_tangential_LORs: int = 1,
     ):
         image_geometry.check_fits(sinogram_geometry)
-        subset_views(sinogram_geometry.num_views, num_subsets, 0)  # validates num_subsets
+        #: STIR's view symmetries for this sinogram and image: they decide the subsets, as in SIRF's OSEM
+        self.view_symmetry = stir_view_symmetry(sinogram_geometry, image_geometry)
+        for s in range(int(num_subsets)):  # validates num_subsets (no empty subset)
+            subset_views(sinogram_geometry.num_views, num_subsets, s, self.view_symmetry)
         self.sinogram_geometry = sinogram_geometry
         self.image_geometry = image_geometry
         self.image_shape = image_geometry.shape
         self.sinogram_shape = sinogram_geometry.shape
         self.num_subsets = int(num_subsets)
         self.restrict_to_cylindrical_fov = restrict_to_cylindrical_fov
+        self.num_tangential_LORs = int(num_tangential_LORs)
+        self._lor_offsets = (None if self.num_tangential_LORs == 1
+                             else tangential_lor_offsets_mm(sinogram_geometry, self.num_tangential_LORs))
         self.backend = backend
         self._device = torch.device(device)
         self._dtype = dtype
@@ -90,6 +106,11 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         return t
 
     @property
+    def _pixel_unit(self) -> float:
+        """1 / vx (1/mm): turns Joseph's mm into STIR's pixel units."""
+        return 1.0 / self.image_geometry.voxel_size_mm[2]
+
+    @property
     def device(self) -> torch.device:
         return self._device
 
@@ -100,16 +121,18 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
     def subset_views(self, subset: int | None) -> np.ndarray:
         if subset is None:
             return np.arange(self.sinogram_geometry.num_views)
-        return subset_views(self.sinogram_geometry.num_views, self.num_subsets, subset)
+        return subset_views(self.sinogram_geometry.num_views, self.num_subsets, subset, self.view_symmetry)
 
-    def rays(self, subset: int | None) -> RayTable:
-        """Ray table of a subset (cached)."""
-        if subset not in self._rays:
+    def rays(self, subset: int | None, lor: int = 0) -> RayTable:
+        """Ray table of a subset (cached); ``lor``: the tangential sub-ray (< num_tangential_LORs)."""
+        key = subset if lor == 0 else (subset, lor)
+        if key not in self._rays:
             views = None if subset is None else self.subset_views(subset)
-            self._rays[subset] = make_ray_table(
-                self.sinogram_geometry, self.image_geometry, views, self.restrict_to_cylindrical_fov
+            offset = None if self._lor_offsets is None else self._lor_offsets[lor]
+            self._rays[key] = make_ray_table(
+                self.sinogram_geometry, self.image_geometry, views, self.restrict_to_cylindrical_fov, offset
             )
-        return self._rays[subset]
+        return self._rays[key]
 
     def _term(self, term: torch.Tensor | None, subset: int | None) -> torch.Tensor | None:
         return None if term is None else self.take_subset(term, subset)
@@ -140,9 +163,10 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         new = object.__new__(type(self))
         new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_sens_cache"})
         if num_subsets is not None and num_subsets != self.num_subsets:
-            subset_views(self.sinogram_geometry.num_views, num_subsets, 0)
+            for s in range(int(num_subsets)):
+                subset_views(self.sinogram_geometry.num_views, num_subsets, s, self.view_symmetry)
             new.num_subsets = int(num_subsets)
-            new._rays = {None: self._rays[None]} if None in self._rays else {}
+            new._rays = {k: v for k, v in self._rays.items() if k is None or (isinstance(k, tuple) and k[0] is None)}
         return new
 
     # ------------------------------------------------------------------ operators
@@ -154,7 +178,10 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         xb = xb.to(device=self._device, dtype=self._dtype)
         if self.psf is not None:
             xb = self.psf(xb)
-        y = joseph_forward(xb, self.rays(subset), backend=self.backend).unsqueeze(1)  # (B,1,S,Vs,N)
+        y = joseph_forward(xb, self.rays(subset), backend=self.backend)  # (B,S,Vs,N), mm
+        for lor in range(1, self.num_tangential_LORs):
+            y = y + joseph_forward(xb, self.rays(subset, lor), backend=self.backend)
+        y = (y * (self._pixel_unit / self.num_tangential_LORs)).unsqueeze(1)
         m = self._term(self.multiplicative, subset)
         if m is not None:
             y = y * m
@@ -168,7 +195,11 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         m = self._term(self.multiplicative, subset)
         if m is not None:
             yb = yb * m
-        x = joseph_adjoint(yb.sum(dim=1), self.rays(subset), backend=self.backend)
+        y_sum = yb.sum(dim=1)
+        x = joseph_adjoint(y_sum, self.rays(subset), backend=self.backend)
+        for lor in range(1, self.num_tangential_LORs):
+            x = x + joseph_adjoint(y_sum, self.rays(subset, lor), backend=self.backend)
+        x = x * (self._pixel_unit / self.num_tangential_LORs)
         if self.psf is not None:
             x = self.psf(x)
         return x[0] if single and x.shape[0] == 1 else x

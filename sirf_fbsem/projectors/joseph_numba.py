@@ -70,16 +70,56 @@ def _clip_axis(A, B, n, n_p, k_lo, k_hi):
 
 
 @njit(cache=True)
-def _fov_range(s, fov, Pp, dp, op, vp, n_p):
-    """Planes of the principal axis whose crossing lies in |u| <= sqrt(fov^2 - s^2) and in the image."""
-    if fov < math.inf:
-        if abs(s) >= fov:
-            return 1.0, 0.0
-        L = math.sqrt(fov * fov - s * s)
-        wa = (Pp - L * dp - op) / vp
-        wb = (Pp + L * dp - op) / vp
+def _end_voxel_exit(u, direction, s, cphi, sphi, x0, y0, vx, vy):
+    """u where the ray, going on from ``u`` in ``direction`` (+1 or -1), leaves the voxel holding X(u).
+
+    In-plane, with X(u) = s cos(phi) + u sin(phi), Y(u) = s sin(phi) - u cos(phi) and voxel
+    boundaries half-way between the voxel centres x0 + i vx, y0 + j vy.
+    """
+    out = math.inf
+    for P, d, o, v in ((s * cphi, sphi, x0, vx), (s * sphi, -cphi, y0, vy)):
+        if abs(d) > 1e-9:
+            i = np.floor((P + u * d - o) / v + 0.5)
+            boundary = o + (i + 0.5 * direction * (1.0 if d > 0 else -1.0)) * v
+            out = min(out, (boundary - P) / (d * direction))
+    return direction * out
+
+
+@njit(cache=True)
+def stir_u_range(s, cphi, sphi, fov, x0, y0, vx, vy):
+    """The traced part ``[u_lo, u_hi]`` of an in-plane ray, as STIR's ray tracer.
+
+    STIR (``ProjMatrixByBinUsingRayTracing``) cuts the LOR at the cylindrical FOV,
+    |u| <= sqrt(fov^2 - s^2), and its Siddon tracer (``RayTraceVoxelsOnCartesianGrid``) then
+    runs from where the ray enters the voxel holding one end point to where it leaves the
+    voxel holding the other: both ends reach out to their voxel's boundary.
+    Returns (1, 0) when |s| >= fov (no ray).
+    """
+    if abs(s) >= fov:
+        return 1.0, 0.0
+    L = math.sqrt(fov * fov - s * s)
+    u_hi = _end_voxel_exit(L, 1.0, s, cphi, sphi, x0, y0, vx, vy)
+    u_lo = _end_voxel_exit(-L, -1.0, s, cphi, sphi, x0, y0, vx, vy)
+    return u_lo, u_hi
+
+
+@njit(cache=True)
+def _fov_range(u_lo, u_hi, Pp, dp, op, vp, n_p):
+    """Planes of the principal axis whose crossing lies in u_lo <= u <= u_hi and in the image."""
+    if u_lo > u_hi:
+        return 1.0, 0.0
+    if u_hi < math.inf:
+        wa = (Pp + u_lo * dp - op) / vp
+        wb = (Pp + u_hi * dp - op) / vp
         return max(np.ceil(min(wa, wb)), 0.0), min(np.floor(max(wa, wb)), n_p - 1.0)
     return 0.0, n_p - 1.0
+
+
+@njit(cache=True)
+def _u_range(s, cphi, sphi, fov, x0, y0, vx, vy):
+    if fov < math.inf:
+        return stir_u_range(s, cphi, sphi, fov, x0, y0, vx, vy)
+    return -math.inf, math.inf
 
 
 @njit(cache=True)
@@ -88,8 +128,12 @@ def _setup_inplane(cphi, sphi, s, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0):
 
     Returns ``(p, n_p, k_lo, k_hi, A1, B1, tp, B2, step)``: for p = 0 (z) only
     ``p``, ``n_p`` and ``step`` are meaningful. Otherwise q2 is z and ``A2 = (zc + tp * -tan_theta - z0) / vz``;
-    ``k_lo, k_hi`` are limited by the FOV and by q1 (not yet by z).
+    ``k_lo, k_hi`` are limited by the FOV and by q1 (not yet by z). A NaN ``tt`` (no LOR:
+    an arc-corrected bin with |s| >= R in an oblique segment, see :mod:`.rays`) gives an
+    empty range with p = 2 and step 0.
     """
+    if tt != tt:
+        return 2, nx, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     dz = -tt
     dy = -cphi
     dx = sphi
@@ -110,7 +154,8 @@ def _setup_inplane(cphi, sphi, s, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0):
         Pp, dp, op, vp, n_p = s * sphi, dy, y0, vy, ny
         P1, d1, o1, v1, n1 = s * cphi, dx, x0, vx, nx
     step = vp * math.sqrt(dx * dx + dy * dy + dz * dz) / abs(dp)
-    k_lo, k_hi = _fov_range(s, fov, Pp, dp, op, vp, n_p)
+    u_lo, u_hi = _u_range(s, cphi, sphi, fov, x0, y0, vx, vy)
+    k_lo, k_hi = _fov_range(u_lo, u_hi, Pp, dp, op, vp, n_p)
     tp = (op - Pp) / dp  # u at plane 0
     A1 = (P1 + tp * d1 - o1) / v1
     B1 = (vp * d1) / (dp * v1)
@@ -127,7 +172,7 @@ def ray_setup(cphi, sphi, s, zc, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0):
     Returns ``(k_lo, k_hi, p, A1, B1, A2, B2, step)``: planes ``k_lo..k_hi`` of the
     principal axis ``p`` (0 z, 1 y, 2 x; ``k_lo > k_hi`` when the ray misses), the
     secondary coordinates (axes ``q1, q2`` = (x, z) for p = y, (y, z) for p = x,
-    (x, y) for p = z) and the path length per plane in mm.
+    (x, y) for p = z) and the path length per plane in mm. A NaN ``tt`` gives an empty range.
     """
     p, n_p, k_lo, k_hi, A1, B1, tp, B2, step = _setup_inplane(
         cphi, sphi, s, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
@@ -139,7 +184,8 @@ def ray_setup(cphi, sphi, s, zc, tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0):
         dz = -tt
         dy = -cphi
         dx = sphi
-        k_lo, k_hi = _fov_range(s, fov, zc, dz, z0, vz, nz)
+        u_lo, u_hi = _u_range(s, cphi, sphi, fov, x0, y0, vx, vy)
+        k_lo, k_hi = _fov_range(u_lo, u_hi, zc, dz, z0, vz, nz)
         tp = (z0 - zc) / dz
         A1 = (s * cphi + tp * dx - x0) / vx
         B1 = (vz * dx) / (dz * vx)
@@ -171,7 +217,7 @@ def row_blocks(m: np.ndarray, tan_theta: np.ndarray, samp: np.ndarray, n_ax: np.
                 abs(d - k) < _SNAP_TOL
                 and samp[r] == samp[r0]
                 and n_ax[r] == n_ax[r0]
-                and np.array_equal(tan_theta[r], tan_theta[r0])
+                and np.array_equal(tan_theta[r], tan_theta[r0], equal_nan=True)
             ):
                 dz[r] = k
                 continue

@@ -71,6 +71,25 @@ def _clip_axis(A, B, n, n_p, k_lo, k_hi, empty):
     return A, B, k_lo, k_hi, empty
 
 
+def _end_voxel_exit(u, direction: float, s, cphi, sphi, x0, y0, vx: float, vy: float):
+    """Vectorised :func:`.joseph_numba._end_voxel_exit`."""
+    out = torch.full_like(s, math.inf)
+    for P, d, o, v in ((s * cphi, sphi, x0, vx), (s * sphi, -cphi, y0, vy)):
+        ok = d.abs() > 1e-9
+        ds = torch.where(ok, d, torch.ones_like(d))
+        i = torch.floor((P + u * ds - o) / v + 0.5)
+        boundary = o + (i + 0.5 * direction * torch.sign(ds)) * v
+        out = torch.where(ok, torch.minimum(out, (boundary - P) / (ds * direction)), out)
+    return direction * out
+
+
+def _stir_u_range(s, cphi, sphi, fov: float, x0, y0, vx: float, vy: float):
+    """Vectorised :func:`.joseph_numba.stir_u_range` (callers mark |s| >= fov empty)."""
+    L = torch.sqrt((fov * fov - s * s).clamp_min(0.0))
+    return (_end_voxel_exit(-L, -1.0, s, cphi, sphi, x0, y0, vx, vy),
+            _end_voxel_exit(L, 1.0, s, cphi, sphi, x0, y0, vx, vy))
+
+
 def _setup(tb: _Tables, r: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sub: torch.Tensor):
     """Set-up of the rays (row r, view v, tangential t, sub-ray sub), vectorised.
 
@@ -81,6 +100,8 @@ def _setup(tb: _Tables, r: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sub: 
     n = tb.n_ax[r].to(torch.float64)
     zc = tb.m[r] + ((sub.to(torch.float64) + 0.5) / n - 0.5) * tb.samp[r]
     cphi, sphi, s, tt = tb.cos_phi[v], tb.sin_phi[v], tb.s[t], tb.tan_theta[r, t]
+    no_lor = torch.isnan(tt)  # arc-corrected |s| >= R in an oblique segment: not traced (see .rays)
+    tt = torch.where(no_lor, torch.zeros_like(tt), tt)
     dz, dy, dx = -tt, -cphi, sphi
     P = torch.stack([zc, s * sphi, s * cphi], dim=1)
     D = torch.stack([dz, dy, dx], dim=1)
@@ -109,15 +130,16 @@ def _setup(tb: _Tables, r: torch.Tensor, v: torch.Tensor, t: torch.Tensor, sub: 
     if math.isfinite(tb.fov):
         fov = tb.fov
         empty = s.abs() >= fov
-        L = torch.sqrt((fov * fov - s * s).clamp_min(0.0))
-        wa = (Pp - L * dp - op) / vp
-        wb = (Pp + L * dp - op) / vp
+        u_lo, u_hi = _stir_u_range(s, cphi, sphi, fov, O[2], O[1], vx, vy)
+        wa = (Pp + u_lo * dp - op) / vp
+        wb = (Pp + u_hi * dp - op) / vp
         k_lo = torch.ceil(torch.minimum(wa, wb)).clamp_min(0.0)
         k_hi = torch.minimum(torch.floor(torch.maximum(wa, wb)), n_p - 1.0)
     else:
         empty = torch.zeros_like(s, dtype=torch.bool)
         k_lo = torch.zeros_like(s)
         k_hi = n_p - 1.0
+    empty = empty | no_lor
     tp = (op - Pp) / dp
     A1 = (P1 + tp * d1 - o1) / v1
     B1 = (vp * d1) / (dp * v1)

@@ -16,6 +16,20 @@ the voxel size in z, n rays are traced at ``dz = ((i + 0.5)/n - 0.5) * sampling`
 each weighted 1/n (for n = 2 this is STIR's half-weight neighbour planes).
 With ``fov_radius_mm`` finite, only |u| <= sqrt(R_fov^2 - s^2) is traced (STIR's
 default ``restrict_to_cylindrical_FOV``).
+
+What is traced, as STIR's ``ProjMatrixByBinUsingRayTracing`` (rel_6.4.0) does it:
+
+* R_fov comes from the image alone, ``min(min(max i, -min i) vx, min(max j, -min j) vy)``
+  (:meth:`ImageGeometry.fov_radius_mm`); it is not limited by the detector ring, so an
+  image wider than the ring is traced out to its own FOV, past the detectors.
+* In z nothing bounds a ray but the image's planes (STIR: "assuming infinitely long
+  scanner"; voxels outside the image's planes are dropped in ``forward_project``), so
+  planes past the scanner's axial extent contribute wherever oblique LORs cross them.
+* Arc-corrected bins with |s| >= R (the ring radius) have no detector pair. In segments
+  with a mean ring difference of 0 they are ordinary lines (tan theta = 0) and are
+  traced where they cross the FOV, as STIR does; in oblique segments STIR's tan theta is
+  undefined (sqrt of a negative number) and the table holds NaN there: the kernels
+  leave such rays empty.
 """
 from __future__ import annotations
 
@@ -26,7 +40,7 @@ import numpy as np
 
 from ..geometry import GeometryError, ImageGeometry, SinogramGeometry
 
-__all__ = ["RayTable", "make_ray_table"]
+__all__ = ["RayTable", "make_ray_table", "tangential_lor_offsets_mm"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +51,7 @@ class RayTable:
     sin_phi: np.ndarray  # [V]
     s: np.ndarray  # [N] mm
     m: np.ndarray  # [S] mm, scanner-centred axial position of the LOR middle
-    tan_theta: np.ndarray  # [S, N]
+    tan_theta: np.ndarray  # [S, N]; NaN: no LOR, not traced
     axial_sampling: np.ndarray  # [S] mm
     num_axial_rays: np.ndarray  # [S] int64, >= 1
     image_shape: tuple[int, int, int]  # (nz, ny, nx)
@@ -51,14 +65,55 @@ class RayTable:
         return (self.m.shape[0], self.cos_phi.shape[0], self.s.shape[0])
 
 
+def _tan_theta_table(sino: SinogramGeometry, s: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """tan(theta) per (row, tangential position), shape (S, N).
+
+    ``tan theta = delta * ring_spacing / (2 sqrt(R^2 - s^2))`` (STIR's ``get_tantheta``); 0 for
+    rows with a mean ring difference of 0; NaN (not traced) for |s| >= R in the other rows.
+    """
+    R = sino.scanner.effective_ring_radius_mm
+    beyond = np.abs(s) >= R
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tan_theta = delta[:, None] * sino.scanner.ring_spacing_mm / (2.0 * np.sqrt(R * R - s[None, :] ** 2))
+    tan_theta[:, beyond] = np.nan
+    tan_theta[np.abs(delta) < 1e-4, :] = 0.0
+    return np.ascontiguousarray(tan_theta)
+
+
+def tangential_lor_offsets_mm(sino: SinogramGeometry, num_tangential_LORs: int) -> np.ndarray:
+    """s offsets (mm) of STIR's tangential sub-rays, shape (n, N).
+
+    As ``ProjMatrixByBinUsingRayTracing`` with ``num_tangential_LORs = n``: sub-ray i of bin t
+    sits at ``s(t) + (i - (n - 1)/2) * sampling(t) / n`` with STIR's
+    ``get_sampling_in_s(t) = |s(t+1) - s(t-1)| / 2``; each has weight 1/n, and all keep the
+    bin's tan(theta).
+    """
+    n = int(num_tangential_LORs)
+    if n < 1:
+        raise GeometryError(f"num_tangential_LORs must be >= 1, got {num_tangential_LORs}")
+    t = sino.tangential_pos_nums().astype(np.float64)
+
+    def s_of(tt: np.ndarray) -> np.ndarray:  # as SinogramGeometry.s_mm, for any t
+        if sino.arc_corrected:
+            return tt * sino.tangential_bin_size_mm
+        return sino.scanner.effective_ring_radius_mm * np.sin(tt * sino.angular_increment_rad)
+
+    sampling = np.abs(s_of(t + 1) - s_of(t - 1)) / 2.0
+    return (np.arange(n)[:, None] - (n - 1) / 2.0) * sampling[None, :] / n
+
+
 def make_ray_table(
     sino: SinogramGeometry,
     image: ImageGeometry,
     views: np.ndarray | None = None,
     restrict_to_cylindrical_fov: bool = True,
+    s_offset_mm: np.ndarray | None = None,
 ) -> RayTable:
-    """Rays of ``views`` (all when None) of ``sino`` through the voxel grid ``image``."""
-    image.check_fits(sino)
+    """Rays of ``views`` (all when None) of ``sino`` through the voxel grid ``image``.
+
+    Any image is accepted, including one reaching past the ring or the scanner's axial
+    extent (see the module docstring); :meth:`ImageGeometry.check_fits` says so.
+    """
     phi = sino.phi_rad()
     if views is not None:
         views = np.asarray(views, dtype=np.int64)
@@ -67,18 +122,9 @@ def make_ray_table(
         phi = phi[views]
     s = sino.s_mm()
     m, delta, samp = sino.sinogram_lor_tables()
-    R = sino.scanner.effective_ring_radius_mm
-    beyond = np.abs(s) >= R  # arc-corrected bins outside the ring: no LOR
-    if beyond.any() and not restrict_to_cylindrical_fov:
-        raise GeometryError(
-            f"{int(beyond.sum())} tangential positions reach |s| >= the ring radius {R:.1f} mm (largest "
-            f"{float(np.abs(s).max()):.1f} mm); they have no LOR: use restrict_to_cylindrical_fov=True, "
-            "which leaves them empty as STIR's ray tracer does"
-        )
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tan_theta = delta[:, None] * sino.scanner.ring_spacing_mm / (2.0 * np.sqrt(R * R - s[None, :] ** 2))
-    tan_theta[np.abs(delta) < 1e-4, :] = 0.0
-    tan_theta[:, beyond] = 0.0  # never traced: |s| >= R > FOV radius (check_fits)
+    tan_theta = _tan_theta_table(sino, s, delta)  # of the bin, also for its tangential sub-rays
+    if s_offset_mm is not None:  # a tangential sub-ray (tangential_lor_offsets_mm)
+        s = s + np.asarray(s_offset_mm, dtype=np.float64)
     vz = image.voxel_size_mm[0]
     # STIR: ceil(sampling / vz - 1e-3) rays per axial position
     n_ax = np.maximum(1, np.ceil(samp / vz - 1e-3)).astype(np.int64)
@@ -89,7 +135,7 @@ def make_ray_table(
         sin_phi=np.sin(phi),
         s=s,
         m=m,
-        tan_theta=np.ascontiguousarray(tan_theta),
+        tan_theta=tan_theta,
         axial_sampling=samp,
         num_axial_rays=n_ax,
         image_shape=image.shape,

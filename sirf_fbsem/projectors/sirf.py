@@ -47,7 +47,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..geometry import GeometryError, ImageGeometry, Scanner, Segment, SinogramGeometry, subset_views
+from ..geometry import GeometryError, ImageGeometry, Scanner, Segment, SinogramGeometry, stir_view_symmetry, subset_views
 from .base import AcquisitionModel
 
 __all__ = [
@@ -87,6 +87,11 @@ def _to_float32_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         t = t.detach().to(device="cpu", dtype=torch.float32).numpy()
     return np.ascontiguousarray(t, dtype=np.float32)
+
+
+def acq_shape(acq: SirfObject) -> tuple[int, int, int, int]:
+    """(T,S,V,N) of AcquisitionData."""
+    return _as_4d(_acquisition_dims(acq))
 
 
 def _acquisition_dims(acq: SirfObject) -> tuple[int, ...]:
@@ -319,6 +324,54 @@ def image_geometry_from_sirf(image: SirfObject) -> ImageGeometry:
     return ImageGeometry(shape, vsize, origin)  # type: ignore[arg-type]
 
 
+def sirf_templates(sinogram_geometry: SinogramGeometry, image_geometry: ImageGeometry) -> tuple[SirfObject, SirfObject]:
+    """``sirf.STIR`` (AcquisitionData, ImageData) templates of our geometries, held in memory.
+
+    Both are written as Interfile by the package's own writer (the same headers STIR
+    reads from scanner exports) into a temporary folder, read by SIRF, and copied into
+    memory-backed objects before the folder goes; SIRF's storage scheme is restored.
+    """
+    pet = _sirf_stir()
+    from ..io.interfile import write_image, write_projdata
+
+    with tempfile.TemporaryDirectory(prefix="sirf_fbsem_") as tmp, _memory_storage(pet):
+        sino_path, image_path = Path(tmp) / "template.hs", Path(tmp) / "template.hv"
+        write_projdata(sino_path, sinogram_geometry, np.zeros(sinogram_geometry.shape, dtype=np.float32))
+        write_image(image_path, image_geometry, np.zeros(image_geometry.shape, dtype=np.float32))
+        acq = _in_memory(pet, pet.AcquisitionData(str(sino_path)))
+        image = pet.ImageData(str(image_path)).clone()
+    return acq, image
+
+
+class _memory_storage:
+    """Context: SIRF's AcquisitionData storage scheme is ``'memory'`` inside, the caller's after."""
+
+    def __init__(self, pet: Any):
+        self.pet = pet
+        self.saved = "memory"
+
+    def __enter__(self) -> None:
+        self.saved = self.pet.AcquisitionData.get_storage_scheme()
+        if self.saved != "memory":
+            self.pet.AcquisitionData.set_storage_scheme("memory")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved != "memory":
+            self.pet.AcquisitionData.set_storage_scheme(self.saved)
+
+
+def _in_memory(pet: Any, acq: SirfObject) -> SirfObject:
+    """A memory-backed copy of AcquisitionData (call inside :class:`_memory_storage`).
+
+    File-backed data (SIRF's default ``'file'`` scheme, or data read from a file) cannot
+    give subsets (``get_subset`` fails in STIR's Interfile writer); a copy made while the
+    scheme is ``'memory'`` can.
+    """
+    out = acq.get_uniform_copy(0.0)
+    out.fill(acq)
+    return out
+
+
 # --------------------------------------------------------------------- model factories
 def _ray_tracing_model(num_tangential_LORs: int):
     pet = _sirf_stir()
@@ -407,9 +460,11 @@ class SIRFAcquisitionModel(AcquisitionModel):
         image_data_processor: optional ``sirf.STIR.ImageDataProcessor`` for P (PSF).
         num_subsets: views v with v % num_subsets == s form subset s.
 
-    Side effect: sets SIRF's global AcquisitionData storage scheme to ``'memory'`` (as
-    SIRF's torch examples and PETRIC do); file-backed scratch data would make every
-    conversion touch the disk.
+    Storage: SIRF's AcquisitionData storage scheme is left as the caller set it (SIRF's
+    default ``'file'`` included). The model keeps memory-backed copies of the templates and
+    factors, and switches the scheme to ``'memory'`` only while it makes SIRF objects
+    (subsets, conversions), restoring it afterwards; file-backed data cannot give
+    subsets, and file-backed scratch data would make every conversion touch the disk.
 
     Memory: the full factors and the constant term (one sinogram each), plus per-subset
     templates and factors (one more of each in all), plus what each SIRF model caches.
@@ -425,6 +480,7 @@ class SIRFAcquisitionModel(AcquisitionModel):
         constant_term: torch.Tensor | None = None,
         image_data_processor: SirfObject | None = None,
         num_subsets: int = 1,
+        device: str | torch.device = "cpu",
     ):
         pet = _sirf_stir()
         if not isinstance(acquisition_template, pet.AcquisitionData):
@@ -435,18 +491,20 @@ class SIRFAcquisitionModel(AcquisitionModel):
             raise TypeError(f"image_template must be sirf.STIR.ImageData, got {type(image_template).__name__}")
         if not callable(model_factory):
             raise TypeError(f"model_factory must be callable, got {type(model_factory).__name__}")
-        if pet.AcquisitionData.get_storage_scheme() != "memory":
-            pet.AcquisitionData.set_storage_scheme("memory")
-        self.image_template = image_template
-        self.image_shape = tuple(int(n) for n in image_template.dimensions())  # type: ignore[assignment]
-        self.sinogram_shape = _as_4d(_acquisition_dims(acquisition_template))
-        subset_views(self.sinogram_shape[2], num_subsets, 0)  # validates num_subsets
-        self.num_subsets = int(num_subsets)
         if multiplicative_factors is not None and not isinstance(multiplicative_factors, pet.AcquisitionData):
             raise TypeError(
                 f"multiplicative_factors must be sirf.STIR.AcquisitionData or None, "
                 f"got {type(multiplicative_factors).__name__}"
             )
+        with _memory_storage(pet):
+            acquisition_template = _in_memory(pet, acquisition_template)
+            if multiplicative_factors is not None:
+                multiplicative_factors = _in_memory(pet, multiplicative_factors)
+        self.image_template = image_template
+        self.image_shape = tuple(int(n) for n in image_template.dimensions())  # type: ignore[assignment]
+        self.sinogram_shape = _as_4d(_acquisition_dims(acquisition_template))
+        subset_views(self.sinogram_shape[2], num_subsets, 0)  # validates num_subsets
+        self.num_subsets = int(num_subsets)
         if constant_term is not None:
             constant_term = _term_tensor(constant_term, "constant_term", self.sinogram_shape)
         self._acq_template = acquisition_template
@@ -456,6 +514,10 @@ class SIRFAcquisitionModel(AcquisitionModel):
         self._processor = image_data_processor
         self._templates: dict[int | None, SirfObject] = {None: acquisition_template}
         self._models: dict[int | None, SirfObject] = {}
+        self._device = torch.device(device)
+        self._image_geometry: ImageGeometry | None = None
+        self._sinogram_geometry: SinogramGeometry | None = None
+        self._view_symmetry: str | None = None
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -573,6 +635,111 @@ class SIRFAcquisitionModel(AcquisitionModel):
             num_subsets=num_subsets,
         )
 
+    @classmethod
+    def from_geometry(
+        cls,
+        sinogram_geometry: SinogramGeometry,
+        image_geometry: ImageGeometry,
+        *,
+        num_subsets: int = 1,
+        multiplicative: Any = None,
+        additive: Any = None,
+        psf_fwhm_mm: Any = None,
+        num_tangential_LORs: int = 1,
+        device: str | torch.device = "cpu",
+    ) -> "SIRFAcquisitionModel":
+        """SIRF's ray-tracing model for the package's geometries and (T,S,V,N) arrays of terms.
+
+        ``ybar = S (G P x) + b`` with S = ``multiplicative`` (None: 1), b = ``additive``
+        (counts, None: 0), P a SIRF ``SeparableGaussianImageFilter`` of ``psf_fwhm_mm``
+        (z, y, x) when given. One tangential LOR by default: the ray tracing the embedded
+        projector reproduces (``--backend sirf`` gives the embedded backend's numbers).
+        """
+        pet = _sirf_stir()
+        acq, image = sirf_templates(sinogram_geometry, image_geometry)
+        factors = None
+        if multiplicative is not None:
+            with _memory_storage(pet):
+                factors = to_sirf_acquisition(_term_tensor(multiplicative, "multiplicative", acq_shape(acq)), acq)
+        processor = None
+        if psf_fwhm_mm is not None and np.any(np.asarray(psf_fwhm_mm, dtype=float) > 0):
+            fwhm = np.broadcast_to(np.asarray(psf_fwhm_mm, dtype=np.float32), (3,))
+            processor = pet.SeparableGaussianImageFilter()
+            processor.set_fwhms(tuple(float(v) for v in fwhm))
+        model = cls(
+            acq, image,
+            model_factory=partial(_ray_tracing_model, int(num_tangential_LORs)),
+            multiplicative_factors=factors,
+            constant_term=None if additive is None else _term_tensor(additive, "additive", acq_shape(acq)),
+            image_data_processor=processor,
+            num_subsets=num_subsets,
+            device=device,
+        )
+        model._image_geometry, model._sinogram_geometry = image_geometry, sinogram_geometry
+        return model
+
+    # ------------------------------------------------------------------ geometry, device
+    @property
+    def image_geometry(self) -> ImageGeometry:
+        """The :class:`ImageGeometry` of the image template (read from SIRF once)."""
+        if self._image_geometry is None:
+            self._image_geometry = image_geometry_from_sirf(self.image_template)
+        return self._image_geometry
+
+    @property
+    def sinogram_geometry(self) -> SinogramGeometry:
+        """The :class:`SinogramGeometry` of the acquisition template (read from SIRF once)."""
+        if self._sinogram_geometry is None:
+            self._sinogram_geometry = sinogram_geometry_from_sirf(self._acq_template)
+        return self._sinogram_geometry
+
+    @property
+    def device(self) -> torch.device:
+        """Where results are returned (SIRF itself computes on the CPU)."""
+        return self._device
+
+    def _copy(self, **changes: Any) -> "SIRFAcquisitionModel":
+        kwargs = dict(
+            model_factory=self._factory, multiplicative_factors=self._factors, constant_term=self._constant,
+            image_data_processor=self._processor, num_subsets=self.num_subsets, device=self._device)
+        kwargs.update(changes)
+        new = type(self)(self._acq_template, self.image_template, **kwargs)
+        new._image_geometry, new._sinogram_geometry = self._image_geometry, self._sinogram_geometry
+        new._view_symmetry = self._view_symmetry
+        if "_support" in self.__dict__:  # the geometry's, shared (factors > 0 do not change it)
+            new.__dict__["_support"] = self.__dict__["_support"]
+        return new
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SIRFAcquisitionModel":
+        """The same model returning results on ``device`` (SIRF computes in float32 on the CPU)."""
+        if dtype is not None and dtype != torch.float32:
+            raise ValueError(f"the SIRF backend computes in float32; dtype {dtype} is not available")
+        return self._copy(device=self._device if device is None else torch.device(device))
+
+    def with_terms(self, multiplicative: Any = None, additive: Any = None) -> "SIRFAcquisitionModel":
+        """The same geometry and subsets with other factors S and additive term b ((T,S,V,N) each, or None).
+
+        Per-sample terms (B,T,S,V,N) are not available on the SIRF backend (one SIRF model
+        holds one set of factors); a batch of one is accepted.
+        """
+        pet = _sirf_stir()
+        factors = None
+        if multiplicative is not None:
+            with _memory_storage(pet):
+                factors = to_sirf_acquisition(self._one_term(multiplicative, "multiplicative"), self._acq_template)
+        constant = None if additive is None else self._one_term(additive, "additive")
+        return self._copy(multiplicative_factors=factors, constant_term=constant)
+
+    def _one_term(self, term: Any, name: str) -> torch.Tensor:
+        """A (T,S,V,N) float32 tensor from a (T,S,V,N) or (1,T,S,V,N) term (checked: finite, >= 0)."""
+        t = torch.as_tensor(term)
+        if t.dim() == 5:
+            if t.shape[0] != 1:
+                raise ValueError(f"the SIRF backend takes one {name} term, not a batch of {t.shape[0]}; "
+                                 "loop over the samples (train with --batch-size 1)")
+            t = t[0]
+        return _term_tensor(t, name, self.sinogram_shape)
+
     # ------------------------------------------------------------------ SIRF objects
     def _key(self, subset: int | None) -> int | None:
         """None when the subset is the whole sinogram (then the full template and model serve)."""
@@ -587,7 +754,8 @@ class SIRFAcquisitionModel(AcquisitionModel):
         key = self._key(subset)
         if key not in self._templates:
             views = [int(v) for v in self.subset_views(key)]
-            self._templates[key] = self._acq_template.get_subset(views)
+            with _memory_storage(_sirf_stir()):
+                self._templates[key] = self._acq_template.get_subset(views)
         return self._templates[key]
 
     def sirf_model(self, subset: int | None = None) -> SirfObject:
@@ -595,19 +763,24 @@ class SIRFAcquisitionModel(AcquisitionModel):
         key = self._key(subset)
         if key not in self._models:
             pet = _sirf_stir()
-            am = self._factory()
-            template = self.acquisition_template(key)
-            if self._factors is not None:
-                views = self.subset_views(key)
-                factors = self._factors if key is None else self._factors.get_subset([int(v) for v in views])
-                asm = pet.AcquisitionSensitivityModel(factors)  # S from bin factors (SIRF inverts them once)
-                asm.set_up(template)
-                am.set_acquisition_sensitivity(asm)
-            if self._processor is not None:
-                am.set_image_data_processor(self._processor)
-            am.set_up(template, self.image_template)
-            self._models[key] = am
+            with _memory_storage(pet):
+                self._models[key] = self._new_sirf_model(pet, key)
         return self._models[key]
+
+    def _new_sirf_model(self, pet: Any, key: int | None) -> SirfObject:
+        """A set-up SIRF model of one subset (call with the storage scheme at 'memory')."""
+        am = self._factory()
+        template = self.acquisition_template(key)
+        if self._factors is not None:
+            views = self.subset_views(key)
+            factors = self._factors if key is None else self._factors.get_subset([int(v) for v in views])
+            asm = pet.AcquisitionSensitivityModel(factors)  # S from bin factors (SIRF inverts them once)
+            asm.set_up(template)
+            am.set_acquisition_sensitivity(asm)
+        if self._processor is not None:
+            am.set_image_data_processor(self._processor)
+        am.set_up(template, self.image_template)
+        return am
 
     def multiplicative_factors(self, subset: int | None = None) -> torch.Tensor | None:
         """S of a subset as a tensor (T,S,V_s,N), or None when S = 1."""
@@ -616,25 +789,23 @@ class SIRFAcquisitionModel(AcquisitionModel):
         return self.take_subset(from_sirf(self._factors), subset)
 
     # ------------------------------------------------------------------ contract
+    @property
+    def view_symmetry(self) -> str:
+        """STIR's view symmetries of this sinogram and image (they decide the subsets, as in SIRF's OSEM)."""
+        if self._view_symmetry is None:
+            self._view_symmetry = stir_view_symmetry(self.sinogram_geometry, self.image_geometry)
+        return self._view_symmetry
+
     def subset_views(self, subset: int | None) -> np.ndarray:
         if subset is None:
             return np.arange(self.sinogram_shape[2])
-        return subset_views(self.sinogram_shape[2], self.num_subsets, subset)
+        return subset_views(self.sinogram_shape[2], self.num_subsets, subset, self.view_symmetry)
 
     def with_num_subsets(self, num_subsets: int) -> "SIRFAcquisitionModel":
-        new = type(self)(
-            self._acq_template,
-            self.image_template,
-            model_factory=self._factory,
-            multiplicative_factors=self._factors,
-            constant_term=self._constant,
-            image_data_processor=self._processor,
-            num_subsets=num_subsets,
-        )
+        new = self._copy(num_subsets=num_subsets)
         if None in self._models:
             new._models[None] = self._models[None]
         return new
-
 
     @staticmethod
     def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -644,7 +815,8 @@ class SIRFAcquisitionModel(AcquisitionModel):
         """``A_s x``: (Z,Y,X) or (B,Z,Y,X) -> (T,S,V_s,N) or (B,T,S,V_s,N)."""
         xb, single = self.as_batch(x, self.image_shape, "image (z,y,x)")
         model = self.sirf_model(subset)
-        out = [from_sirf(model.direct(to_sirf_image(item, self.image_template))) for item in xb]
+        with _memory_storage(_sirf_stir()):
+            out = [from_sirf(model.direct(to_sirf_image(item, self.image_template))) for item in xb]
         y = torch.stack(out).to(device=x.device, dtype=self._out_dtype(x))
         return y[0] if single else y
 
@@ -653,15 +825,16 @@ class SIRFAcquisitionModel(AcquisitionModel):
         yb, single = self.as_batch(y, self.subset_sinogram_shape(subset), f"sinogram of subset {subset}")
         model = self.sirf_model(subset)
         template = self.acquisition_template(subset)
-        out = [from_sirf(model.adjoint(to_sirf_acquisition(item, template))) for item in yb]
+        with _memory_storage(_sirf_stir()):
+            out = [from_sirf(model.adjoint(to_sirf_acquisition(item, template))) for item in yb]
         x = torch.stack(out).to(device=y.device, dtype=self._out_dtype(y))
         return x[0] if single else x
 
     def additive_term(self, subset: int | None = None) -> torch.Tensor:
         """``c_s = S_s a_s + b_s`` (counts), (T,S,V_s,N), float32 on the CPU."""
         if self._constant is None:
-            return torch.zeros(self.subset_sinogram_shape(subset), dtype=torch.float32)
-        return self.take_subset(self._constant, subset)
+            return torch.zeros(self.subset_sinogram_shape(subset), dtype=torch.float32, device=self._device)
+        return self.take_subset(self._constant, subset).to(self._device)
 
     def forward(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         """``A_s x + c_s`` on the input's device and dtype."""

@@ -37,7 +37,9 @@ import numpy as np
 import torch
 
 from ..geometry import ImageGeometry, Scanner, SinogramGeometry
+from ..projectors.base import AcquisitionModel
 from ..projectors.embedded import EmbeddedAcquisitionModel
+from ..projectors.factory import backend_name, make_acquisition_model
 from .phantoms import Phantom
 
 __all__ = [
@@ -147,7 +149,7 @@ class SimulatedAcquisition:
     randoms: torch.Tensor
     scatter: torch.Tensor
 
-    def acquisition_model(self, model: EmbeddedAcquisitionModel) -> EmbeddedAcquisitionModel:
+    def acquisition_model(self, model: AcquisitionModel) -> AcquisitionModel:
         """``model`` (same geometry, subsets, PSF) with this acquisition's factors and additive term."""
         return model.with_terms(self.multiplicative, self.additive)
 
@@ -171,17 +173,26 @@ def single_slice_geometry(
     return sino, image
 
 
-def _geometric_model(model: EmbeddedAcquisitionModel) -> EmbeddedAcquisitionModel:
-    """The same geometry without factors, additive term or PSF: pure line integrals (mm)."""
-    return EmbeddedAcquisitionModel(
-        model.sinogram_geometry,
-        model.image_geometry,
-        num_subsets=1,
-        restrict_to_cylindrical_fov=model.restrict_to_cylindrical_fov,
-        device=model.device,
-        dtype=model.dtype,
-        backend=model.backend,
-    )
+def _geometric_model(model: AcquisitionModel) -> AcquisitionModel:
+    """The same geometry and backend without factors, additive term or PSF: ``G`` alone (pixel units)."""
+    if isinstance(model, EmbeddedAcquisitionModel):
+        return EmbeddedAcquisitionModel(
+            model.sinogram_geometry,
+            model.image_geometry,
+            num_subsets=1,
+            restrict_to_cylindrical_fov=model.restrict_to_cylindrical_fov,
+            device=model.device,
+            dtype=model.dtype,
+            backend=model.backend,
+        )
+    return make_acquisition_model(backend_name(model), model.sinogram_geometry, model.image_geometry,
+                                  device=model.device)
+
+
+def _attenuation(model: AcquisitionModel, mu: torch.Tensor) -> torch.Tensor:
+    """``exp(-0.1 vx G mu)``: ``G`` in pixel units (lengths / vx), so ``vx G mu`` is in mm x 1/cm."""
+    line = _geometric_model(model).direct(mu) * model.image_geometry.voxel_size_mm[2]
+    return torch.exp(-0.1 * line.clamp_min(0))
 
 
 def detector_pairs(geom: SinogramGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -217,16 +228,15 @@ def _pair_product(per_detector: np.ndarray, geom: SinogramGeometry) -> np.ndarra
 
 
 # ============================================================================ the factors
-def attenuation_factors(model: EmbeddedAcquisitionModel, mu_map: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``exp(-0.1 G mu)``: mu in 1/cm, G's line integrals in mm. (T, S, V, N), in (0, 1].
+def attenuation_factors(model: AcquisitionModel, mu_map: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``exp(-integral mu dl)``: mu in 1/cm, lengths in cm. (T, S, V, N), in (0, 1].
 
     Uses the model's geometry only (no factors, no PSF); LORs that miss the object get 1.
     """
-    line = _geometric_model(model).direct(_mu_tensor(model, mu_map))
-    return torch.exp(-0.1 * line.clamp_min(0))
+    return _attenuation(model, _mu_tensor(model, mu_map))
 
 
-def _mu_tensor(model: EmbeddedAcquisitionModel, mu_map: np.ndarray | torch.Tensor) -> torch.Tensor:
+def _mu_tensor(model: AcquisitionModel, mu_map: np.ndarray | torch.Tensor) -> torch.Tensor:
     mu = mu_map if isinstance(mu_map, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(mu_map))
     if tuple(mu.shape) != tuple(model.image_shape):
         raise ValueError(f"mu_map has shape {tuple(mu.shape)}; the model's image is {model.image_shape} (z,y,x)")
@@ -353,7 +363,7 @@ def scatter_distribution(
 # ============================================================================ the acquisition
 def simulate_acquisition(
     phantom: Phantom,
-    model: EmbeddedAcquisitionModel,
+    model: AcquisitionModel,
     params: AcquisitionParameters = AcquisitionParameters(),
     rng: RandomLike = None,
 ) -> SimulatedAcquisition:
@@ -372,13 +382,8 @@ def simulate_acquisition(
     dev, dt = model.device, model.dtype
     mu = _mu_tensor(model, phantom.mu_map)
     activity = torch.from_numpy(np.ascontiguousarray(phantom.activity)).to(device=dev, dtype=dt)
-    if model.psf is None:  # one batched projection of mu and f (the rays are set up once)
-        line, projection = _geometric_model(model).direct(torch.stack([mu, activity]))
-    else:
-        line = _geometric_model(model).direct(mu)
-        projection = model.with_terms(None, None).direct(activity)  # G P f, (T,S,V,N)
-    attenuation = torch.exp(-0.1 * line.clamp_min(0))
-    del line
+    attenuation = _attenuation(model, mu)
+    projection = model.with_terms(None, None).direct(activity)  # G P f, (T,S,V,N)
     normalisation = torch.from_numpy(detection_efficiencies(geom, params, rng)).to(device=dev, dtype=dt)
     multiplicative = normalisation * attenuation
     trues_shape = (projection * multiplicative).to(torch.float64)

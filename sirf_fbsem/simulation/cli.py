@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..geometry import SCANNER_PRESETS, GeometryError, ImageGeometry, SinogramGeometry, scanner_preset
+from ..projectors.factory import add_backend_argument, check_backend
 from .acquisition import AcquisitionParameters, single_slice_geometry
 from .dataset import DatasetError, SimulationConfig, simulate_dataset
 from .phantoms import PHANTOM_KINDS
@@ -18,6 +19,7 @@ __all__ = ["add_simulate_arguments", "run_simulate", "geometry_from_args", "conf
 
 #: span used when --span is not given
 DEFAULT_SPAN = {"Siemens_mMR": 11, "small_test": 3}
+
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -67,6 +69,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed: sample i uses (seed, i)")
     parser.add_argument("--device", default="cpu", help="torch device of the projector, e.g. cpu or cuda")
+    add_backend_argument(parser)
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="replace an existing dataset in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -119,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
 def run_simulate(args: argparse.Namespace) -> int:
     """Run ``simulate``; 0 on success, 2 on invalid settings (the message goes to stderr)."""
     try:
+        check_backend(args.backend)
         sino, image = geometry_from_args(args)
         config = config_from_args(args)
         t0 = time.perf_counter()
@@ -132,6 +136,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             resume=args.resume,
             progress=args.progress,
             device=args.device,
+            backend=args.backend,
         )
     except (GeometryError, DatasetError, ValueError, ImportError) as err:
         print(f"sirf-fbsem simulate: error: {err}", file=sys.stderr)

@@ -21,7 +21,7 @@ key                 shape, dtype                 meaning
 ``activity_scale``  float                        ``phantom`` = activity in Bq/ml x this
 ==================  ===========================  =============================================
 
-The targets start from :func:`.targets.default_initial_image` (1 inside the FOV)
+The targets start from :func:`.targets.default_initial_image` (1 where some LOR sees the voxel)
 and use the subsets 0, 1, 2, ... of the model with ``num_subsets`` subsets.
 
 ``manifest.json`` holds the geometries (:func:`~sirf_fbsem.geometry.sinogram_geometry_to_dict`,
@@ -55,7 +55,8 @@ from ..geometry import (
     sinogram_geometry_to_dict,
 )
 from ..io.atomic import atomic_path
-from ..projectors.embedded import EmbeddedAcquisitionModel
+from ..projectors.base import PROJECTION_UNITS, AcquisitionModel
+from ..projectors.factory import make_acquisition_model
 from .acquisition import AcquisitionParameters, simulate_acquisition
 from .phantoms import PHANTOM_KINDS, PhantomParameters, make_phantom
 from .targets import osem_targets
@@ -146,10 +147,12 @@ class SimulationConfig:
             raise ValueError(f"phantom must be one of {PHANTOM_KINDS}, got {self.phantom!r}")
 
     def model(
-        self, sinogram_geometry: SinogramGeometry, image_geometry: ImageGeometry, device: str | torch.device = "cpu"
-    ) -> EmbeddedAcquisitionModel:
-        """The acquisition model (geometry, subsets, PSF) the samples are simulated with."""
-        return EmbeddedAcquisitionModel(
+        self, sinogram_geometry: SinogramGeometry, image_geometry: ImageGeometry, device: str | torch.device = "cpu",
+        backend: str = "embedded",
+    ) -> AcquisitionModel:
+        """The acquisition model (geometry, subsets, PSF) the samples are simulated with, on ``backend``."""
+        return make_acquisition_model(
+            backend,
             sinogram_geometry,
             image_geometry,
             num_subsets=self.num_subsets,
@@ -167,7 +170,7 @@ def _generators(seed: int, index: int) -> tuple[np.random.Generator, np.random.G
     return np.random.default_rng(phantom_ss), np.random.default_rng(acquisition_ss)
 
 
-def simulate_sample(model: EmbeddedAcquisitionModel, config: SimulationConfig, seed: int, index: int) -> dict[str, Any]:
+def simulate_sample(model: AcquisitionModel, config: SimulationConfig, seed: int, index: int) -> dict[str, Any]:
     """One sample (the dict of the contract above; tensors on the CPU), from seed (seed, index).
 
     ``model`` gives the geometry, subsets, PSF and device; it should be ``config.model(...)``.
@@ -220,7 +223,7 @@ def _settings(
         "phantom_parameters": config.phantom_parameters.as_dict(),
         "psf_fwhm_mm": list(psf) if isinstance(psf, (tuple, list)) else psf,
         "seed": int(seed),
-        "initial_image": "fov_mask",
+        "initial_image": "support",
     }
 
 
@@ -270,8 +273,12 @@ def simulate_dataset(
     resume: bool = True,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    backend: str = "embedded",
 ) -> list[Path]:
     """Simulate ``num_samples`` samples into ``out_dir``; returns the sample files in index order.
+
+    ``backend`` ("embedded" or "sirf") computes the projections (both in SIRF's units,
+    recorded in the manifest as ``projection_units``).
 
     With ``resume`` (default), samples already listed in an existing manifest are kept
     and skipped; the existing settings must then equal these (else :class:`DatasetError`).
@@ -307,12 +314,15 @@ def simulate_dataset(
             "image_shape": list(image_geometry.shape),
             "units": "images in Bq/ml x activity_scale (per sample); sinograms in counts",
             "sirf_fbsem_version": __version__,
+            "projection_units": PROJECTION_UNITS,
+            "backend": backend,
             "files": sorted(done),
         }
     )
     _write_manifest(out, manifest)
     todo = [i for i in range(int(num_samples)) if sample_filename(i) not in set(done)]
-    model = config.model(sinogram_geometry, image_geometry, device)
+    model = config.model(sinogram_geometry, image_geometry, device, backend=backend)
+    model.support()  # the targets' start-image mask, computed once for every sample's model
     n = int(num_samples)
     with tqdm(total=n, initial=n - len(todo), desc="simulate", unit="sample", disable=not progress) as bar:
         for i in todo:

@@ -15,17 +15,15 @@ from __future__ import annotations
 import torch
 
 from ..projectors.base import AcquisitionModel
-from ..recon.osem import OSEM, fov_mask
+from ..recon.engine import start_image
+from ..recon.osem import OSEM
 
 __all__ = ["osem_targets", "default_initial_image"]
 
 
 def default_initial_image(model: AcquisitionModel) -> torch.Tensor:
-    """The start image of the targets and of FBSEM: 1 inside the cylindrical FOV, 0 outside. (Z, Y, X)."""
-    geom = getattr(model, "image_geometry", None)
-    if geom is None:
-        return torch.ones(model.image_shape, dtype=model.dtype, device=model.device)
-    return fov_mask(geom).to(device=model.device, dtype=model.dtype)
+    """The start image of the targets and of FBSEM (the engine's rule): 1 where some LOR sees the voxel, else 0."""
+    return start_image(model)
 
 
 def osem_targets(

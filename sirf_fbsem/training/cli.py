@@ -18,6 +18,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
+
 if TYPE_CHECKING:
     from ..distributed import DistContext
 
@@ -46,6 +48,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all-stages-loss", action="store_true",
                         help="end_to_end/checkpointed: sum the loss over every stage's output")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    add_backend_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
     parser.add_argument("--dims", type=int, choices=(2, 3), default=3,
                         help="regulariser convolutions: 2 (slice by slice) or 3 (default 3)")
@@ -82,12 +85,20 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     from ..geometry import image_geometry_from_dict, sinogram_geometry_from_dict
     from ..model.fbsem import FBSEMNet
     from ..model.regularisers import RegulariserConfig
-    from ..projectors.embedded import EmbeddedAcquisitionModel
+    from ..projectors.base import PROJECTION_UNITS
     from ..simulation.dataset import FBSEMSampleDataset
     from .trainers import TrainConfig, train, with_terms_factory
 
+    check_backend(args.backend)
+    if args.backend == "sirf" and args.batch_size != 1:
+        raise ValueError(f"--backend sirf trains one sample at a time (one SIRF model holds one set of factors); "
+                         f"use --batch-size 1, not {args.batch_size}")
     dataset = FBSEMSampleDataset(args.data)
     manifest = dataset.manifest
+    if manifest.get("projection_units") != PROJECTION_UNITS:
+        raise ValueError(f"--data {args.data}: simulated with the embedded projector's former units (line "
+                         f"integrals in mm); this sirf_fbsem trains in SIRF's units ({PROJECTION_UNITS}): "
+                         f"simulate the data again with this version")
     sino = sinogram_geometry_from_dict(manifest["sinogram_geometry"])
     image = image_geometry_from_dict(manifest["image_geometry"])
     num_subsets = int(manifest["num_subsets"])
@@ -110,13 +121,13 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
 
     torch.manual_seed(args.seed)
     net = FBSEMNet(num_stages, num_subsets, reg, shared_regulariser=args.shared, beta_init=args.beta_init)
-    base = EmbeddedAcquisitionModel(
-        sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=device
+    base = make_acquisition_model(
+        args.backend, sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=device
     )
     result = train(
         net, dataset, args.mode, config, with_terms_factory(base), args.out, resume=resume, distributed=ctx,
         metadata={"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],
-                  "data": str(args.data), "psf_fwhm_mm": manifest.get("psf_fwhm_mm")},
+                  "data": str(args.data), "psf_fwhm_mm": manifest.get("psf_fwhm_mm"), "backend": args.backend},
     )
     last = next((r for r in reversed(result.history) if r["val_loss"] is not None), None)
     status = "completed" if result.completed else "stopped"

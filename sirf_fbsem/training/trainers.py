@@ -61,7 +61,7 @@ from ..io.atomic import atomic_path
 from ..model.fbsem import FBSEMNet, FBSEMStage
 from ..model.io import safe_torch_load, save_model
 from ..projectors.base import AcquisitionModel
-from ..simulation.targets import default_initial_image
+from ..recon.engine import start_image
 from ..distributed import DistContext, current_context, loss_weight, shard_batch, shard_items
 
 __all__ = [
@@ -268,9 +268,9 @@ def make_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(groups, lr=config.lr)
 
 
-def with_terms_factory(base_model: Any) -> ModelFactory:
-    """Model factory for models with ``with_terms`` (the embedded backend): per-batch
-    multiplicative factors and additive term from the batch."""
+def with_terms_factory(base_model: AcquisitionModel) -> ModelFactory:
+    """Model factory: ``base_model`` with each batch's multiplicative factors and additive term."""
+    base_model.support()  # computed once here, shared by every batch's model (the start image's mask)
 
     def factory(batch: Batch) -> AcquisitionModel:
         return base_model.with_terms(batch.get("multiplicative"), batch.get("additive"))
@@ -280,12 +280,12 @@ def with_terms_factory(base_model: Any) -> ModelFactory:
 
 def _initial(batch: Batch, model: AcquisitionModel) -> torch.Tensor:
     """Start image (B, Z, Y, X): the batch's ``initial`` if the samples have one, else the
-    start image of the simulated targets, :func:`~sirf_fbsem.simulation.targets.default_initial_image`
-    (1 inside the cylindrical FOV, 0 outside)."""
+    start image of the simulated targets, :func:`~sirf_fbsem.recon.engine.start_image`
+    (1 where some LOR sees the voxel, 0 elsewhere)."""
     if "initial" in batch:
         return batch["initial"]
     prompts = batch["prompts"]
-    x0 = default_initial_image(model).to(dtype=prompts.dtype, device=prompts.device)
+    x0 = start_image(model).to(dtype=prompts.dtype, device=prompts.device)
     return x0.expand((prompts.shape[0],) + tuple(x0.shape)).clone()
 
 
@@ -314,16 +314,8 @@ def stage_device(stage_devices: Sequence[str] | None, k: int) -> torch.device | 
 
 
 def _model_on(model: AcquisitionModel, device: torch.device) -> AcquisitionModel:
-    """``model`` on ``device`` (a moved copy when it lives elsewhere; the backend must offer ``to``)."""
-    if model.device == device:
-        return model
-    move = getattr(type(model), "to", None)
-    if move is None:
-        raise TypeError(
-            f"placing stages on several devices needs an acquisition model with .to(device); "
-            f"{type(model).__name__} has none"
-        )
-    return move(model, device)
+    """``model`` on ``device`` (a moved copy when it lives elsewhere)."""
+    return model if model.device == device else model.to(device)
 
 
 class _Placement:
