@@ -79,7 +79,6 @@ from .io.atomic import atomic_path
 from .model.fbsem import FBSEMNet, fbsem_fusion
 from .model.regularisers import intensity_scale
 from .projectors.base import AcquisitionModel
-from .projectors.base import AcquisitionModel
 from .projectors.factory import add_backend_argument, check_backend, make_acquisition_model
 from .recon.engine import FBSEMUpdate, reconstruct, start_image
 from .recon.osem import OSEM, fov_mask

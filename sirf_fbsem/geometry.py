@@ -352,9 +352,15 @@ class SinogramGeometry:
         """Angle between adjacent tangential positions of non-arc-corrected data: pi / detectors per ring."""
         return math.pi / self.scanner.num_detectors_per_ring
 
-    def s_mm(self) -> np.ndarray:
-        """Signed distance of each tangential position's LOR from the axis, shape (num_tangential_poss,), mm."""
-        t = self.tangential_pos_nums().astype(np.float64)
+    def s_mm(self, tangential_pos_nums: np.ndarray | None = None) -> np.ndarray:
+        """Signed distance of the LOR of tangential positions t from the axis, mm.
+
+        ``t`` defaults to every tangential position (shape (num_tangential_poss,)); any t,
+        fractional or outside the sinogram, gives STIR's ``get_s`` formula there.
+        """
+        if tangential_pos_nums is None:
+            tangential_pos_nums = self.tangential_pos_nums()
+        t = np.asarray(tangential_pos_nums, dtype=np.float64)
         if self.arc_corrected:
             return t * self.tangential_bin_size_mm
         return self.scanner.effective_ring_radius_mm * np.sin(t * self.angular_increment_rad)

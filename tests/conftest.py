@@ -21,6 +21,20 @@ def readme_script(after: str) -> str:
     return text[start:text.index("```", start)]
 
 
+def run_readme_script(code: str, replacements: dict[str, str], without_sirf: bool = False) -> dict:
+    """Run a README script (its file names replaced); ``without_sirf``: with its one-line change,
+    ``import sirf_fbsem.stir as pet``. Returns the script's namespace."""
+    assert "import sirf.STIR as pet" in code
+    if without_sirf:
+        code = code.replace("import sirf.STIR as pet", "import sirf_fbsem.stir as pet")
+    for old, new in replacements.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own example
+    return namespace
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import README, readme_script
+from conftest import readme_script, run_readme_script
 
 from sirf_fbsem.metrics import nrmse
 from sirf_fbsem.projectors.factory import sirf_available
@@ -25,16 +25,6 @@ SCAN = REPO / "test_data" / "phantom_scan.hs"
 MODEL = REPO / "test_data" / "fbsem_model.pt"
 
 
-
-
-def run_as_written(code: str, replacements: dict[str, str]) -> dict:
-    assert "import sirf.STIR as pet" in code or "import sirf_fbsem.stir as pet" in code
-    for old, new in replacements.items():
-        assert old in code, old
-        code = code.replace(old, new)
-    namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own example
-    return namespace
 
 
 @pytest.fixture
@@ -57,11 +47,10 @@ def _run_both(after: str, replacements: dict[str, str], tmp_path: Path) -> tuple
     cwd = os.getcwd()
     os.chdir(tmp_path)  # SIRF's 'file' scheme writes scratch files into the working directory
     try:
-        with_sirf = run_as_written(readme_script(after), replacements)["out"].as_array()
+        with_sirf = run_readme_script(readme_script(after), replacements)["out"].as_array()
     finally:
         os.chdir(cwd)
-    embedded = run_as_written(readme_script(after).replace("import sirf.STIR as pet", "import sirf_fbsem.stir as pet"),
-                              replacements)["out"].as_array()
+    embedded = run_readme_script(readme_script(after), replacements, without_sirf=True)["out"].as_array()
     return np.asarray(with_sirf, dtype=np.float64), np.asarray(embedded, dtype=np.float64)
 
 

@@ -6,7 +6,6 @@ model, Poisson noise added, and written as Interfile; everything reads it back.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch
 from sirf_fbsem.recon.engine import start_image
 
 import sirf_fbsem.stir as pet
-from conftest import README, readme_script, small_span3
+from conftest import readme_script, run_readme_script, small_span3
 from sirf_fbsem.acquisition import Acquisition
 from sirf_fbsem.autograd import em_update
 from sirf_fbsem.geometry import SinogramGeometry, scanner_preset
@@ -314,14 +313,7 @@ def test_fbsem_without_model_is_an_error(scan):
 
 def run_without_sirf(code: str, replacements: dict[str, str]) -> dict:
     """Run a README script with its one-line change: ``import sirf_fbsem.stir as pet``."""
-    assert "import sirf.STIR as pet" in code
-    code = code.replace("import sirf.STIR as pet", "import sirf_fbsem.stir as pet")
-    for old, new in replacements.items():
-        assert old in code, old
-        code = code.replace(old, new)
-    namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own example
-    return namespace
+    return run_readme_script(code, replacements, without_sirf=True)
 
 
 def test_readme_osem_script_runs_without_sirf(scan):

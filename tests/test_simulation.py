@@ -16,7 +16,7 @@ import torch
 
 from sirf_fbsem.geometry import ImageGeometry, SinogramGeometry, scanner_preset
 from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
-from sirf_fbsem.recon.osem import OSEM, fov_mask
+from sirf_fbsem.recon.osem import OSEM
 from sirf_fbsem.simulation import (
     AcquisitionParameters,
     DatasetError,

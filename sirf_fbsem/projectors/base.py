@@ -111,10 +111,9 @@ class AcquisitionModel(abc.ABC):
         """
         cached = self.__dict__.get("_support")
         if cached is None:
-            ones = torch.ones(self.sinogram_shape, dtype=self.dtype, device=self.device)
             with torch.no_grad():
-                back = self.adjoint(ones)
-            cached = (back.amax(dim=0) if back.dim() == 4 else back) > 0
+                sens = self.sensitivity(None)  # cached too: MLEM and the model's users share it
+            cached = (sens.amax(dim=0) if sens.dim() == 4 else sens) > 0
             self.__dict__["_support"] = cached
         return cached
 

@@ -91,14 +91,8 @@ def tangential_lor_offsets_mm(sino: SinogramGeometry, num_tangential_LORs: int) 
     n = int(num_tangential_LORs)
     if n < 1:
         raise GeometryError(f"num_tangential_LORs must be >= 1, got {num_tangential_LORs}")
-    t = sino.tangential_pos_nums().astype(np.float64)
-
-    def s_of(tt: np.ndarray) -> np.ndarray:  # as SinogramGeometry.s_mm, for any t
-        if sino.arc_corrected:
-            return tt * sino.tangential_bin_size_mm
-        return sino.scanner.effective_ring_radius_mm * np.sin(tt * sino.angular_increment_rad)
-
-    sampling = np.abs(s_of(t + 1) - s_of(t - 1)) / 2.0
+    t = sino.tangential_pos_nums()
+    sampling = np.abs(sino.s_mm(t + 1) - sino.s_mm(t - 1)) / 2.0
     return (np.arange(n)[:, None] - (n - 1) / 2.0) * sampling[None, :] / n
 
 

@@ -443,6 +443,9 @@ def _term_tensor(term: SinogramTerm | None, name: str, shape: tuple[int, int, in
 
 
 # --------------------------------------------------------------------- the model
+_KEEP = object()  # SIRFAcquisitionModel._copy: leave this part as it is
+
+
 class SIRFAcquisitionModel(AcquisitionModel):
     """PET acquisition model computed by ``sirf.STIR`` (see the module docstring for the equation).
 
@@ -669,14 +672,13 @@ class SIRFAcquisitionModel(AcquisitionModel):
         model = cls(
             acq, image,
             model_factory=partial(_ray_tracing_model, int(num_tangential_LORs)),
-            multiplicative_factors=factors,
             constant_term=None if additive is None else _term_tensor(additive, "additive", acq_shape(acq)),
             image_data_processor=processor,
             num_subsets=num_subsets,
             device=device,
         )
         model._image_geometry, model._sinogram_geometry = image_geometry, sinogram_geometry
-        return model
+        return model if factors is None else model._copy(multiplicative_factors=factors)  # factors: made in memory
 
     # ------------------------------------------------------------------ geometry, device
     @property
@@ -698,23 +700,37 @@ class SIRFAcquisitionModel(AcquisitionModel):
         """Where results are returned (SIRF itself computes on the CPU)."""
         return self._device
 
-    def _copy(self, **changes: Any) -> "SIRFAcquisitionModel":
-        kwargs = dict(
-            model_factory=self._factory, multiplicative_factors=self._factors, constant_term=self._constant,
-            image_data_processor=self._processor, num_subsets=self.num_subsets, device=self._device)
-        kwargs.update(changes)
-        new = type(self)(self._acq_template, self.image_template, **kwargs)
-        new._image_geometry, new._sinogram_geometry = self._image_geometry, self._sinogram_geometry
-        new._view_symmetry = self._view_symmetry
-        if "_support" in self.__dict__:  # the geometry's, shared (factors > 0 do not change it)
-            new.__dict__["_support"] = self.__dict__["_support"]
+    def _copy(self, *, num_subsets: int | None = None, multiplicative_factors: Any = _KEEP,
+              constant_term: Any = _KEEP, device: str | torch.device | None = None) -> "SIRFAcquisitionModel":
+        """This model with some of its parts changed, sharing the rest without copying.
+
+        The memory-backed templates and factors made by the constructor are shared, and so are
+        the subset templates and SIRF models that stay valid (models depend on the factors and
+        the subsets). ``multiplicative_factors`` must already be memory-backed AcquisitionData
+        (or None); ``constant_term`` a checked tensor (or None).
+        """
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.__dict__.pop("_sens_cache", None)
+        new._templates, new._models = dict(self._templates), dict(self._models)
+        if num_subsets is not None and int(num_subsets) != self.num_subsets:
+            subset_views(self.sinogram_shape[2], num_subsets, 0)  # validates num_subsets
+            new.num_subsets = int(num_subsets)
+            new._templates = {None: self._acq_template}
+            new._models = {k: v for k, v in self._models.items() if k is None}
+        if multiplicative_factors is not _KEEP:
+            new._factors, new._models = multiplicative_factors, {}
+        if constant_term is not _KEEP:
+            new._constant = constant_term
+        if device is not None:
+            new._device = torch.device(device)
         return new
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "SIRFAcquisitionModel":
         """The same model returning results on ``device`` (SIRF computes in float32 on the CPU)."""
         if dtype is not None and dtype != torch.float32:
             raise ValueError(f"the SIRF backend computes in float32; dtype {dtype} is not available")
-        return self._copy(device=self._device if device is None else torch.device(device))
+        return self._copy(device=device)
 
     def with_terms(self, multiplicative: Any = None, additive: Any = None) -> "SIRFAcquisitionModel":
         """The same geometry and subsets with other factors S and additive term b ((T,S,V,N) each, or None).
@@ -802,10 +818,7 @@ class SIRFAcquisitionModel(AcquisitionModel):
         return subset_views(self.sinogram_shape[2], self.num_subsets, subset, self.view_symmetry)
 
     def with_num_subsets(self, num_subsets: int) -> "SIRFAcquisitionModel":
-        new = self._copy(num_subsets=num_subsets)
-        if None in self._models:
-            new._models[None] = self._models[None]
-        return new
+        return self._copy(num_subsets=num_subsets)
 
     @staticmethod
     def _out_dtype(t: torch.Tensor) -> torch.dtype:
