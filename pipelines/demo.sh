@@ -13,4 +13,4 @@ MODEL_ARGS=()
 if [ -f test_data/fbsem_model.pt ]; then MODEL_ARGS=(--model test_data/fbsem_model.pt); fi
 .venv/bin/sirf-fbsem reconstruct test_data/phantom_scan.hs "${MODEL_ARGS[@]}" \
     --norm test_data/phantom_mult.hs --additive test_data/phantom_additive.hs \
-    --output "$OUT/recon.nii.gz" --dicom "$OUT/dicom" --preview "$OUT/recon.png"
+    --output "$OUT/recon.nii.gz" --dicom "$OUT/dicom" --preview "$OUT/recon.png" --overwrite

@@ -11,16 +11,18 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from .errors import InputError
 from .geometry import ImageGeometry, SinogramGeometry
 from .projectors.base import AcquisitionModel
 from .projectors.embedded import EmbeddedAcquisitionModel
 from .projectors.factory import make_acquisition_model
 
-__all__ = ["Acquisition", "load_acquisition", "attenuation_factors"]
+__all__ = ["Acquisition", "load_acquisition", "attenuation_factors", "input_format", "estimated_image_geometry"]
 
 
 @dataclass
@@ -71,6 +73,29 @@ def _is_petsird(path: Path) -> bool:
 def _is_listmode(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".l.hdr") or name.endswith(".l") or name.endswith(".hdr.stir")
+
+
+def input_format(path: str | Path) -> Literal["petsird", "listmode", "sinogram"]:
+    """What :func:`load_acquisition` reads ``path`` as: PETSIRD (by its first bytes), mMR
+    listmode (``.l.hdr``, ``.l``, ``.hdr.stir``) or an Interfile sinogram (anything else)."""
+    path = Path(path)
+    if _is_petsird(path):
+        return "petsird"
+    return "listmode" if _is_listmode(path) else "sinogram"
+
+
+def estimated_image_geometry(path: str | Path, span: int = 11) -> ImageGeometry | None:
+    """The image grid :func:`load_acquisition` + ``geometry.default_image()`` will give for
+    ``path``, from its header only (cheap: for output-space checks before the run); None for
+    PETSIRD (its geometry is known after reading)."""
+    kind = input_format(path)
+    if kind == "listmode":
+        return _mmr_geometry(span).default_image()
+    if kind == "sinogram":
+        from .io.interfile import sinogram_geometry_from_header
+
+        return sinogram_geometry_from_header(path).default_image()
+    return None
 
 
 def load_acquisition(
@@ -145,8 +170,10 @@ def load_acquisition(
         meta["listmode_header"] = hdr
     else:
         if time_interval_s is not None:
-            raise ValueError(f"--time applies to listmode input only; {path} is a sinogram")
+            raise InputError(f"a time interval applies to listmode input only; '{path}' is a sinogram")
         geom, prompts = interfile.read_projdata(path, allow_negative=negative == "zero")
+        if interfile.warn_if_not_counts(prompts, path):  # prompts only: norm/additive/mu are not counts
+            meta["prompts_not_integer_counts"] = True
         num_negative = int((prompts < 0).sum())
         if num_negative:
             warnings.warn(
@@ -200,4 +227,4 @@ def _check_same(a: SinogramGeometry, b: SinogramGeometry, path_a, path_b) -> Non
 
     diffs = geometry_mismatch(a, b)
     if diffs:
-        raise ValueError(f"sinogram '{path_a}' does not match the geometry of '{path_b}': " + "; ".join(diffs))
+        raise InputError(f"sinogram '{path_a}' does not match the geometry of '{path_b}': " + "; ".join(diffs))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from .io.atomic import atomic_path
+from .io.outputs import JSON_MARK
 from .distributed import SINGLE_PROCESS, DistContext, shard_items
 
 __all__ = ["BatchItem", "ItemResult", "expand_inputs", "output_stem", "plan_outputs", "run_batch",
@@ -163,6 +164,6 @@ def run_batch(
     if ctx.is_main and summary_path is not None:
         counts = {s: sum(r.status == s for r in results) for s in ("written", "skipped", "failed")}
         with atomic_path(summary_path) as tmp:
-            tmp.write_text(json.dumps({"world_size": ctx.world_size, "counts": counts,
+            tmp.write_text(json.dumps({"written_by": JSON_MARK, "world_size": ctx.world_size, "counts": counts,
                                        "items": [asdict(r) for r in results]}, indent=1))
     return results

@@ -72,10 +72,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import metrics
+from . import __version__, metrics
 from .autograd import em_update
 from .geometry import ImageGeometry, SinogramGeometry, image_geometry_from_dict, sinogram_geometry_from_dict
 from .io.atomic import atomic_path
+from .io.outputs import JSON_MARK, PNG_SOFTWARE
 from .model.fbsem import FBSEMNet, fbsem_fusion
 from .model.regularisers import intensity_scale
 from .projectors.base import AcquisitionModel
@@ -757,7 +758,7 @@ def write_json(path: str | os.PathLike, result: Mapping[str, Any]) -> Path:
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(clean(result), indent=2, allow_nan=False) + "\n")
+        tmp.write_text(json.dumps({"written_by": JSON_MARK, **clean(result)}, indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -798,7 +799,7 @@ def save_evaluation_montage(
         fig.suptitle(title, fontsize=9)
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
     return path
 
 
@@ -822,6 +823,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a trained FBSEM model to evaluate (repeatable)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--name", default="evaluate", help="output file stem: NAME.json, NAME.png (default evaluate)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace NAME.json/NAME.png of an earlier evaluate run (never files it did not write)")
     parser.add_argument("--max-samples", type=int, default=None, help="use at most this many samples per directory")
     parser.add_argument("--osem-iterations", type=int, default=d.osem_iterations, help="full OSEM iterations")
     parser.add_argument("--subsets", type=int, default=None, help="OSEM / MAP-EM subsets (default: the data's)")
@@ -864,8 +867,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``evaluate`` from parsed flags; writes ``OUT/NAME.json`` and ``OUT/NAME.png``; returns 0."""
     from .model.io import load_model
 
+    from .io.outputs import PlannedOutput, absolute, check_planned
+
     t0 = time.perf_counter()
     check_backend(args.backend)
+    out = Path(args.out)
+    if "/" in args.name or args.name in ("", ".", ".."):
+        raise ValueError(f"--name must be a file stem without '/', got {args.name!r}")
+    check_planned([PlannedOutput(absolute(out / f"{args.name}.json"), "json", "--out/--name", 1 << 20),
+                   PlannedOutput(absolute(out / f"{args.name}.png"), "png", "--out/--name", 4 << 20)],
+                  args.overwrite)
     samples, manifest = load_samples(args.data, args.max_samples)
     tuning = None
     if args.tune_data:
@@ -898,7 +909,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
                          "image_shape": list(image.shape), "voxel_size_mm": list(image.voxel_size_mm),
                          "psf_fwhm_mm": manifest.get("psf_fwhm_mm")}
     result["seconds"] = time.perf_counter() - t0
-    out = Path(args.out)
     json_path = write_json(out / f"{args.name}.json", result)
     png_path = save_evaluation_montage(out / f"{args.name}.png", images, result, title=f"{image.describe()}")
     for key, entry in result["summary"].items():

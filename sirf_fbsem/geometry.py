@@ -43,6 +43,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = [
     "ImageAxis",
     "SinogramAxis",
@@ -63,7 +65,7 @@ __all__ = [
 ]
 
 
-class GeometryError(ValueError):
+class GeometryError(InputError):
     """A geometry that is inconsistent or impossible (non-finite or non-positive sizes, bad layouts)."""
 
 

@@ -13,7 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
+from . import __version__
 from .io.atomic import atomic_path
+from .io.outputs import PNG_SOFTWARE, PlannedOutput, absolute, check_replaceable
 
 __all__ = ["save_montage"]
 
@@ -53,6 +55,7 @@ def save_montage(
     cmap: str = "gray_r",
     voxel_size_mm: Sequence[float] | None = None,
     vmax_percentile: float = 99.9,
+    overwrite: bool = True,
 ) -> Path:
     """Save a PNG montage of axial slices plus coronal and sagittal MIPs; return the path.
 
@@ -62,7 +65,9 @@ def save_montage(
     ``voxel_size_mm`` ``(vz, vy, vx)`` sets the aspect of the projections (default
     isotropic). ``cmap`` is any matplotlib colour map (``gray_r``, ``hot``, ...).
     ``vmax_percentile`` (0 < p <= 100): top of each row's grey scale, as a percentile of
-    that row's voxel values (values above saturate).
+    that row's voxel values (values above saturate). An existing file at ``path`` is
+    replaced only when this package wrote it (PNG ``Software`` text chunk) and ``overwrite``;
+    any other file is refused (:class:`~sirf_fbsem.errors.OutputPathError`).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -74,6 +79,7 @@ def save_montage(
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"montage path must end in .png, got {str(path)!r}")
+    check_replaceable(PlannedOutput(absolute(target), "png", ""), overwrite)
     rows = _as_rows(image)
     vz, vy, vx = (1.0, 1.0, 1.0) if voxel_size_mm is None else (float(v) for v in voxel_size_mm)
     ncols = min(int(num_slices), max(r[1].shape[0] for r in rows)) + 2
@@ -110,5 +116,5 @@ def save_montage(
     if title:
         fig.suptitle(title, fontsize=10)
     with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
     return target

@@ -647,6 +647,18 @@ class FBSEMReconstructor(_IterativeReconstructor):
 
 
 # ----------------------------------------------------------------------------- CLI entry
+def _model_psf(model_path, trained, requested) -> float | list[float] | None:
+    """The PSF FWHM (mm) an FBSEM model is run with: the one it was trained with; a request for
+    another is refused (its stages learned to undo their own projector's blur)."""
+    trained_arr = np.zeros(3) if not trained else np.broadcast_to(np.asarray(trained, dtype=float), (3,))
+    if requested is not None:
+        req_arr = np.broadcast_to(np.asarray(requested if requested else 0.0, dtype=float), (3,))
+        if not np.allclose(req_arr, trained_arr, atol=1e-6):
+            raise ValueError(f"psf_fwhm_mm {requested:g}: FBSEM model {str(model_path)!r} was trained with a PSF "
+                             f"of {trained or 0} mm, which it uses; leave psf_fwhm_mm unset")
+    return None if not trained else trained
+
+
 def reconstruct_acquisition(
     acq: Any,
     image_geom: ImageGeometry,
@@ -671,7 +683,8 @@ def reconstruct_acquisition(
         override_geometry: use a model trained on another geometry.
         num_iterations: OSEM/MLEM iterations.
         num_subsets: OSEM subsets; for FBSEM it must be None or the model's.
-        psf_fwhm_mm: image-space PSF FWHM in mm (0: none).
+        psf_fwhm_mm: image-space PSF FWHM in mm (0 or None: none). FBSEM: None uses the PSF the
+            model was trained with (its metadata); another value is refused.
         device: ``'cpu'`` or ``'cuda[:N]'``.
         progress: tqdm progress bar.
         backend: acquisition model backend, ``'embedded'`` or ``'sirf'``.
@@ -704,6 +717,8 @@ def reconstruct_acquisition(
     from .model.io import load_model
 
     net, meta = load_model(model_path, expected_sinogram_geometry=acq.geometry, override_geometry=override_geometry)
+    psf = _model_psf(model_path, meta.get("psf_fwhm_mm"), psf_fwhm_mm)
+    psf_text = f", PSF {np.max(psf):g} mm" if psf is not None else ""
     if num_subsets is not None and int(num_subsets) != net.num_subsets:
         raise ValueError(FBSEMReconstructor._subsets_message(net.num_subsets, int(num_subsets)))
     image_diff = _image_mismatch(meta["image_geometry"], image_geom)

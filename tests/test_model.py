@@ -9,6 +9,7 @@ whose positive root is the closed form of :func:`fbsem_fusion`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -444,12 +445,13 @@ def test_model_file_records_units_and_old_convention_is_refused(tmp_path):
     _, meta = load_model(path)
     assert meta["projection_units"] == PROJECTION_UNITS == "stir_pixel_units"
     payload = torch.load(path, weights_only=True)
-    for units, message in ((None, "former units"), ("mm", "field 'projection_units' is 'mm'")):
+    for units, message in ((None, "former units"), ("mm", "metadata field 'projection_units' is 'mm'")):
         old = json.loads(payload["metadata_json"])
         old.pop("projection_units", None)
         if units is not None:
             old["projection_units"] = units
         payload["metadata_json"] = json.dumps(old)
+        payload["metadata_sha256"] = hashlib.sha256(payload["metadata_json"].encode()).hexdigest()  # only units differ
         bad = tmp_path / f"old_{units}.pt"
         torch.save(payload, bad)
         with pytest.raises(ModelFileError, match=message):

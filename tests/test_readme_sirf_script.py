@@ -50,6 +50,10 @@ def _run_both(after: str, replacements: dict[str, str], tmp_path: Path) -> tuple
         with_sirf = run_readme_script(readme_script(after), replacements)["out"].as_array()
     finally:
         os.chdir(cwd)
+    # its own output folder: sirf_fbsem never replaces a file it did not write (here: SIRF's output)
+    own = tmp_path / "embedded"
+    own.mkdir()
+    replacements = {k: v.replace(str(tmp_path), str(own)) for k, v in replacements.items()}
     embedded = run_readme_script(readme_script(after), replacements, without_sirf=True)["out"].as_array()
     return np.asarray(with_sirf, dtype=np.float64), np.asarray(embedded, dtype=np.float64)
 

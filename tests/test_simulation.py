@@ -437,8 +437,11 @@ def test_cli_runs(tmp_path, capsys):
     assert run_simulate(args) == 0
     m = load_manifest(tmp_path / "cli")
     assert m["files"] == ["sample_00000.pt"] and m["counts"] == 1e4
-    bad = _parse(
-        ["--out", str(tmp_path / "bad"), "--num-samples", "1", "--2d", "--randoms-fraction", "0.9", "--no-progress"]
-    )
-    assert run_simulate(bad) == 2
-    assert "randoms_fraction" in capsys.readouterr().err
+    from sirf_fbsem.cli import main
+
+    capsys.readouterr()
+    assert main(["simulate", "--out", str(tmp_path / "bad"), "--num-samples", "1", "--2d", "--randoms-fraction",
+                 "0.9", "--scatter-fraction", "0.2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--randoms-fraction + --scatter-fraction must be < 1" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

@@ -183,7 +183,7 @@ def series(tmp_path_factory, image):
 def test_dicom_files_and_pydicom_reread(series, image):
     directory, files, _ = series["HFS"]
     assert [f.name for f in files] == [f"IM_{k:04d}.dcm" for k in range(1, 10)]
-    assert sorted(p.name for p in directory.iterdir()) == [f.name for f in files]
+    assert sorted(p.name for p in directory.iterdir()) == [f.name for f in files] + ["sirf_fbsem_series.json"]
     uids = set()
     for k, f in enumerate(files):
         ds = pydicom.dcmread(f)
@@ -310,7 +310,7 @@ def test_dicom_failure_midway_leaves_nothing(tmp_path, image, monkeypatch):
     with pytest.raises(OSError):
         write_dicom_series(tmp_path / "series", image, GEOM, SCANNER, series_description="second")
     assert leftovers(tmp_path) == ["series"]
-    assert sorted((tmp_path / "series").iterdir()) == first
+    assert sorted((tmp_path / "series").iterdir()) == sorted(first + [tmp_path / "series" / "sirf_fbsem_series.json"])
     assert pydicom.dcmread(first[0]).SeriesDescription == "first"
 
 

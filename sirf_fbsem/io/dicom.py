@@ -24,6 +24,7 @@ so a voxel's LPS position here and its RAS position in the NIfTI written by
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import re
@@ -35,6 +36,7 @@ import numpy as np
 from .. import __version__
 from ..geometry import ImageGeometry, Scanner, _patient_flips
 from .atomic import atomic_dir
+from .outputs import JSON_MARK, SERIES_MANIFEST, PlannedOutput, absolute, check_replaceable, dicom_series_files
 from .nifti import _check_volume
 
 __all__ = ["write_dicom_series", "radiopharmaceutical_from_header", "PET_IMAGE_STORAGE", "PET_UNITS", "PET_CORRECTIONS", "RADIONUCLIDES"]
@@ -260,12 +262,22 @@ def write_dicom_series(
     frame_duration_s: float | None = None,
     reconstruction_method: str | None = None,
     series_number: int = 1,
+    overwrite: bool = True,
 ) -> list[Path]:
     """Write a ``(Z, Y, X)`` image as a PET Image Storage series, one file per slice.
 
-    The whole ``directory`` appears at once (built beside it, then renamed; an
-    existing directory is replaced only after the new one is complete); on any error
-    nothing is left behind. Files are ``IM_0001.dcm`` ... in slice order (k = 0 first).
+    A new ``directory`` appears at once (built beside it, then renamed); on any error
+    nothing is left behind. Files are ``IM_0001.dcm`` ... in slice order (k = 0 first), and
+    the manifest :data:`~sirf_fbsem.io.outputs.SERIES_MANIFEST` (JSON: ``written_by``,
+    ``files``, ``series_instance_uid``) that marks the series as this package's.
+
+    The directory may already exist when it is empty (the files are written into it) or
+    holds only a series this package wrote (its manifest lists every file in it): that
+    series is replaced, after the new one is complete, when ``overwrite`` (the default, as
+    SIRF's ``write``; the command line passes ``--overwrite``). A directory holding anything
+    else, or a file at ``directory``, is refused with
+    :class:`~sirf_fbsem.errors.OutputPathError` before anything is written: files this
+    package did not write are never deleted.
 
     Parameters (all but the first four keyword-only):
 
@@ -294,7 +306,9 @@ def write_dicom_series(
     from pydicom.sequence import Sequence as DicomSequence
     from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-    target = Path(directory)
+    target = absolute(directory)
+    owner = check_replaceable(PlannedOutput(target, "dicom_series", ""), overwrite)
+    replace = (dicom_series_files(target) or []) if owner == "ours" else []
     arr = _check_volume(image, geometry)
     sx, sy, sz = _patient_flips(patient_position)
     position = patient_position.upper()
@@ -453,7 +467,7 @@ def write_dicom_series(
     base.RescaleIntercept = "0"
 
     written: list[str] = []
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=replace, last=SERIES_MANIFEST) as tmp:
         for k in range(nz):
             ds = Dataset()
             ds.update(base)
@@ -476,4 +490,7 @@ def write_dicom_series(
             name = f"IM_{k + 1:04d}.dcm"
             pydicom.dcmwrite(tmp / name, ds, enforce_file_format=True)
             written.append(name)
+        manifest = {"written_by": JSON_MARK, "sirf_fbsem_version": __version__, "files": written,
+                    "series_instance_uid": str(series_uid), "series_description": series_description}
+        (tmp / SERIES_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return [target / n for n in written]

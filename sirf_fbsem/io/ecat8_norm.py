@@ -52,6 +52,7 @@ from typing import Mapping
 import numpy as np
 from numba import njit, prange
 
+from ..errors import InputFileNotFoundError
 from ..geometry import GeometryError, Scanner, SinogramGeometry
 from .listmode import (
     ListmodeError,
@@ -232,27 +233,41 @@ def _component_matrix(keys: Mapping[str, str], i: int, path: Path) -> tuple[int,
     if off_key not in keys or size_key not in keys:
         raise NormError(f"normalisation header '{path}': missing key '{off_key}' or '{size_key}'")
     try:
-        return int(keys[off_key]), parse_int_list(keys[size_key])
-    except ValueError:
+        offset, sizes = _get_int(keys, off_key, path), parse_int_list(keys[size_key])
+    except (ValueError, ListmodeError):
         raise NormError(
             f"normalisation header '{path}': cannot read '{off_key}' = {keys[off_key]!r} / "
             f"'{size_key}' = {keys[size_key]!r}"
         ) from None
+    if offset < 0 or offset % 4:
+        raise NormError(f"normalisation header '{path}': '{off_key}' = {offset}; expected a multiple of 4 >= 0 "
+                        "(the components are 4-byte floats)")
+    return offset, sizes
 
 
 def read_ecat8_norm(path: str | os.PathLike) -> ECAT8Norm:
     """Read an ECAT8 normalisation from its header (``norm.n.hdr``) or data file (``norm.n``, header beside it).
 
-    Errors name the file and the field.
+    Errors (:class:`NormError`; :class:`~sirf_fbsem.errors.InputFileNotFoundError` for a missing
+    file) name the file and the field.
     """
     p = Path(path)
     if p.suffix.lower() != ".hdr":
         cand = p.with_name(p.name + ".hdr")
         if not cand.is_file():
-            raise FileNotFoundError(f"ECAT8 normalisation header '{cand}' (for '{p}') does not exist")
+            raise InputFileNotFoundError(f"ECAT8 normalisation header '{cand}' (for '{p}') does not exist", cand)
         p = cand
     if not p.is_file():
-        raise FileNotFoundError(f"ECAT8 normalisation header '{p}' does not exist")
+        raise InputFileNotFoundError(f"ECAT8 normalisation header '{p}' does not exist", p)
+    try:
+        return _read_ecat8_norm(p)
+    except NormError:
+        raise
+    except ListmodeError as exc:  # the shared PETLINK header helpers: a norm's error all the same
+        raise NormError(str(exc)) from exc
+
+
+def _read_ecat8_norm(p: Path) -> ECAT8Norm:
     keys = parse_interfile_keys(p)
     scanner = _scanner_from_keys(keys, p)
     data = _resolve_data_file(p, keys)
@@ -272,19 +287,22 @@ def read_ecat8_norm(path: str | os.PathLike) -> ECAT8Norm:
     for i, s in ((1, s1), (2, s2), (3, s3)):
         if s != expected[i]:
             raise NormError(f"normalisation header '{p}': 'matrix size [{i}]' is {s}; expected {expected[i]}")
-    if len(s4) != 1:
-        raise NormError(f"normalisation header '{p}': 'matrix size [4]' is {s4}; expected one number")
+    if len(s4) != 1 or s4[0] < 1:
+        raise NormError(f"normalisation header '{p}': 'matrix size [4]' is {s4}; expected one number >= 1")
+    if T < 1:
+        raise NormError(f"normalisation header '{p}': 'matrix size [1]' is {s1}; expected [bins >= 1, {2 * nr - 1}]")
     size = data.stat().st_size
-    end = o4 + 4 * s4[0]
-    if size < end:
-        raise NormError(
-            f"normalisation data '{data}' has {size:,} bytes; the header's components need at least {end:,}"
-        )
-    raw = np.fromfile(data, dtype="<f4")
+    counts = {1: (2 * nr - 1) * T, 2: T * _CRYSTALS_PER_BLOCK, 3: nr * nd, 4: s4[0]}
+    for i, off in ((1, o1), (2, o2), (3, o3), (4, o4)):  # every component inside the file, before reading it
+        end = off + 4 * counts[i]
+        if size < end:
+            raise NormError(
+                f"normalisation data '{data}' has {size:,} bytes (truncated?); component [{i}] of header '{p}' "
+                f"('data offset in bytes [{i}]' = {off:,}, 'matrix size [{i}]') needs at least {end:,}"
+            )
+    raw = np.fromfile(data, dtype="<f4", count=size // 4)
 
     def comp(off: int, n: int, i: int) -> np.ndarray:
-        if off % 4:
-            raise NormError(f"normalisation header '{p}': 'data offset in bytes [{i}]' = {off} is not a multiple of 4")
         return raw[off // 4: off // 4 + n].astype(np.float32)
 
     geometric = comp(o1, (2 * nr - 1) * T, 1).reshape(2 * nr - 1, T)
@@ -307,5 +325,9 @@ def read_ecat8_norm(path: str | os.PathLike) -> ECAT8Norm:
         header_path=p, data_path=data, scanner=scanner, geometric=geometric, interference=interference,
         crystal_efficiencies=eff, axial_effects=axial, norm_span=span, norm_max_ring_diff=mrd, keys=dict(keys),
     )
-    norm.axial_effects_table()  # checks the number of axial effects against the layout
+    try:
+        norm.axial_effects_table()  # checks the number of axial effects against the layout
+    except GeometryError as exc:
+        raise NormError(f"normalisation header '{p}': '%axial compression' = {span} with '%maximum ring difference' "
+                        f"= {mrd} is not a sinogram layout of the {scanner.name}: {exc}") from None
     return norm

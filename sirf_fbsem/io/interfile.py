@@ -35,6 +35,20 @@ The reader follows STIR's sources:
   BIGENDIAN); ``number format`` float (4 or 8 bytes), signed or unsigned integer (1, 2 or 4
   bytes) (STIR's default: unsigned integer); ``data offset in bytes [1]`` skips a prefix.
 
+Checks beyond STIR's, so that a header that lies is caught at the source, with the file and
+the key named (:class:`InterfileError`, an :class:`~sirf_fbsem.errors.InputError`):
+
+* sizes: every axis at most ``_MAX_AXIS_SIZE``; the data file's size is checked against the
+  header (``offset + values x bytes per value``) before any array is made from the header;
+  a missing data file is an :class:`InterfileDataNotFoundError` (a ``FileNotFoundError``);
+* rings: the segments' ring differences and axial positions must fit ``number of rings``
+  (:func:`_check_segments_fit_rings`), before the data are looked at;
+* byte order: values that only the other byte order makes plausible (floats of absurd
+  magnitude or spread, integers that are all multiples of 256) are refused naming
+  ``imagedata byte order`` (:func:`_check_byte_order`, on a sample: milliseconds);
+* counts: :func:`warn_if_not_counts` warns (:class:`PlausibilityWarning`) when prompts are
+  not whole numbers (for the emission data only; factors and additive terms are not counts).
+
 Arrays are SIRF's: sinograms float32 ``(tof=1, sinograms, views, tangential)`` with
 segments 0, +1, -1, +2, -2, ... and axial positions ascending in each (see
 :class:`~sirf_fbsem.geometry.SinogramAxis`); images float32 ``(z, y, x)``. The writers write
@@ -47,6 +61,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
+import warnings
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation, localcontext
 from enum import Enum
@@ -55,11 +71,16 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import InputError, InputFileNotFoundError
 from ..geometry import GeometryError, ImageGeometry, Scanner, Segment, SinogramGeometry
 from .atomic import atomic_path
+from .outputs import INTERFILE_MARK, PlannedOutput, absolute, check_replaceable
 
 __all__ = [
+    "WRITTEN_BY_COMMENT",
     "InterfileError",
+    "InterfileDataNotFoundError",
+    "PlausibilityWarning",
     "InterfileHeader",
     "SinogramStorageOrder",
     "standardise_keyword",
@@ -73,10 +94,15 @@ __all__ = [
     "write_projdata",
     "read_image",
     "write_image",
+    "warn_if_not_counts",
 ]
 
 _MISSING = object()
 _MAX_HEADER_BYTES = 16 * 1024 * 1024  # larger is not a header (a binary file passed by mistake)
+#: largest size a header may give one axis (matrix size, rings, detectors, bins): far beyond any scanner,
+#: small enough that a geometry built from the header (before its data file is checked) stays in memory
+_MAX_AXIS_SIZE = 1 << 20
+_MAX_TIME_FRAMES = 100_000  # dynamic scans have hundreds at most
 _PATIENT_POSITIONS = {  # (patient orientation, patient rotation), standardised -> DICOM-style position
     ("head in", "supine"): "HFS",
     ("head in", "prone"): "HFP",
@@ -85,7 +111,7 @@ _PATIENT_POSITIONS = {  # (patient orientation, patient rotation), standardised 
 }
 
 
-class InterfileError(ValueError):
+class InterfileError(InputError):
     """An Interfile header or data file that cannot be read or written as asked.
 
     The message names the file, the key (or field), what was expected and what was
@@ -96,6 +122,23 @@ class InterfileError(ValueError):
         super().__init__(message)
         self.path = Path(path) if path is not None else None
         self.key = key
+
+
+class InterfileDataNotFoundError(InterfileError, InputFileNotFoundError):
+    """The data file a header names (``name of data file``) does not exist.
+
+    Also a ``FileNotFoundError``: ``path`` is the header, ``key`` the header key and
+    ``filename`` the missing data file.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike, key: str, missing: str | os.PathLike) -> None:
+        super().__init__(message, path=path, key=key)
+        self.filename = str(missing)
+
+
+class PlausibilityWarning(UserWarning):
+    """Input that can be read but looks wrong for its use (e.g. prompts that are not integer counts,
+    a listmode time interval past the end of the data); the message names the file and says why."""
 
 
 class SinogramStorageOrder(str, Enum):
@@ -156,16 +199,22 @@ def _number_token(text: str) -> str:
     return t.split(None, 1)[0].split(";", 1)[0] if t else ""
 
 
+#: decimal exponent beyond which a header number is refused: a C++ double (STIR's type) overflows near 1e308
+_MAX_DECIMAL_EXPONENT = 300
+#: an integer with more decimal digits than this is refused (beyond 64 bits; STIR reads sizes as C++ ints)
+_MAX_INT_DIGITS = 18
+
+
 def _to_decimal(token: str) -> Decimal:
     d = Decimal(token)
-    if not d.is_finite():
+    if not d.is_finite() or (d != 0 and d.adjusted() > _MAX_DECIMAL_EXPONENT):
         raise InvalidOperation(token)
     return d
 
 
 def _to_int(token: str) -> int:
     d = _to_decimal(token)
-    if d != d.to_integral_value():
+    if d != d.to_integral_value() or (d != 0 and d.adjusted() >= _MAX_INT_DIGITS):
         raise ValueError(token)
     return int(d)
 
@@ -284,8 +333,19 @@ class InterfileHeader:
         """(start, duration) in s per ``number of time frames``, from ``image relative start time
         (sec) [i]`` and ``image duration (sec) [i]`` (0 when absent)."""
         n = self.get_int("number of time frames", 1)
-        return [(self.get_float(f"image relative start time (sec)[{i}]", 0.0),
-                 self.get_float(f"image duration (sec)[{i}]", 0.0)) for i in range(1, max(n, 0) + 1)]
+        if n > _MAX_TIME_FRAMES:
+            raise self.error("number of time frames", f"an integer <= {_MAX_TIME_FRAMES:,}")
+        frames = [(0.0, 0.0)] * max(n, 0)
+        for key in self.entries:  # only the frames the header describes (a key lookup per frame is slow)
+            m = _INDEXED.match(key)
+            if m and m.group("name") in ("image relative start time (sec)", "image duration (sec)"):
+                i = int(m.group("index"))
+                if 1 <= i <= n:
+                    start, duration = frames[i - 1]
+                    value = self.get_float(key, 0.0)
+                    is_start = m.group("name").startswith("image relative")
+                    frames[i - 1] = (value, duration) if is_start else (start, value)
+        return frames
 
 
 def _read_header_lines(path: Path) -> list[str]:
@@ -409,6 +469,7 @@ def scanner_from_header(hdr: InterfileHeader | str | os.PathLike) -> Scanner:
 
     num_rings = int(value("number of rings", -1, lambda v: v < 1))
     num_dets = int(value("number of detectors per ring", -1, lambda v: v < 1))
+    num_rings, num_dets = (n if n <= _MAX_AXIS_SIZE else -1 for n in (num_rings, num_dets))  # refused below
     diameter = value("inner ring diameter (cm)", -1, lambda v: v < 0)
     doi = value("average depth of interaction (cm)", -1, lambda v: v < 0)
     spacing = value("distance between rings (cm)", -1, lambda v: v < 0)
@@ -417,11 +478,14 @@ def scanner_from_header(hdr: InterfileHeader | str | os.PathLike) -> Scanner:
     default_arc = int(value("default number of arc-corrected bins", 0, lambda v: v <= 0))
     unknown = f" (and STIR does not know the originating system '{system}')" if system and known is None else ""
     for key, ok, expected in (
-        ("number of rings", num_rings >= 1, "an integer >= 1"),
-        ("number of detectors per ring", num_dets >= 2, "an integer >= 2"),
+        ("number of rings", num_rings >= 1, f"an integer from 1 to {_MAX_AXIS_SIZE:,}"),
+        ("number of detectors per ring", num_dets >= 2, f"an integer from 2 to {_MAX_AXIS_SIZE:,}"),
         ("inner ring diameter (cm)", diameter > 0, "a diameter > 0 cm"),
         ("average depth of interaction (cm)", doi >= 0, "a depth >= 0 cm"),
         ("distance between rings (cm)", spacing > 0, "a ring spacing > 0 cm"),
+        ("maximum number of non-arc-corrected bins", max_non_arc <= _MAX_AXIS_SIZE,
+         f"an integer <= {_MAX_AXIS_SIZE:,}"),
+        ("default number of arc-corrected bins", default_arc <= _MAX_AXIS_SIZE, f"an integer <= {_MAX_AXIS_SIZE:,}"),
     ):
         if not ok:
             raise hdr.error(key, expected + unknown)
@@ -462,8 +526,8 @@ def _axis_label(hdr: InterfileHeader, index: int) -> str:
 
 def _single_int(hdr: InterfileHeader, key: str, what: str) -> int:
     values = hdr.get_int_list(key)
-    if len(values) != 1 or values[0] < 1:
-        raise hdr.error(key, f"one integer >= 1 ({what})")
+    if len(values) != 1 or not 1 <= values[0] <= _MAX_AXIS_SIZE:
+        raise hdr.error(key, f"one integer from 1 to {_MAX_AXIS_SIZE:,} ({what})")
     return values[0]
 
 
@@ -482,6 +546,68 @@ def _segment_sequence(hdr: InterfileHeader, min_rd: Sequence[int], max_rd: Seque
     return seq
 
 
+def _ordinal(i: int) -> str:
+    """0 -> '1st', 1 -> '2nd', ... (the position of a value in a header list)."""
+    n = i + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _max_axial_poss(num_rings: int, min_rd: int, max_rd: int) -> int:
+    """Axial positions of a segment that uses every ring pair (as STIR's ``construct_proj_data_info``).
+
+    A segment of one ring difference ``d`` has ``num_rings - |d|`` positions (one per ring pair,
+    a ring apart); a segment combining ring differences ``min_rd..max_rd`` has one position per
+    value of ``ring1 + ring2`` (half a ring apart): ``2 num_rings - 1 - 2 min |d|``.
+    """
+    min_abs = 0 if min_rd <= 0 <= max_rd else min(abs(min_rd), abs(max_rd))
+    return num_rings - min_abs if min_rd == max_rd else 2 * num_rings - 1 - 2 * min_abs
+
+
+def _check_segments_fit_rings(hdr: InterfileHeader, scanner: Scanner, axial_key: str, num_axial: Sequence[int],
+                              min_rd: Sequence[int], max_rd: Sequence[int], seq: Sequence[int]) -> None:
+    """The segments' ring differences and axial positions must fit the scanner's rings.
+
+    Ring differences lie in ``-(num_rings - 1) .. num_rings - 1`` and segments do not share
+    one; a segment has at most :func:`_max_axial_poss` axial positions, and STIR centres fewer
+    on the scanner (SIRF's single-slice templates keep 1 of 3), so the shortfall must be even
+    for the positions to fall on ring pairs. Errors name 'number of rings' and the list keys
+    (with where the ring count came from), not the downstream symptom.
+    """
+    nr = scanner.num_rings
+    given = hdr.get("number of rings")
+    if given is not None and given.strip():
+        rings = f"'number of rings' := {nr}"
+    else:
+        rings = f"'number of rings' (absent from the header; {nr} from STIR's definition of the {scanner.name})"
+    where = f"Interfile header '{hdr.path}'"
+    axial_display = _display_key(axial_key)
+    for i, (lo, hi, n, k) in enumerate(zip(min_rd, max_rd, num_axial, seq)):
+        if max(abs(lo), abs(hi)) > nr - 1:
+            raise _fail(hdr.path, "number of rings",
+                        f"{where}: {rings} allows ring differences from {-(nr - 1)} to {nr - 1}, but segment {k} has "
+                        f"{lo}..{hi} ('minimum/maximum ring difference per segment'); check 'number of rings' and the "
+                        "ring-difference lists")
+        n_max = _max_axial_poss(nr, lo, hi)
+        kind = f"sinograms in segment {k}"
+        if n > n_max:
+            raise _fail(hdr.path, "number of rings",
+                        f"{where}: {rings} gives at most {n_max} {kind} (ring differences {lo}..{hi}), but "
+                        f"'{axial_display}' gives {n}: the header's ring count and its axial layout disagree "
+                        "(check 'number of rings' and 'matrix size' for the axial coordinate)")
+        if (n_max - n) % 2:
+            raise _fail(hdr.path, "number of rings",
+                        f"{where}: {rings} gives {n_max} {kind} (ring differences {lo}..{hi}); "
+                        f"'{axial_display}' gives {n}, which cannot be centred on the scanner's ring pairs "
+                        f"(STIR keeps a centred subset: {n_max}, {n_max - 2}, {n_max - 4}, ...); check "
+                        "'number of rings' and 'matrix size' for the axial coordinate")
+    spans = sorted(zip(min_rd, max_rd, seq))
+    for (lo1, hi1, k1), (lo2, hi2, k2) in zip(spans, spans[1:]):
+        if lo2 <= hi1:
+            raise hdr.error("minimum ring difference per segment", "segments that do not share ring differences",
+                            f"segment {k1} ({lo1}..{hi1}) and segment {k2} ({lo2}..{hi2}) overlap")
+
+
 def _is_arc_corrected(hdr: InterfileHeader) -> bool:
     corrections = [standardise_keyword(c) for c in hdr.get_list("applied corrections", [])]
     if not corrections:  # STIR: keyword absent (or empty) -> arc-corrected
@@ -489,14 +615,23 @@ def _is_arc_corrected(hdr: InterfileHeader) -> bool:
     return any(c in ("arc correction", "arc corrected", "radial arc-correction") for c in corrections)
 
 
-def _projdata_layout(hdr: InterfileHeader) -> _ProjDataLayout:
+def _projdata_layout(hdr: InterfileHeader,
+                     check_data: Callable[[int, int, str], None] | None = None) -> _ProjDataLayout:
+    """The layout of a projection-data header, every key checked against STIR's rules.
+
+    ``check_data(num_segments, num_values, dims)``, when given, is called once the sizes are
+    known and checked (segments, values in the file, ``'SxVxN'``) but before any array is made
+    from them: the reader checks the data file's size there, so that a header asking for a
+    gigantic array is refused by its file size before anything is allocated.
+    """
     _check_study(hdr, "Emission")
     if "%sms-mi version number" in hdr:
         raise hdr.error("%SMS-MI version number", "absent: Siemens e7tools sinogram headers are not supported "
                         "(convert with STIR first)", "a Siemens header")
     ndim = hdr.get_int("number of dimensions")
     if ndim != 4:
-        tof = "timing positions" in [_axis_label(hdr, i) for i in range(1, max(ndim, 0) + 1)]
+        labels = [standardise_keyword(v) for k, v in hdr.entries.items() if k.startswith("matrix axis label[")]
+        tof = "timing positions" in labels
         raise hdr.error("number of dimensions", "4 (TOF data, with 'timing positions', are not supported)" if tof
                         else "4 (segment, view/axial coordinate, axial coordinate/view, tangential)", str(ndim))
     if _axis_label(hdr, 1) != "tangential coordinate":
@@ -523,13 +658,21 @@ def _projdata_layout(hdr: InterfileHeader) -> _ProjDataLayout:
         if len(values) != num_segments:
             raise hdr.error(key, f"{num_segments} values (one per segment, 'matrix size [4]')",
                             f"{len(values)} values {values}")
-    if min(num_axial) < 1:
-        raise hdr.error(axial_key, "axial positions >= 1 in every segment")
+    if min(num_axial) < 1 or max(num_axial) > _MAX_AXIS_SIZE:
+        raise hdr.error(axial_key, f"axial positions from 1 to {_MAX_AXIS_SIZE:,} in every segment")
+    for i, (lo, hi) in enumerate(zip(min_rd, max_rd)):
+        if lo > hi:
+            raise hdr.error("minimum ring difference per segment",
+                            "values <= 'maximum ring difference per segment' in every segment",
+                            f"minimum {lo} > maximum {hi} in the segment listed {_ordinal(i)}")
     frames = hdr.get_int("number of time frames", 1)
     if frames != 1:
         raise hdr.error("number of time frames", "1 (dynamic projection data are not supported)", str(frames))
     seq = _segment_sequence(hdr, min_rd, max_rd)
     scanner = scanner_from_header(hdr)
+    _check_segments_fit_rings(hdr, scanner, axial_key, num_axial, min_rd, max_rd, seq)
+    if check_data is not None:
+        check_data(num_segments, sum(num_axial) * num_views * num_bins, f"{sum(num_axial)}x{num_views}x{num_bins}")
     arc = _is_arc_corrected(hdr)
     bin_size = scanner.default_bin_size_mm
     if arc:
@@ -569,6 +712,8 @@ class _BinaryFormat:
     dtype: np.dtype
     offset: int
     scale: list[float]  # one value, or one per plane (images)
+    byte_order_key: str = "imagedata byte order"  # the key the header uses (Siemens: 'image data byte order')
+    byte_order_given: bool = True  # False: absent, STIR's default BIGENDIAN
 
 
 def _binary_format(hdr: InterfileHeader, num_scale_factors: int, per_plane_scaling: bool) -> _BinaryFormat:
@@ -600,28 +745,226 @@ def _binary_format(hdr: InterfileHeader, num_scale_factors: int, per_plane_scali
         if any((f != 1.0) if all_one else (f != units) for f in factors):
             raise hdr.error("quantification units", "used only without 'image scaling factor' or with equal values")
         factors = [units] * len(factors)
-    return _BinaryFormat(dtype=dtype, offset=offset, scale=factors)
+    return _BinaryFormat(dtype=dtype, offset=offset, scale=factors, byte_order_key=byte_order_key,
+                         byte_order_given=bool((hdr.get(byte_order_key) or "").strip()))
 
 
 def _data_path(hdr: InterfileHeader, what: str) -> Path:
+    key = "name of data file"
     path = hdr.data_file
-    if path.resolve() == hdr.path.resolve():
-        raise hdr.error("name of data file", f"the {what} data file", "the header itself (a template without data)")
-    if not path.is_file():
-        raise hdr.error("name of data file", f"an existing {what} data file", f"'{path}', which does not exist")
+    try:
+        is_header = path.resolve() == hdr.path.resolve()
+        exists = path.is_file()
+    except (OSError, ValueError):  # a name the file system cannot hold (NUL byte, too long)
+        raise hdr.error(key, f"the name of an existing {what} data file") from None
+    if is_header:
+        raise hdr.error(key, f"the {what} data file", "the header itself (a template without data)")
+    if not exists:
+        raise InterfileDataNotFoundError(
+            f"Interfile header '{hdr.path}': 'name of data file' names the {what} data file '{path}', which does "
+            f"not exist{' (it is a folder)' if path.is_dir() else ''}", path=hdr.path, key=key, missing=path)
     return path
 
 
-def _read_raw(hdr: InterfileHeader, data_path: Path, fmt: _BinaryFormat, count: int, what: str, dims: str):
+def _check_data_size(hdr: InterfileHeader, data_path: Path, fmt: _BinaryFormat, count: int, what: str,
+                     dims: str) -> None:
+    """The data file must hold ``offset + count x bytes per value`` bytes exactly (checked before reading)."""
     size = data_path.stat().st_size
     expected = fmt.offset + count * fmt.dtype.itemsize
     if size != expected:
         offset = f" after an offset of {fmt.offset:,} bytes" if fmt.offset else ""
+        short = " (truncated?)" if size < expected else ""
         raise _fail(data_path, "matrix size",
-                    f"{what} '{data_path.name}' has {size:,} bytes; header '{hdr.path}' expects {expected:,} "
+                    f"{what} '{data_path.name}' has {size:,} bytes{short}; header '{hdr.path}' expects {expected:,} "
                     f"({dims} {fmt.dtype.name}{offset}; from 'matrix size', 'number format', "
                     f"'number of bytes per pixel', 'data offset in bytes')")
-    return np.fromfile(data_path, dtype=fmt.dtype, count=count, offset=fmt.offset)
+
+
+def _read_raw(hdr: InterfileHeader, data_path: Path, fmt: _BinaryFormat, count: int, what: str, dims: str):
+    """The ``count`` values of the data file, after checking its size and the plausibility of its byte order."""
+    _check_data_size(hdr, data_path, fmt, count, what, dims)
+    try:
+        raw = np.fromfile(data_path, dtype=fmt.dtype, count=count, offset=fmt.offset)
+    except OSError as exc:
+        raise _fail(data_path, "name of data file",
+                    f"{what} '{data_path}' (header '{hdr.path}') cannot be read: {exc}") from exc
+    if raw.size != count:  # changed while being read
+        raise _fail(data_path, "matrix size", f"{what} '{data_path}' (header '{hdr.path}'): read {raw.size:,} of "
+                                              f"{count:,} values (was the file truncated while being read?)")
+    _check_byte_order(hdr, data_path, fmt, raw, what)
+    return raw
+
+
+# --------------------------------------------------------------------------- plausibility of the values
+#: at most this many values (evenly spaced over the file) are looked at by the plausibility checks
+_SAMPLE_SIZE = 1 << 18
+#: float magnitudes a PET file plausibly holds: counts, factors, Bq/ml, 1/cm are far inside this range
+_PLAUSIBLE_FLOAT_RANGE = (1e-30, 1e30)
+#: share of NaN/Inf/subnormal values among the nonzero ones from which the byte order is suspected
+_MAX_BAD_FLOAT_SHARE = 0.05
+#: decades between the 10th and 90th percentiles of |x| beyond which floats look like bytes in the wrong order
+#: (real PET files: < 7 decades; float32 read in the wrong order: ~60, exponents from the mantissa's low byte)
+_MAX_FLOAT_SPREAD_DECADES = 20.0
+
+
+def _sample(values: np.ndarray, size: int = _SAMPLE_SIZE) -> np.ndarray:
+    """At most about ``size`` values evenly spaced over ``values`` (flattened; a view, no copy)."""
+    flat = values.reshape(-1)
+    return flat[:: max(1, -(-flat.size // size))]
+
+
+@dataclass(frozen=True)
+class _FloatStats:
+    nonzero: int  # nonzero values in the sample (NaN included)
+    median_abs: float  # median |x| of the finite nonzero ones (NaN when there is none)
+    bad_share: float  # share of the nonzero values that are NaN, Inf or subnormal
+    spread: float  # decades from the 10th to the 90th percentile of |x| (finite nonzero; 0 when none)
+
+    @property
+    def plausible(self) -> bool:
+        lo, hi = _PLAUSIBLE_FLOAT_RANGE
+        return self.nonzero == 0 or (lo <= self.median_abs <= hi and self.bad_share <= _MAX_BAD_FLOAT_SHARE
+                                     and self.spread <= _MAX_FLOAT_SPREAD_DECADES)
+
+    def describe(self) -> str:
+        return (f"median |value| ~{self.median_abs:.2g}, 80% of them within {self.spread:.2g} decades, "
+                f"{100 * self.bad_share:.3g}% NaN/Inf/subnormal")
+
+
+def _float_stats(sample: np.ndarray) -> _FloatStats:
+    """Statistics of float values computed from their bit patterns (sign, exponent, mantissa).
+
+    Integer arithmetic only, so that the result does not depend on the processor's
+    flush-to-zero / denormals-are-zero mode (which libraries built with ``-ffast-math``, such as
+    some SIRF builds, switch on for the whole process, making subnormals compare equal to 0).
+    Magnitudes are ``2**e`` with ``e`` the binary exponent (to a factor of 2: enough here).
+    """
+    nbytes = sample.dtype.itemsize
+    mant_bits, exp_bits = (23, 8) if nbytes == 4 else (52, 11)
+    bias, exp_max = (1 << (exp_bits - 1)) - 1, (1 << exp_bits) - 1
+    bits = sample.view(np.dtype(f"{sample.dtype.byteorder}u{nbytes}")).astype(np.uint64)
+    exponent = ((bits >> np.uint64(mant_bits)) & np.uint64(exp_max)).astype(np.int64)
+    mantissa = bits & np.uint64((1 << mant_bits) - 1)
+    nonzero = (exponent != 0) | (mantissa != 0)
+    n = int(nonzero.sum())
+    if n == 0:
+        return _FloatStats(0, math.nan, 0.0, 0.0)
+    special = nonzero & (exponent == exp_max)  # NaN, Inf
+    subnormal = (exponent == 0) & (mantissa != 0)
+    bad_share = int((special | subnormal).sum()) / n
+    finite = nonzero & ~special
+    # binary exponent of |x| (floor of log2): normal e - bias; subnormal floor(log2 mantissa) + 1 - bias - mant_bits
+    e = exponent[finite] - bias
+    sub = subnormal[finite]
+    if sub.any():
+        e[sub] = np.floor(np.log2(mantissa[finite][sub].astype(np.float64))).astype(np.int64) + 1 - bias - mant_bits
+    if e.size == 0:
+        return _FloatStats(n, math.nan, bad_share, 0.0)
+    p10, p50, p90 = np.percentile(e, [10, 50, 90])
+    return _FloatStats(n, math.ldexp(1.0, int(round(p50))), bad_share, float((p90 - p10) * math.log10(2)))
+
+
+def _int_byte_order_suspect(sample: np.ndarray) -> bool:
+    """Integers written in the other byte order: (nearly) every nonzero value has a zero least
+    significant byte and a nonzero most significant one (small counts c read as c x 256 or c x 2**24).
+
+    Data in the right order look like this only if nearly all values are multiples of 256 at
+    least 256 (int16) or 2**24 (int32), which counts and scaled integers are not.
+    """
+    nbytes = sample.dtype.itemsize
+    if nbytes < 2:
+        return False
+    bits = sample.astype(np.int64) & ((1 << (8 * nbytes)) - 1)  # two's complement pattern, value order
+    bits = bits[bits != 0]
+    if bits.size < 16:
+        return False
+    low_zero = (bits & 0xFF) == 0
+    high_set = (bits >> (8 * (nbytes - 1))) != 0
+    return float(np.mean(low_zero & high_set)) >= 0.99
+
+
+def _order_name(dtype: np.dtype, other: bool = False) -> str:
+    """'LITTLEENDIAN' or 'BIGENDIAN' for ``dtype`` (or for the other byte order)."""
+    little = dtype.byteorder == "<" or (dtype.byteorder in "=|" and sys.byteorder == "little")
+    return "LITTLEENDIAN" if little != other else "BIGENDIAN"
+
+
+def _check_byte_order(hdr: InterfileHeader, data_path: Path, fmt: _BinaryFormat, raw: np.ndarray, what: str) -> None:
+    """Refuse data whose values show that the header's byte order is wrong (or that the data are not
+    what 'number format' says), naming the file and the byte-order key.
+
+    Floats: the finite nonzero values of a sample must have a median magnitude within
+    ``_PLAUSIBLE_FLOAT_RANGE`` (1e-30 .. 1e30): float32 1.0 (and any small whole number) read
+    in the wrong order is a subnormal such as 4.6e-41. Values with full mantissas read in the
+    wrong order take their exponent from a mantissa byte, so their magnitudes spread over ~60
+    decades (``log10 |x|`` from the 10th to the 90th percentile) where real data span a few;
+    that, or many NaN/Inf/subnormal values, is blamed on the byte order when the other order
+    gives plausible values with a far smaller spread and no NaN/Inf/subnormal (otherwise the
+    finite-value check reports the NaNs). Integers: see :func:`_int_byte_order_suspect`.
+    Only a sample of at most ``_SAMPLE_SIZE`` values is examined (vectorised: milliseconds).
+    """
+    if raw.dtype.itemsize == 1 or raw.size == 0:
+        return
+    sample = _sample(raw)
+    swapped = sample.byteswap().view(sample.dtype)  # the same bytes in the other order
+    declared = (f"'{_display_key(fmt.byte_order_key)}' := {_order_name(raw.dtype)}" if fmt.byte_order_given
+                else f"'{_display_key(fmt.byte_order_key)}' absent (STIR's default: BIGENDIAN)")
+    head = (f"{what} '{data_path}' (header '{hdr.path}'): read as {fmt.dtype.name} with {declared}, the values are "
+            "implausible")
+    if raw.dtype.kind == "f":
+        native, other = _float_stats(sample), _float_stats(swapped)
+        lo, hi = _PLAUSIBLE_FLOAT_RANGE
+        out_of_range = native.nonzero > 0 and not lo <= native.median_abs <= hi  # NaN median: out of range too
+        other_better = (not native.plausible and other.plausible and other.bad_share == 0
+                        and other.spread <= native.spread / 4 + 1)
+        if not (out_of_range or other_better):
+            return
+        found = f"{head} ({native.describe()})"
+    else:
+        if not _int_byte_order_suspect(sample) or _int_byte_order_suspect(swapped):
+            return
+        native_max = int(np.abs(sample.astype(np.int64)).max())
+        other_max = int(np.abs(swapped.astype(np.int64)).max())
+        other = None
+        found = (f"{head}: nearly every nonzero value is a multiple of 256 (up to {native_max:,}), as small "
+                 f"integers in the other byte order read; {_order_name(raw.dtype, other=True)} gives values up to "
+                 f"{other_max:,}")
+    if other is None or other.plausible:
+        hint = (f"; the other byte order gives plausible values ({other.describe()})" if other is not None else "")
+        advice = (f". Set '{_display_key(fmt.byte_order_key)} := {_order_name(raw.dtype, other=True)}' in the header "
+                  "if that "
+                  "is how the data were written")
+    else:
+        hint = f"; the other byte order is no better ({other.describe()})"
+        advice = (". Check 'number format', 'number of bytes per pixel' and 'data offset in bytes' against how the "
+                  "data were written")
+    raise _fail(hdr.path, _display_key(fmt.byte_order_key), found + hint + advice)
+
+
+def _count_like(values: np.ndarray) -> tuple[float, float | None]:
+    """(share of sampled values that are not whole numbers, the first such value or None)."""
+    sample = _sample(values)
+    frac = sample != np.rint(sample)
+    if not frac.any():
+        return 0.0, None
+    return float(np.mean(frac)), float(sample[np.argmax(frac)])
+
+
+def warn_if_not_counts(values: np.ndarray, path: str | os.PathLike, what: str = "prompts") -> bool:
+    """Warn (:class:`PlausibilityWarning`) when ``values`` are not whole numbers: prompts of a scan are
+    counts, so values with fractions are precorrected or scaled data, for which the Poisson
+    likelihood of the reconstruction does not hold. Looks at a sample of at most
+    ``_SAMPLE_SIZE`` values. Returns True when it warned.
+    """
+    share, example = _count_like(np.asarray(values))
+    if example is None:
+        return False
+    warnings.warn(PlausibilityWarning(
+        f"{what} '{path}' are not integer counts ({100 * share:.3g}% of the values looked at have fractions, "
+        f"e.g. {example:.6g}): precorrected, scaled or smoothed data? The reconstruction models raw counts "
+        "(Poisson): give it the measured prompts, with the corrections as separate normalisation, attenuation "
+        "and additive inputs"), stacklevel=2)
+    return True
 
 
 def _first(mask: np.ndarray) -> tuple[int, ...]:
@@ -660,13 +1003,22 @@ def read_projdata(path: str | os.PathLike, allow_negative: bool = False) -> tupl
 
     ``path`` is the ``.hs`` header (for a ``.s`` path, the ``.hs`` beside it).
     ``image scaling factor [1]`` is applied. NaN/Inf are an error; so are negative
-    values unless ``allow_negative`` (for additive or multiplicative terms).
+    values unless ``allow_negative`` (for additive or multiplicative terms). The header is
+    checked before the data (rings against segments, the data file's size before any array
+    is made), and the values against the byte order (see the module docstring); every error
+    is an :class:`InterfileError` naming the file and the key.
     """
     hdr = parse_header(_header_of(path, ".hs", ".s"))
-    layout = _projdata_layout(hdr)
+    found: dict = {}
+
+    def check_data(num_segments: int, count: int, dims: str) -> None:  # before the geometry makes any array
+        found["fmt"] = _binary_format(hdr, num_scale_factors=num_segments, per_plane_scaling=False)
+        found["data_path"] = _data_path(hdr, "sinogram")
+        _check_data_size(hdr, found["data_path"], found["fmt"], count, "sinogram", dims)
+
+    layout = _projdata_layout(hdr, check_data)
     geometry = layout.geometry
-    fmt = _binary_format(hdr, num_scale_factors=len(geometry.segments), per_plane_scaling=False)
-    data_path = _data_path(hdr, "sinogram")
+    fmt, data_path = found["fmt"], found["data_path"]
     _, S, V, N = geometry.shape
     raw = _read_raw(hdr, data_path, fmt, S * V * N, "sinogram", f"{S}x{V}x{N}")
     out = np.empty(geometry.shape, dtype=np.float32)
@@ -717,10 +1069,14 @@ def _float_str(x: float) -> str:
     return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
 
 
+#: comment line in every header this package writes: how output checks recognise its own files
+WRITTEN_BY_COMMENT = INTERFILE_MARK
+
+
 def _common_lines(data_name: str, target: Path, patient_position: str | None, pet_data_type: str,
                   originating_system: str | None = None) -> list[str]:
     """The header's opening lines, as STIR writes them."""
-    lines = ["!INTERFILE  :=", "!imaging modality := PT", f"name of data file := {data_name}"]
+    lines = ["!INTERFILE  :=", WRITTEN_BY_COMMENT, "!imaging modality := PT", f"name of data file := {data_name}"]
     if originating_system is not None:
         lines.append(f"originating system := {originating_system}")
     lines += ["!version of keys := STIR4.0", "!GENERAL DATA :=", "!GENERAL IMAGE DATA :=", "!type of data := PET"]
@@ -833,8 +1189,13 @@ def write_projdata(
     storage_order: SinogramStorageOrder | str = SinogramStorageOrder.SEGMENT_VIEW_AXIAL_TANG,
     patient_position: str | None = None,
     time_frame: tuple[float, float] | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Write projection data as STIR Interfile: ``<stem>.hs`` + ``<stem>.s``, float32 little endian.
+
+    An existing header is replaced only when this package wrote it (its
+    :data:`WRITTEN_BY_COMMENT` line) and ``overwrite``; other files are refused
+    (:class:`~sirf_fbsem.errors.OutputPathError`): files it did not write are never replaced.
 
     ``path`` may end in ``.hs``, ``.s`` or neither. ``data`` is SIRF-ordered, of
     ``geometry.shape`` (or that without the leading TOF axis). Segments go in ascending
@@ -846,6 +1207,7 @@ def write_projdata(
         raise TypeError(f"geometry must be a SinogramGeometry, got {type(geometry).__name__}")
     storage_order = SinogramStorageOrder(storage_order)
     header_path, data_path = _paired_paths(path, ".hs", ".s")
+    check_replaceable(PlannedOutput(absolute(header_path), "interfile_image", ""), overwrite)
     arr = np.asarray(data)
     arr = arr[None] if arr.shape == geometry.shape[1:] else arr
     arr = _checked_array(arr, geometry.shape, header_path, _sino_where(geometry),
@@ -909,7 +1271,8 @@ def read_image(path: str | os.PathLike) -> tuple[ImageGeometry, np.ndarray]:
     """Read a STIR Interfile image: ``(geometry, x)``, ``x`` float32 ``(z, y, x)``.
 
     ``path`` is the ``.hv`` header (for a ``.v`` path, the ``.hv`` beside it).
-    ``image scaling factor [1]`` (one value or one per plane) is applied; NaN/Inf are an error.
+    ``image scaling factor [1]`` (one value or one per plane) is applied; NaN/Inf are an error,
+    as are values that show the header's byte order to be wrong (:func:`_check_byte_order`).
     """
     hdr = parse_header(_header_of(path, ".hv", ".v"))
     geometry = _image_layout(hdr)
@@ -933,16 +1296,20 @@ def write_image(
     *,
     patient_position: str | None = None,
     time_frame: tuple[float, float] | None = None,
+    overwrite: bool = True,
 ) -> None:
     """Write an image as STIR Interfile: ``<stem>.hv`` + ``<stem>.v``, float32 little endian, x fastest.
 
     ``data`` is ``(z, y, x)`` of ``geometry.shape``. ``first pixel offset (mm)`` is written
     from the origin (STIR: ``min_index * voxel_size + origin``) in exact decimal, so
     :func:`read_image` gives back the same geometry. Data file first, header last, atomically.
+    An existing header is replaced only when this package wrote it and ``overwrite``; other
+    files are refused (:class:`~sirf_fbsem.errors.OutputPathError`).
     """
     if not isinstance(geometry, ImageGeometry):
         raise TypeError(f"geometry must be an ImageGeometry, got {type(geometry).__name__}")
     header_path, data_path = _paired_paths(path, ".hv", ".v")
+    check_replaceable(PlannedOutput(absolute(header_path), "interfile_image", ""), overwrite)
     arr = _checked_array(data, geometry.shape, header_path, _voxel_where, "(z, y, x)")
     lines = _common_lines(data_path.name, header_path, patient_position, "Image")
     lines += ["process status := Reconstructed", "!number format := float", "!number of bytes per pixel := 4",

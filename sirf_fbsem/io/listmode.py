@@ -74,7 +74,11 @@ Time (``LmToProjData::process_data``)
 The current time starts at 0 and is set by each time tag (``get_time_in_secs() =
 ms / 1000``). An event belongs to the interval ``[t0, t1)`` if the current time
 ``t`` satisfies ``t0 <= t < t1``: events before ``t0`` are skipped and reading stops
-at the first time tag with ``t >= t1``. Time tags are expected to increase.
+at the first time tag with ``t >= t1``. Time tags are expected to increase. An interval
+that holds no data (past the last time tag, or before 0) is a :class:`ListmodeError`
+naming the file and where its data end; one that extends past the last tag warns
+(:class:`~sirf_fbsem.io.interfile.PlausibilityWarning`) with the interval actually covered.
+The last tag is found by reading the file's two ends only (``_time_tag_range``).
 
 Differences from STIR's ``lm_to_projdata``
 ------------------------------------------
@@ -100,6 +104,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -109,7 +114,9 @@ from typing import Any, Mapping
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from ..errors import InputError, InputFileNotFoundError
 from ..geometry import GeometryError, Scanner, SinogramGeometry, scanner_preset
+from .interfile import PlausibilityWarning
 
 __all__ = [
     "ListmodeError",
@@ -152,7 +159,7 @@ _KEY_DATA_FILE = "name of data file"
 _KEY_DATA_OFFSET = "data offset in bytes"
 
 
-class ListmodeError(ValueError):
+class ListmodeError(InputError):
     """A listmode file or header that cannot be read as PETLINK 32-bit data."""
 
 
@@ -177,28 +184,56 @@ def parse_interfile_keys(path: str | os.PathLike) -> dict[str, str]:
     return {_normalise_key(k): v.strip() for k, v in hdr.entries.items() if _normalise_key(k)}
 
 
+#: largest integer a header value may hold here (sizes, offsets, counts): beyond it the value is refused
+_MAX_HEADER_INT = (1 << 62) - 1
+
+
+def _int_value(text: str) -> int:
+    """An integer as a C++ stream reads it (leading token; ``'3.0'`` -> 3, ``'126 ; 252'`` -> 126).
+
+    Raises ``ValueError`` for text that is not a finite number within +-2**62.
+    """
+    token = text.strip().split(None, 1)[0].split(";", 1)[0] if text.strip() else ""
+    v = float(token)  # ValueError for text
+    if not math.isfinite(v) or abs(v) > _MAX_HEADER_INT:
+        raise ValueError(text)
+    return int(v)
+
+
 def _get_int(keys: Mapping[str, str], key: str, path: Path, default: int | None = None) -> int:
     if key not in keys or keys[key] == "":
         if default is None:
             raise ListmodeError(f"header '{path}': missing key '{key}'")
         return default
     try:
-        return int(float(keys[key]))
+        return _int_value(keys[key])
     except ValueError:
         raise ListmodeError(f"header '{path}': key '{key}' should be an integer, got {keys[key]!r}") from None
 
 
 def _get_float(keys: Mapping[str, str], key: str) -> float | None:
-    v = keys.get(key, "")
+    """A finite number, or None when the key is absent or not a finite number (informational keys)."""
+    v = keys.get(key, "").strip()
     try:
-        return float(v) if v != "" else None
-    except ValueError:
+        x = float(v.split(None, 1)[0].split(";", 1)[0]) if v else None
+    except (ValueError, IndexError):
         return None
+    return x if x is not None and math.isfinite(x) else None
 
 
 def parse_int_list(value: str) -> list[int]:
-    """``"{127,115, 115}"`` -> ``[127, 115, 115]``."""
-    return [int(float(x)) for x in value.strip().strip("{}").split(",") if x.strip()]
+    """``"{127,115, 115}"`` -> ``[127, 115, 115]``; ``ValueError`` for an item that is not an integer."""
+    return [_int_value(x) for x in value.strip().strip("{}").split(",") if x.strip()]
+
+
+def _optional_int_list(value: str | None) -> tuple[int, ...] | None:
+    """An informational list (``%segment table``): None when absent or unreadable (STIR does not use it)."""
+    if not value:
+        return None
+    try:
+        return tuple(parse_int_list(value))
+    except ValueError:
+        return None
 
 
 _SCANNER_NAMES = {"2008": "Siemens_mMR", "siemens mmr": "Siemens_mMR", "mmr": "Siemens_mMR"}
@@ -222,9 +257,10 @@ def _resolve_data_file(header: Path, keys: Mapping[str, str], key: str = _KEY_DA
     p = Path(name)
     if not p.is_absolute():
         p = header.parent / p
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"header '{header}': key '{key}' names data file '{name}', which does not exist (looked for '{p}')"
+    if not p.is_file():  # False for names the file system cannot hold (NUL bytes)
+        what = "a folder, not a file" if p.is_dir() else "does not exist"
+        raise InputFileNotFoundError(
+            f"header '{header}': key '{key}' names data file '{name}', which {what} (looked for '{p}')", p
         )
     return p
 
@@ -239,7 +275,7 @@ def _parse_datetime(date: str | None, tm: str | None) -> datetime | None:
             parts = [int(float(x)) for x in tm.split(":")[:3]]
             hh, mm, ss = (parts + [0, 0, 0])[:3]
         return datetime(y, mo, d, hh, mm, ss, tzinfo=timezone.utc)
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 
@@ -351,12 +387,16 @@ def read_listmode_header(path: str | os.PathLike) -> ListmodeHeader:
     """Read a Siemens mMR PETLINK listmode header (``.l.hdr``, also STIR's ``.l.hdr.STIR``).
 
     Raises :class:`ListmodeError` for a header that is not PETLINK 32-bit data of a
-    supported scanner, and :class:`FileNotFoundError` naming the header, the key and
-    the path when the data file is missing.
+    supported scanner (naming the header and the key), and
+    :class:`~sirf_fbsem.errors.InputFileNotFoundError` (a ``FileNotFoundError``) naming the
+    header, the key and the path when the data file is missing. ``%number of views`` and
+    ``%number of projections`` must be the scanner's (STIR decodes the bin addresses with
+    those); ``%segment table`` and ``%total listmode word counts`` are informational (None
+    when unreadable).
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"listmode header '{p}' does not exist")
+        raise InputFileNotFoundError(f"listmode header '{p}' does not exist", p)
     keys = parse_interfile_keys(p)
     scanner = _scanner_from_keys(keys, p)
     bits = _get_int(keys, "lm event and tag words format (bits)", p, default=32)
@@ -368,21 +408,34 @@ def read_listmode_header(path: str | os.PathLike) -> ListmodeHeader:
             f"header '{p}': 'axial compression' is {ax_comp}; PETLINK bin addresses are read for axial "
             "compression 1 only (as STIR's CListEventECAT8_32bit)"
         )
-    layout = ListmodeLayout(
-        num_rings=_get_int(keys, "number of rings", p, default=scanner.num_rings),
-        num_detectors_per_ring=scanner.num_detectors_per_ring,
-        max_ring_difference=_get_int(keys, "maximum ring difference", p, default=scanner.num_rings - 1),
-        num_views=_get_int(keys, "number of views", p, default=scanner.num_detectors_per_ring // 2),
-        num_tangential_poss=_get_int(keys, "number of projections", p, default=scanner.max_num_non_arccorrected_bins),
-    )
-    if layout.num_rings != scanner.num_rings:
+    num_rings = _get_int(keys, "number of rings", p, default=scanner.num_rings)
+    if num_rings != scanner.num_rings:
         raise ListmodeError(
-            f"header '{p}': 'number of rings' is {layout.num_rings}; the {scanner.name} has {scanner.num_rings}"
+            f"header '{p}': 'number of rings' is {num_rings}; the {scanner.name} has {scanner.num_rings}"
         )
+    for key, value in (("number of views", scanner.num_detectors_per_ring // 2),
+                       ("number of projections", scanner.max_num_non_arccorrected_bins)):
+        given = _get_int(keys, key, p, default=value)
+        if given != value:
+            raise ListmodeError(f"header '{p}': '%{key}' is {given}; the {scanner.name}'s PETLINK bin addresses have "
+                                f"{value} (as STIR decodes them)")
+    mrd = _get_int(keys, "maximum ring difference", p, default=scanner.num_rings - 1)
+    if not 0 <= mrd <= scanner.num_rings - 1:
+        raise ListmodeError(f"header '{p}': '%maximum ring difference' is {mrd}; expected 0 to {scanner.num_rings - 1} "
+                            f"for the {scanner.num_rings} rings of the {scanner.name}")
+    layout = ListmodeLayout(
+        num_rings=num_rings,
+        num_detectors_per_ring=scanner.num_detectors_per_ring,
+        max_ring_difference=mrd,
+        num_views=scanner.num_detectors_per_ring // 2,
+        num_tangential_poss=scanner.max_num_non_arccorrected_bins,
+    )
     data = _resolve_data_file(p, keys)
     offset = _get_int(keys, _KEY_DATA_OFFSET, p, default=0)
-    seg_table = tuple(parse_int_list(keys["segment table"])) if keys.get("segment table") else None
-    total_words = keys.get("total listmode word counts")
+    if offset < 0:
+        raise ListmodeError(f"header '{p}': '!data offset in bytes' is {offset}; expected an integer >= 0")
+    seg_table = _optional_int_list(keys.get("segment table"))
+    total_words = _get_float(keys, "total listmode word counts")
     return ListmodeHeader(
         header_path=p,
         data_path=data,
@@ -405,7 +458,7 @@ def read_listmode_header(path: str | os.PathLike) -> ListmodeHeader:
         ),
         tracer_activity_bq=_get_float(keys, "tracer activity at time of injection (bq)"),
         duration_s=_get_float(keys, "image duration (sec)"),
-        total_listmode_words=int(float(total_words)) if total_words else None,
+        total_listmode_words=int(total_words) if total_words is not None and total_words >= 0 else None,
         segment_table=seg_table,
         keys=dict(keys),
     )
@@ -414,14 +467,14 @@ def read_listmode_header(path: str | os.PathLike) -> ListmodeHeader:
 def _as_header(path_or_header: str | os.PathLike | ListmodeHeader) -> ListmodeHeader:
     if isinstance(path_or_header, ListmodeHeader):
         if not path_or_header.data_path.is_file():
-            raise FileNotFoundError(
+            raise InputFileNotFoundError(
                 f"header '{path_or_header.header_path}': key '{_KEY_DATA_FILE}' names data file "
-                f"'{path_or_header.data_path}', which does not exist"
+                f"'{path_or_header.data_path}', which does not exist", path_or_header.data_path
             )
         return path_or_header
     p = Path(path_or_header)
     if not p.is_file():
-        raise FileNotFoundError(f"listmode header '{p}' does not exist")
+        raise InputFileNotFoundError(f"listmode header '{p}' does not exist", p)
     if not _is_text_header(p):
         raise ListmodeError(
             f"'{p}' is not a listmode header (it looks like binary data); pass the '.l.hdr' header, "
@@ -922,7 +975,7 @@ def _layout_and_data(path_or_header) -> tuple[ListmodeHeader | None, Path, int, 
         return h, h.data_path, h.data_offset_bytes, h.layout
     p = Path(path_or_header)
     if not p.is_file():
-        raise FileNotFoundError(f"listmode file '{p}' does not exist")
+        raise InputFileNotFoundError(f"listmode file '{p}' does not exist", p)
     if _is_text_header(p):
         h = read_listmode_header(p)
         return h, h.data_path, h.data_offset_bytes, h.layout
@@ -991,6 +1044,75 @@ def _time_tag_range(data: Path, offset: int, n_words: int, probe_words: int = 1 
 
 
 # ----------------------------------------------------------------------------- histogram
+def _warn_if_fewer_words(header: ListmodeHeader, n_words: int) -> None:
+    """Warn (:class:`PlausibilityWarning`) when the data file holds fewer words than the header's
+    ``%total listmode word counts`` says: a truncated copy (the histogram then misses the rest)."""
+    expected = header.total_listmode_words
+    if expected is not None and n_words < expected:
+        warnings.warn(PlausibilityWarning(
+            f"listmode file '{header.data_path}' holds {n_words:,} words ({4 * n_words:,} bytes after the offset); "
+            f"its header '{header.header_path}' says '%total listmode word counts' := {expected:,}: a truncated "
+            "copy? Only the events in the file are histogrammed"), stacklevel=3)
+
+
+_MAX_MS = 1 << 62  # interval bounds are clamped to +-this (beyond any 29-bit time tag) for the int64 kernels
+
+
+def _ceil_ms(t_s: float) -> int:
+    """``ceil(1000 t)`` (less a rounding margin of 1e-9 ms) clamped to +-``_MAX_MS``: an int64 for the kernels."""
+    ms = t_s * 1000.0 - 1e-9  # may overflow to +-inf for |t| near 1.8e305 s: clamped below
+    return int(math.ceil(ms)) if -_MAX_MS < ms < _MAX_MS else (_MAX_MS if ms > 0 else -_MAX_MS)
+
+
+def _check_time_interval(time_interval_s, header: ListmodeHeader, first_tag: int | None,
+                         last_tag: int | None) -> tuple[int, int, tuple[float, float]]:
+    """Integer ms bounds ``(t0_ms, t1_ms)`` of a time interval ``(t0, t1)`` s, and the interval the data cover.
+
+    STIR keeps events whose current time ``t`` (ms / 1000, the last time tag before them; 0
+    before the first) satisfies ``t0 <= t < t1``; with integer ``ms``, that is
+    ``ceil(1000 t0) <= ms < ceil(1000 t1)``. The data end at the last time tag ``T`` (events
+    after it have time ``T``, up to one ``timing tagwords interval`` later). Raises
+    :class:`ListmodeError` for an interval that is not ``t0 < t1`` (finite), ends at or before 0,
+    or starts after ``T`` (no events), naming the listmode file and where it ends. Warns
+    (:class:`PlausibilityWarning`) when ``t1`` lies past ``T`` + the tag interval: the result then
+    covers ``[max(t0, 0), T]`` s only, which the warning states.
+    """
+    data = header.data_path
+    try:
+        t0, t1 = (float(x) for x in time_interval_s)
+    except (TypeError, ValueError):
+        raise ListmodeError(f"time interval {time_interval_s!r} for listmode '{data}': expected two times "
+                            "(t0, t1) in seconds") from None
+    if not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0:
+        raise ListmodeError(f"time interval [{t0:g}, {t1:g}) s for listmode '{data}': expected finite times "
+                            "t0 < t1 in seconds from the scan start")
+    # integer ms bounds equivalent to STIR's comparison of ms/1000 with seconds; clamped for the kernels
+    t0_ms, t1_ms = _ceil_ms(t0), _ceil_ms(t1)
+    end_ms = last_tag if last_tag is not None else 0
+    tags = ("it has no time tags (all its events count as time 0 s)" if last_tag is None else
+            f"its time tags run from {0 if first_tag is None else first_tag / 1000:g} s to {end_ms / 1000:g} s; "
+            "events before the first tag count as time 0")
+    interval = f"time interval [{t0:g}, {t1:g}) s"
+    if t1_ms <= 0:
+        raise ListmodeError(f"{interval} ends before the listmode file '{data}' starts at 0 s ({tags}): "
+                            "no events to histogram")
+    if t0_ms > end_ms:
+        raise ListmodeError(f"{interval} starts after the end of the listmode file '{data}', which ends at "
+                            f"{end_ms / 1000:g} s ({tags}): no events to histogram")
+    if t1_ms <= t0_ms:
+        raise ListmodeError(f"{interval} holds no time tag of the listmode file '{data}' (time tags count whole "
+                            "milliseconds): no events to histogram")
+    tag_ms = header.timing_tag_interval_ms if header.timing_tag_interval_ms and header.timing_tag_interval_ms > 0 \
+        else 1.0
+    start_s, stop_s = max(t0, 0.0), min(t1, end_ms / 1000)
+    if t1_ms > end_ms + tag_ms:
+        warnings.warn(PlausibilityWarning(
+            f"{interval} extends past the end of the listmode file '{data}', which ends at {end_ms / 1000:g} s "
+            f"(its last time tag): the sinograms hold the events from {start_s:g} s to {stop_s:g} s only "
+            f"({stop_s - start_s:g} s of the {t1 - t0:g} s asked for)"), stacklevel=3)
+    return t0_ms, t1_ms, (start_s, stop_s)
+
+
 def histogram_listmode(
     path_or_header: str | os.PathLike | ListmodeHeader,
     geometry: SinogramGeometry,
@@ -1008,7 +1130,9 @@ def histogram_listmode(
             difference 60 gives STIR's usual mMR template (837 sinograms).
         time_interval_s: ``(t0, t1)`` seconds since the scan start; events with
             current time ``t0 <= t < t1`` are kept (None: all). An interval that
-            does not overlap the acquisition raises ``ValueError``.
+            does not overlap the acquisition raises :class:`ListmodeError` (a ``ValueError``);
+            one that extends past the last time tag warns (:class:`PlausibilityWarning`)
+            with the interval actually covered (see :func:`_check_time_interval`).
         store_delayeds: also histogram the delayed coincidences (separately).
         chunk_words: words per chunk; four buffers of this many 32-bit words are used
             (2**22: 64 MiB in all, whatever the file size).
@@ -1027,24 +1151,14 @@ def histogram_listmode(
         raise ValueError(f"chunk_words must be >= 1, got {chunk_words}")
     data, offset = header.data_path, header.data_offset_bytes
     n_words = _data_word_count(data, offset)
+    _warn_if_fewer_words(header, n_words)
 
     has_interval = time_interval_s is not None
     t0_ms = t1_ms = 0
-    first_tag, last_tag = _time_tag_range(data, offset, n_words)
+    effective_s = None
+    first_tag, last_tag = _time_tag_range(data, offset, n_words)  # reads the two ends of the file only
     if has_interval:
-        t0, t1 = (float(x) for x in time_interval_s)  # type: ignore[misc]
-        if not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0:
-            raise ValueError(f"time_interval_s must be (t0, t1) with t0 < t1, got {time_interval_s}")
-        # integer ms bounds equivalent to STIR's comparison of ms/1000 with seconds
-        t0_ms = int(math.ceil(t0 * 1000.0 - 1e-9))
-        t1_ms = int(math.ceil(t1 * 1000.0 - 1e-9))
-        acq_end_ms = last_tag if last_tag is not None else 0
-        if t0_ms > acq_end_ms or t1_ms <= 0 or t1_ms <= t0_ms:
-            raise ValueError(
-                f"time interval [{t0:g}, {t1:g}) s lies outside the acquisition in '{data}', whose time tags "
-                f"run from {0 if first_tag is None else first_tag / 1000:g} s to {acq_end_ms / 1000:g} s "
-                "(events before the first tag count as time 0)"
-            )
+        t0_ms, t1_ms, effective_s = _check_time_interval(time_interval_s, header, first_tag, last_tag)
 
     row_of_z = target_row_table(layout, geometry)
     n0, v0 = layout.num_tangential_poss, layout.num_views
@@ -1121,6 +1235,7 @@ def histogram_listmode(
         "header": header,
         "geometry": geometry.describe(),
         "time_interval_s": None if not has_interval else (float(time_interval_s[0]), float(time_interval_s[1])),
+        "effective_time_interval_s": effective_s,
         "prompts": int(tot[0]),
         "delayeds": int(tot[1]),
         "prompts_outside_geometry": int(tot[2]),
@@ -1163,6 +1278,12 @@ def histogram_with_sirf(
     except ImportError as exc:
         raise ImportError("histogram_with_sirf needs SIRF (sirf.STIR); use histogram_listmode without it") from exc
     import tempfile
+
+    if time_interval_s is not None:  # the same checks (and warning) as histogram_listmode, before SIRF runs
+        header = _as_header(header_path)
+        n_words = _data_word_count(header.data_path, header.data_offset_bytes)
+        _check_time_interval(time_interval_s, header,
+                             *_time_tag_range(header.data_path, header.data_offset_bytes, n_words))
 
     from ..geometry import SinogramGeometry
 

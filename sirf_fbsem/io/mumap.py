@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError, InputFileNotFoundError
 from ..geometry import GeometryError, ImageGeometry, Scanner, _patient_flips, scanner_preset
 
 __all__ = ["read_mu_map", "check_mu_units", "resample_to", "MU_WATER_PER_CM", "MuUnitsError"]
@@ -42,7 +43,7 @@ _MU_MIN_PER_CM = -0.01
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-class MuUnitsError(ValueError):
+class MuUnitsError(InputError):
     """A mu-map whose values are not linear attenuation coefficients in 1/cm."""
 
 
@@ -84,7 +85,7 @@ def read_mu_map(
     """
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"mu-map '{p}' does not exist")
+        raise InputFileNotFoundError(f"mu-map '{p}' does not exist", p)
     name = p.name.lower()
     if name.endswith(_NIFTI_SUFFIXES):
         if isinstance(scanner, str):
@@ -93,7 +94,7 @@ def read_mu_map(
     elif name.endswith((".hv", ".v")):
         geom, mu = _read_interfile_image(p)
     else:
-        raise ValueError(f"mu-map '{p}': unknown format; expected an Interfile '.hv' or NIfTI '.nii'/'.nii.gz'")
+        raise InputError(f"mu-map '{p}': unknown format; expected an Interfile '.hv' or NIfTI '.nii'/'.nii.gz'")
     mu = np.ascontiguousarray(mu, dtype=np.float32)
     if check_units:
         check_mu_units(mu, p)
@@ -117,10 +118,15 @@ def _read_nifti_mu(p: Path, patient_position: str) -> tuple[ImageGeometry, np.nd
         import nibabel as nib
     except ImportError as exc:  # pragma: no cover - nibabel is a dependency
         raise ImportError("reading NIfTI mu-maps needs nibabel (pip install nibabel)") from exc
-    img = nib.load(str(p))
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a damaged file
+        raise InputError(f"mu-map '{p}' cannot be read as NIfTI: {exc}") from exc
     if len(img.shape) != 3:
-        raise ValueError(f"mu-map '{p}' has shape {img.shape}; expected a 3D (x, y, z) volume")
+        raise InputError(f"mu-map '{p}' has shape {img.shape}; expected a 3D (x, y, z) volume")
     aff = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(aff)):
+        raise InputError(f"mu-map '{p}': the NIfTI affine has NaN/Inf entries:\n{aff}")
     lin = aff[:3, :3]
     off_diag = lin - np.diag(np.diag(lin))
     scale = np.max(np.abs(np.diag(lin)))
@@ -129,7 +135,10 @@ def _read_nifti_mu(p: Path, patient_position: str) -> tuple[ImageGeometry, np.nd
             f"mu-map '{p}': the NIfTI affine is not axis-aligned (rotation or shear):\n{aff}\n"
             "resample it onto an axis-aligned grid first"
         )
-    data = np.asanyarray(img.dataobj).astype(np.float32)  # (x, y, z), scl_slope applied by nibabel
+    try:
+        data = np.asanyarray(img.dataobj).astype(np.float32)  # (x, y, z), scl_slope applied by nibabel
+    except Exception as exc:  # noqa: BLE001 - truncated or damaged data
+        raise InputError(f"mu-map '{p}': the NIfTI voxel data cannot be read: {exc}") from exc
     # expected RAS diagonal signs for this patient position (ImageGeometry.nifti_affine): (-sx, -sy, sz)
     sx, sy, sz = _patient_flips(patient_position)
     expected = np.array([-sx, -sy, sz], dtype=np.float64)

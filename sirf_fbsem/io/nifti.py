@@ -23,6 +23,7 @@ import numpy as np
 
 from ..geometry import GeometryError, ImageGeometry, Scanner
 from .atomic import atomic_path
+from .outputs import NIFTI_MARK, PlannedOutput, absolute, check_replaceable
 
 __all__ = ["write_nifti", "read_nifti"]
 
@@ -73,6 +74,7 @@ def write_nifti(
     patient_position: str = "HFS",
     units: str | None = "Bq/ml",
     description: str = "",
+    overwrite: bool = True,
 ) -> Path:
     """Write a ``(Z, Y, X)`` image as a NIfTI-1 file (``.nii`` or ``.nii.gz``), atomically.
 
@@ -84,11 +86,18 @@ def write_nifti(
     no field for intensity units, so ``units`` goes in ``descrip`` after
     ``description`` (at most 80 ASCII bytes together).
 
+    The header's ``intent_name`` is :data:`~sirf_fbsem.io.outputs.NIFTI_MARK`, by which an
+    earlier output of this package is recognised: an existing file at ``path`` is replaced
+    only when it is one and ``overwrite`` (default True); any other file is refused with
+    :class:`~sirf_fbsem.errors.OutputPathError` (files this package did not write are never
+    replaced).
+
     Raises :class:`GeometryError` when the image does not match the geometry or the
     patient position is unknown; nothing is written then. Returns the path.
     """
     nib = _require_nibabel()
     target = _nifti_target(path)
+    check_replaceable(PlannedOutput(absolute(target), "nifti", ""), overwrite)
     arr = _check_volume(image, geometry)
     affine = geometry.nifti_affine(scanner, patient_position)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or np.allclose(affine, np.eye(4)):
@@ -112,6 +121,7 @@ def write_nifti(
     img.set_sform(affine, code=_XFORM_SCANNER)
     img.header.set_xyzt_units(xyz="mm", t="sec")
     img.header["descrip"] = descrip_bytes
+    img.header["intent_name"] = NIFTI_MARK
     if data.size:
         img.header["cal_min"] = float(data.min())
         img.header["cal_max"] = float(data.max())

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..errors import InputError
 from ..geometry import GeometryError, SinogramGeometry
 from .listmode import det_pair_for_view_tangential
 
@@ -44,9 +45,9 @@ def _check_sinogram(arr, geometry: SinogramGeometry, what: str) -> np.ndarray:
         raise GeometryError(f"{what} has shape {tuple(a.shape)}; the geometry expects {geometry.shape} (1, S, V, N)")
     a = a.astype(np.float32, copy=False)
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"{what} has non-finite values")
+        raise InputError(f"{what} has non-finite values")
     if np.any(a < 0):
-        raise ValueError(f"{what} has negative values; counts must be >= 0")
+        raise InputError(f"{what} has negative values; counts must be >= 0")
     return a
 
 
@@ -124,12 +125,12 @@ def additive_term(randoms: np.ndarray, scatter: np.ndarray | None = None) -> np.
     """Background ``b = randoms + scatter`` (float32, counts per bin; same shapes, non-negative)."""
     r = np.asarray(randoms)
     if not np.all(np.isfinite(r)) or np.any(r < 0):
-        raise ValueError("randoms must be finite and >= 0")
+        raise InputError("randoms must be finite and >= 0")
     if scatter is None:
         return r.astype(np.float32, copy=True)
     s = np.asarray(scatter)
     if s.shape != r.shape:
         raise GeometryError(f"scatter has shape {s.shape}; randoms have {r.shape}")
     if not np.all(np.isfinite(s)) or np.any(s < 0):
-        raise ValueError("scatter must be finite and >= 0")
+        raise InputError("scatter must be finite and >= 0")
     return (r.astype(np.float32) + s.astype(np.float32)).astype(np.float32)

@@ -11,11 +11,14 @@ either backend (:data:`~sirf_fbsem.projectors.base.PROJECTION_UNITS`).
 
 ``G`` traces the LORs of :mod:`sirf_fbsem.geometry` through the image with the
 Joseph kernels of :mod:`sirf_fbsem.projectors.joseph` (numba on CPU, torch on
-CUDA). No system matrix is stored: rays are generated from a few small tables.
+CUDA), or, with ``ray_tracing="siddon"``, with :mod:`sirf_fbsem.projectors.siddon_numba`,
+which reproduces STIR's ray-tracing matrix row for row (exact voxel intersection
+lengths, STIR's end voxels, axial and tangential rays and symmetries; CPU only).
+No system matrix is stored: rays are generated from a few small tables.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +28,10 @@ from .base import AcquisitionModel
 from .psf import GaussianPSF
 from .rays import RayTable, make_ray_table, tangential_lor_offsets_mm
 
-__all__ = ["EmbeddedAcquisitionModel"]
+__all__ = ["EmbeddedAcquisitionModel", "RAY_TRACING"]
+
+#: accepted values of ``ray_tracing``
+RAY_TRACING = ("joseph", "siddon")
 
 Array = torch.Tensor | np.ndarray
 
@@ -46,6 +52,9 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
             tracer (``set_num_tangential_LORs``; SIRF's default is 2, the embedded one 1).
         device, dtype: where and in which precision the model computes.
         backend: "auto" (numba on CPU, torch on CUDA), "numba" or "torch".
+        ray_tracing: "joseph" (interpolating, numba or torch, CPU or CUDA; the default) or
+            "siddon" (STIR's ray-tracing matrix row for row: exact intersection lengths as
+            SIRF's ``AcquisitionModelUsingRayTracingMatrix``; numba, CPU only).
     """
 
     def __init__(
@@ -62,7 +71,12 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         dtype: torch.dtype = torch.float32,
         backend: str = "auto",
         num_tangential_LORs: int = 1,
+        ray_tracing: Literal["joseph", "siddon"] = "joseph",
     ):
+        if ray_tracing not in RAY_TRACING:
+            raise ValueError(f"ray_tracing must be one of {RAY_TRACING}, got {ray_tracing!r}")
+        self.ray_tracing = ray_tracing
+        self._check_siddon_device(torch.device(device), backend)
         image_geometry.check_fits(sinogram_geometry)
         #: STIR's view symmetries for this sinogram and image: they decide the subsets, as in SIRF's OSEM
         self.view_symmetry = stir_view_symmetry(sinogram_geometry, image_geometry)
@@ -90,6 +104,15 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         self._rays: dict[int | None, RayTable] = {}
 
     # ------------------------------------------------------------------ helpers
+    def _check_siddon_device(self, device: torch.device, backend: str) -> None:
+        if self.ray_tracing != "siddon":
+            return
+        if device.type != "cpu":
+            raise ValueError(f"ray_tracing='siddon' runs on the CPU only (numba), not on {device}; use "
+                             f"ray_tracing='joseph' there")
+        if backend not in ("auto", "numba"):
+            raise ValueError(f"ray_tracing='siddon' has the numba backend only, got backend={backend!r}")
+
     def _sinogram_term(self, term: Array | None, name: str) -> torch.Tensor | None:
         if term is None:
             return None
@@ -134,6 +157,17 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
             )
         return self._rays[key]
 
+    def siddon_plan(self, subset: int | None):
+        """The Siddon plan (basic bins and their related bins) of a subset (cached)."""
+        from .siddon_numba import make_siddon_plan
+
+        key = ("siddon", subset)
+        if key not in self._rays:
+            views = None if subset is None else self.subset_views(subset)
+            self._rays[key] = make_siddon_plan(self.sinogram_geometry, self.image_geometry, views,
+                                               self.restrict_to_cylindrical_fov, self.num_tangential_LORs)
+        return self._rays[key]
+
     def _term(self, term: torch.Tensor | None, subset: int | None) -> torch.Tensor | None:
         return None if term is None else self.take_subset(term, subset)
 
@@ -153,6 +187,7 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         """A copy on another device and/or dtype (ray tables are shared)."""
         new = self._copy()
         new._device = torch.device(device) if device is not None else self._device
+        self._check_siddon_device(new._device, self.backend)
         new._dtype = dtype or self._dtype
         for name in ("multiplicative", "additive"):
             t = getattr(self, name)
@@ -166,7 +201,8 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
             for s in range(int(num_subsets)):
                 subset_views(self.sinogram_geometry.num_views, num_subsets, s, self.view_symmetry)
             new.num_subsets = int(num_subsets)
-            new._rays = {k: v for k, v in self._rays.items() if k is None or (isinstance(k, tuple) and k[0] is None)}
+            new._rays = {k: v for k, v in self._rays.items()
+                         if k is None or (isinstance(k, tuple) and (k[0] is None or k == ("siddon", None)))}
         return new
 
     # ------------------------------------------------------------------ operators
@@ -178,10 +214,15 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         xb = xb.to(device=self._device, dtype=self._dtype)
         if self.psf is not None:
             xb = self.psf(xb)
-        y = joseph_forward(xb, self.rays(subset), backend=self.backend)  # (B,S,Vs,N), mm
-        for lor in range(1, self.num_tangential_LORs):
-            y = y + joseph_forward(xb, self.rays(subset, lor), backend=self.backend)
-        y = (y * (self._pixel_unit / self.num_tangential_LORs)).unsqueeze(1)
+        if self.ray_tracing == "siddon":
+            from .siddon_numba import siddon_forward
+
+            y = siddon_forward(xb, self.siddon_plan(subset)).unsqueeze(1)  # pixel units, STIR's rows
+        else:
+            y = joseph_forward(xb, self.rays(subset), backend=self.backend)  # (B,S,Vs,N), mm
+            for lor in range(1, self.num_tangential_LORs):
+                y = y + joseph_forward(xb, self.rays(subset, lor), backend=self.backend)
+            y = (y * (self._pixel_unit / self.num_tangential_LORs)).unsqueeze(1)
         m = self._term(self.multiplicative, subset)
         if m is not None:
             y = y * m
@@ -196,10 +237,15 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         if m is not None:
             yb = yb * m
         y_sum = yb.sum(dim=1)
-        x = joseph_adjoint(y_sum, self.rays(subset), backend=self.backend)
-        for lor in range(1, self.num_tangential_LORs):
-            x = x + joseph_adjoint(y_sum, self.rays(subset, lor), backend=self.backend)
-        x = x * (self._pixel_unit / self.num_tangential_LORs)
+        if self.ray_tracing == "siddon":
+            from .siddon_numba import siddon_adjoint
+
+            x = siddon_adjoint(y_sum.contiguous(), self.siddon_plan(subset))
+        else:
+            x = joseph_adjoint(y_sum, self.rays(subset), backend=self.backend)
+            for lor in range(1, self.num_tangential_LORs):
+                x = x + joseph_adjoint(y_sum, self.rays(subset, lor), backend=self.backend)
+            x = x * (self._pixel_unit / self.num_tangential_LORs)
         if self.psf is not None:
             x = self.psf(x)
         return x[0] if single and x.shape[0] == 1 else x
@@ -224,5 +270,6 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
     def __repr__(self) -> str:
         return (
             f"EmbeddedAcquisitionModel({self.sinogram_geometry.describe()}; image {self.image_geometry.describe()}; "
-            f"{self.num_subsets} subsets; psf={None if self.psf is None else self.psf.fwhm_mm}; device={self._device})"
+            f"{self.num_subsets} subsets; psf={None if self.psf is None else self.psf.fwhm_mm}; "
+            f"ray_tracing={self.ray_tracing}; device={self._device})"
         )

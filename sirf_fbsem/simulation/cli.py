@@ -5,14 +5,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from ..argtypes import bounded_int, finite_float
 from ..geometry import SCANNER_PRESETS, GeometryError, ImageGeometry, SinogramGeometry, scanner_preset
+from ..io.outputs import check_run_directory
 from ..projectors.factory import add_backend_argument, check_backend
 from .acquisition import AcquisitionParameters, single_slice_geometry
-from .dataset import DatasetError, SimulationConfig, simulate_dataset
+from .dataset import MANIFEST_NAME, SimulationConfig, simulate_dataset
 from .phantoms import PHANTOM_KINDS
 
 __all__ = ["add_simulate_arguments", "run_simulate", "geometry_from_args", "config_from_args", "DEFAULT_SPAN"]
@@ -37,11 +38,11 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     d_acq = AcquisitionParameters()
     d_cfg = SimulationConfig()
     parser.add_argument("--out", type=Path, required=True, help="output directory (sample_NNNNN.pt + manifest.json)")
-    parser.add_argument("--num-samples", type=int, required=True, help="number of samples in the dataset")
+    parser.add_argument("--num-samples", type=bounded_int(0, 10_000_000), required=True, help="number of samples in the dataset")
     parser.add_argument("--scanner", default="small_test", help="scanner preset: small_test | Siemens_mMR")
-    parser.add_argument("--span", type=int, default=None, help=f"axial compression (default {DEFAULT_SPAN})")
+    parser.add_argument("--span", type=bounded_int(1), default=None, help=f"axial compression (default {DEFAULT_SPAN})")
     parser.add_argument(
-        "--max-ring-diff", type=int, default=None, help="maximum ring difference (default: the largest the span allows)"
+        "--max-ring-diff", type=bounded_int(0), default=None, help="maximum ring difference (default: the largest the span allows)"
     )
     parser.add_argument(
         "--image-shape",
@@ -55,17 +56,17 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a 2D problem: one ring of the scanner, one direct sinogram, a single-slice image",
     )
-    parser.add_argument("--counts", type=float, default=d_acq.counts, help="expected total prompts per sample")
-    parser.add_argument("--randoms-fraction", type=float, default=d_acq.randoms_fraction, help="randoms / prompts")
-    parser.add_argument("--scatter-fraction", type=float, default=d_acq.scatter_fraction, help="scatter / prompts")
-    parser.add_argument("--num-subsets", type=int, default=d_cfg.num_subsets, help="OSEM subsets")
+    parser.add_argument("--counts", type=finite_float(0.0, strict=True), default=d_acq.counts, help="expected total prompts per sample")
+    parser.add_argument("--randoms-fraction", type=finite_float(0.0, 1.0), default=d_acq.randoms_fraction, help="randoms / prompts")
+    parser.add_argument("--scatter-fraction", type=finite_float(0.0, 1.0), default=d_acq.scatter_fraction, help="scatter / prompts")
+    parser.add_argument("--num-subsets", type=bounded_int(1), default=d_cfg.num_subsets, help="OSEM subsets")
     parser.add_argument(
-        "--num-stages", type=int, default=d_cfg.num_stages, help="K: OSEM sub-iterates stored as targets"
+        "--num-stages", type=bounded_int(1, 1000), default=d_cfg.num_stages, help="K: OSEM sub-iterates stored as targets"
     )
     parser.add_argument("--phantom", choices=PHANTOM_KINDS, default=d_cfg.phantom, help="phantom kind")
-    parser.add_argument("--psf-fwhm-mm", type=float, default=None, help="image-space PSF FWHM of the model, mm")
+    parser.add_argument("--psf-fwhm-mm", type=finite_float(0.0), default=None, help="image-space PSF FWHM of the model, mm")
     parser.add_argument(
-        "--detector-gap-period", type=int, default=d_acq.detector_gap_period, help="every k-th detector dead (0: none)"
+        "--detector-gap-period", type=bounded_int(0), default=d_acq.detector_gap_period, help="every k-th detector dead (0: none)"
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed: sample i uses (seed, i)")
     parser.add_argument("--device", default="cpu", help="torch device of the projector, e.g. cpu or cuda")
@@ -120,27 +121,26 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    """Run ``simulate``; 0 on success, 2 on invalid settings (the message goes to stderr)."""
-    try:
-        check_backend(args.backend)
-        sino, image = geometry_from_args(args)
-        config = config_from_args(args)
-        t0 = time.perf_counter()
-        files = simulate_dataset(
-            args.out,
-            args.num_samples,
-            sino,
-            image,
-            config,
-            seed=args.seed,
-            resume=args.resume,
-            progress=args.progress,
-            device=args.device,
-            backend=args.backend,
-        )
-    except (GeometryError, DatasetError, ValueError, ImportError) as err:
-        print(f"sirf-fbsem simulate: error: {err}", file=sys.stderr)
-        return 2
+    """Run ``simulate``; returns 0. Errors propagate to the command line's error boundary
+    (:func:`sirf_fbsem.cli.main`: one line, exit 2 for invalid settings)."""
+    check_backend(args.backend)
+    check_run_directory(args.out, "--out", (Path(args.out) / MANIFEST_NAME).is_file(),
+                        f"sirf_fbsem dataset ({MANIFEST_NAME})")
+    sino, image = geometry_from_args(args)
+    config = config_from_args(args)
+    t0 = time.perf_counter()
+    files = simulate_dataset(
+        args.out,
+        args.num_samples,
+        sino,
+        image,
+        config,
+        seed=args.seed,
+        resume=args.resume,
+        progress=args.progress,
+        device=args.device,
+        backend=args.backend,
+    )
     print(
         f"{len(files)} samples in {args.out} ({sino.describe()}; image {image.describe()}; "
         f"{time.perf_counter() - t0:.1f} s)"

@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..errors import InputError
 from ..geometry import (
     GeometryError,
     ImageGeometry,
@@ -114,7 +115,7 @@ _SETTINGS_KEYS = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset directory, manifest or sample file that is missing, inconsistent or malformed."""
 
 

@@ -18,6 +18,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..argtypes import bounded_int, finite_float
+from ..errors import InputError
+from ..io.outputs import check_run_directory
 from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
 
 if TYPE_CHECKING:
@@ -33,18 +36,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="directory of simulated samples (manifest.json)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (checkpoints, logs, model.pt)")
     parser.add_argument("--mode", choices=MODES, default="sequential", help="training mode (default sequential)")
-    parser.add_argument("--stages", type=int, default=None,
+    parser.add_argument("--stages", type=bounded_int(1, 1000), default=None,
                         help="number of unrolled stages K (default: the data's num_stages)")
     parser.add_argument("--shared", action="store_true", help="one regulariser shared by all stages")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs (per stage in sequential mode; default 10)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    parser.add_argument("--beta-lr", type=float, default=None,
+    parser.add_argument("--epochs", type=bounded_int(1, 100000), default=10, help="epochs (per stage in sequential mode; default 10)")
+    parser.add_argument("--lr", type=finite_float(0.0, strict=True), default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--beta-lr", type=finite_float(0.0, strict=True), default=None,
                         help="Adam learning rate of the stages' betas (default: --lr); e.g. 5e-2 with "
                         "--beta-init 1 lets a stage leave plain OSEM sooner (README, Evaluation)")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per step (default 1)")
-    parser.add_argument("--validation-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
+    parser.add_argument("--batch-size", type=bounded_int(1), default=1, help="samples per step (default 1)")
+    parser.add_argument("--validation-fraction", type=finite_float(0.0, 1.0), default=0.2, help="held-out share (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
-    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")
+    parser.add_argument("--patience", type=bounded_int(1), default=None, help="early-stopping patience in epochs")
     parser.add_argument("--all-stages-loss", action="store_true",
                         help="end_to_end/checkpointed: sum the loss over every stage's output")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -54,17 +57,35 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="regulariser convolutions: 2 (slice by slice) or 3 (default 3)")
     parser.add_argument("--anatomical", action="store_true",
                         help="give the regulariser the anatomical (MR) image as a second channel")
-    parser.add_argument("--channels", type=int, default=32, help="regulariser feature channels (default 32)")
-    parser.add_argument("--layers", type=int, default=5, help="regulariser convolutions (default 5)")
-    parser.add_argument("--beta-init", type=float, default=0.1, help="initial beta, normalised units (default 0.1)")
-    parser.add_argument("--cache", choices=("disk", "memory"), default="disk",
+    parser.add_argument("--channels", type=bounded_int(1, 4096), default=32, help="regulariser feature channels (default 32)")
+    parser.add_argument("--layers", type=bounded_int(1, 1000), default=5, help="regulariser convolutions (default 5)")
+    parser.add_argument("--beta-init", type=finite_float(0.0, strict=True), default=0.1, help="initial beta, normalised units (default 0.1)")
+    parser.add_argument("--cache", choices=("disk", "memory"), default=None,
                         help="sequential mode: where stage outputs are cached (default disk)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=None,
                         help="sequential: start stage k from the trained weights of stage k-1 (default); "
                         "--no-warm-start: every stage from its own initialisation")
     parser.add_argument("--stage-devices", nargs="+", default=None, metavar="DEVICE",
                         help="greedy mode: place stage k on DEVICE[k %% n], round robin (GLEAM), e.g. cuda:0 cuda:1")
+
+
+def check_train_options(args: argparse.Namespace) -> None:
+    """Refuse flags that do not apply to ``--mode`` (each message names the flag)."""
+    mode = args.mode
+    if args.stage_devices and mode != "greedy":
+        raise InputError(f"--stage-devices places the stages of --mode greedy; --mode is {mode}")
+    if args.cache is not None and mode != "sequential":
+        raise InputError(f"--cache applies to --mode sequential (where stage outputs are cached); --mode is {mode}")
+    if args.warm_start is not None and mode != "sequential":
+        flag = "--warm-start" if args.warm_start else "--no-warm-start"
+        raise InputError(f"{flag} applies to --mode sequential (stage k starts from stage k-1); --mode is {mode}")
+    if args.all_stages_loss and mode not in ("end_to_end", "checkpointed"):
+        raise InputError(f"--all-stages-loss applies to --mode end_to_end or checkpointed; --mode is {mode} "
+                         f"(each stage is trained on its own target there already)")
+    if args.shared and mode == "sequential":
+        raise InputError("--shared (one regulariser for all stages) cannot be trained stage by stage: use it with "
+                         "--mode end_to_end, checkpointed or greedy")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -90,6 +111,13 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     from .trainers import TrainConfig, train, with_terms_factory
 
     check_backend(args.backend)
+    check_train_options(args)
+    out = Path(args.out)
+    has_run = (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("*.pt"))
+    check_run_directory(out, "--out", has_run, "training run (checkpoints/)")
+    if has_run and not resume:
+        raise InputError(f"--out {str(out)!r} holds the checkpoints of an earlier run; pass --resume to continue "
+                         f"it (with the same settings), or choose a new or empty --out")
     if args.backend == "sirf" and args.batch_size != 1:
         raise ValueError(f"--backend sirf trains one sample at a time (one SIRF model holds one set of factors); "
                          f"use --batch-size 1, not {args.batch_size}")
@@ -111,9 +139,9 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
         epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=args.batch_size,
         validation_fraction=args.validation_fraction,
         seed=args.seed, patience=args.patience, device=device, all_stages_loss=args.all_stages_loss,
-        cache=args.cache, progress=not args.no_progress and ctx.is_main,
+        cache=args.cache or "disk", progress=not args.no_progress and ctx.is_main,
         stage_devices=tuple(args.stage_devices) if args.stage_devices else None,
-        warm_start=args.warm_start,
+        warm_start=True if args.warm_start is None else args.warm_start,
     )
     reg = RegulariserConfig(dims=args.dims, in_channels=2 if args.anatomical else 1, channels=args.channels,
                             layers=args.layers)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import random
 import shutil
 import time
@@ -57,6 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..io.atomic import atomic_path
 from ..model.fbsem import FBSEMNet, FBSEMStage
 from ..model.io import safe_torch_load, save_model
@@ -79,6 +81,7 @@ __all__ = [
     "with_terms_factory",
     "make_optimizer",
     "CheckpointMismatchError",
+    "RunExistsError",
 ]
 
 Mode = Literal["sequential", "end_to_end", "checkpointed", "greedy"]
@@ -92,7 +95,24 @@ Batch = dict[str, torch.Tensor]
 ModelFactory = Callable[[Batch], AcquisitionModel]
 
 
-class CheckpointMismatchError(RuntimeError):
+def _remove_stage_cache(cache_dir: Path) -> None:
+    """Remove a stage-output cache this trainer wrote (``stage_NNN`` folders only); anything
+    else in ``cache_dir`` is the user's and stops the run (never deleted)."""
+    foreign = [p.name for p in cache_dir.iterdir() if not (p.is_dir() and re.fullmatch(r"stage_\d{3}", p.name))]
+    if foreign:
+        raise InputError(f"{str(cache_dir)!r} holds files the trainer did not write ({', '.join(sorted(foreign)[:5])}); "
+                         f"the trainer keeps its stage cache there: choose another output directory")
+    shutil.rmtree(cache_dir)
+
+
+class RunExistsError(InputError, FileExistsError):
+    """Starting a new run in a directory that holds an earlier run's checkpoints (resume it instead)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointMismatchError(InputError, RuntimeError):
     """Resuming from checkpoints written with another configuration."""
 
 
@@ -633,9 +653,10 @@ class _Trainer:
         self.dist.barrier()  # every rank has looked before rank 0 writes
         if existing:
             if not self.resume:
-                raise FileExistsError(
-                    f"{str(self.ckpt_dir)!r} holds checkpoints of an earlier run; pass resume=True (--resume) "
-                    f"to continue it, or choose an empty output directory"
+                raise RunExistsError(
+                    f"output directory {str(self.out_dir)!r} holds the checkpoints of an earlier run "
+                    f"({str(self.ckpt_dir)!r}); pass resume=True (--resume) to continue it, or choose a new or "
+                    f"empty output directory"
                 )
             payload = safe_torch_load(initial, "initial checkpoint")
             self._check_signature(payload, initial)
@@ -643,7 +664,7 @@ class _Trainer:
             return
         if self.dist.is_main:
             if self.cache_dir.exists():
-                shutil.rmtree(self.cache_dir)
+                _remove_stage_cache(self.cache_dir)
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             _save(initial, {"run_signature": self.run_signature, "net": _clone_state(self.net)})
         if self.dist.is_distributed:  # every rank starts from rank 0's initial weights

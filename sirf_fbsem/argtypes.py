@@ -1,0 +1,47 @@
+"""argparse types that check ranges, so that a bad number is a usage error naming the flag
+(argparse prints ``argument --iterations: expected an integer from 1 to 1000, got '1e9'``
+and exits 2) before anything runs."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+__all__ = ["bounded_int", "finite_float"]
+
+
+def bounded_int(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in ``[lo, hi]`` (no upper bound when ``hi`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < lo or (hi is not None and value > hi):
+            span = f"from {lo} to {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+def finite_float(lo: float | None = None, hi: float | None = None, *, strict: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in ``[lo, hi]`` (``(lo, hi)`` when ``strict``); a bound
+    that is None is not checked."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        below = lo is not None and (value <= lo if strict else value < lo)
+        above = hi is not None and (value >= hi if strict else value > hi)
+        if not math.isfinite(value) or below or above:
+            op_lo, op_hi = (">", "<") if strict else (">=", "<=")
+            bounds = " and ".join(b for b in (None if lo is None else f"{op_lo} {lo:g}",
+                                              None if hi is None else f"{op_hi} {hi:g}") if b)
+            raise argparse.ArgumentTypeError(f"expected a finite number{' ' + bounds if bounds else ''}, got {text!r}")
+        return value
+
+    return parse
