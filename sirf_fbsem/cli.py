@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--patient-position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     add_backend_argument(r)
+    r.add_argument("--ray-tracing", choices=["joseph", "siddon", "auto"], default=None,
+                   help="embedded projector: joseph (default; CPU or GPU), siddon (SIRF's ray tracing "
+                        "matrix row for row; CPU only) or auto (siddon where it runs)")
     r.add_argument("--no-progress", action="store_true")
 
     for name, helptext in (("simulate", "simulate training data"), ("train", "train FBSEM-Net")):
@@ -151,6 +154,9 @@ def check_reconstruct_options(args: argparse.Namespace, inputs: Sequence[Path]) 
     if args.time is not None and not args.time[0] < args.time[1]:
         raise _usage(f"--time T0 T1 needs T0 < T1 (seconds from the start of the acquisition), got "
                      f"{args.time[0]:g} {args.time[1]:g}")
+    if args.ray_tracing is not None and args.backend != "embedded":
+        raise _usage(f"--ray-tracing chooses the embedded projector's ray tracing; --backend {args.backend} "
+                     f"traces with STIR's own (Siddon)")
     kinds = {input_format(p) for p in inputs if Path(p).exists()}
     if "sinogram" in kinds:
         sinogram = next(p for p in inputs if Path(p).exists() and input_format(p) == "sinogram")
@@ -197,9 +203,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from .distributed import init_distributed, local_device, shutdown
     from .io.outputs import PlannedOutput, absolute, check_planned, check_replaceable
 
-    check_backend(args.backend)
     inputs = expand_inputs(args.inputs)
     algorithm = check_reconstruct_options(args, inputs)
+    check_backend(args.backend)
     fmt = args.output_format or "nii.gz"
     if args.output_dir is None:
         items = [BatchItem(inputs[0], args.output)]
@@ -289,6 +295,7 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
         device=device,
         progress=progress,
         backend=args.backend,
+        ray_tracing=args.ray_tracing or "joseph",
     )
     image = x.detach().cpu().numpy().astype(np.float32)
     _write_outputs(args, output, dicom, preview, input_path, image, image_geom, acq, description)

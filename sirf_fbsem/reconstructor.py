@@ -671,6 +671,7 @@ def reconstruct_acquisition(
     device: str = "cpu",
     progress: bool = True,
     backend: str = "embedded",
+    ray_tracing: str = "joseph",
 ) -> tuple[torch.Tensor, str]:
     """Reconstruct an :class:`~sirf_fbsem.acquisition.Acquisition` with the engine (:mod:`.recon.engine`).
 
@@ -688,6 +689,8 @@ def reconstruct_acquisition(
         device: ``'cpu'`` or ``'cuda[:N]'``.
         progress: tqdm progress bar.
         backend: acquisition model backend, ``'embedded'`` or ``'sirf'``.
+        ray_tracing: the embedded projector's ray tracing: ``'joseph'`` (default), ``'siddon'``
+            (STIR's matrix row for row, CPU) or ``'auto'``; SIRF's is always Siddon.
     Returns:
         (image (Z, Y, X) float32 tensor on ``device``, in SIRF's units, description such as
         ``"OSEM 4 it x 4 subsets"``).
@@ -707,7 +710,8 @@ def reconstruct_acquisition(
             n = 1
         else:
             n = 4 if num_subsets is None else int(num_subsets)
-        model = acq.model(image_geom, backend=backend, num_subsets=n, psf_fwhm_mm=psf, device=device)
+        model = acq.model(image_geom, backend=backend, num_subsets=n, psf_fwhm_mm=psf, device=device,
+                          ray_tracing=ray_tracing)
         x = reconstruct(model, prompts, EMUpdate(), num_iterations * n, progress=progress)
         desc = f"MLEM {num_iterations} it" if algorithm == "mlem" else f"OSEM {num_iterations} it x {n} subsets"
         return x, desc + psf_text + backend_text
@@ -729,7 +733,8 @@ def reconstruct_acquisition(
         raise ValueError(f"FBSEM model {str(model_path)!r} needs an anatomical image, which this entry point "
                          f"does not take")
     net.to(device)
-    model = acq.model(image_geom, backend=backend, num_subsets=net.num_subsets, psf_fwhm_mm=psf, device=device)
+    model = acq.model(image_geom, backend=backend, num_subsets=net.num_subsets, psf_fwhm_mm=psf, device=device,
+                      ray_tracing=ray_tracing)
     x = reconstruct(model, prompts, FBSEMUpdate(net), net.num_stages, progress=progress)
     mode = meta.get("training_mode") or "unknown training"
     desc = f"FBSEM-Net ({net.num_stages} stages, {mode}, {Path(model_path).name}){psf_text}{backend_text}"

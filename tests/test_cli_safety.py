@@ -197,6 +197,7 @@ def test_options_that_do_not_apply_are_errors_naming_the_option(scan: Path, tmp_
         (["--iterations", "1e9"], "--iterations"),
         (["--iterations", str(MAX_ITERATIONS + 1)], f"from 1 to {MAX_ITERATIONS}"),
         (["--time", "10", "5"], "T0 < T1"),
+        (["--backend", "sirf", "--ray-tracing", "siddon"], "--ray-tracing"),
     ]
     for extra, flag in cases:
         try:

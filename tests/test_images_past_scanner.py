@@ -46,7 +46,7 @@ def _image(nz: int, nxy: int) -> ImageGeometry:
 def _quiet_model(sino: SinogramGeometry, image: ImageGeometry) -> EmbeddedAcquisitionModel:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GeometryWarning)
-        return EmbeddedAcquisitionModel(sino, image, dtype=torch.float64)
+        return EmbeddedAcquisitionModel(sino, image, dtype=torch.float64, ray_tracing="joseph")  # its ray tables
 
 
 def _disc(image: ImageGeometry, radius_mm: float, gen: torch.Generator) -> torch.Tensor:

@@ -322,3 +322,20 @@ def test_osem_of_recon_demo_equals_osmaposl(pet):
     nrmse = np.linalg.norm(ours[inside] - theirs[inside]) / np.linalg.norm(theirs[inside])
     assert nrmse <= 0.02, nrmse
     assert ours[inside].sum() / theirs[inside].sum() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_auto_is_siddon_where_it_runs_and_joseph_elsewhere():
+    from dataclasses import replace
+
+    from sirf_fbsem.projectors.embedded import _resolve_ray_tracing
+
+    sino, img = tiny_scanner_geometry(), None
+    img = sino.default_image()
+    assert EmbeddedAcquisitionModel(sino, img, ray_tracing="auto").ray_tracing == "siddon"
+    assert EmbeddedAcquisitionModel(sino, img).ray_tracing == "joseph"  # the default the bundled model knows
+    assert _resolve_ray_tracing("auto", sino, img, torch.device("cuda"), "auto") == "joseph"
+    assert _resolve_ray_tracing("auto", sino, img, torch.device("cpu"), "torch") == "joseph"
+    shifted = replace(img, origin_mm=(img.origin_mm[0], 2.0, 0.0))  # Siddon (as STIR) needs no x/y shift
+    assert _resolve_ray_tracing("auto", sino, shifted, torch.device("cpu"), "auto") == "joseph"
+    with pytest.raises(ValueError, match="ray_tracing"):
+        EmbeddedAcquisitionModel(sino, img, ray_tracing="exact")

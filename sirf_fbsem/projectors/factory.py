@@ -74,6 +74,7 @@ def make_acquisition_model(
     psf_fwhm_mm: float | Sequence[float] | None = None,
     device: str | torch.device = "cpu",
     num_tangential_LORs: int = 1,
+    ray_tracing: str = "joseph",
 ) -> AcquisitionModel:
     """An acquisition model of ``backend`` for these geometries and terms.
 
@@ -89,13 +90,16 @@ def make_acquisition_model(
         device: where tensors are computed (embedded) or returned (SIRF).
         num_tangential_LORs: rays per bin across its width (STIR's ray tracer; 1 by default,
             SIRF's own default is 2).
+        ray_tracing: embedded only: "joseph" (default), "siddon" (STIR's matrix row for row; CPU)
+            or "auto" (Siddon where it runs, else Joseph); see :class:`EmbeddedAcquisitionModel`.
     Raises:
         ValueError: unknown backend; ImportError: ``"sirf"`` without ``sirf.STIR``.
     """
     if backend == "embedded":
         return EmbeddedAcquisitionModel(
             sinogram_geometry, image_geometry, num_subsets=num_subsets, multiplicative=multiplicative,
-            additive=additive, psf_fwhm_mm=psf_fwhm_mm, device=device, num_tangential_LORs=num_tangential_LORs)
+            additive=additive, psf_fwhm_mm=psf_fwhm_mm, device=device, num_tangential_LORs=num_tangential_LORs,
+            ray_tracing=ray_tracing)
     if backend == "sirf":
         from .sirf import SIRFAcquisitionModel
 

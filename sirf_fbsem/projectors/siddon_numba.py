@@ -253,6 +253,22 @@ class _Float32Lor:
         return s, cphi, sphi, tt, zc, n_ax, zfirst, zwidth, s_samp
 
 
+def siddon_unsupported_reason(sino: SinogramGeometry, image: ImageGeometry) -> str | None:
+    """Why the Siddon projector cannot trace ``sino`` on ``image`` as STIR does, or None when it can.
+
+    It needs an image without x/y origin shift and, in every segment, an axial sampling that is a
+    whole number of image planes (as STIR's ray tracer assumes)."""
+    vz = image.voxel_size_mm[0]
+    if abs(image.origin_mm[1]) > 0.05 or abs(image.origin_mm[2]) > 0.05:
+        return "the Siddon projector (as STIR's ray tracer) needs an image without x/y origin shift"
+    for n in sino.segment_nums:
+        samp = sino.axial_sampling_mm(n)
+        if abs(samp / vz - round(samp / vz)) > 1e-2 or round(samp / vz) < 1:
+            return (f"the Siddon projector (as STIR's) needs the axial sampling ({samp} mm) of segment {n} "
+                    f"to be a whole number of image planes ({vz} mm)")
+    return None
+
+
 def make_siddon_plan(
     sino: SinogramGeometry,
     image: ImageGeometry,
@@ -270,8 +286,9 @@ def make_siddon_plan(
         raise GeometryError(f"views must be a non-empty 1D list in [0, {V - 1}], got {views}")
     nz, ny, nx = image.shape
     vz, vy, vx = image.voxel_size_mm
-    if abs(image.origin_mm[1]) > 0.05 or abs(image.origin_mm[2]) > 0.05:
-        raise GeometryError("the Siddon projector (as STIR's ray tracer) needs an image without x/y origin shift")
+    reason = siddon_unsupported_reason(sino, image)
+    if reason is not None:
+        raise GeometryError(reason)
     symmetry = stir_view_symmetry(sino, image)
     oz_planes = image.origin_mm[0] / vz
     tang_nums = sino.tangential_pos_nums()
@@ -282,9 +299,6 @@ def make_siddon_plan(
         seg = sino.segment(n)
         samp = sino.axial_sampling_mm(n)
         npp = int(round(samp / vz))
-        if abs(samp / vz - npp) > 1e-2:
-            raise GeometryError(f"the Siddon projector (as STIR's) needs the axial sampling ({samp} mm) of segment {n} "
-                                f"to be a whole number of image planes ({vz} mm)")
         q = int(math.floor(nz - 1 - 2 * oz_planes - npp * (seg.num_axial_poss - 1) + 0.5))
         seg_info[n] = (sino.sirf_row_offset(n), seg.num_axial_poss, npp, q, samp, seg.average_ring_diff)
 
