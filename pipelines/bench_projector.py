@@ -124,6 +124,8 @@ def run_point(device: str, image: str, quick: bool) -> dict:
     """Time one forward and one back projection; returns a result record."""
     if device == "sirf":
         return run_sirf_point(image, quick)
+    if device == "siddon":
+        return run_siddon_point(image, quick)
     t_import = time.perf_counter()
     import numba
     import torch
@@ -195,6 +197,50 @@ def run_point(device: str, image: str, quick: bool) -> dict:
     if device == "cuda":
         rec["cuda_max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return rec
+
+
+def run_siddon_point(image: str, quick: bool) -> dict:
+    """The embedded projector with ``ray_tracing="siddon"`` (STIR's matrix row for row, CPU):
+    plan set-up, one forward and one back projection of the same cylinder."""
+    import numba
+    import torch
+
+    from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
+
+    torch.set_grad_enabled(False)
+    sino = _geometry(quick)
+    im = _image(sino, image)
+    model = EmbeddedAcquisitionModel(sino, im, ray_tracing="siddon")
+    from sirf_fbsem.geometry import SinogramGeometry, scanner_preset
+
+    tiny = SinogramGeometry.from_span(scanner_preset("small_test"), span=3, max_ring_diff=4)
+    t0 = time.perf_counter()
+    warm = EmbeddedAcquisitionModel(tiny, tiny.default_image(), ray_tracing="siddon")
+    warm.adjoint(warm.direct(torch.ones(tiny.default_image().shape)))
+    jit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.siddon_plan(None)
+    plan_s = time.perf_counter() - t0
+    x, radius = _cylinder(im, torch)
+    t0, c0 = time.perf_counter(), time.process_time()
+    y = model.direct(x[0] if x.dim() == 4 else x)
+    fwd_s, fwd_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    b = model.adjoint(y)
+    back_s, back_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "scanner": sino.scanner.name, "span": sino.span, "sinogram_shape": list(sino.shape), "image": image,
+        "image_shape": list(im.shape), "voxel_size_mm": list(im.voxel_size_mm), "device": "siddon",
+        "device_name": platform.processor() or platform.machine(), "backend": "numba (Siddon)",
+        "dtype": "float32", "threads": numba.get_num_threads(), "jit_s": round(jit_s, 3),
+        "ray_table_s": round(plan_s, 3), "forward_s": round(fwd_s, 3), "back_s": round(back_s, 3),
+        "forward_cpu_s": round(fwd_cpu_s, 3), "back_cpu_s": round(back_cpu_s, 3),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+        "cylinder_radius_mm": round(radius, 3),
+        "sino_sum": float(y.double().sum()),  # pixel units already
+        "backprojection_sum": float(b.double().sum()),
+        "load_average_after": list(os.getloadavg()),
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -287,7 +333,9 @@ def _plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", default=None, help="comma-separated: 'default' and/or n (n x n x nz); default: default,172")
-    ap.add_argument("--devices", default="cpu,cuda", help="comma-separated subset of cpu,cuda (cuda skipped if absent)")
+    ap.add_argument("--devices", default="cpu,cuda",
+                    help="comma-separated subset of cpu,cuda,siddon (cuda skipped if absent; siddon: the "
+                         "embedded ray_tracing='siddon' mode on the CPU)")
     ap.add_argument("--quick", action="store_true", help="small test scanner (smoke test); images default to default,31")
     ap.add_argument("--threads", type=int, default=None, help="numba threads (default: numba's, all cores)")
     ap.add_argument("--stir-reference", type=Path, default=DEFAULT_STIR_REFERENCE)
@@ -300,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     images = (args.images or ("default,31" if args.quick else "default,172")).split(",")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     for d in devices:
-        if d not in ("cpu", "cuda", "sirf"):
-            ap.error(f"--devices: expected cpu and/or cuda, got {d!r}")
+        if d not in ("cpu", "cuda", "sirf", "siddon"):
+            ap.error(f"--devices: expected cpu, cuda and/or siddon (the embedded Siddon mode, CPU), got {d!r}")
     if args.sirf and "sirf" not in devices:
         devices.append("sirf")
 

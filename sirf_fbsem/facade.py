@@ -598,6 +598,8 @@ class AcquisitionModel:
         self._subset_num = 0
         self._models: dict[tuple[int, str], Any] = {}
         self._num_tangential_LORs = 1
+        #: the embedded projector's ray tracing (EmbeddedAcquisitionModel's ``ray_tracing``)
+        self._ray_tracing = "joseph"
 
     # -------------------------------------------------------------- set-up
     def set_up(self, acq_templ: AcquisitionData, img_templ: ImageData) -> None:
@@ -645,7 +647,7 @@ class AcquisitionModel:
                 self._models[key] = EmbeddedAcquisitionModel(
                     self.acq_templ.geometry, self.img_templ.geometry, num_subsets=int(num_subsets),
                     multiplicative=mult, additive=add, device=device,
-                    num_tangential_LORs=self._num_tangential_LORs,
+                    num_tangential_LORs=self._num_tangential_LORs, ray_tracing=self._ray_tracing,
                 )
         return self._models[key]
 
@@ -709,6 +711,7 @@ class AcquisitionModel:
         AcquisitionModel.__init__(lin)
         lin.acq_templ, lin.img_templ, lin.asm = self.acq_templ, self.img_templ, self.asm
         lin._num_subsets, lin._subset_num = self._num_subsets, self._subset_num
+        lin._num_tangential_LORs, lin._ray_tracing = self._num_tangential_LORs, self._ray_tracing
         lin.const = True
         return lin
 
@@ -820,15 +823,17 @@ class AcquisitionModelUsingMatrix(AcquisitionModel):
 
 
 class AcquisitionModelUsingRayTracingMatrix(AcquisitionModelUsingMatrix):
-    """SIRF's ray-tracing model, computed by the embedded Joseph projector (2 tangential LORs by default, as SIRF)."""
+    """SIRF's ray-tracing model: STIR's ray-tracing matrix row for row (the embedded Siddon
+    projector, on the CPU; Joseph on a GPU), 2 tangential LORs by default, as SIRF."""
 
     def __init__(self, matrix: Any = None):
         super().__init__(matrix)
         self._num_tangential_LORs = 2
+        self._ray_tracing = "auto"
 
 
-#: SIRF's parallelproj model name, served by the same embedded projector.
-AcquisitionModelUsingParallelproj = AcquisitionModelUsingRayTracingMatrix
+class AcquisitionModelUsingParallelproj(AcquisitionModelUsingMatrix):
+    """SIRF's parallelproj model (Joseph's method): the embedded Joseph projector, CPU or GPU."""
 
 
 # ----------------------------------------------------------------------------- objective function
