@@ -282,6 +282,15 @@ def test_debug_shows_the_traceback(scan: Path, tmp_path: Path):
         main(["reconstruct", str(scan), "--output", str(tmp_path / "o.nii.gz"), "--span", "3", "--debug"])
 
 
+def test_simulate_checks_room_for_the_dataset_before_simulating(tmp_path: Path, monkeypatch, capsys):
+    import sirf_fbsem.io.outputs as outputs
+
+    monkeypatch.setattr(outputs.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 50 << 20))
+    rc = main(["simulate", "--out", str(tmp_path / "d"), "--num-samples", "100000", "--2d", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--out" in err and "MiB free" in err and not (tmp_path / "d").exists()
+
+
 def test_simulate_into_a_folder_of_user_files_is_refused(tmp_path: Path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "sample_00000.pt").write_bytes(b"user")

@@ -300,12 +300,13 @@ def check_planned(outputs: Sequence[PlannedOutput], overwrite: bool) -> list[Own
     return owners
 
 
-def check_run_directory(path: Path, flag: str, is_ours: bool, what: str) -> None:
+def check_run_directory(path: Path, flag: str, is_ours: bool, what: str, estimated_bytes: int = 0) -> None:
     """Raise :class:`OutputPathError` unless the directory ``path`` can take a command's outputs.
 
     It must be absent, empty, or (``is_ours``) one the same command wrote before (a training
     run's checkpoints, a dataset's manifest); and a file must be creatable in it or at its place.
-    ``what`` says what the command keeps there, for the message.
+    ``what`` says what the command keeps there, for the message; ``estimated_bytes``: the room the
+    command's outputs need (checked like :func:`check_location`).
     """
     path = absolute(path)
     if os.path.lexists(path):
@@ -318,4 +319,4 @@ def check_run_directory(path: Path, flag: str, is_ours: bool, what: str) -> None
                 f"{flag} {str(path)!r} is not empty ({shown}) and holds no {what}; sirf_fbsem writes into a new "
                 f"or empty directory, or continues its own there, and never replaces files it did not write: "
                 f"choose another directory")
-    check_location(PlannedOutput(path / ".probe", "json", flag, 0))
+    check_location(PlannedOutput(path / ".probe", "json", flag, int(estimated_bytes)))

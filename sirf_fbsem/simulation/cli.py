@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -124,10 +125,14 @@ def run_simulate(args: argparse.Namespace) -> int:
     """Run ``simulate``; returns 0. Errors propagate to the command line's error boundary
     (:func:`sirf_fbsem.cli.main`: one line, exit 2 for invalid settings)."""
     check_backend(args.backend)
-    check_run_directory(args.out, "--out", (Path(args.out) / MANIFEST_NAME).is_file(),
-                        f"sirf_fbsem dataset ({MANIFEST_NAME})")
     sino, image = geometry_from_args(args)
     config = config_from_args(args)
+    # float32 per sample: prompts, factors, additive, sensitivities (one per subset) and the
+    # truth, start image and K targets (an upper bound: the factors may be stored once)
+    per_sample = 4 * (3 * math.prod(sino.shape)
+                      + (config.num_subsets + config.num_stages + 3) * math.prod(image.shape))
+    check_run_directory(args.out, "--out", (Path(args.out) / MANIFEST_NAME).is_file(),
+                        f"sirf_fbsem dataset ({MANIFEST_NAME})", estimated_bytes=per_sample * args.num_samples)
     t0 = time.perf_counter()
     files = simulate_dataset(
         args.out,
