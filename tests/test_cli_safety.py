@@ -209,6 +209,14 @@ def test_options_that_do_not_apply_are_errors_naming_the_option(scan: Path, tmp_
         assert not (tmp_path / "o.nii.gz").exists()
 
 
+@pytest.mark.parametrize("extra, flag", [(["--model", str(MODEL), "--iterations", "50"], "--iterations"),
+                                         (["--span", "4"], "--span"), (["--iterations", "1e9"], "--iterations")])
+def test_options_that_were_silently_ignored_or_ran_for_ever_are_refused(scan: Path, tmp_path: Path, extra, flag):
+    r = cli("reconstruct", str(scan), "--output", "o.nii.gz", "--no-progress", *extra, cwd=tmp_path)
+    assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_library_parameter_names_are_shown_as_flags(shared_data: Path, scan: Path, tmp_path: Path):
     # a model trained for another scanner
     r = cli("reconstruct", str(shared_data / "stir/examples/recon_demo/smalllong.hs"), "--model", str(MODEL),
