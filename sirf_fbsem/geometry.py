@@ -48,6 +48,7 @@ from .errors import InputError
 __all__ = [
     "ImageAxis",
     "SinogramAxis",
+    "patient_flips",
     "Scanner",
     "Segment",
     "SinogramGeometry",
@@ -613,7 +614,7 @@ class ImageGeometry:
         """
         x0, y0, z0 = self.first_voxel_physical_mm()
         vz, vy, vx = self.voxel_size_mm
-        sx, sy, sz = _patient_flips(patient_position)
+        sx, sy, sz = patient_flips(patient_position)
         a = np.zeros((4, 4))
         a[0, 0], a[0, 3] = -sx * vx, -sx * x0
         a[1, 1], a[1, 3] = -sy * vy, -sy * y0
@@ -625,7 +626,7 @@ class ImageGeometry:
         return f"{self.shape} (z,y,x) voxels of {tuple(round(v, 5) for v in self.voxel_size_mm)} mm"
 
 
-def _patient_flips(patient_position: str) -> tuple[int, int, int]:
+def patient_flips(patient_position: str) -> tuple[int, int, int]:
     """Signs that take gantry (x, y, z) to patient LPS for a patient position.
 
     HFS: LPS = (x, y, -z) -> returns (1, 1, -1). HFP: (-x, -y, -z); FFS: (-x, y, z);

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .. import __version__
-from ..geometry import ImageGeometry, Scanner, _patient_flips
+from ..geometry import ImageGeometry, Scanner, patient_flips
 from .atomic import atomic_dir
 from .outputs import JSON_MARK, SERIES_MANIFEST, PlannedOutput, absolute, check_replaceable, dicom_series_files
 from .nifti import _check_volume
@@ -310,7 +310,7 @@ def write_dicom_series(
     owner = check_replaceable(PlannedOutput(target, "dicom_series", ""), overwrite)
     replace = (dicom_series_files(target) or []) if owner == "ours" else []
     arr = _check_volume(image, geometry)
-    sx, sy, sz = _patient_flips(patient_position)
+    sx, sy, sz = patient_flips(patient_position)
     position = patient_position.upper()
     units = str(units).upper()
     if units not in PET_UNITS:

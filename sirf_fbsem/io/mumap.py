@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, InputFileNotFoundError
-from ..geometry import GeometryError, ImageGeometry, Scanner, _patient_flips, scanner_preset
+from ..geometry import GeometryError, ImageGeometry, Scanner, patient_flips, scanner_preset
 
 __all__ = ["read_mu_map", "check_mu_units", "resample_to", "MU_WATER_PER_CM", "MuUnitsError"]
 
@@ -140,7 +140,7 @@ def _read_nifti_mu(p: Path, patient_position: str) -> tuple[ImageGeometry, np.nd
     except Exception as exc:  # noqa: BLE001 - truncated or damaged data
         raise InputError(f"mu-map '{p}': the NIfTI voxel data cannot be read: {exc}") from exc
     # expected RAS diagonal signs for this patient position (ImageGeometry.nifti_affine): (-sx, -sy, sz)
-    sx, sy, sz = _patient_flips(patient_position)
+    sx, sy, sz = patient_flips(patient_position)
     expected = np.array([-sx, -sy, sz], dtype=np.float64)
     diag = np.diag(lin).copy()
     origin = aff[:3, 3].copy()
