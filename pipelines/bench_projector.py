@@ -61,6 +61,13 @@ def _image(sino, spec: str):
     return ImageGeometry((im.shape[0], n, n), im.voxel_size_mm, im.origin_mm)
 
 
+def _timed(fn):
+    """``(fn(), wall seconds, CPU seconds of the process)``."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
 def _cylinder(im, torch):
     """Value 1 inside radius = width / 4 (voxel centres), every plane."""
     import numpy as np
@@ -100,12 +107,8 @@ def run_sirf_point(image: str, quick: bool) -> dict:
     t0 = time.perf_counter()
     am.set_up(acq, img)
     setup_s = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.process_time()
-    y = am.forward(img)
-    fwd_s, fwd_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
-    b = am.backward(y)
-    back_s, back_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    y, fwd_s, fwd_cpu_s = _timed(lambda: am.forward(img))
+    b, back_s, back_cpu_s = _timed(lambda: am.backward(y))
     return {
         "scanner": sino.scanner.name, "span": sino.span, "sinogram_shape": list(sino.shape), "image": image,
         "image_shape": list(im.shape), "voxel_size_mm": list(im.voxel_size_mm), "device": "sirf",
@@ -222,12 +225,8 @@ def run_siddon_point(image: str, quick: bool) -> dict:
     model.siddon_plan(None)
     plan_s = time.perf_counter() - t0
     x, radius = _cylinder(im, torch)
-    t0, c0 = time.perf_counter(), time.process_time()
-    y = model.direct(x[0] if x.dim() == 4 else x)
-    fwd_s, fwd_cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
-    b = model.adjoint(y)
-    back_s, back_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    y, fwd_s, fwd_cpu_s = _timed(lambda: model.direct(x[0] if x.dim() == 4 else x))
+    b, back_s, back_cpu_s = _timed(lambda: model.adjoint(y))
     return {
         "scanner": sino.scanner.name, "span": sino.span, "sinogram_shape": list(sino.shape), "image": image,
         "image_shape": list(im.shape), "voxel_size_mm": list(im.voxel_size_mm), "device": "siddon",

@@ -247,6 +247,40 @@ def _first_existing(path: Path) -> Path:
     return p
 
 
+def _anchor(output: PlannedOutput) -> Path:
+    """The nearest existing ancestor of where ``output``'s files are created."""
+    parent = output.path if output.kind == "dicom_series" and output.path.is_dir() else output.path.parent
+    return _first_existing(parent)
+
+
+def _where(output: PlannedOutput) -> str:
+    return f"{output.flag} {str(output.path)!r}" if output.flag else repr(str(output.path))
+
+
+def _check_writable(output: PlannedOutput, anchor: Path) -> None:
+    if not anchor.is_dir():
+        raise OutputPathError(f"{_where(output)}: {str(anchor)!r} is a file, so nothing can be created under it")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sirf_fbsem.probe.", dir=anchor)
+    except OSError as err:
+        reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "the directory does not allow new files (immutable or protected)",
+                  errno.ENOSPC: "no space left on the device"}.get(err.errno, err.strerror or str(err))
+        raise OutputPathError(f"{_where(output)}: cannot create files in {str(anchor)!r}: {reason}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_space(output: PlannedOutput, anchor: Path, num_bytes: int) -> None:
+    if num_bytes <= 0:
+        return
+    free = shutil.disk_usage(anchor).free
+    need = int(num_bytes) + _SPACE_MARGIN_BYTES
+    if free < need:
+        raise OutputPathError(f"{_where(output)}: needs about {need / 2**20:.1f} MiB, {str(anchor)!r} has "
+                              f"{free / 2**20:.1f} MiB free")
+
+
 def check_location(output: PlannedOutput) -> None:
     """Raise :class:`OutputPathError` when ``output`` cannot be written where asked.
 
@@ -255,26 +289,9 @@ def check_location(output: PlannedOutput) -> None:
     read-only file systems, immutable directories, ``/proc`` and ``/sys``); it has room for
     ``estimated_bytes`` (plus 1 MiB).
     """
-    where = f"{output.flag} {str(output.path)!r}" if output.flag else repr(str(output.path))
-    parent = output.path if output.kind == "dicom_series" and output.path.is_dir() else output.path.parent
-    anchor = _first_existing(parent)
-    if not anchor.is_dir():
-        raise OutputPathError(f"{where}: {str(anchor)!r} is a file, so nothing can be created under it")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".sirf_fbsem.probe.", dir=anchor)
-    except OSError as err:
-        reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                  errno.EPERM: "the directory does not allow new files (immutable or protected)",
-                  errno.ENOSPC: "no space left on the device"}.get(err.errno, err.strerror or str(err))
-        raise OutputPathError(f"{where}: cannot create files in {str(anchor)!r}: {reason}") from None
-    os.close(fd)
-    os.unlink(probe)
-    if output.estimated_bytes > 0:
-        free = shutil.disk_usage(anchor).free
-        need = int(output.estimated_bytes) + _SPACE_MARGIN_BYTES
-        if free < need:
-            raise OutputPathError(f"{where}: needs about {need / 2**20:.1f} MiB, {str(anchor)!r} has "
-                                  f"{free / 2**20:.1f} MiB free")
+    anchor = _anchor(output)
+    _check_writable(output, anchor)
+    _check_space(output, anchor, output.estimated_bytes)
 
 
 def check_planned(outputs: Sequence[PlannedOutput], overwrite: bool) -> list[Ownership]:
@@ -288,15 +305,15 @@ def check_planned(outputs: Sequence[PlannedOutput], overwrite: bool) -> list[Own
                                   f"each output needs its own path")
         seen[out.path] = out.flag
     owners = [check_replaceable(out, overwrite) for out in outputs]
-    by_device: dict[int, int] = {}
+    by_device: dict[int, tuple[PlannedOutput, Path, int]] = {}
     for out in outputs:
-        check_location(PlannedOutput(out.path, out.kind, out.flag, 0))
-        dev = os.stat(_first_existing(out.path.parent)).st_dev
-        by_device[dev] = by_device.get(dev, 0) + int(out.estimated_bytes)
-    for out in outputs:
-        dev = os.stat(_first_existing(out.path.parent)).st_dev
-        if by_device.get(dev):
-            check_location(PlannedOutput(out.path, out.kind, out.flag, by_device.pop(dev)))
+        anchor = _anchor(out)
+        _check_writable(out, anchor)
+        dev = os.stat(anchor).st_dev
+        first, first_anchor, total = by_device.get(dev, (out, anchor, 0))
+        by_device[dev] = (first, first_anchor, total + int(out.estimated_bytes))
+    for out, anchor, total in by_device.values():
+        _check_space(out, anchor, total)
     return owners
 
 

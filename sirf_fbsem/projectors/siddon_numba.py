@@ -437,18 +437,12 @@ def _walk(bz, by, bx, bw, cnt, x0, y0, z0, x1, y1, z1, vx, vy, vz, normc):
         bz[cnt] = cz
         by[cnt] = cy
         bx[cnt] = cx
-        if ax < ay:
-            if ax < az:
-                bw[cnt] = ax - a
-                a = ax
-                ax += inc_x
-                cx += sx
-            else:
-                bw[cnt] = az - a
-                a = az
-                az += inc_z
-                cz += sz
-        elif ay < az:
+        if ax < ay and ax < az:
+            bw[cnt] = ax - a
+            a = ax
+            ax += inc_x
+            cx += sx
+        elif ay < az and not ax < ay:
             bw[cnt] = ay - a
             a = ay
             ay += inc_y
@@ -612,6 +606,13 @@ def _map_inplane(off, by, bx, cnt, a, b, c, d, cy, cx, ny, nx):
 # --------------------------------------------------------------------------- kernels
 
 
+@njit(cache=True)
+def _scratch(buffer_size):
+    """One thread's buffers for a traced row: voxel z, y, x, weight and in-plane offset."""
+    return (np.empty(buffer_size, np.int64), np.empty(buffer_size, np.int64), np.empty(buffer_size, np.int64),
+            np.empty(buffer_size, np.float64), np.empty(buffer_size, np.int64))
+
+
 @njit(parallel=True, cache=True)
 def forward_kernel(img, out, b_s, b_cphi, b_sphi, b_tt, b_zc, b_nax, b_zfirst, b_zwidth, b_target_start,
                    t_row0, t_nax, t_view, t_tang, t_op, t_zq, t_q, t_npp, shape, vox, centre, fov, restrict,
@@ -628,11 +629,7 @@ def forward_kernel(img, out, b_s, b_cphi, b_sphi, b_tt, b_zc, b_nax, b_zfirst, b
     NB = b_cphi.shape[0]
     n_chunks = min(NB, 8 * 64) if NB > 0 else 0
     for c in prange(n_chunks):
-        bz = np.empty(buffer_size, np.int64)
-        by = np.empty(buffer_size, np.int64)
-        bx = np.empty(buffer_size, np.int64)
-        bw = np.empty(buffer_size, np.float64)
-        off = np.empty(buffer_size, np.int64)
+        bz, by, bx, bw, off = _scratch(buffer_size)
         for i in range(c * NB // n_chunks, (c + 1) * NB // n_chunks):
             cnt = _trace_basic(i, bz, by, bx, bw, b_s, b_cphi, b_sphi, b_tt, b_zc, b_nax, b_zfirst, b_zwidth,
                                fov, restrict, vx, vy, vz)
@@ -672,11 +669,7 @@ def adjoint_kernel(sino, bufs, b_s, b_cphi, b_sphi, b_tt, b_zc, b_nax, b_zfirst,
     NB = b_cphi.shape[0]
     n_chunks = bufs.shape[0]
     for c in prange(n_chunks):
-        bz = np.empty(buffer_size, np.int64)
-        by = np.empty(buffer_size, np.int64)
-        bx = np.empty(buffer_size, np.int64)
-        bw = np.empty(buffer_size, np.float64)
-        off = np.empty(buffer_size, np.int64)
+        bz, by, bx, bw, off = _scratch(buffer_size)
         buf = bufs[c]
         for i in range(c * NB // n_chunks, (c + 1) * NB // n_chunks):
             nonzero = False
