@@ -35,7 +35,8 @@ def simulate(n: int, num_subsets: int, num_targets: int, seed: int = 0) -> list[
     """``n`` samples: Poisson prompts (~1e5 counts), factors, additive term, sensitivities, OSEM targets."""
     from sirf_fbsem.geometry import scanner_preset
     from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
-    from sirf_fbsem.recon import OSEM, fov_mask
+    from sirf_fbsem.recon import fov_mask
+    from sirf_fbsem.simulation.targets import osem_targets
     from sirf_fbsem.simulation.acquisition import single_slice_geometry
 
     sino, image = single_slice_geometry(scanner_preset("small_test"))
@@ -55,11 +56,11 @@ def simulate(n: int, num_subsets: int, num_targets: int, seed: int = 0) -> list[
         additive = torch.full(sino.shape, 1e4 / mult.numel())
         model = base.with_terms(mult, additive)
         ybar = model.forward(phantom)
-        algo = OSEM(model, ybar, initial=fov_mask(image).float())
+        targets = osem_targets(model, ybar, num_targets, initial=fov_mask(image).float())
         samples.append({
             "prompts": torch.poisson(ybar, generator=g), "multiplicative": mult, "additive": additive,
             "sensitivity": torch.stack([model.sensitivity(s) for s in range(num_subsets)]),
-            "targets": torch.stack([algo.update().clone() for _ in range(num_targets)]),
+            "targets": targets,
         })
     return samples
 

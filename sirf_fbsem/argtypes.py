@@ -7,7 +7,7 @@ import argparse
 import math
 from typing import Callable
 
-__all__ = ["bounded_int", "finite_float"]
+__all__ = ["bounded_int", "finite_float", "voxel_shape"]
 
 
 def bounded_int(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -45,3 +45,18 @@ def finite_float(lo: float | None = None, hi: float | None = None, *, strict: bo
         return value
 
     return parse
+
+
+def voxel_shape(text: str) -> tuple[int, int, int]:
+    """argparse type: a box of voxels ``Z,Y,X`` (three positive integers; one, ``N``, stands for ``N,N,N``)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected Z,Y,X: three positive integers (voxels), e.g. 32,64,64 "
+                                         f"(or one, 32 for 32,32,32), got {text!r}")
+    return (values[0], values[1], values[2])

@@ -13,7 +13,7 @@ import torch
 
 from .projectors.base import AcquisitionModel
 
-__all__ = ["ForwardProject", "BackProject", "forward_project", "back_project", "em_update"]
+__all__ = ["ForwardProject", "BackProject", "forward_project", "back_project", "em_update", "MAX_QUOTIENT"]
 
 
 class ForwardProject(torch.autograd.Function):
@@ -62,6 +62,10 @@ def back_project(y: torch.Tensor, model: AcquisitionModel, subset: int | None = 
     return BackProject.apply(y, model, subset)
 
 
+#: largest measured/expected ratio in the EM update (STIR's ``max_quotient`` in ``divide_and_truncate``)
+MAX_QUOTIENT = 10000.0
+
+
 def em_update(
     x: torch.Tensor,
     prompts: torch.Tensor,
@@ -75,7 +79,10 @@ def em_update(
 
     ``prompts`` are the measured counts of the subset's views, (B,T,S,V_s,N) or
     (T,S,V_s,N). Voxels with zero sensitivity get 0 (as STIR); bins whose mean is 0
-    contribute 0 to the ratio.
+    contribute 0 to the ratio. The ratio is capped at :data:`MAX_QUOTIENT` (as STIR's
+    ``divide_and_truncate``): near the FOV's edge a mean of a few 1e-40 (an additive estimate
+    of 0 there, e.g. randoms from few delayeds) would otherwise overflow float32 to inf, and
+    ``0 * inf`` in the back projection gives NaN voxels.
     """
     sens = model.sensitivity(subset) if sensitivity is None else sensitivity
     sens = sens.to(dtype=x.dtype, device=x.device)
@@ -83,6 +90,7 @@ def em_update(
     positive = ybar > 0
     safe = torch.where(positive, ybar, torch.ones_like(ybar))
     ratio = torch.where(positive, prompts.to(dtype=x.dtype, device=x.device) / safe, torch.zeros_like(ybar))
+    ratio = ratio.clamp(max=MAX_QUOTIENT)
     back = back_project(ratio, model, subset)
     has_sens = sens > 0
     safe_sens = torch.where(has_sens, sens, torch.ones_like(sens))

@@ -31,7 +31,7 @@ from .errors import (
     Interrupted,
     SirfFbsemError,
 )
-from .argtypes import bounded_int, finite_float
+from .argtypes import bounded_int, finite_float, voxel_shape
 from .projectors.factory import add_backend_argument, check_backend
 
 __all__ = ["main", "build_parser", "MAX_ITERATIONS", "in_cli_terms"]
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--algorithm", choices=["osem", "mlem", "fbsem"], default=None,
                    help="default: fbsem when --model is given, else osem")
     r.add_argument("--model", type=Path, help="trained FBSEM model file (.pt)")
+    r.add_argument("--block-size", type=voxel_shape, default=None, metavar="Z,Y,X",
+                   help="FBSEM: run the model's CNNs block by block, blocks of Z,Y,X voxels: memory of one "
+                        "block, same image (e.g. 32,64,64)")
     r.add_argument("--override-geometry", action="store_true",
                    help="use a model trained on another geometry (not recommended)")
     r.add_argument("--iterations", type=bounded_int(1, MAX_ITERATIONS), default=None,
@@ -149,6 +152,8 @@ def check_reconstruct_options(args: argparse.Namespace, inputs: Sequence[Path]) 
             raise _usage(f"--model applies to --algorithm fbsem, not {algorithm}")
         if args.override_geometry:
             raise _usage("--override-geometry applies only with --model (FBSEM)")
+        if args.block_size is not None:
+            raise _usage("--block-size runs an FBSEM model's CNNs block by block: it applies only with --model")
         if algorithm == "mlem" and args.subsets not in (None, 1):
             raise _usage(f"--subsets {args.subsets}: MLEM uses one subset (use --algorithm osem for subsets)")
     if args.time is not None and not args.time[0] < args.time[1]:
@@ -289,6 +294,7 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
         algorithm=algorithm,
         model_path=args.model,
         override_geometry=args.override_geometry,
+        block_shape=args.block_size,
         num_iterations=args.iterations or 4,
         num_subsets=args.subsets,
         psf_fwhm_mm=args.psf_fwhm,

@@ -36,7 +36,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from . import facade
 from .geometry import ImageGeometry, Scanner, SinogramGeometry, geometry_mismatch
+from .model.blockwise import check_block_shape
 from .projectors.base import AcquisitionModel
 from .recon.engine import EMUpdate, FBSEMUpdate, IterativeReconstruction, UpdateRule, reconstruct, start_image
 
@@ -518,6 +519,7 @@ class FBSEMReconstructor(_IterativeReconstructor):
         self._anatomical_tensor: torch.Tensor | None = None
         self._num_subsets = None
         self._num_subiterations = None
+        self._block_shape: tuple[int, int, int] | None = None
         if model is not None:
             self.set_model(model, override_geometry)
 
@@ -543,6 +545,8 @@ class FBSEMReconstructor(_IterativeReconstructor):
         if self._num_subiterations is not None and self._num_subiterations > net.num_stages:
             raise self._error(self._stages_message(net.num_stages, self._num_subiterations))
         net.eval()
+        if self._block_shape is not None:  # set before the model: applies to it
+            net.set_block_shape(self._block_shape)
         self._net, self._meta, self._model_name = net, meta, name
         self._override_geometry = bool(override_geometry)
         self._invalidate()
@@ -550,6 +554,21 @@ class FBSEMReconstructor(_IterativeReconstructor):
     def get_model(self) -> Any:
         """The FBSEMNet in use (None before :meth:`set_model`)."""
         return self._net
+
+    def set_block_shape(self, block_shape: Sequence[int] | None) -> None:
+        """Run the model's CNNs block by block, blocks of (z, y, x) voxels (package extension;
+        :meth:`~sirf_fbsem.model.fbsem.FBSEMNet.set_block_shape`): memory of one block, same image.
+        None (default): whole images."""
+        try:
+            self._block_shape = check_block_shape(block_shape)
+        except ValueError as e:
+            raise self._error(str(e)) from None
+        if self._net is not None:
+            self._net.set_block_shape(self._block_shape)
+
+    def get_block_shape(self) -> tuple[int, int, int] | None:
+        """The model's block shape (the one set here before a model is given)."""
+        return self._block_shape if self._net is None else self._net.block_shape
 
     def _require_net(self) -> Any:
         if self._net is None:
@@ -666,6 +685,7 @@ def reconstruct_acquisition(
     model_path: str | os.PathLike | None = None,
     override_geometry: bool = False,
     num_iterations: int = 4,
+    block_shape: Sequence[int] | None = None,
     num_subsets: int | None = None,
     psf_fwhm_mm: float = 0.0,
     device: str = "cpu",
@@ -683,6 +703,8 @@ def reconstruct_acquisition(
         model_path: FBSEM model file (``'fbsem'`` only).
         override_geometry: use a model trained on another geometry.
         num_iterations: OSEM/MLEM iterations.
+        block_shape: ``'fbsem'`` only: run the model's CNNs block by block, blocks of (z, y, x) voxels
+            (:meth:`~sirf_fbsem.model.fbsem.FBSEMNet.set_block_shape`): memory of one block, same image.
         num_subsets: OSEM subsets; for FBSEM it must be None or the model's.
         psf_fwhm_mm: image-space PSF FWHM in mm (0 or None: none). FBSEM: None uses the PSF the
             model was trained with (its metadata); another value is refused.
@@ -699,6 +721,8 @@ def reconstruct_acquisition(
         raise ValueError(f"algorithm must be 'osem', 'mlem' or 'fbsem', got {algorithm!r}")
     if not isinstance(num_iterations, int) or num_iterations < 1:
         raise ValueError(f"num_iterations must be a positive integer, got {num_iterations!r}")
+    if block_shape is not None and algorithm != "fbsem":
+        raise ValueError(f"block_shape runs an FBSEM model's CNNs block by block; algorithm is {algorithm!r}")
     prompts = torch.as_tensor(np.asarray(acq.prompts, dtype=np.float32))
     psf = float(psf_fwhm_mm) if psf_fwhm_mm else None
     psf_text = f", PSF {psf_fwhm_mm:g} mm" if psf else ""
@@ -718,6 +742,7 @@ def reconstruct_acquisition(
 
     if model_path is None:
         raise ValueError("algorithm 'fbsem' needs model_path")
+    block_shape = check_block_shape(block_shape)
     from .model.io import load_model
 
     net, meta = load_model(model_path, expected_sinogram_geometry=acq.geometry, override_geometry=override_geometry)
@@ -733,6 +758,7 @@ def reconstruct_acquisition(
         raise ValueError(f"FBSEM model {str(model_path)!r} needs an anatomical image, which this entry point "
                          f"does not take")
     net.to(device)
+    net.set_block_shape(block_shape)
     model = acq.model(image_geom, backend=backend, num_subsets=net.num_subsets, psf_fwhm_mm=psf, device=device,
                       ray_tracing=ray_tracing)
     x = reconstruct(model, prompts, FBSEMUpdate(net), net.num_stages, progress=progress)

@@ -34,6 +34,7 @@ from sirf_fbsem.model import (
 )
 from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
 from sirf_fbsem.recon import OSEM, fov_mask
+from sirf_fbsem.simulation.targets import osem_targets
 
 # ----------------------------------------------------------------------------- a tiny 2D problem
 
@@ -86,8 +87,8 @@ def tiny_samples(
         model = base.with_terms(mult, additive)
         ybar = model.forward(phantom)
         prompts = torch.poisson(ybar, generator=gen)
-        algo = OSEM(model, ybar, initial=fov_mask(image).float())  # the start image the trainer uses
-        targets = torch.stack([algo.update().clone() for _ in range(num_targets)])
+        # the start image the trainer uses, under the network's (count-matched) start rule
+        targets = osem_targets(model, ybar, num_targets, initial=fov_mask(image).float())
         sample = {
             "prompts": prompts,
             "multiplicative": mult,
@@ -315,16 +316,26 @@ def test_stage_with_zero_beta_equals_em_update_exactly():
     assert torch.equal(out, em_update(x, y1, model, 1, s["sensitivity"][1]))
 
 
-def test_em_only_network_reproduces_osem_subiterates_in_order():
+@pytest.mark.parametrize("start_rule", ["none", "count_matched"])
+def test_em_only_network_reproduces_osem_subiterates_in_order(start_rule):
     base, samples = tiny_samples(num_samples=1, num_subsets=4)
     s = samples[0]
     model = base.with_terms(s["multiplicative"], s["additive"])
     net = small_net(num_stages=6, num_subsets=4, beta_init=0.0)
+    net.start_rule = start_rule
     _perturb(net)
     outs = net(start_image(model), s["prompts"], model, s["sensitivity"], return_all=True)
-    algo = OSEM(model, s["prompts"])  # the same start-image rule (1 inside the FOV)
+    # the targets' rule is the network's: the same iterates as OSEM from its start image
+    expected = osem_targets(model, s["prompts"], 6, start_rule=start_rule)
+    x0 = start_image(model)
+    if start_rule == "count_matched":  # the scale written out: subset 0's counts less b over A_0 x0
+        y0, b0 = model.take_subset(s["prompts"], 0), model.additive_term(0)
+        x0 = x0 * (y0.sum() - b0.sum()) / (model.sensitivity(0) * x0).sum()
+    algo = OSEM(model, s["prompts"], initial=x0)
     for k in range(6):
-        assert torch.allclose(outs[k], algo.update(), rtol=1e-5, atol=1e-6), k
+        x = algo.update()
+        assert torch.allclose(outs[k], x, rtol=1e-5, atol=1e-6), k
+        assert torch.allclose(expected[k], x, rtol=1e-5, atol=1e-6), k
 
 
 def test_network_outputs_and_gradients_finite_with_zero_sensitivity_voxels():
@@ -390,7 +401,7 @@ def test_model_file_round_trip(tmp_path):
     sino, _ = tiny2d_geometry()
     loaded, meta = load_model(path, expected_sinogram_geometry=sino)
     assert meta["num_stages"] == 3 and meta["training_mode"] == "sequential"
-    assert meta["intensity_scaling"] == {"regulariser_input": "mean", "beta_units": "normalised"}
+    assert meta["intensity_scaling"] == {"regulariser_input": "mean", "beta_units": "normalised", "start_rule": "count_matched"}
     assert meta["sinogram_geometry"] == sino
     for (k1, v1), (k2, v2) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)

@@ -157,11 +157,12 @@ def test_saved_file_carries_the_documented_checksums_and_schema(saved):
     assert payload["metadata_sha256"] == documented_metadata_sha256(payload["metadata_json"])
     assert payload["metadata_sha256"] == metadata_sha256(payload["metadata_json"])
     meta = saved["metadata"]
-    assert meta["schema_version"] == 1 and meta["format_version"] == 2
+    assert meta["schema_version"] == 2 and meta["format_version"] == 2
+    assert meta["network"]["start_rule"] == "count_matched"
     assert saved["path"].with_suffix(".json").read_text() == payload["metadata_json"] + "\n"
     net, loaded_meta = load_model(saved["path"])
     assert same_weights(net.state_dict(), saved["state"])
-    assert loaded_meta["schema_version"] == 1
+    assert loaded_meta["schema_version"] == 2 and net.start_rule == "count_matched"
 
 
 def test_bundled_model_is_format_version_2_with_its_json_copy():
@@ -171,7 +172,8 @@ def test_bundled_model_is_format_version_2_with_its_json_copy():
     assert payload["metadata_sha256"] == documented_metadata_sha256(payload["metadata_json"])
     assert BUNDLED_MODEL.with_suffix(".json").read_text() == payload["metadata_json"] + "\n"
     net, meta = load_model(BUNDLED_MODEL)
-    assert meta["schema_version"] == 1 and net.num_stages == meta["num_stages"]
+    assert meta["schema_version"] in (1, 2) and net.num_stages == meta["num_stages"]
+    assert net.start_rule == meta["network"].get("start_rule", "none")
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -285,8 +287,11 @@ FIELD_CASES = [
     (_set(("image_geometry", "voxel_size_mm"), [4.0, 4.0, 0.0]),
      r"'image_geometry' is not a valid image geometry: voxel sizes must be 3 positive lengths"),
     (_delete(("schema_version",)), r"'schema_version' is missing"),
-    (_set(("schema_version",), 2), r"'schema_version' is 2, newer than this sirf_fbsem reads \(1\)"),
-    (_set(("schema_version",), "1"), r"'schema_version' must be 1, got '1'"),
+    (_set(("schema_version",), 3), r"'schema_version' is 3, newer than this sirf_fbsem reads \(2\)"),
+    (_set(("schema_version",), "2"), r"'schema_version' must be one of \(1, 2\), got '2'"),
+    (_delete(("network", "start_rule")), r"'network\.start_rule' is missing"),
+    (_set(("network", "start_rule"), "ones"), r"'network\.start_rule'"),
+    (_set(("schema_version",), 1), r"'network' has unknown keys \['start_rule'\]"),
     (_delete(("projection_units",)), r"former units"),
     (_set(("projection_units",), ["mm"]), r"metadata field 'projection_units' is \['mm'\]"),
 ]
@@ -383,6 +388,7 @@ def write_version_1(path: Path, saved: dict[str, Any]) -> Path:
     """A model file as sirf_fbsem 0.2.0 wrote it: no checksums, no schema_version."""
     meta = copy.deepcopy(saved["metadata"])
     del meta["schema_version"]
+    del meta["network"]["start_rule"]  # new in 0.4
     meta["format_version"] = 1
     text = json.dumps(meta, indent=2, sort_keys=True)
     torch.save({"format": "sirf_fbsem.fbsem_net", "format_version": 1, "metadata_json": text,

@@ -12,7 +12,9 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -33,6 +35,20 @@ def _write_error(target: Path, err: OSError) -> OutputWriteError:
 
 
 @contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Block SIGINT and SIGTERM for the block (main thread, POSIX); a no-op elsewhere."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary file path in the target's directory; rename it onto ``target`` on success.
 
@@ -48,14 +64,17 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         suffix = "".join(target.suffixes)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}", dir=target.parent)
+        # SIGINT/SIGTERM (the CLI's Interrupted) held off until the name is known, so that no
+        # .part file can be left behind between its creation and the cleanup below
+        with _signals_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}", dir=target.parent)
+            tmp_path = Path(tmp)
     except OutputWriteError:
         raise
     except OSError as err:
         raise _write_error(target, err) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
+        os.close(fd)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; finished files get the usual mode
         yield tmp_path
         os.replace(tmp_path, target)

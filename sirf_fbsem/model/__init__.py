@@ -1,11 +1,16 @@
 """FBSEM-Net: stages (OSEM sub-update + residual CNN + MAP-EM fusion), the unrolled network, model files."""
-from .fbsem import FBSEMNet, FBSEMStage, fbsem_fusion, inverse_softplus
+from .blockwise import apply_blockwise, check_block_shape, receptive_radius
+from .fbsem import FBSEMNet, FBSEMStage, StageTerms, fbsem_fusion, inverse_softplus
 from .io import ModelFileError, load_model, save_model
 from .regularisers import RegulariserConfig, ResidualCNN, build_regulariser, intensity_scale
 
 __all__ = [
     "FBSEMNet",
     "FBSEMStage",
+    "StageTerms",
+    "apply_blockwise",
+    "check_block_shape",
+    "receptive_radius",
     "fbsem_fusion",
     "inverse_softplus",
     "RegulariserConfig",

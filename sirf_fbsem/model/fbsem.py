@@ -48,6 +48,7 @@ which are the same root (multiply numerator and denominator by ``r - b``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -57,11 +58,16 @@ from torch.utils.checkpoint import checkpoint
 
 from ..autograd import em_update
 from ..projectors.base import AcquisitionModel
-from .regularisers import RegulariserConfig, build_regulariser, intensity_scale
+from ..recon.engine import count_matched_scale
+from .blockwise import Region, check_block_shape, grown_region
+from .regularisers import RegulariserConfig, ResidualCNN, build_regulariser, intensity_scale
 
-__all__ = ["fbsem_fusion", "FBSEMStage", "FBSEMNet", "inverse_softplus"]
+__all__ = ["fbsem_fusion", "FBSEMStage", "FBSEMNet", "StageTerms", "inverse_softplus"]
 
 BetaUnits = Literal["normalised", "absolute"]
+StartRule = Literal["count_matched", "none"]
+#: start rules of :class:`FBSEMNet`
+START_RULES = ("count_matched", "none")
 
 
 def inverse_softplus(beta: float) -> float:
@@ -102,6 +108,71 @@ def fbsem_fusion(
     x_neg = (r - b) / (2 * torch.where(pos, one, a))
     out = torch.where(pos, x_pos, x_neg)
     return torch.where(has_sens, out, torch.zeros_like(out))
+
+
+@dataclass
+class StageTerms:
+    """What a stage's output depends on besides its own parameters (B samples; symbols as in the
+    module docstring's table)::
+
+        x_next[R] = fusion( x_em[R], c * relu(x/c + f(x/c, u/c_u))[R], sens_s[R], beta * unit )
+
+    For a stage trained alone on a detached input ``x`` (sequential training) none of these
+    depends on the stage's parameters: they are computed once per sample, and the output on a
+    region ``R`` needs only their crops (``x`` and ``u`` grown by the CNN's receptive-field
+    radius) and the per-sample scalars (:meth:`FBSEMStage.output_on`).
+
+    Attributes:
+        x: stage input (B, Z, Y, X), activity units.
+        x_em: OSEM sub-update of ``x`` (B, Z, Y, X), activity units.
+        sensitivity: ``sens_s = A_s^T 1`` (B, Z, Y, X); the FOV is ``sens_s > 0``.
+        scale: ``c = mean_FOV(x)`` (B,), the CNN's intensity scale (1 with normalisation "none").
+        unit: beta's per-sample unit (B,): ``mean_FOV(sens_s) / mean_FOV(x)`` ("normalised") or 1 ("absolute").
+        anatomical: ``u`` (B, Z, Y, X) or None.
+        anatomical_scale: ``c_u = mean_FOV(|u|)`` (B,) or None.
+    """
+
+    x: torch.Tensor
+    x_em: torch.Tensor
+    sensitivity: torch.Tensor
+    scale: torch.Tensor
+    unit: torch.Tensor
+    anatomical: torch.Tensor | None = None
+    anatomical_scale: torch.Tensor | None = None
+
+    def _map(self, fn: Any) -> "StageTerms":
+        return StageTerms(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
+                             for f in fields(self)})
+
+    def to(self, device: str | torch.device) -> "StageTerms":
+        """A copy on ``device``."""
+        return self._map(lambda t: t.to(device))
+
+    def select(self, i: int) -> "StageTerms":
+        """Sample ``i`` as a batch of one."""
+        return self._map(lambda t: t[i : i + 1])
+
+    def detach(self) -> "StageTerms":
+        return self._map(lambda t: t.detach())
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X)."""
+        z, y, x = self.x.shape[-3:]
+        return (int(z), int(y), int(x))
+
+    def fov_box(self) -> Region:
+        """Bounding box (z, y, x slices) of the voxels with ``sens_s > 0`` in any sample (the whole
+        volume if there are none)."""
+        fov = (self.sensitivity > 0).reshape((-1,) + self.image_shape).any(dim=0)
+        if not bool(fov.any()):
+            return (slice(0, self.image_shape[0]), slice(0, self.image_shape[1]), slice(0, self.image_shape[2]))
+        box = []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            idx = torch.nonzero(fov.any(dim=other)).flatten()
+            box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+        return (box[0], box[1], box[2])
 
 
 class FBSEMStage(nn.Module):
@@ -146,16 +217,76 @@ class FBSEMStage(nn.Module):
         ``sensitivity`` (B,Z,Y,X) or (Z,Y,X) is ``A_s^T 1`` for this subset; computed by
         the model when None.
         """
+        sens, x_em, fov, unit = self._data_terms(x, prompts, model, subset, sensitivity)
+        x_reg = self.regulariser(x, anatomical, fov)
+        beta = self.beta.to(dtype=x.dtype) * unit.reshape((-1,) + (1,) * (x.dim() - 1))
+        return fbsem_fusion(x_em, x_reg, sens, beta)
+
+    def _data_terms(
+        self, x: torch.Tensor, prompts: torch.Tensor, model: AcquisitionModel, subset: int,
+        sensitivity: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sens_s, x_em, fov, unit)``: the subset sensitivity broadcast to ``x``, the OSEM
+        sub-update, the FOV (``sens_s > 0``) and beta's per-sample unit (B,) (``beta_units``)."""
         sens = model.sensitivity(subset) if sensitivity is None else sensitivity
         sens = torch.broadcast_to(sens.to(dtype=x.dtype, device=x.device), x.shape)
         x_em = em_update(x, prompts, model, subset, sens)
         fov = sens > 0
-        x_reg = self.regulariser(x, anatomical, fov)
-        beta = self.beta.to(dtype=x.dtype)
         if self.beta_units == "normalised":
             unit = intensity_scale(sens, fov) / intensity_scale(x, fov)  # (B,): mean sens / mean x
-            beta = beta * unit.reshape((-1,) + (1,) * (x.dim() - 1))
-        return fbsem_fusion(x_em, x_reg, sens, beta)
+        else:
+            unit = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        return sens, x_em, fov, unit
+
+    # ------------------------------------------------------------------ on a region
+    def _cnn(self) -> ResidualCNN:
+        if not isinstance(self.regulariser, ResidualCNN):
+            raise TypeError(f"a stage's output on a region needs a ResidualCNN regulariser (its receptive field "
+                            f"and scales); this stage has a {type(self.regulariser).__name__}")
+        return self.regulariser
+
+    def stage_terms(
+        self,
+        x: torch.Tensor,
+        prompts: torch.Tensor,
+        model: AcquisitionModel,
+        subset: int,
+        sensitivity: torch.Tensor | None = None,
+        anatomical: torch.Tensor | None = None,
+    ) -> StageTerms:
+        """The :class:`StageTerms` of input ``x`` (B, Z, Y, X); arguments as in :meth:`forward`.
+
+        Differentiable in ``x`` (call it under ``torch.no_grad()`` to precompute them).
+        """
+        cnn = self._cnn()
+        sens, x_em, fov, unit = self._data_terms(x, prompts, model, subset, sensitivity)
+        c, c_u = cnn.intensity_scales(x, anatomical, fov)
+        u = None if anatomical is None else torch.broadcast_to(anatomical.to(dtype=x.dtype, device=x.device), x.shape)
+        return StageTerms(x, x_em, sens, c, unit, u, c_u)
+
+    def output_on(self, terms: StageTerms, region: Region | None = None) -> torch.Tensor:
+        """``x_next[R]`` (B, z, y, x) from precomputed terms, for the region ``R`` (z, y, x slices with
+        explicit start and stop; None: the whole volume)::
+
+            x_next[R] = fusion( x_em[R], CNN(x[R ⊕ radius ∩ V]; c, c_u)[R], sens_s[R], beta * unit )
+
+        Equal (to rounding) to ``forward``'s output on ``R``: the CNN runs on ``x`` grown by its
+        receptive-field radius and clipped to the volume, normalised by the whole volume's
+        scales; the fusion is voxel-wise. Differentiable in the stage's parameters (and the terms).
+        """
+        cnn = self._cnn()
+        shape = terms.image_shape
+        if region is None:
+            region = (slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+        for sl, n in zip(region, shape):
+            if sl.start is None or sl.stop is None or not 0 <= sl.start < sl.stop <= n or sl.step not in (None, 1):
+                raise ValueError(f"region {region} is not a non-empty box inside the image {shape} (z, y, x)")
+        outer, inner = grown_region(region, cnn.receptive_radius, shape)
+        anat = None if terms.anatomical is None else terms.anatomical[(Ellipsis, *outer)]
+        x_reg = cnn.apply_scaled(terms.x[(Ellipsis, *outer)], anat, terms.scale, terms.anatomical_scale, inner)
+        beta = self.beta.to(dtype=terms.x.dtype) * terms.unit.reshape((-1, 1, 1, 1))
+        at = (Ellipsis, *region)
+        return fbsem_fusion(terms.x_em[at], x_reg, terms.sensitivity[at], beta)
 
 
 class FBSEMNet(nn.Module):
@@ -172,6 +303,13 @@ class FBSEMNet(nn.Module):
             "iteration-dependent"). Each stage always has its own beta.
         beta_init: initial beta of every stage (``beta_units``).
         beta_units: ``"normalised"`` or ``"absolute"`` (module docstring).
+        start_rule: ``"count_matched"``: stage 0 first rescales its input ``x0`` to
+            ``s x0`` with ``s`` = :func:`~sirf_fbsem.recon.engine.count_matched_scale` on subset 0
+            (the measured counts less the additive term over ``x0``'s expected counts), which
+            makes the network scale-equivariant: prompts and additive term ``a`` times larger
+            give an image ``a`` times larger. ``"none"``: ``x0`` as given (networks saved before
+            0.4, trained on targets from a start image of 1). The training targets must come
+            from the same rule (:func:`sirf_fbsem.simulation.targets.osem_targets`).
     """
 
     def __init__(
@@ -182,8 +320,11 @@ class FBSEMNet(nn.Module):
         shared_regulariser: bool = False,
         beta_init: float = 0.1,
         beta_units: BetaUnits = "normalised",
+        start_rule: StartRule = "count_matched",
     ):
         super().__init__()
+        if start_rule not in START_RULES:
+            raise ValueError(f"start_rule must be one of {START_RULES}, got {start_rule!r}")
         if not (isinstance(num_stages, int) and num_stages >= 1):
             raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
         if not (isinstance(num_subsets, int) and num_subsets >= 1):
@@ -198,6 +339,7 @@ class FBSEMNet(nn.Module):
         self.shared_regulariser = bool(shared_regulariser)
         self.beta_init = float(beta_init)
         self.beta_units = beta_units
+        self.start_rule: StartRule = start_rule
         shared = build_regulariser(regulariser_config) if shared_regulariser else None
         self.stages = nn.ModuleList(
             FBSEMStage(shared if shared is not None else build_regulariser(regulariser_config), beta_init, beta_units)
@@ -214,15 +356,18 @@ class FBSEMNet(nn.Module):
             "shared_regulariser": self.shared_regulariser,
             "beta_init": self.beta_init,
             "beta_units": self.beta_units,
+            "start_rule": self.start_rule,
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FBSEMNet":
-        known = {"num_stages", "num_subsets", "regulariser_config", "shared_regulariser", "beta_init", "beta_units"}
+        """Inverse of :meth:`config`; a config without ``start_rule`` (saved before 0.4) gets ``"none"``."""
+        known = {"num_stages", "num_subsets", "regulariser_config", "shared_regulariser", "beta_init", "beta_units",
+                 "start_rule"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown FBSEMNet config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(config))
+        return cls(**{"start_rule": "none", **dict(config)})
 
     @property
     def uses_anatomical(self) -> bool:
@@ -232,11 +377,90 @@ class FBSEMNet(nn.Module):
         return k % self.num_subsets
 
     @property
+    def block_shape(self) -> tuple[int, int, int] | None:
+        """Blocks (z, y, x voxels) the stages' CNNs run on (:meth:`set_block_shape`); None: whole volumes."""
+        shapes = {st.regulariser.block_shape for st in self.stages if isinstance(st.regulariser, ResidualCNN)}
+        return shapes.pop() if len(shapes) == 1 else None
+
+    def set_block_shape(self, block_shape: Sequence[int] | None) -> None:
+        """Run every stage's CNN block by block, blocks of ``block_shape`` (z, y, x) voxels, under gradient
+        checkpointing (:mod:`~sirf_fbsem.model.blockwise`); None: on the whole volume (default).
+
+        A runtime setting, for training and inference alike: memory of the CNN bounded by a block,
+        same outputs (to rounding); not part of :meth:`config` nor of a model file.
+        """
+        shape = check_block_shape(block_shape)
+        for st in self.stages:
+            if isinstance(st.regulariser, ResidualCNN):
+                st.regulariser.block_shape = shape
+
+    @property
     def betas(self) -> torch.Tensor:
         """softplus(rho_k) of every stage, shape (K,)."""
         return torch.stack([st.beta for st in self.stages])
 
     # ------------------------------------------------------------------ forward
+    def scaled_start(
+        self, x0: torch.Tensor, prompts_0: torch.Tensor, model: AcquisitionModel, sensitivity_0: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Stage 0's input under :attr:`start_rule`: ``s x0`` (``"count_matched"``) or ``x0``.
+
+        Args:
+            x0: start image (B, Z, Y, X).
+            prompts_0: subset 0's measured counts (B, T, S, V_0, N).
+            model: the acquisition model (its additive term and, when ``sensitivity_0`` is None,
+                its subset-0 sensitivity are used).
+            sensitivity_0: ``A_0^T 1``, broadcastable to ``x0``, or None.
+        """
+        if self.start_rule == "none":
+            return x0
+        if prompts_0.dim() == 5 and x0.shape[0] != prompts_0.shape[0]:
+            x0 = x0.expand((prompts_0.shape[0],) + tuple(x0.shape[1:]))
+        sens = model.sensitivity(0) if sensitivity_0 is None else sensitivity_0
+        s = count_matched_scale(x0.detach(), prompts_0, model.additive_term(0), sens.detach())
+        return x0 * s.reshape((-1,) + (1,) * (x0.dim() - 1))
+
+    def run_stage(
+        self,
+        k: int,
+        x: torch.Tensor,
+        prompts_s: torch.Tensor,
+        model: AcquisitionModel,
+        sensitivity_s: torch.Tensor | None = None,
+        anatomical: torch.Tensor | None = None,
+        checkpointing: bool = False,
+    ) -> torch.Tensor:
+        """Stage ``k`` on ``x`` (B, Z, Y, X) with its subset's counts ``prompts_s`` (B, T, S, V_s, N);
+        stage 0 first applies the start rule (:meth:`scaled_start`)."""
+        s = self.subset_of_stage(k)
+        if k == 0:
+            x = self.scaled_start(x, prompts_s, model, sensitivity_s)
+        stage = self.stages[k]
+        if checkpointing and torch.is_grad_enabled():
+            return checkpoint(stage, x, prompts_s, model, s, sensitivity_s, anatomical, use_reentrant=False)
+        return stage(x, prompts_s, model, s, sensitivity_s, anatomical)
+
+    def stage_terms(
+        self,
+        k: int,
+        x: torch.Tensor,
+        prompts: torch.Tensor,
+        model: AcquisitionModel,
+        sensitivities: torch.Tensor | None = None,
+        anatomical: torch.Tensor | None = None,
+    ) -> StageTerms:
+        """:meth:`FBSEMStage.stage_terms` of stage ``k`` on its input ``x`` (B, Z, Y, X), as :meth:`forward`
+        runs it (stage 0 after the start rule); ``prompts`` the full sinogram (B, T, S, V, N) and
+        ``sensitivities`` (B, num_subsets, Z, Y, X) as in :meth:`forward`."""
+        if not 0 <= k < self.num_stages:
+            raise ValueError(f"stage index {k} out of range [0, {self.num_stages - 1}]")
+        s = self.subset_of_stage(k)
+        prompts_s = model.take_subset(prompts, s)
+        sens = None if sensitivities is None else sensitivities[..., s, :, :, :]
+        if k == 0:
+            x = self.scaled_start(x, prompts_s, model, sens)
+        return self.stages[k].stage_terms(x, prompts_s, model, s, sens, anatomical)
+
     def forward(
         self,
         x0: torch.Tensor,
@@ -297,11 +521,7 @@ class FBSEMNet(nn.Module):
             if s not in subset_prompts:
                 subset_prompts[s] = model.take_subset(prompts, s)
             sens = None if sensitivities is None else sensitivities[..., s, :, :, :]
-            stage = self.stages[k]
-            if checkpointing and torch.is_grad_enabled():
-                x = checkpoint(stage, x, subset_prompts[s], model, s, sens, anatomical, use_reentrant=False)
-            else:
-                x = stage(x, subset_prompts[s], model, s, sens, anatomical)
+            x = self.run_stage(k, x, subset_prompts[s], model, sens, anatomical, checkpointing)
             if return_all:
                 outputs.append(x[0] if single else x)
         if return_all:

@@ -21,14 +21,16 @@ weights nor the metadata can be altered or damaged unnoticed:
 They guard against damage and accidental edits, not against someone who rewrites the
 file on purpose and recomputes them (the file is not signed).
 
-The JSON (``schema_version`` 1) carries everything needed to rebuild the network and to
+The JSON (``schema_version`` 2) carries everything needed to rebuild the network and to
 check it against data; required (:func:`load_model` checks each one and names the field
 that is missing or malformed):
 
-* ``schema_version``: 1.
+* ``schema_version``: 2 (1 is read too: files saved by 0.3, whose networks have no start rule).
 * ``sinogram_geometry``, ``image_geometry``: ``geometry.*_to_dict`` of the training data.
 * ``network``: :meth:`FBSEMNet.config` (num_stages, num_subsets, regulariser_config with its
-  intensity normalisation, shared_regulariser, beta_init, beta_units).
+  intensity normalisation, shared_regulariser, beta_init, beta_units, and from schema 2 on
+  start_rule: ``"count_matched"`` makes the network scale-equivariant; schema 1 files get
+  ``"none"``, the start image they were trained from).
 * ``num_stages``, ``num_subsets``: as in ``network``.
 * ``projection_units``: the units of the projections the model was trained on,
   :data:`~sirf_fbsem.projectors.base.PROJECTION_UNITS`; a model without it, trained before
@@ -87,7 +89,7 @@ from ..geometry import (
 )
 from ..io.atomic import atomic_path
 from ..projectors.base import PROJECTION_UNITS
-from .fbsem import FBSEMNet
+from .fbsem import START_RULES, FBSEMNet
 from .regularisers import RegulariserConfig
 
 __all__ = [
@@ -107,7 +109,9 @@ MODEL_FORMAT = "sirf_fbsem.fbsem_net"
 #: format version written and read (1: sirf_fbsem 0.2.0, no checksums; see :func:`upgrade_model_file`)
 MODEL_FORMAT_VERSION = 2
 #: version of the metadata JSON's layout (its ``schema_version``)
-METADATA_SCHEMA_VERSION = 1
+METADATA_SCHEMA_VERSION = 2
+#: schema versions :func:`load_model` reads (1: networks without ``start_rule``, sirf_fbsem 0.3)
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 #: largest count accepted in a geometry description (rings, detectors, views, bins, voxels per axis):
 #: far beyond any scanner, small enough that describing the geometry allocates little memory
@@ -294,6 +298,7 @@ def save_model(path: str | os.PathLike, net: FBSEMNet, metadata: Mapping[str, An
             "intensity_scaling": {
                 "regulariser_input": net.regulariser_config.normalisation,
                 "beta_units": net.beta_units,
+                "start_rule": net.start_rule,
             },
             "training_mode": metadata.get("training_mode"),
             "projection_units": PROJECTION_UNITS,
@@ -410,7 +415,7 @@ def upgrade_model_file(src: str | os.PathLike, dst: str | os.PathLike | None = N
     text, state = _payload_entries(src, payload, checksums=False)
     meta = _parse_metadata(src, text)
     if "schema_version" not in meta:  # version 1 predates it; its layout is schema 1
-        meta["schema_version"] = METADATA_SCHEMA_VERSION
+        meta["schema_version"] = 1
     _, _, network = _validate_metadata(src, meta)
     _build_network(src, network, state)  # names, shapes, dtypes: the new file will load
     meta.update(
@@ -594,12 +599,12 @@ def _validate_metadata(
             "schema_version",
             f"is {schema}, newer than this sirf_fbsem reads ({METADATA_SCHEMA_VERSION}); update sirf_fbsem",
         )
-    if not (_is_int(schema) and schema == METADATA_SCHEMA_VERSION):
-        raise f.error("schema_version", f"must be {METADATA_SCHEMA_VERSION}, got {_show(schema)}")
+    if not (_is_int(schema) and schema in READABLE_SCHEMA_VERSIONS):
+        raise f.error("schema_version", f"must be one of {READABLE_SCHEMA_VERSIONS}, got {_show(schema)}")
     _check_units(path, meta)
     sino = _sinogram_geometry(f, f.get(meta, "sinogram_geometry"))
     img = _image_geometry(f, f.get(meta, "image_geometry"))
-    network = _network_config(f, f.get(meta, "network"))
+    network = _network_config(f, f.get(meta, "network"), schema)
     for key in ("num_stages", "num_subsets"):
         value = f.as_int(f.get(meta, key), key)
         if value != network[key]:
@@ -663,17 +668,20 @@ def _image_geometry(f: _Fields, d: Any) -> ImageGeometry:
 _NETWORK_KEYS = ("num_stages", "num_subsets", "regulariser_config", "shared_regulariser", "beta_init", "beta_units")
 
 
-def _network_config(f: _Fields, d: Any) -> dict[str, Any]:
-    """``network`` checked key by key, so that ``FBSEMNet.from_config`` gets what it needs."""
+def _network_config(f: _Fields, d: Any, schema: int = METADATA_SCHEMA_VERSION) -> dict[str, Any]:
+    """``network`` checked key by key, so that ``FBSEMNet.from_config`` gets what it needs
+    (``start_rule`` is required from schema 2 on and absent before)."""
     field = "network"
     d = f.as_dict(d, field)
-    f.keys(d, field, set(_NETWORK_KEYS))
+    f.keys(d, field, set(_NETWORK_KEYS) | ({"start_rule"} if schema >= 2 else set()))
     p = field + "."
     f.as_int(f.get(d, "num_stages", p), p + "num_stages")
     f.as_int(f.get(d, "num_subsets", p), p + "num_subsets")
     f.as_bool(f.get(d, "shared_regulariser", p), p + "shared_regulariser")
     f.as_number(f.get(d, "beta_init", p), p + "beta_init", minimum=0.0)
     f.as_choice(f.get(d, "beta_units", p), p + "beta_units", ("normalised", "absolute"))
+    if schema >= 2:  # schema 1 files have none: FBSEMNet.from_config gives them "none"
+        f.as_choice(f.get(d, "start_rule", p), p + "start_rule", START_RULES)
     reg = f.as_dict(f.get(d, "regulariser_config", p), p + "regulariser_config")
     p = field + ".regulariser_config."
     known = {fld.name for fld in dataclasses.fields(RegulariserConfig)}

@@ -19,6 +19,16 @@ counts of subset ``s``. The update ``U_k`` is a rule object:
 Since ``A (x M) = A x``, OSEM from ``x_init M`` gives exactly STIR's iterates from ``x_init``
 (voxels no LOR sees stay 0); for FBSEM it is the start image the stages were trained from.
 
+FBSEM networks with ``start_rule = "count_matched"`` (every network trained since 0.4) first
+rescale ``x_0`` so that its expected counts on subset 0 match the measured ones
+(:func:`count_matched_scale`)::
+
+    x_0 <- s x_0,    s = max( sum(y_0) - sum(b_0), sum(y_0) / 10 ) / sum_j( sens_0,j x_0,j )
+
+``s`` is positively homogeneous in the data (``y, b -> a y, a b`` gives ``s -> a s``) and every
+FBSEM stage is too, so the whole reconstruction is scale-equivariant: data a times larger give an
+image a times larger, whatever unit (counts, Bq/ml) or count level the data come in.
+
 Shapes: images (Z, Y, X) or (B, Z, Y, X); prompts (T, S, V, N) or (B, T, S, V, N), counts;
 images come out in the units of the acquisition model (SIRF's: see
 :mod:`sirf_fbsem.projectors.embedded`).
@@ -48,6 +58,7 @@ __all__ = [
     "IterativeReconstruction",
     "reconstruct",
     "check_prompts",
+    "count_matched_scale",
 ]
 
 
@@ -82,6 +93,36 @@ def start_image(model: AcquisitionModel, initial: torch.Tensor | None = None) ->
             f"{tuple(model.image_shape)} (z, y, x), optionally with a leading batch axis"
         )
     return initial * mask
+
+
+def count_matched_scale(
+    x0: torch.Tensor, prompts: torch.Tensor, additive: torch.Tensor | float, sensitivity: torch.Tensor
+) -> torch.Tensor:
+    """Scale that makes ``x0``'s expected counts match the measured ones on one subset, shape (B,).
+
+    ``s = max( sum(y) - sum(b), sum(y) / 10 ) / sum_j( sens_j x0_j )`` per sample, using
+    ``sum_bins A x0 = sum_j sens_j x0_j`` (adjoint identity, ``sens = A^T 1``). The floor of a
+    tenth of the prompts keeps ``s > 0`` when the additive estimate exceeds the prompts (very low
+    counts); a start image no LOR sees, or no prompts, gives ``s = 1``.
+
+    Args:
+        x0: start image (B, Z, Y, X).
+        prompts: measured counts of the subset (B, T, S, V_s, N).
+        additive: randoms + scatter of the subset, broadcastable to ``prompts`` (counts).
+        sensitivity: the subset's ``A_s^T 1``, broadcastable to ``x0``.
+    Returns:
+        (B,) tensor on ``x0``'s device and dtype; positively homogeneous of degree 1 in
+        ``(prompts, additive)`` and of degree -1 in ``x0``.
+    """
+    b = x0.shape[0]
+    y_sum = prompts.reshape(b, -1).sum(dim=1).to(x0.dtype)
+    add = torch.broadcast_to(torch.as_tensor(additive, dtype=prompts.dtype, device=prompts.device), prompts.shape)
+    b_sum = add.reshape(b, -1).sum(dim=1).to(x0.dtype)
+    expected = (torch.broadcast_to(sensitivity.to(x0), x0.shape) * x0).reshape(b, -1).sum(dim=1)
+    true_counts = torch.maximum(y_sum - b_sum, y_sum / 10)
+    ok = (expected > 0) & (true_counts > 0)
+    return torch.where(ok, true_counts / torch.where(ok, expected, torch.ones_like(expected)),
+                       torch.ones_like(expected))
 
 
 def check_prompts(prompts: torch.Tensor, model: AcquisitionModel) -> torch.Tensor:
@@ -159,7 +200,7 @@ class FBSEMUpdate:
         sens = None
         if self.sensitivities is not None:
             sens = self.sensitivities[..., subset, :, :, :].to(device=x.device, dtype=x.dtype)
-        out = self.net.stages[k](xb, prompts, model, subset, sens, anat)
+        out = self.net.run_stage(k, xb, prompts, model, sens, anat)
         return out[0] if single else out
 
 

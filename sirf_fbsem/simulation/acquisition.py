@@ -366,12 +366,15 @@ def simulate_acquisition(
     model: AcquisitionModel,
     params: AcquisitionParameters = AcquisitionParameters(),
     rng: RandomLike = None,
+    normalisation: np.ndarray | torch.Tensor | None = None,
 ) -> SimulatedAcquisition:
     """Simulate the prompts of ``phantom`` on ``model``'s geometry (see the module docstring).
 
     Only the model's geometry, PSF, device and dtype are used; its own factors and
-    additive term are ignored. Random draws, in this order from ``rng``: the
-    efficiencies, the randoms' singles pattern, the Poisson counts.
+    additive term are ignored. ``normalisation``: the detection efficiencies n (T, S, V, N)
+    to use (e.g. an ECAT8 norm's efficiency sinogram); None draws them with
+    :func:`detection_efficiencies`. Random draws, in this order from ``rng``: the
+    efficiencies (unless given), the randoms' singles pattern, the Poisson counts.
     """
     rng = _rng(rng)
     if tuple(phantom.image_geometry.shape) != tuple(model.image_shape):
@@ -384,7 +387,11 @@ def simulate_acquisition(
     activity = torch.from_numpy(np.ascontiguousarray(phantom.activity)).to(device=dev, dtype=dt)
     attenuation = _attenuation(model, mu)
     projection = model.with_terms(None, None).direct(activity)  # G P f, (T,S,V,N)
-    normalisation = torch.from_numpy(detection_efficiencies(geom, params, rng)).to(device=dev, dtype=dt)
+    if normalisation is None:
+        normalisation = detection_efficiencies(geom, params, rng)
+    normalisation = torch.as_tensor(normalisation).to(device=dev, dtype=dt)
+    if tuple(normalisation.shape) != tuple(geom.shape):
+        raise ValueError(f"normalisation has shape {tuple(normalisation.shape)}; the sinogram is {geom.shape}")
     multiplicative = normalisation * attenuation
     trues_shape = (projection * multiplicative).to(torch.float64)
     trues_sum = float(trues_shape.sum())

@@ -34,6 +34,12 @@ def _shape(text: str) -> tuple[int, int, int]:
     return parts  # type: ignore[return-value]
 
 
+def _count_levels(text: str) -> tuple[float, ...]:
+    """``--counts``: one or more comma-separated positive finite numbers."""
+    one = finite_float(0.0, strict=True)
+    return tuple(one(part) for part in text.split(","))
+
+
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``simulate`` options to ``parser``."""
     d_acq = AcquisitionParameters()
@@ -57,14 +63,17 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a 2D problem: one ring of the scanner, one direct sinogram, a single-slice image",
     )
-    parser.add_argument("--counts", type=finite_float(0.0, strict=True), default=d_acq.counts, help="expected total prompts per sample")
+    parser.add_argument("--counts", type=_count_levels, default=(d_acq.counts,),
+                        help="expected total prompts per sample; several comma-separated levels are cycled by "
+                             "sample index (e.g. 3e7,3e8)")
     parser.add_argument("--randoms-fraction", type=finite_float(0.0, 1.0), default=d_acq.randoms_fraction, help="randoms / prompts")
     parser.add_argument("--scatter-fraction", type=finite_float(0.0, 1.0), default=d_acq.scatter_fraction, help="scatter / prompts")
     parser.add_argument("--num-subsets", type=bounded_int(1), default=d_cfg.num_subsets, help="OSEM subsets")
     parser.add_argument(
         "--num-stages", type=bounded_int(1, 1000), default=d_cfg.num_stages, help="K: OSEM sub-iterates stored as targets"
     )
-    parser.add_argument("--phantom", choices=PHANTOM_KINDS, default=d_cfg.phantom, help="phantom kind")
+    parser.add_argument("--phantom", choices=PHANTOM_KINDS + ("mixed",), default=d_cfg.phantom,
+                        help="phantom kind (mixed: MNI152-based for sample indices 0, 1, 4, 5, 8, ..., procedural for the others)")
     parser.add_argument("--psf-fwhm-mm", type=finite_float(0.0), default=None, help="image-space PSF FWHM of the model, mm")
     parser.add_argument(
         "--detector-gap-period", type=bounded_int(0), default=d_acq.detector_gap_period, help="every k-th detector dead (0: none)"
@@ -107,7 +116,7 @@ def geometry_from_args(args: argparse.Namespace) -> tuple[SinogramGeometry, Imag
 
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     acquisition = AcquisitionParameters(
-        counts=args.counts,
+        counts=args.counts[0],
         randoms_fraction=args.randoms_fraction,
         scatter_fraction=args.scatter_fraction,
         detector_gap_period=args.detector_gap_period,
@@ -118,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         phantom=args.phantom,
         acquisition=acquisition,
         psf_fwhm_mm=args.psf_fwhm_mm,
+        count_levels=args.counts if len(args.counts) > 1 else (),
     )
 
 

@@ -22,6 +22,8 @@ key                 shape, dtype                 meaning
 ==================  ===========================  =============================================
 
 The targets start from :func:`.targets.default_initial_image` (1 where some LOR sees the voxel)
+rescaled by the count-matched rule of the networks' stage 0 (manifest ``initial_image``:
+``"support_count_matched"``; ``"support"`` in datasets made before 0.4, without the rescaling)
 and use the subsets 0, 1, 2, ... of the model with ``num_subsets`` subsets.
 
 ``manifest.json`` holds the geometries (:func:`~sirf_fbsem.geometry.sinogram_geometry_to_dict`,
@@ -33,6 +35,7 @@ produces the same files as an uninterrupted one (on the same machine and device)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -60,7 +63,7 @@ from ..projectors.base import PROJECTION_UNITS, AcquisitionModel
 from ..projectors.factory import make_acquisition_model
 from .acquisition import AcquisitionParameters, simulate_acquisition
 from .phantoms import PHANTOM_KINDS, PhantomParameters, make_phantom
-from .targets import osem_targets
+from .targets import START_RULE_OF_DATASET, osem_targets
 
 __all__ = [
     "SimulationConfig",
@@ -126,8 +129,11 @@ class SimulationConfig:
     Attributes:
         num_subsets: OSEM subsets of the targets (and of the network's stages).
         num_stages: K, the OSEM sub-iterates stored as targets.
-        phantom: "procedural" or "mni152".
+        phantom: "procedural", "mni152", or "mixed" (sample ``i``: MNI152-based when ``i // 2`` is
+            even, procedural when odd, so that two cycled count levels meet both kinds).
         acquisition: counts, randoms/scatter fractions, normalisation, ...
+        count_levels: expected total prompts per sample, cycled by sample index (sample ``i``
+            has ``count_levels[i % len(count_levels)]``); empty: ``acquisition.counts`` for all.
         phantom_parameters: ranges the phantoms are drawn from.
         psf_fwhm_mm: image-space PSF of the model (None: none); used for the data and the targets.
     """
@@ -138,14 +144,30 @@ class SimulationConfig:
     acquisition: AcquisitionParameters = field(default_factory=AcquisitionParameters)
     phantom_parameters: PhantomParameters = field(default_factory=PhantomParameters)
     psf_fwhm_mm: float | tuple[float, float, float] | None = None
+    count_levels: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if int(self.num_subsets) != self.num_subsets or self.num_subsets < 1:
             raise ValueError(f"num_subsets must be a positive integer, got {self.num_subsets}")
         if int(self.num_stages) != self.num_stages or self.num_stages < 1:
             raise ValueError(f"num_stages must be a positive integer, got {self.num_stages}")
-        if self.phantom not in PHANTOM_KINDS:
-            raise ValueError(f"phantom must be one of {PHANTOM_KINDS}, got {self.phantom!r}")
+        if self.phantom not in PHANTOM_KINDS + ("mixed",):
+            raise ValueError(f"phantom must be one of {PHANTOM_KINDS + ('mixed',)}, got {self.phantom!r}")
+        object.__setattr__(self, "count_levels", tuple(float(c) for c in self.count_levels))
+        for c in self.count_levels:
+            AcquisitionParameters(counts=c)  # the same check as a single level
+
+    def phantom_of(self, index: int) -> str:
+        """The phantom kind of sample ``index``."""
+        if self.phantom != "mixed":
+            return self.phantom
+        return "mni152" if (index // 2) % 2 == 0 else "procedural"
+
+    def acquisition_of(self, index: int) -> AcquisitionParameters:
+        """The acquisition settings of sample ``index`` (its count level)."""
+        if not self.count_levels:
+            return self.acquisition
+        return dataclasses.replace(self.acquisition, counts=self.count_levels[index % len(self.count_levels)])
 
     def model(
         self, sinogram_geometry: SinogramGeometry, image_geometry: ImageGeometry, device: str | torch.device = "cpu",
@@ -179,8 +201,8 @@ def simulate_sample(model: AcquisitionModel, config: SimulationConfig, seed: int
     if model.num_subsets != config.num_subsets:
         raise ValueError(f"the model has {model.num_subsets} subsets; the config asks for {config.num_subsets}")
     phantom_rng, acquisition_rng = _generators(seed, index)
-    phantom = make_phantom(config.phantom, model.image_geometry, phantom_rng, config.phantom_parameters)
-    acq = simulate_acquisition(phantom, model, config.acquisition, acquisition_rng)
+    phantom = make_phantom(config.phantom_of(index), model.image_geometry, phantom_rng, config.phantom_parameters)
+    acq = simulate_acquisition(phantom, model, config.acquisition_of(index), acquisition_rng)
     sample_model = acq.acquisition_model(model)
     targets = osem_targets(sample_model, acq.noise_free, config.num_stages)
     sensitivity = torch.stack([sample_model.sensitivity(s) for s in range(config.num_subsets)])
@@ -216,7 +238,7 @@ def _settings(
         "image_geometry": image_geometry_to_dict(image_geometry),
         "num_subsets": int(config.num_subsets),
         "num_stages": int(config.num_stages),
-        "counts": float(config.acquisition.counts),
+        "counts": list(config.count_levels) if config.count_levels else float(config.acquisition.counts),
         "randoms_fraction": float(config.acquisition.randoms_fraction),
         "scatter_fraction": float(config.acquisition.scatter_fraction),
         "phantom": config.phantom,
@@ -224,7 +246,7 @@ def _settings(
         "phantom_parameters": config.phantom_parameters.as_dict(),
         "psf_fwhm_mm": list(psf) if isinstance(psf, (tuple, list)) else psf,
         "seed": int(seed),
-        "initial_image": "support",
+        "initial_image": "support_count_matched",
     }
 
 
@@ -436,6 +458,15 @@ class FBSEMSampleDataset(torch.utils.data.Dataset):
     @property
     def num_subsets(self) -> int:
         return int(self.manifest["num_subsets"])
+
+    @property
+    def start_rule(self) -> str:
+        """The start rule the targets were made with (:attr:`sirf_fbsem.model.fbsem.FBSEMNet.start_rule`)."""
+        rule = self.manifest.get("initial_image", "support")
+        if rule not in START_RULE_OF_DATASET:
+            raise DatasetError(f"dataset {str(self.directory / MANIFEST_NAME)!r}: unknown initial_image {rule!r}; "
+                               f"expected one of {sorted(START_RULE_OF_DATASET)}")
+        return START_RULE_OF_DATASET[rule]
 
     def __len__(self) -> int:
         return len(self.files)

@@ -15,6 +15,7 @@ from .trainers import (
     with_terms_factory,
     make_optimizer,
 )
+from .patches import draw_patches, patch_training_step
 
 __all__ = [
     "MODES",
@@ -31,4 +32,6 @@ __all__ = [
     "training_step",
     "with_terms_factory",
     "make_optimizer",
+    "draw_patches",
+    "patch_training_step",
 ]

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..argtypes import bounded_int, finite_float
+from ..argtypes import bounded_int, finite_float, voxel_shape
 from ..errors import InputError
 from ..io.outputs import check_run_directory
 from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
@@ -68,6 +68,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "--no-warm-start: every stage from its own initialisation")
     parser.add_argument("--stage-devices", nargs="+", default=None, metavar="DEVICE",
                         help="greedy mode: place stage k on DEVICE[k %% n], round robin (GLEAM), e.g. cuda:0 cuda:1")
+    parser.add_argument("--block-size", type=voxel_shape, default=None, metavar="Z,Y,X",
+                        help="run the regulariser CNNs block by block, blocks of Z,Y,X voxels, under gradient "
+                        "checkpointing: memory of one block, same results (any mode; e.g. 32,64,64)")
+    parser.add_argument("--patch-size", type=voxel_shape, default=None, metavar="Z,Y,X",
+                        help="sequential mode: train each stage on random patches of Z,Y,X voxels (exact loss on "
+                        "each patch; no projection per step) instead of whole images")
+    parser.add_argument("--patches-per-sample", type=bounded_int(1, 100000), default=None, metavar="N",
+                        help="with --patch-size: patches per sample and step (default 8)")
 
 
 def check_train_options(args: argparse.Namespace) -> None:
@@ -83,6 +91,11 @@ def check_train_options(args: argparse.Namespace) -> None:
     if args.all_stages_loss and mode not in ("end_to_end", "checkpointed"):
         raise InputError(f"--all-stages-loss applies to --mode end_to_end or checkpointed; --mode is {mode} "
                          f"(each stage is trained on its own target there already)")
+    if args.patch_size is not None and mode != "sequential":
+        raise InputError(f"--patch-size trains stages on patches in --mode sequential (one stage alone on a fixed "
+                         f"input); --mode is {mode}")
+    if args.patches_per_sample is not None and args.patch_size is None:
+        raise InputError("--patches-per-sample applies with --patch-size Z,Y,X (patch training)")
     if args.shared and mode == "sequential":
         raise InputError("--shared (one regulariser for all stages) cannot be trained stage by stage: use it with "
                          "--mode end_to_end, checkpointed or greedy")
@@ -142,13 +155,16 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
         cache=args.cache or "disk", progress=not args.no_progress and ctx.is_main,
         stage_devices=tuple(args.stage_devices) if args.stage_devices else None,
         warm_start=True if args.warm_start is None else args.warm_start,
+        block_shape=args.block_size, patch_shape=args.patch_size,
+        **({} if args.patches_per_sample is None else {"patches_per_sample": args.patches_per_sample}),
     )
     reg = RegulariserConfig(dims=args.dims, in_channels=2 if args.anatomical else 1, channels=args.channels,
                             layers=args.layers)
     import torch
 
     torch.manual_seed(args.seed)
-    net = FBSEMNet(num_stages, num_subsets, reg, shared_regulariser=args.shared, beta_init=args.beta_init)
+    net = FBSEMNet(num_stages, num_subsets, reg, shared_regulariser=args.shared, beta_init=args.beta_init,
+                   start_rule=dataset.start_rule)
     base = make_acquisition_model(
         args.backend, sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=device
     )

@@ -36,6 +36,17 @@ writes checkpoints and logs (atomically) while the others wait at a barrier; on 
 every rank loads the same checkpoint. Callbacks run on every rank: one that raises
 StopIteration must do so on every rank at the same step.
 
+Sequential mode can train each stage on random patches (``TrainConfig.patch_shape``,
+:mod:`sirf_fbsem.training.patches`): the stage's parameter-free terms (its input, OSEM
+sub-update, sensitivity, per-sample scales) and its target are computed once per training
+sample when the stage begins (kept like the stage cache: on disk in
+``out_dir/cache/stage_NNN/patch_terms`` or in memory), and every step minimises the exact MSE
+of the stage's output on ``patches_per_sample`` random regions per sample, drawn from
+(seed, stage, epoch, sample). Validation stays the whole-volume stage loss.
+
+Any mode can run the CNNs block by block (``TrainConfig.block_shape``,
+:mod:`sirf_fbsem.model.blockwise`): memory of a block, same outputs.
+
 Greedy mode can place stages on several devices, round robin (GLEAM):
 ``TrainConfig.stage_devices``; stage k runs on ``stage_devices[k % len]`` and the
 detached image moves between devices.
@@ -60,11 +71,13 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..io.atomic import atomic_path
+from ..model.blockwise import check_block_shape
 from ..model.fbsem import FBSEMNet, FBSEMStage
 from ..model.io import safe_torch_load, save_model
 from ..projectors.base import AcquisitionModel
 from ..recon.engine import start_image
 from ..distributed import DistContext, current_context, loss_weight, shard_batch, shard_items
+from .patches import average_gradients, draw_patches, patch_training_step, terms_from_payload, terms_payload
 
 __all__ = [
     "MODES",
@@ -152,6 +165,15 @@ class TrainConfig:
             (README, Evaluation, 60 stages: the later stages' validation loss falls by a quarter to a half;
             the test NRMSE by 12 % with an MR channel, little PET-only). False: every stage from
             its own initialisation. Other modes ignore it.
+        block_shape: run the regulariser CNNs block by block, blocks of (z, y, x) voxels under
+            gradient checkpointing (:meth:`FBSEMNet.set_block_shape`): the CNN's memory is that
+            of one block, its output unchanged (to rounding); every mode. None: the network's
+            own setting (whole volumes unless set). Not part of the run's settings: a run may
+            be resumed with another block shape.
+        patch_shape: sequential mode only: train each stage on random patches of (z, y, x)
+            voxels (cut to the image where larger) instead of whole volumes (module docstring;
+            :mod:`sirf_fbsem.training.patches`). None: whole volumes.
+        patches_per_sample: patches drawn per sample and step when ``patch_shape`` is set.
     """
 
     epochs: int = 10
@@ -169,6 +191,9 @@ class TrainConfig:
     progress: bool = True
     stage_devices: tuple[str, ...] | None = None
     warm_start: bool = True
+    block_shape: tuple[int, int, int] | None = None
+    patch_shape: tuple[int, int, int] | None = None
+    patches_per_sample: int = 8
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int) -> None:
@@ -179,6 +204,9 @@ class TrainConfig:
         _int("epochs", 1)
         _int("batch_size", 1)
         _int("seed", 0)
+        _int("patches_per_sample", 1)
+        object.__setattr__(self, "block_shape", check_block_shape(self.block_shape, "TrainConfig.block_shape"))
+        object.__setattr__(self, "patch_shape", check_block_shape(self.patch_shape, "TrainConfig.patch_shape"))
         if self.patience is not None:
             _int("patience", 1)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -554,12 +582,23 @@ class _Trainer:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if config.stage_devices is not None and mode != "greedy":
             raise ValueError(f"TrainConfig.stage_devices places the stages of greedy training; mode is {mode!r}")
+        if config.patch_shape is not None and mode != "sequential":
+            raise ValueError(f"TrainConfig.patch_shape trains stages on patches in sequential mode only (a stage "
+                             f"alone on a fixed input); mode is {mode!r}")
         if mode == "sequential" and net.shared_regulariser:
             raise ValueError(
                 "sequential training trains each stage's own parameters; a network with a shared regulariser "
                 "(shared_regulariser=True) cannot be trained stage by stage: use end_to_end, checkpointed or greedy"
             )
+        data_rule = getattr(dataset, "start_rule", None)
+        if data_rule is not None and data_rule != net.start_rule:
+            raise ValueError(
+                f"the dataset's targets were made with start rule {data_rule!r}; the network's is "
+                f"{net.start_rule!r} (build it with FBSEMNet(..., start_rule={data_rule!r}))"
+            )
         self.net = net.to(config.device)
+        if config.block_shape is not None:
+            self.net.set_block_shape(config.block_shape)
         if config.stage_devices is not None:
             for k, st in enumerate(self.net.stages):
                 st.to(stage_device(config.stage_devices, k))
@@ -579,6 +618,7 @@ class _Trainer:
         self.step_count = 0
         self.t0 = time.perf_counter()
         self._memory_cache: dict[int, dict[int, torch.Tensor]] = {}
+        self._patch_terms: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         self.run_signature = json.dumps(
             {
                 "mode": mode,
@@ -594,7 +634,10 @@ class _Trainer:
         device index, so the device type stands for it there)."""
         # options at their None default are left out, so runs of older versions still resume
         cfg = {k: v for k, v in self.config.to_dict().items()
-               if k not in ("progress", "keep_cache") and not (k in ("stage_devices", "beta_lr") and v is None)}
+               if k not in ("progress", "keep_cache", "block_shape")  # block_shape: same outputs, any memory
+               and not (k in ("stage_devices", "beta_lr", "patch_shape") and v is None)}
+        if self.config.patch_shape is None:
+            cfg.pop("patches_per_sample")
         if self.mode != "sequential":
             cfg["warm_start"] = False  # ignored there: runs begun under the old default still resume
         if self.dist.is_distributed:
@@ -692,18 +735,22 @@ class _Trainer:
             find_unused_parameters=self.mode in ("sequential", "greedy"),
         )
 
-    def _train_batches(self, order: Sequence[int]) -> Iterable[_Shard]:
-        """Global batches of ``order``, each cut to this rank's share (the whole batch for one process)."""
+    def _train_batches(self, order: Sequence[int], load: bool = True) -> Iterable[_Shard]:
+        """Global batches of ``order``, each cut to this rank's share (the whole batch for one process);
+        ``load=False``: the shards' batches are left empty (patch steps read their own terms)."""
         bs, world = self.config.batch_size, self.dist.world_size
+
+        def batch(idx: list[int]) -> Batch:
+            return collate([self.dataset[i] for i in idx], self.config.device) if load else {}
+
         for lo in range(0, len(order), bs):
             gidx = list(order[lo : lo + bs])
             if world == 1:
-                yield _Shard(gidx, gidx, len(gidx), 1.0, collate([self.dataset[i] for i in gidx], self.config.device))
+                yield _Shard(gidx, gidx, len(gidx), 1.0, batch(gidx))
                 continue
             mine = shard_batch(gidx, self.dist.rank, world)
             run = mine or gidx[:1]  # an empty share joins the gradient reduction with weight 0
-            yield _Shard(gidx, run, len(mine), loss_weight(len(mine), len(gidx), world),
-                         collate([self.dataset[i] for i in run], self.config.device))
+            yield _Shard(gidx, run, len(mine), loss_weight(len(mine), len(gidx), world), batch(run))
 
     def _local_val(self) -> list[int]:
         """This rank's validation samples (all of them for one process)."""
@@ -771,6 +818,69 @@ class _Trainer:
                 shutil.rmtree(self.cache_dir / f"stage_{stage - 1:03d}", ignore_errors=True)
         self.dist.barrier()
 
+    # -------------------------------------------------------------- sequential on patches
+    def _patch_dir(self, stage: int) -> Path:
+        return self.cache_dir / f"stage_{stage:03d}" / "patch_terms"
+
+    def _patch_terms_complete(self, stage: int) -> bool:
+        if self.config.cache == "memory":
+            return len(self._patch_terms.get(stage, {})) == len(self.train_idx)
+        return (self._patch_dir(stage) / "complete.json").is_file()
+
+    @torch.no_grad()
+    def _fill_patch_terms(self, stage: int) -> None:
+        """Per training sample: the terms of ``stage`` on its input and its target (:func:`terms_payload`),
+        computed once (the stage's parameters do not enter them), on disk or in memory like the stage cache.
+
+        Distributed: each rank computes its shard of the training samples; as :meth:`_fill_cache`."""
+        if self._patch_terms_complete(stage):
+            return
+        self._patch_terms.pop(stage - 1, None)  # the previous stage's terms are no longer needed
+        store: dict[int, dict[str, torch.Tensor]] = {}
+        mine = [self.train_idx[j] for j in shard_items(len(self.train_idx), self.dist.rank, self.dist.world_size)]
+        for i in tqdm(mine, desc=f"patch terms stage {stage + 1}", leave=False,
+                      disable=not (self.config.progress and self.dist.is_main)):
+            batch = collate([self.dataset[i]], self.config.device)
+            _check_targets(self.net, batch)
+            model = self.factory(batch)
+            x_in = self._stage_inputs(stage, [i], batch, model)
+            kw = _net_inputs(self.net, batch)
+            terms = self.net.stage_terms(stage, x_in, batch["prompts"], model, kw["sensitivities"], kw["anatomical"])
+            payload = terms_payload(terms, batch["targets"][:, stage])
+            if self.config.cache == "memory":
+                store[i] = {k: v.detach().clone() for k, v in payload.items()}
+            else:
+                _save(self._patch_dir(stage) / f"sample_{i:06d}.pt", {k: v.cpu() for k, v in payload.items()})
+        if self.config.cache == "memory":
+            if self.dist.is_distributed:
+                for part in self.dist.all_gather_object({i: {k: v.cpu() for k, v in p.items()}
+                                                         for i, p in store.items()}):
+                    store.update({i: {k: v.to(self.config.device) for k, v in p.items()} for i, p in part.items()})
+            self._patch_terms[stage] = store
+            return
+        self.dist.barrier()  # every shard is on disk
+        if self.dist.is_main:
+            with atomic_path(self._patch_dir(stage) / "complete.json") as tmp:
+                tmp.write_text(json.dumps({"stage": stage, "num_samples": len(self.train_idx)}))
+        self.dist.barrier()
+
+    def _patch_step(self, stage: FBSEMStage, k: int, epoch: int, sh: _Shard) -> float:
+        """Forward and backward of the patch loss of this rank's share of a batch (gradients averaged over ranks)."""
+        cfg = self.config
+        items = []
+        for i in sh.idx:
+            if cfg.cache == "memory":
+                payload = self._patch_terms[k][i]
+            else:
+                payload = safe_torch_load(self._patch_dir(k) / f"sample_{i:06d}.pt", "cached patch terms")
+            terms, target, box = terms_from_payload(payload, cfg.device)
+            regions = draw_patches(box, terms.image_shape, cfg.patch_shape, cfg.patches_per_sample, cfg.seed, k,
+                                   epoch, i)
+            items.append((terms, target, regions))
+        loss = patch_training_step(stage, items, loss_scale=sh.weight)
+        average_gradients(stage, self.dist)
+        return loss
+
     @torch.no_grad()
     def _stage_val_loss(self, stage: int) -> float | None:
         if not self.val_idx:
@@ -806,6 +916,8 @@ class _Trainer:
             elif cfg.warm_start and k > 0:
                 stage.load_state_dict(self.net.stages[k - 1].state_dict())  # stage k-1 is trained (its best)
             self._fill_cache(k - 1)
+            if cfg.patch_shape is not None:
+                self._fill_patch_terms(k)
             if state["epoch"] == 0:
                 # the untrained stage is a candidate too (kept if no epoch beats it)
                 val0 = self._stage_val_loss(k)
@@ -818,12 +930,16 @@ class _Trainer:
             for epoch in bar:
                 stage.train()
                 total, n = 0.0, 0
-                for sh in self._train_batches(_epoch_order(self.train_idx, cfg.seed, k, epoch)):
-                    model = self.factory(sh.batch)
+                patches = cfg.patch_shape is not None
+                for sh in self._train_batches(_epoch_order(self.train_idx, cfg.seed, k, epoch), load=not patches):
                     opt.zero_grad(set_to_none=True)
-                    x_in = self._stage_inputs(k, sh.idx, sh.batch, model)
-                    loss = training_step(self.net, "sequential", sh.batch, model, cfg, stage=k, inputs=x_in,
-                                         forward=self.forward, loss_scale=sh.weight)
+                    if patches:
+                        loss = self._patch_step(stage, k, epoch, sh)
+                    else:
+                        model = self.factory(sh.batch)
+                        x_in = self._stage_inputs(k, sh.idx, sh.batch, model)
+                        loss = training_step(self.net, "sequential", sh.batch, model, cfg, stage=k, inputs=x_in,
+                                             forward=self.forward, loss_scale=sh.weight)
                     opt.step()
                     self.step_count += 1
                     total += loss * sh.n_local
@@ -848,6 +964,10 @@ class _Trainer:
                 if state["complete"]:
                     break
             bar.close()
+            if cfg.patch_shape is not None:  # the stage's patch terms are no longer needed
+                self._patch_terms.pop(k, None)
+                if cfg.cache == "disk" and not cfg.keep_cache and self.dist.is_main:
+                    shutil.rmtree(self._patch_dir(k), ignore_errors=True)
             self._emit(TrainEvent("stage", self.mode, k, state["epoch"], self.step_count, None,
                                   state["best_val"], self.net))
         return True
