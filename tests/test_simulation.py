@@ -448,3 +448,30 @@ def test_cli_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--randoms-fraction + --scatter-fraction must be < 1" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_count_levels_and_mixed_phantoms_are_cycled_by_sample_index(tmp_path, capsys):
+    args = _parse(
+        ["--out", str(tmp_path / "mix"), "--num-samples", "4", "--2d", "--counts", "1e4,4e4", "--phantom", "mixed",
+         "--num-stages", "2", "--num-subsets", "2", "--no-progress"]
+    )
+    assert run_simulate(args) == 0
+    m = load_manifest(tmp_path / "mix")
+    assert m["counts"] == [1e4, 4e4] and m["phantom"] == "mixed"
+    samples = [torch.load(tmp_path / "mix" / f, weights_only=True) for f in m["files"]]
+    assert [s["counts"] for s in samples] == [1e4, 4e4, 1e4, 4e4]
+    for s in samples:  # each sample's expected total is its own level
+        assert float(s["prompts"].sum()) == pytest.approx(s["counts"], rel=0.05)
+    cfg = _config(phantom="mixed", count_levels=(1e4, 4e4))
+    assert [cfg.phantom_of(i) for i in range(6)] == ["mni152", "mni152", "procedural", "procedural", "mni152",
+                                                     "mni152"]
+    assert [cfg.acquisition_of(i).counts for i in range(3)] == [1e4, 4e4, 1e4]
+    with pytest.raises(ValueError, match="counts"):
+        _config(count_levels=(1e4, -1.0))
+    from sirf_fbsem.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # a usage error, from argparse
+        main(["simulate", "--out", str(tmp_path / "bad"), "--num-samples", "1", "--2d", "--counts", "1e4,x"])
+    assert exc.value.code == 2
+    assert "--counts" in capsys.readouterr().err and not (tmp_path / "bad").exists()
