@@ -116,8 +116,9 @@ def count_matched_scale(
     """
     b = x0.shape[0]
     y_sum = prompts.reshape(b, -1).sum(dim=1).to(x0.dtype)
+    # a broadcast view, summed without materialising a sinogram per sample
     add = torch.broadcast_to(torch.as_tensor(additive, dtype=prompts.dtype, device=prompts.device), prompts.shape)
-    b_sum = add.reshape(b, -1).sum(dim=1).to(x0.dtype)
+    b_sum = (add.sum().reshape(1) if b == 1 else add.sum(dim=tuple(range(1, add.dim())))).to(x0.dtype)
     expected = (torch.broadcast_to(sensitivity.to(x0), x0.shape) * x0).reshape(b, -1).sum(dim=1)
     true_counts = torch.maximum(y_sum - b_sum, y_sum / 10)
     ok = (expected > 0) & (true_counts > 0)
