@@ -4,8 +4,8 @@
 #         -> OUT/recon.nii.gz, OUT/dicom/, OUT/recon.png
 #  mmr:   test_data/mmr_brain.l.hdr, a simulated Siemens mMR brain scan as PETLINK listmode with its
 #         ECAT8 norm and mu-map: histogram (span 11), randoms from the delayeds, normalisation x
-#         attenuation, OSEM 1 x 21 (the mMR FBSEM model test_data/fbsem_mmr_model.pt when present)
-#         -> OUT/mmr/recon.nii.gz, OUT/mmr/dicom/, OUT/mmr/recon.png (minutes on 2 CPU cores)
+#         attenuation, FBSEM with the 3D mMR model test_data/fbsem_mmr_model.pt (OSEM 1 x 21 without it)
+#         -> OUT/mmr/recon.nii.gz, OUT/mmr/dicom/, OUT/mmr/recon.png (about 2 min on 2 CPU cores)
 # Usage: bash pipelines/demo.sh [output directory, default out/] [small|mmr|all, default all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +24,9 @@ if [ "$JOBS" != mmr ]; then
       --output "$OUT/recon.nii.gz" --dicom "$OUT/dicom" --preview "$OUT/recon.png" --overwrite
 fi
 if [ "$JOBS" != small ]; then
-  MMR_ARGS=(--iterations 1 --subsets 21)  # OSEM until the 3D mMR FBSEM model exists
-  # the model (pipelines/mmr_3d.sh) is trained on 127 x 128 x 128 voxels; the command reconstructs the
-  # mMR's default 127 x 285 x 285 image of the same voxels, hence --override-geometry
-  if [ -f test_data/fbsem_mmr_model.pt ]; then MMR_ARGS=(--model test_data/fbsem_mmr_model.pt --override-geometry); fi
+  MMR_ARGS=(--iterations 1 --subsets 21)  # OSEM where the 3D mMR model is absent
+  # the model (pipelines/mmr_3d.sh) reconstructs on the grid it was trained on, 127 x 128 x 128 voxels
+  if [ -f test_data/fbsem_mmr_model.pt ]; then MMR_ARGS=(--model test_data/fbsem_mmr_model.pt); fi
   .venv/bin/sirf-fbsem reconstruct test_data/mmr_brain.l.hdr "${MMR_ARGS[@]}" \
       --norm test_data/mmr_brain_norm.n.hdr --mu-map test_data/mmr_brain_mu_map.hv \
       --output "$OUT/mmr/recon.nii.gz" --dicom "$OUT/mmr/dicom" --preview "$OUT/mmr/recon.png" --overwrite

@@ -22,6 +22,8 @@ TRAIN_SAMPLES=${TRAIN_SAMPLES:-12}
 TUNE_SAMPLES=${TUNE_SAMPLES:-4}
 CONFIRM_SAMPLES=${CONFIRM_SAMPLES:-8}
 EPOCHS=${EPOCHS:-6}
+# the bundled model's run (2026-12-03) was begun with --loss mse (sirf_fbsem 0.4); LOSS=mse resumes it
+LOSS=${LOSS:-scaled_mse}
 
 simulate() {
     $SF simulate --out "$WORK/train" --num-samples "$TRAIN_SAMPLES" --seed 1001 "${GEOM[@]}" "${COUNTS[@]}"
@@ -32,7 +34,7 @@ simulate() {
 train() {
     local resume=()
     [ -d "$WORK/run/checkpoints" ] && resume=(--resume)
-    $SF train --data "$WORK/train" --out "$WORK/run" --mode sequential --epochs "$EPOCHS" \
+    $SF train --data "$WORK/train" --out "$WORK/run" --mode sequential --epochs "$EPOCHS" --loss "$LOSS" \
         --channels 16 --layers 5 --patch-size 32,32,32 --patches-per-sample 8 \
         --validation-fraction 0.2 --seed 0 "${resume[@]}"
 }

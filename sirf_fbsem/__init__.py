@@ -8,4 +8,4 @@ Public API (import from the submodules named):
 - :mod:`sirf_fbsem.recon`: OSEM, MLEM, Poisson log-likelihood, FOV mask.
 - :mod:`sirf_fbsem.io`: Interfile, NIfTI, DICOM, listmode.
 """
-__version__ = "0.4.0"
+__version__ = "0.5.0"

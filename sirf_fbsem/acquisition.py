@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .geometry import ImageGeometry, SinogramGeometry
+from .geometry import ImageGeometry, SinogramGeometry, geometry_mismatch, scanner_preset
+from .io import ecat8_norm, interfile, listmode, mumap, petsird, randoms
+from .io.interfile import sinogram_geometry_from_header
+from .io.petsird import petsird_format
 from .projectors.base import AcquisitionModel
 from .projectors.embedded import EmbeddedAcquisitionModel
 from .projectors.factory import make_acquisition_model
@@ -27,7 +30,12 @@ __all__ = ["Acquisition", "load_acquisition", "attenuation_factors", "input_form
 
 @dataclass
 class Acquisition:
-    """Prompts (counts) and model terms on one sinogram geometry; arrays (T,S,V,N) float32."""
+    """Prompts (counts) and model terms on one sinogram geometry; arrays (T,S,V,N) float32.
+
+    ``listmode_header``: the parsed header of an mMR listmode input (the DICOM writer takes the
+    radiopharmaceutical and times from it); None for sinograms and PETSIRD. ``metadata``:
+    what the readers report (counts histogrammed, clipped values, the μ-map used), for logs.
+    """
 
     geometry: SinogramGeometry
     prompts: np.ndarray
@@ -35,6 +43,7 @@ class Acquisition:
     additive: np.ndarray | None = None
     source: str = ""
     metadata: dict = field(default_factory=dict)
+    listmode_header: listmode.ListmodeHeader | None = None
 
     def model(self, image: ImageGeometry | None = None, backend: str = "embedded", **kwargs) -> AcquisitionModel:
         """The acquisition model of these data on ``backend`` ("embedded" or "sirf").
@@ -65,8 +74,6 @@ def attenuation_factors(
 
 
 def _is_petsird(path: Path) -> bool:
-    from .io.petsird import petsird_format
-
     return path.is_file() and petsird_format(path) is not None
 
 
@@ -92,8 +99,6 @@ def estimated_image_geometry(path: str | Path, span: int = 11) -> ImageGeometry 
     if kind == "listmode":
         return _mmr_geometry(span).default_image()
     if kind == "sinogram":
-        from .io.interfile import sinogram_geometry_from_header
-
         return sinogram_geometry_from_header(path).default_image()
     return None
 
@@ -133,14 +138,11 @@ def load_acquisition(
     """
     if negative not in ("error", "zero"):
         raise ValueError(f"negative must be 'error' or 'zero', got {negative!r}")
-    from .io import interfile
-
     path = Path(path)
     meta: dict = {}
+    header: listmode.ListmodeHeader | None = None
     add = None
     if _is_petsird(path):
-        from .io import petsird, randoms
-
         prompts, delayeds, info = petsird.histogram_petsird(
             path, span=span, time_interval_s=time_interval_s, store_delayeds=True, progress=progress
         )
@@ -149,8 +151,6 @@ def load_acquisition(
         if additive is None and delayeds is not None and delayeds.sum() > 0:
             add = randoms.randoms_from_delayeds(delayeds, geom, smooth=True).astype(np.float32)
     elif _is_listmode(path):
-        from .io import listmode, randoms
-
         hdr = listmode.read_listmode_header(path)
         geom = _mmr_geometry(span)
         if backend == "sirf":  # SIRF's ListmodeToSinograms and its randoms estimate from the delayeds
@@ -167,7 +167,7 @@ def load_acquisition(
             meta.update(info if isinstance(info, dict) else {"listmode": str(info)})
             if additive is None and delayeds is not None:
                 add = randoms.randoms_from_delayeds(delayeds, geom, smooth=True).astype(np.float32)
-        meta["listmode_header"] = hdr
+        header = hdr
     else:
         if time_interval_s is not None:
             raise InputError(f"a time interval applies to listmode input only; '{path}' is a sinogram")
@@ -187,8 +187,6 @@ def load_acquisition(
     if norm is not None:
         mult = _read_norm(Path(norm), geom)
     if mu_map is not None:
-        from .io import mumap
-
         img = image or geom.default_image()
         mu_geom, mu = mumap.read_mu_map(mu_map, scanner=geom.scanner)
         mumap.check_mu_units(mu, mu_map)
@@ -200,31 +198,23 @@ def load_acquisition(
     if additive is not None:
         add_geom, add = interfile.read_projdata(additive)
         _check_same(add_geom, geom, additive, path)
-    return Acquisition(geom, np.asarray(prompts, dtype=np.float32), mult, add, str(path), meta)
+    return Acquisition(geom, np.asarray(prompts, dtype=np.float32), mult, add, str(path), meta, header)
 
 
 def _mmr_geometry(span: int) -> SinogramGeometry:
-    from .geometry import scanner_preset
-
     return SinogramGeometry.from_span(scanner_preset("Siemens_mMR"), span=span, max_ring_diff=60)
 
 
 def _read_norm(path: Path, geom: SinogramGeometry) -> np.ndarray:
-    from .io import interfile
-
     name = path.name.lower()
     if name.endswith(".hs"):
         ngeom, factors = interfile.read_projdata(path, allow_negative=False)
         _check_same(ngeom, geom, path, "the prompts")
         return factors.astype(np.float32)
-    from .io import ecat8_norm
-
     return ecat8_norm.read_ecat8_norm(path).efficiency_sinogram(geom).astype(np.float32)
 
 
 def _check_same(a: SinogramGeometry, b: SinogramGeometry, path_a, path_b) -> None:
-    from .geometry import geometry_mismatch
-
     diffs = geometry_mismatch(a, b)
     if diffs:
         raise InputError(f"sinogram '{path_a}' does not match the geometry of '{path_b}': " + "; ".join(diffs))

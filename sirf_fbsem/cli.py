@@ -31,8 +31,21 @@ from .errors import (
     Interrupted,
     SirfFbsemError,
 )
+from .acquisition import estimated_image_geometry, input_format, load_acquisition
 from .argtypes import bounded_int, finite_float, voxel_shape
+from .batch import BatchItem, expand_inputs, plan_outputs, run_batch
+from .distributed import init_distributed, local_device, shutdown
+from .evaluation import add_evaluate_arguments, run_evaluate
+from .io import nifti
+from .io.dicom import radiopharmaceutical_from_header, write_dicom_series
+from .io.interfile import write_image
+from .io.outputs import SERIES_MANIFEST, PlannedOutput, absolute, check_planned, check_replaceable
+from .model.io import load_model
+from .preview import save_montage
 from .projectors.factory import add_backend_argument, check_backend
+from .reconstructor import reconstruct_acquisition
+from .simulation.cli import add_simulate_arguments, run_simulate
+from .training.cli import add_train_arguments, run_train
 
 __all__ = ["main", "build_parser", "MAX_ITERATIONS", "in_cli_terms"]
 
@@ -89,27 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "matrix row for row; CPU only) or auto (siddon where it runs)")
     r.add_argument("--no-progress", action="store_true")
 
-    for name, helptext in (("simulate", "simulate training data"), ("train", "train FBSEM-Net")):
-        sp = sub.add_parser(name, help=helptext)
-        try:
-            if name == "simulate":
-                from .simulation.cli import add_simulate_arguments
-
-                add_simulate_arguments(sp)
-            else:
-                from .training.cli import add_train_arguments
-
-                add_train_arguments(sp)
-        except ImportError as err:  # pragma: no cover - only while a part is missing
-            sp.set_defaults(_missing=str(err))
-
-    ev = sub.add_parser("evaluate", help="compare OSEM, MAP-EM and FBSEM on held-out phantoms")
-    try:
-        from .evaluation import add_evaluate_arguments
-
-        add_evaluate_arguments(ev)
-    except ImportError as err:  # pragma: no cover
-        ev.set_defaults(_missing=str(err))
+    add_simulate_arguments(sub.add_parser("simulate", help="simulate training data"))
+    add_train_arguments(sub.add_parser("train", help="train FBSEM-Net"))
+    add_evaluate_arguments(sub.add_parser("evaluate", help="compare OSEM, MAP-EM and FBSEM on held-out phantoms"))
     for sp in sub.choices.values():
         sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
@@ -124,8 +119,6 @@ def check_reconstruct_options(args: argparse.Namespace, inputs: Sequence[Path]) 
 
     Every message names the flag. Applied before anything is read beyond the inputs' names.
     """
-    from .acquisition import input_format
-
     algorithm = args.algorithm or ("fbsem" if args.model else "osem")
     if args.output is not None and args.output_dir is not None:
         raise _usage("give --output (one input) or --output-dir (a batch), not both")
@@ -174,11 +167,8 @@ def check_reconstruct_options(args: argparse.Namespace, inputs: Sequence[Path]) 
 
 
 def _plan_outputs_of(args: argparse.Namespace, input_path: Path, output: Path, dicom: Path | None,
-                     preview: Path | None, batch: bool) -> list["PlannedOutput"]:
+                     preview: Path | None, batch: bool) -> list[PlannedOutput]:
     """The files one input writes, with their sizes estimated from its header."""
-    from .acquisition import estimated_image_geometry
-    from .io.outputs import PlannedOutput, absolute
-
     try:
         geom = estimated_image_geometry(input_path, args.span or 11)
     except FileNotFoundError:
@@ -204,10 +194,6 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     sirf_fbsem did not write (an earlier output of it is replaced with ``--overwrite``; a batch
     skips inputs whose image exists).
     """
-    from .batch import BatchItem, expand_inputs, plan_outputs, run_batch
-    from .distributed import init_distributed, local_device, shutdown
-    from .io.outputs import PlannedOutput, absolute, check_planned, check_replaceable
-
     inputs = expand_inputs(args.inputs)
     algorithm = check_reconstruct_options(args, inputs)
     check_backend(args.backend)
@@ -271,8 +257,6 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
     """Reconstruct ``input_path`` and write ``output`` (+ DICOM series, preview), each atomically."""
     import numpy as np
 
-    from .acquisition import load_acquisition
-
     t0 = time.perf_counter()
     acq = load_acquisition(
         input_path,
@@ -285,9 +269,12 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
         progress=progress,
         backend=args.backend,
     )
-    image_geom = acq.geometry.default_image()
-    from .reconstructor import reconstruct_acquisition
-
+    # an FBSEM model reconstructs on the grid it was trained on (its CNN is resolution dependent);
+    # OSEM, MLEM and --override-geometry on the scanner's default image, as SIRF's create_uniform_image
+    if algorithm == "fbsem" and not args.override_geometry:
+        image_geom = load_model(args.model)[1]["image_geometry"]
+    else:
+        image_geom = acq.geometry.default_image()
     x, description = reconstruct_acquisition(
         acq,
         image_geom,
@@ -335,11 +322,8 @@ def _write_outputs(args: argparse.Namespace, out: Path, dicom: Path | None, prev
 def _write_each(args: argparse.Namespace, out: Path, dicom: Path | None, preview: Path | None,
                 input_path: Path, image, image_geom, acq, description: str, written: list[Path]) -> None:
     if dicom:
-        from .io.dicom import radiopharmaceutical_from_header, write_dicom_series
-        from .io.outputs import SERIES_MANIFEST
-
         extra = {}
-        hdr = acq.metadata.get("listmode_header")
+        hdr = acq.listmode_header
         info = None if hdr is None else radiopharmaceutical_from_header(hdr)
         if info is not None:
             extra["radiopharmaceutical"] = info
@@ -352,20 +336,14 @@ def _write_each(args: argparse.Namespace, out: Path, dicom: Path | None, preview
             written.append(Path(dicom))
         written += files + [Path(dicom) / SERIES_MANIFEST]
     if preview:
-        from .preview import save_montage
-
         save_montage(preview, image, title=f"{Path(input_path).name}: {description}",
                      voxel_size_mm=image_geom.voxel_size_mm, overwrite=args.overwrite)
         written.append(Path(preview))
     name = out.name.lower()
     if name.endswith(".nii") or name.endswith(".nii.gz"):
-        from .io.nifti import write_nifti
-
-        write_nifti(out, image, image_geom, acq.geometry.scanner, patient_position=args.patient_position,
-                    description=description, overwrite=args.overwrite or args.output_dir is not None)
+        nifti.write_nifti(out, image, image_geom, acq.geometry.scanner, patient_position=args.patient_position,
+                          description=description, overwrite=args.overwrite or args.output_dir is not None)
     else:
-        from .io.interfile import write_image
-
         write_image(out, image_geom, image)
 
 
@@ -453,8 +431,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
-    if getattr(args, "_missing", None):
-        parser.error(f"'{args.command}' is unavailable: {args._missing}")
     command = args.command
     try:
         with _signals_interrupt():
@@ -496,16 +472,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "reconstruct":
         return run_reconstruct(args)
     if args.command == "simulate":
-        from .simulation.cli import run_simulate
-
         return run_simulate(args)
     if args.command == "train":
-        from .training.cli import run_train
-
         return run_train(args)
     if args.command == "evaluate":
-        from .evaluation import run_evaluate
-
         return run_evaluate(args)
     raise InputError(f"unknown command {args.command}")
 

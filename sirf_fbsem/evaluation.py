@@ -76,13 +76,17 @@ from . import __version__, metrics
 from .autograd import em_update
 from .geometry import ImageGeometry, SinogramGeometry, image_geometry_from_dict, sinogram_geometry_from_dict
 from .io.atomic import atomic_path
-from .io.outputs import JSON_MARK, PNG_SOFTWARE
+from .io.outputs import JSON_MARK, PNG_SOFTWARE, PlannedOutput, absolute, check_planned
 from .model.fbsem import FBSEMNet, fbsem_fusion
+from .model.io import load_model
 from .model.regularisers import intensity_scale
 from .projectors.base import AcquisitionModel
 from .projectors.factory import add_backend_argument, check_backend, make_acquisition_model
 from .recon.engine import FBSEMUpdate, reconstruct, start_image
 from .recon.osem import OSEM, fov_mask
+from .simulation.dataset import FBSEMSampleDataset
+from .study_sets import PhantomSet, check_disjoint, phantom_set_of_manifests, phantom_set_of_model
+from .study_statistics import paired_ratio_interval, seed_spread, verdict
 
 __all__ = [
     "EvaluationConfig",
@@ -558,7 +562,29 @@ def _select(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[s
         chosen["map_em_bowsher"] = {"neighbours": int(config.bowsher_neighbours[k_n]),
                                     "beta": float(config.map_betas[j_n]), "iterations": int(it_n) + 1,
                                     "beta_at_grid_edge": int(j_n) in edge}
+    for name, entry in chosen.items():
+        entry["at_grid_edge"] = _edges(entry, config)
     return chosen
+
+
+def _edges(chosen: Mapping[str, Any], config: EvaluationConfig) -> list[str]:
+    """The hyperparameters of ``chosen`` that sit at an edge of their grid, where a wider grid might
+    choose otherwise (docs/studies/rules.md): the last iteration, the largest FWHM, beta or number of
+    neighbours, and the smallest of a grid that does not start at its natural bound (FWHM 0, beta 0:
+    no filter, OSEM; one neighbour)."""
+    grids = {"iterations": (1, config.map_iterations if "beta" in chosen else config.osem_iterations),
+             "fwhm_mm": tuple(config.filter_fwhm_mm), "beta": tuple(config.map_betas),
+             "neighbours": tuple(config.bowsher_neighbours)}
+    natural = {"iterations": 1, "fwhm_mm": 0.0, "beta": 0.0, "neighbours": 1}
+    out = []
+    for key in ("iterations", "fwhm_mm", "beta", "neighbours"):
+        if key not in chosen or not grids[key]:
+            continue
+        lo, hi = min(grids[key]), max(grids[key])
+        if len(set(grids[key])) > 1 or key == "iterations":
+            if chosen[key] == hi or (chosen[key] == lo and lo != natural[key]):
+                out.append(key)
+    return out
 
 
 def _grid_json(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[str, Any]:
@@ -596,8 +622,16 @@ def evaluate_methods(
     config: EvaluationConfig = EvaluationConfig(),
     tuning_samples: Sequence[Mapping[str, Any]] | None = None,
     progress: bool = True,
+    seed_groups: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Score every method on ``samples`` (dicts of the simulation's sample contract), per count level.
+
+    ``seed_groups`` names learned methods trained with several seeds: method -> the names in
+    ``networks`` of its runs. Such a method's per-sample metrics are the means over its runs, and
+    its entry adds ``seeds`` (each run's mean metrics) and ``spread_over_seeds`` (mean, std, min
+    and max over runs of each mean metric). The summary gives, for every learned method against
+    every baseline, the ratio of mean NRMSE and of mean SSIM with a paired bootstrap 95 % interval
+    over phantoms and a verdict (:mod:`sirf_fbsem.study_statistics`).
 
     Args:
         samples: held-out samples; grouped by their ``counts``.
@@ -678,6 +712,8 @@ def evaluate_methods(
             if name in chosen:
                 entry["hyperparameters"] = chosen[name]
             methods[name] = entry
+        for name, members in (seed_groups or {}).items():
+            methods[name] = _seed_group_entry([rows[m] for m in members], list(members))
         levels[key] = {
             "counts": float(group[0]["counts"]),
             "num_samples": len(prepared),
@@ -703,9 +739,31 @@ def evaluate_methods(
                             "betas": [float(b) for b in net.betas.detach().cpu()]} for name, net in nets.items()},
         "definitions": _DEFINITIONS,
         "count_levels": levels,
-        "summary": _summary(levels, list(nets)),
+        "summary": _summary(levels, _learned_methods(nets, seed_groups or {}), baselines),
     }
     return result, images
+
+
+def _learned_methods(nets: Mapping[str, Any], seed_groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """The learned methods a summary compares: seed groups, and networks in no group."""
+    grouped = {m for members in seed_groups.values() for m in members}
+    return [*seed_groups, *(n for n in nets if n not in grouped)]
+
+
+def _seed_group_entry(runs: Sequence[Sequence[Mapping[str, Any]]], names: Sequence[str]) -> dict[str, Any]:
+    """A method trained with several seeds: per-sample metrics averaged over its runs (same
+    phantoms, same order), each run's means, and the spread of the means over runs."""
+    per_sample = []
+    for rows in zip(*runs):
+        row: dict[str, Any] = {"index": rows[0]["index"], "num_hot_lesions": rows[0]["num_hot_lesions"]}
+        for k in _METRICS:
+            v = [r[k] for r in rows if r.get(k) is not None and math.isfinite(r[k])]
+            row[k] = float(np.mean(v)) if v else None
+        per_sample.append(row)
+    run_means = {n: _statistics(r)["mean"] for n, r in zip(names, runs)}
+    spread = {k: seed_spread([m[k] for m in run_means.values()])
+              for k in _METRICS if all(m[k] is not None for m in run_means.values())}
+    return {**_statistics(per_sample), "per_sample": per_sample, "seeds": run_means, "spread_over_seeds": spread}
 
 
 _DEFINITIONS = {
@@ -726,19 +784,32 @@ _DEFINITIONS = {
 }
 
 
-def _summary(levels: Mapping[str, Any], nets: Sequence[str]) -> dict[str, Any]:
+def _summary(levels: Mapping[str, Any], learned: Sequence[str], baselines: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, lv in levels.items():
         m = lv["methods"]
         nr = {name: m[name]["mean"]["nrmse"] for name in m if name != "truth"}
         entry: dict[str, Any] = {"nrmse": nr}
-        for name in nets:
+        intervals: dict[str, Any] = {}
+        for name in learned:
             if nr.get(name) is None:
                 continue
             entry[f"{name}/map_em"] = nr[name] / nr["map_em"] if nr["map_em"] else None
             if nr.get("map_em_bowsher"):
                 entry[f"{name}/map_em_bowsher"] = nr[name] / nr["map_em_bowsher"]
             entry[f"{name}/osem_filtered"] = nr[name] / nr["osem_filtered"] if nr["osem_filtered"] else None
+            for base in baselines:
+                pair: dict[str, Any] = {}
+                for metric, lower_is_better in (("nrmse", True), ("ssim", False)):
+                    a = [r[metric] for r in m[name]["per_sample"]]
+                    b = [r[metric] for r in m[base]["per_sample"]]
+                    try:
+                        ci = paired_ratio_interval(a, b)
+                    except (ValueError, TypeError):  # a None metric or a zero mean: no interval
+                        continue
+                    pair[metric] = {**ci.to_json(), "verdict": verdict(ci, lower_is_better)}
+                intervals[f"{name}/{base}"] = pair
+        entry["ratio_intervals"] = intervals
         out[key] = entry
     return out
 
@@ -820,7 +891,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="separate dataset directories to choose the baselines' hyperparameters on "
                         "(default: choose on --data, reported as optimistic)")
     parser.add_argument("--model", type=_model_arg, action="append", default=[], metavar="NAME=PATH",
-                        help="a trained FBSEM model to evaluate (repeatable)")
+                        help="a trained FBSEM model to evaluate (repeatable); the same NAME given several times: "
+                        "runs of one method with different training seeds, reported as mean and spread over them")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--name", default="evaluate", help="output file stem: NAME.json, NAME.png (default evaluate)")
     parser.add_argument("--overwrite", action="store_true",
@@ -841,34 +913,78 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def open_datasets(directories: Sequence[Path]) -> list[Any]:
+    """The datasets of several directories (manifests read, no sample loaded), checked to share
+    geometry, subsets and PSF."""
+    datasets = [FBSEMSampleDataset(d) for d in directories]
+    first = datasets[0].manifest
+    for d, ds in zip(directories, datasets):
+        for k in ("sinogram_geometry", "image_geometry", "num_subsets", "psf_fwhm_mm"):
+            if ds.manifest.get(k) != first.get(k):
+                raise ValueError(f"dataset {str(d)!r} has another {k} than {str(directories[0])!r}")
+    return datasets
+
+
+def _num_used(ds: Any, max_samples: int | None) -> int:
+    return len(ds) if max_samples is None else min(len(ds), int(max_samples))
+
+
+def phantom_set_of_datasets(role: str, datasets: Sequence[Any], max_samples: int | None = None) -> PhantomSet:
+    """The phantoms (``(seed, index)`` pairs from the manifests) of the samples :func:`load_samples`
+    uses from ``datasets``, without loading them."""
+    return phantom_set_of_manifests(role, [(str(ds.directory), ds.manifest, _num_used(ds, max_samples))
+                                           for ds in datasets])
+
+
 def load_samples(
     directories: Sequence[Path], max_samples: int | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Samples of several dataset directories (same geometry and subsets) and the first manifest."""
-    from .simulation.dataset import FBSEMSampleDataset
+    datasets = open_datasets(directories)
+    samples = [ds[i] for ds in datasets for i in range(_num_used(ds, max_samples))]
+    return samples, datasets[0].manifest
 
-    samples: list[dict[str, Any]] = []
-    manifest: dict[str, Any] | None = None
-    for d in directories:
-        ds = FBSEMSampleDataset(d)
-        if manifest is None:
-            manifest = ds.manifest
-        else:
-            for k in ("sinogram_geometry", "image_geometry", "num_subsets", "psf_fwhm_mm"):
-                if ds.manifest.get(k) != manifest.get(k):
-                    raise ValueError(f"dataset {str(d)!r} has another {k} than {str(directories[0])!r}")
-        n = len(ds) if max_samples is None else min(len(ds), int(max_samples))
-        samples += [ds[i] for i in range(n)]
-    assert manifest is not None
-    return samples, manifest
+
+def _seed_groups(names: Sequence[str]) -> dict[str, list[str]]:
+    """Methods given more than once (``--model fbsem=seed0.pt --model fbsem=seed1.pt``): runs of one
+    method with several training seeds, named ``fbsem@1``, ``fbsem@2``, ... in the JSON."""
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    return {n: [f"{n}@{i + 1}" for i in range(c)] for n, c in counts.items() if c > 1}
+
+
+def _checked_phantom_sets(
+    args: argparse.Namespace,
+    data_sets: Sequence[Any],
+    tune_sets: Sequence[Any] | None,
+    training_sets: Sequence[PhantomSet],
+) -> dict[str, Any]:
+    """The study's phantom sets as plain JSON, after refusing a scored set that shares phantoms
+    with the tuning set or with a model's training data (:func:`sirf_fbsem.study_sets.check_disjoint`).
+
+    With ``--tune-data`` the scored set is the confirmation set; without it the baselines' choices
+    are made on the scored set itself, which is then recorded as ``"tuned_on_scored_set"``
+    (optimistic for the baselines) rather than as a confirmation set.
+    """
+    scored_role = "confirmation" if tune_sets is not None else "scored (baselines tuned on it)"
+    scored = phantom_set_of_datasets(scored_role, data_sets, args.max_samples)
+    others = list(training_sets)
+    tune_set = None
+    if tune_sets is not None:
+        tune_set = phantom_set_of_datasets("tuning", tune_sets, args.max_samples)
+        others.insert(0, tune_set)
+    check_disjoint(scored, others)
+    unknown = [s.role for s in [scored, *others] if s.pairs is None]
+    return {"scored": scored.to_json(), "tuning": tune_set.to_json() if tune_set else None,
+            "training": [s.to_json() for s in training_sets],
+            "confirmation": tune_sets is not None,
+            "disjoint_by_seed": None if unknown else True,
+            "unrecorded": unknown}
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run ``evaluate`` from parsed flags; writes ``OUT/NAME.json`` and ``OUT/NAME.png``; returns 0."""
-    from .model.io import load_model
-
-    from .io.outputs import PlannedOutput, absolute, check_planned
-
     t0 = time.perf_counter()
     check_backend(args.backend)
     out = Path(args.out)
@@ -877,12 +993,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_planned([PlannedOutput(absolute(out / f"{args.name}.json"), "json", "--out/--name", 1 << 20),
                    PlannedOutput(absolute(out / f"{args.name}.png"), "png", "--out/--name", 4 << 20)],
                   args.overwrite)
-    samples, manifest = load_samples(args.data, args.max_samples)
-    tuning = None
-    if args.tune_data:
-        tuning, tmanifest = load_samples(args.tune_data, args.max_samples)
+    data_sets = open_datasets(args.data)
+    tune_sets = open_datasets(args.tune_data) if args.tune_data else None
+    manifest = data_sets[0].manifest
+    if tune_sets is not None:
         for k in ("sinogram_geometry", "image_geometry"):
-            if tmanifest[k] != manifest[k]:
+            if tune_sets[0].manifest[k] != manifest[k]:
                 raise ValueError(f"--tune-data has another {k} than --data")
     sino: SinogramGeometry = sinogram_geometry_from_dict(manifest["sinogram_geometry"])
     image: ImageGeometry = image_geometry_from_dict(manifest["image_geometry"])
@@ -895,16 +1011,27 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                   psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=args.device)
     networks: dict[str, FBSEMNet] = {}
     model_files: dict[str, str] = {}
+    training_sets: list[PhantomSet] = []
+    seed_groups = _seed_groups([name for name, _ in args.model])
+    run_names = {name: iter(members) for name, members in seed_groups.items()}
     for name, path in args.model:
-        if name in networks:
-            raise ValueError(f"--model name {name!r} given twice")
-        net, _ = load_model(path, expected_sinogram_geometry=sino, expected_image_geometry=image)
-        networks[name] = net
-        model_files[name] = str(path)
-    result, images = evaluate_methods(samples, networks, base, config, tuning, progress=not args.no_progress)
+        if name in (*BASELINES, "truth") or "@" in name:
+            raise ValueError(f"--model {name}={path}: the name must not be a baseline's ({', '.join(BASELINES)}) "
+                             f"or 'truth', nor contain '@'")
+        run = next(run_names[name]) if name in run_names else name
+        net, meta = load_model(path, expected_sinogram_geometry=sino, expected_image_geometry=image)
+        networks[run] = net
+        model_files[run] = str(path)
+        training_sets.append(phantom_set_of_model(run, str(path), meta))
+    phantom_sets = _checked_phantom_sets(args, data_sets, tune_sets, training_sets)
+    samples, _ = load_samples(args.data, args.max_samples)
+    tuning = load_samples(args.tune_data, args.max_samples)[0] if args.tune_data else None
+    result, images = evaluate_methods(samples, networks, base, config, tuning, progress=not args.no_progress,
+                                      seed_groups=seed_groups)
     result["data"] = [str(d) for d in args.data]
     result["tune_data"] = [str(d) for d in args.tune_data] if args.tune_data else None
     result["model_files"] = model_files
+    result["phantom_sets"] = phantom_sets
     result["setting"] = {"sinogram": sino.describe(), "image": image.describe(),
                          "image_shape": list(image.shape), "voxel_size_mm": list(image.voxel_size_mm),
                          "psf_fwhm_mm": manifest.get("psf_fwhm_mm")}
@@ -912,7 +1039,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     json_path = write_json(out / f"{args.name}.json", result)
     png_path = save_evaluation_montage(out / f"{args.name}.png", images, result, title=f"{image.describe()}")
     for key, entry in result["summary"].items():
-        line = ", ".join(f"{m} {v:.4f}" for m, v in entry["nrmse"].items() if v is not None)
+        line = ", ".join(f"{m} {v:.4f}" for m, v in entry["nrmse"].items() if v is not None and "@" not in m)
         print(f"{key} counts: NRMSE {line}")
+        for pair, ci in entry["ratio_intervals"].items():
+            if "nrmse" in ci:
+                c = ci["nrmse"]
+                print(f"  NRMSE {pair} = {c['estimate']:.3f} [{c['low']:.3f}, {c['high']:.3f}]: {c['verdict']}")
     print(f"wrote {json_path} and {png_path} ({result['seconds']:.1f} s)")
     return 0

@@ -28,7 +28,21 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .geometry import GeometryError, ImageGeometry, Scanner, SinogramGeometry, scanner_preset, subset_views
+from .acquisition import attenuation_factors
+from .geometry import (
+    GeometryError,
+    ImageGeometry,
+    Scanner,
+    SinogramGeometry,
+    geometry_mismatch,
+    scanner_preset,
+    subset_views,
+)
+from .io import ecat8_norm
+from .io.interfile import read_image, read_projdata, write_image, write_projdata
+from .io.nifti import write_nifti
+from .projectors.embedded import EmbeddedAcquisitionModel
+from .recon.osem import poisson_log_likelihood
 
 __all__ = [
     "error",
@@ -233,8 +247,6 @@ class ImageData(_Container):
         if name.lower().endswith((".nii", ".nii.gz")):
             raise error(f"ImageData({name!r}): reading NIfTI is not supported without SIRF (its STIR origin "
                         f"needs the scanner); use an Interfile .hv image")
-        from .io.interfile import read_image
-
         with _as_error(f"ImageData({name!r})"):
             geometry, array = read_image(filename)
         self._set(geometry, array, None)
@@ -293,13 +305,9 @@ class ImageData(_Container):
             if self._scanner is None:
                 raise error(f"writing NIfTI {name!r} needs the scanner (gantry frame) of the image; this image "
                             f"was not made from AcquisitionData. Write Interfile (.hv) instead")
-            from .io.nifti import write_nifti
-
             with _as_error(f"ImageData.write({name!r})"):
                 write_nifti(name, arr, self.geometry, self._scanner, patient_position=patient_position)
             return
-        from .io.interfile import write_image
-
         path = Path(name)
         if path.suffix.lower() != ".hv":
             path = path.with_name(path.name + ".hv")
@@ -376,8 +384,6 @@ class AcquisitionData(_Container):
         return AcquisitionData._storage_scheme
 
     def read_from_file(self, filename: str | os.PathLike) -> None:
-        from .io.interfile import read_projdata
-
         with _as_error(f"AcquisitionData({str(filename)!r})"):
             geometry, array = read_projdata(filename)
         self._set(geometry, array, None)
@@ -441,8 +447,6 @@ class AcquisitionData(_Container):
         """Write Interfile (``<stem>.hs`` + ``<stem>.s``), atomically."""
         if self._views is not None:
             raise error("a view subset cannot be written as Interfile (its views are not a STIR geometry)")
-        from .io.interfile import write_projdata
-
         with _as_error(f"AcquisitionData.write({str(filename)!r})"):
             write_projdata(filename, self.geometry, self._require())
 
@@ -511,8 +515,6 @@ class AcquisitionSensitivityModel:
             elif isinstance(src, (str, os.PathLike)):
                 factors = _read_factors(Path(src), geom)
             elif isinstance(src, ImageData):
-                from .acquisition import attenuation_factors
-
                 factors = attenuation_factors(src.as_array(), src.geometry, geom)
             else:
                 src.set_up(acq)
@@ -559,20 +561,12 @@ class AcquisitionSensitivityModel:
 
 
 def _read_factors(path: Path, geom: SinogramGeometry) -> np.ndarray:
-    from .geometry import geometry_mismatch
-
     if path.name.lower().endswith(".hs"):
-        from .io.interfile import read_projdata
-
         fgeom, factors = read_projdata(path)
         diffs = geometry_mismatch(fgeom, geom)
         if diffs:
             raise error(f"norm file '{path}' does not match the data: " + "; ".join(diffs))
         return factors
-    try:
-        from .io import ecat8_norm
-    except ImportError as err:
-        raise error(f"reading the ECAT8 norm '{path}' needs sirf_fbsem.io.ecat8_norm ({err})") from None
     return ecat8_norm.read_ecat8_norm(path).efficiency_sinogram(geom)
 
 
@@ -637,8 +631,6 @@ class AcquisitionModel:
 
     def get_backend_model(self, num_subsets: int = 1, device: str | torch.device = "cpu"):
         """The :class:`EmbeddedAcquisitionModel` (torch) behind this object (package extension; cached)."""
-        from .projectors.embedded import EmbeddedAcquisitionModel
-
         self._require_set_up()
         key = (int(num_subsets), str(torch.device(device)))
         if key not in self._models:
@@ -922,8 +914,6 @@ class PoissonLogLikelihoodWithLinearModelForMeanAndProjData:
         return image._like(back.numpy())
 
     def value(self, image: ImageData) -> float:
-        from .recon.osem import poisson_log_likelihood
-
         model = self._model()
         x = self.get_acquisition_model()._image_tensor(image)
         return poisson_log_likelihood(model, torch.from_numpy(self.get_acquisition_data().as_array()), x)

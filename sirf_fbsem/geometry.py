@@ -38,7 +38,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import Sequence
 
 import numpy as np
@@ -46,8 +45,6 @@ import numpy as np
 from .errors import InputError
 
 __all__ = [
-    "ImageAxis",
-    "SinogramAxis",
     "patient_flips",
     "Scanner",
     "Segment",
@@ -72,23 +69,6 @@ class GeometryError(InputError):
 
 class GeometryWarning(UserWarning):
     """A geometry that is valid but unusual, e.g. an image reaching past the scanner."""
-
-
-class ImageAxis(int, Enum):
-    """Axes of an image array (SIRF/STIR order)."""
-
-    Z = 0
-    Y = 1
-    X = 2
-
-
-class SinogramAxis(int, Enum):
-    """Axes of a sinogram array (SIRF order)."""
-
-    TOF = 0
-    SINOGRAM = 1  # segments 0, +1, -1, +2, -2, ...; axial positions ascending within each
-    VIEW = 2
-    TANGENTIAL = 3
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,9 @@ from tqdm.auto import tqdm
 from . import facade
 from .geometry import ImageGeometry, Scanner, SinogramGeometry, geometry_mismatch
 from .model.blockwise import check_block_shape
+from .model.fbsem import FBSEMNet
+from .model.io import load_model
+from .projectors import sirf as sirf_projector
 from .projectors.base import AcquisitionModel
 from .recon.engine import EMUpdate, FBSEMUpdate, IterativeReconstruction, UpdateRule, reconstruct, start_image
 
@@ -111,8 +114,6 @@ def _build_backend(objective: Any, input_data: Any, acq_model: Any, image: Any, 
                 "sirf.STIR's objective function does not give back its acquisition data and acquisition model; "
                 "call recon.set_input(acq_data) and recon.set_acquisition_model(acq_model) before set_up()"
             )
-        from .projectors import sirf as sirf_projector
-
         try:
             model = sirf_projector.SIRFAcquisitionModel.from_acquisition_model(
                 acq_model, input_data, image, num_subsets)
@@ -526,13 +527,9 @@ class FBSEMReconstructor(_IterativeReconstructor):
     # -------------------------------------------------------------- model
     def set_model(self, model: str | os.PathLike | Any, override_geometry: bool = False) -> None:
         """Load a model file (weights only) or take an FBSEMNet."""
-        from .model.fbsem import FBSEMNet
-
         if isinstance(model, FBSEMNet):
             net, meta, name = model, {}, type(model).__name__
         elif isinstance(model, (str, os.PathLike)):
-            from .model.io import load_model
-
             try:
                 net, meta = load_model(model)
             except (ValueError, OSError) as e:
@@ -743,8 +740,6 @@ def reconstruct_acquisition(
     if model_path is None:
         raise ValueError("algorithm 'fbsem' needs model_path")
     block_shape = check_block_shape(block_shape)
-    from .model.io import load_model
-
     net, meta = load_model(model_path, expected_sinogram_geometry=acq.geometry, override_geometry=override_geometry)
     psf = _model_psf(model_path, meta.get("psf_fwhm_mm"), psf_fwhm_mm)
     psf_text = f", PSF {np.max(psf):g} mm" if psf is not None else ""

@@ -169,3 +169,40 @@ def test_bundled_model_reconstructs_the_bundled_scan_better_than_osem(tmp_path: 
     e_fbsem, e_osem = nrmse(fbsem, truth), nrmse(osem, truth)
     assert e_fbsem < e_osem, (e_fbsem, e_osem)
     assert abs(fbsem.sum() / truth.sum() - 1) < 0.2  # same units as the truth
+
+
+def test_a_model_reconstructs_on_the_grid_it_was_trained_on(tmp_path: Path):
+    """An FBSEM model trained on a smaller grid than the scanner's default image (as the 3D mMR
+    model: 127 x 128 x 128 of the mMR's 127 x 344 x 344) reconstructs on its own grid; OSEM and
+    --override-geometry stay on the default image."""
+    import dataclasses
+
+    import torch
+
+    from sirf_fbsem.io.interfile import read_projdata
+    from sirf_fbsem.io.nifti import read_nifti
+    from sirf_fbsem.model.fbsem import FBSEMNet
+    from sirf_fbsem.model.io import save_model
+    from sirf_fbsem.model.regularisers import RegulariserConfig
+
+    data = BUNDLED.parent
+    geom, _ = read_projdata(BUNDLED)
+    default = geom.default_image()
+    z, y, x = default.shape
+    small = dataclasses.replace(default, shape=(z, y - 14, x - 14))
+    torch.manual_seed(0)
+    net = FBSEMNet(2, 4, RegulariserConfig(dims=3, channels=4, layers=2), beta_init=0.05)
+    model = save_model(tmp_path / "m.pt", net, {"sinogram_geometry": geom, "image_geometry": small,
+                                                "training_mode": "untrained"})
+    terms = ["--norm", str(data / "phantom_mult.hs"), "--additive", str(data / "phantom_additive.hs"), "--no-progress"]
+    assert main(["reconstruct", str(BUNDLED), "--model", str(model), "--output", str(tmp_path / "f.nii.gz"),
+                 *terms]) == 0
+    assert main(["reconstruct", str(BUNDLED), "--model", str(model), "--override-geometry",
+                 "--output", str(tmp_path / "o.nii.gz"), *terms]) == 0
+    f, f_affine = read_nifti(tmp_path / "f.nii.gz")
+    o, o_affine = read_nifti(tmp_path / "o.nii.gz")
+    assert f.shape == small.shape and o.shape == default.shape
+    # the same centre: the small grid is the default one cropped by 7 voxels each side in y and x
+    assert np.allclose(f_affine[:3, :3], o_affine[:3, :3])
+    centre = lambda a, shape: a[:3, :3] @ ((np.array(shape[::-1]) - 1) / 2) + a[:3, 3]  # noqa: E731
+    assert np.allclose(centre(f_affine, f.shape), centre(o_affine, o.shape), atol=1e-3)

@@ -55,6 +55,8 @@ def test_pipeline_up_to_the_reconstruction_on_the_real_mmr_files():
     # counts: the interval keeps the events before the 300 ms tag, all within the max ring difference 60
     info = acq.metadata
     assert acq.prompts.sum() == info["prompts"] and 0 < info["prompts"] < summary.prompts
+    # the header reaches the writers as its typed record (radiopharmaceutical, times)
+    assert isinstance(acq.listmode_header, lm.ListmodeHeader) and acq.listmode_header == lm.read_listmode_header(LM_HDR)
     assert info["prompts_outside_geometry"] == 0 and info["current_time_at_end_ms"] == 300
     assert acq.additive.sum() == pytest.approx(info["delayeds"], rel=1e-4) and info["delayeds"] > 0
     # multiplicative = norm efficiencies x attenuation factors exp(-int mu) in (0, 1]

@@ -30,6 +30,7 @@ from sirf_fbsem.recon.osem import fov_mask
 from sirf_fbsem.simulation import AcquisitionParameters, SimulationConfig, simulate_dataset
 from sirf_fbsem.simulation.acquisition import single_slice_geometry
 from sirf_fbsem.simulation.dataset import FBSEMSampleDataset
+from sirf_fbsem.study_sets import PhantomSet, SetOverlapError, check_disjoint, phantom_set_of_manifests
 
 COUNTS = (2e4, 3e5)
 
@@ -249,6 +250,13 @@ def test_evaluate_cli_writes_json_with_every_method_and_a_png(data, tmp_path):
             for stat, f in (("mean", np.mean), ("median", np.median), ("std", np.std)):
                 assert methods[name][stat]["nrmse"] == pytest.approx(f([r["nrmse"] for r in rows]), rel=1e-12)
         assert methods["map_em"]["hyperparameters"]["beta"] in (0.0, 0.1, 1.0)
+        # choices at a grid's edge are flagged (the grid must be widened); beta 0, FWHM 0 and
+        # iteration 1 are natural bounds, not edges; the neighbours grid 2, 3 is all edge
+        for name, edges in (("osem", {"iterations": {3}}), ("osem_filtered", {"iterations": {3}, "fwhm_mm": {6.0}}),
+                            ("map_em", {"iterations": {2}, "beta": {1.0}}),
+                            ("map_em_bowsher", {"iterations": {2}, "beta": {1.0}, "neighbours": {2, 3}})):
+            h = methods[name]["hyperparameters"]
+            assert sorted(h["at_grid_edge"]) == sorted(k for k, v in edges.items() if h[k] in v), (name, h)
         bowsher = methods["map_em_bowsher"]["hyperparameters"]
         assert bowsher["neighbours"] in (2, 3) and bowsher["beta"] in (0.0, 0.1, 1.0)
         bgrid = np.array(lv["tuning_grids"]["map_em_bowsher_nrmse_by_neighbours_beta_and_iteration"])
@@ -263,6 +271,99 @@ def test_evaluate_cli_writes_json_with_every_method_and_a_png(data, tmp_path):
         assert methods["truth"]["mean"]["nrmse"] == 0.0
     png = (out / "evaluate.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    sets = result["phantom_sets"]
+    assert sets["confirmation"] is True and sets["scored"]["role"] == "confirmation"
+    assert sets["scored"]["seeds"] == [10, 11] and sets["scored"]["num_phantoms"] == 4
+    assert sets["tuning"]["seeds"] == [20, 21] and sets["tuning"]["num_phantoms"] == 2
+    # a model saved without training_data (as before 0.5) cannot be checked: recorded, not guessed
+    assert sets["training"][0]["seeds"] is None and sets["disjoint_by_seed"] is None
+    assert sets["unrecorded"] == ["training of fbsem_tiny"]
+
+
+def _tiny_model(tmp_path, sino, image, training_data=None):
+    torch.manual_seed(0)
+    net = FBSEMNet(2, 4, RegulariserConfig(dims=2, channels=4, layers=2), beta_init=0.05)
+    meta = {"sinogram_geometry": sino, "image_geometry": image, "training_mode": "untrained"}
+    if training_data is not None:
+        meta["training_data"] = training_data
+    return save_model(tmp_path / "m.pt", net, meta)
+
+
+def test_evaluate_refuses_a_confirmation_set_that_shares_phantoms_with_the_tuning_set(data, tmp_path, capsys):
+    """Same base seed = same phantoms, whatever the count level: the confirmation set is refused
+    before any sample is loaded or reconstructed, and nothing is written."""
+    root, sino, image, dirs = data
+    # the tuning set of seed 11 at a count level the confirmation set does not have
+    cfg = SimulationConfig(num_subsets=4, num_stages=2, acquisition=AcquisitionParameters(counts=7e4))
+    same_seed = tmp_path / "tune_seed11"
+    simulate_dataset(same_seed, 1, sino, image, cfg, seed=11, progress=False)
+    out = tmp_path / "res"
+    for tune, shared in (([str(same_seed)], "1 phantom(s) (base seed(s) [11])"),
+                         (list(map(str, dirs["test"])), "4 phantom(s) (base seed(s) [10, 11])")):
+        capsys.readouterr()
+        rc = cli(["evaluate", "--data", *map(str, dirs["test"]), "--tune-data", *tune,
+                  "--out", str(out), "--osem-iterations", "1", "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc != 0 and err.startswith("sirf-fbsem evaluate: error: the confirmation set (")
+        assert f"shares {shared} with the tuning set ({tune[0]}" in err and "another --seed" in err
+    assert not out.exists()
+    # disjoint seeds pass the check (and run)
+    model = _tiny_model(tmp_path, sino, image, {"seed": 20, "indices": [0], "counts": [2e4]})
+    torch.manual_seed(1)
+    other = save_model(tmp_path / "m2.pt", FBSEMNet(2, 4, RegulariserConfig(dims=2, channels=4, layers=2),
+                                                    beta_init=0.2),
+                       {"sinogram_geometry": sino, "image_geometry": image, "training_mode": "untrained",
+                        "training_data": {"seed": 21, "indices": [0], "counts": [3e5]}})
+    rc = cli(["evaluate", "--data", str(dirs["test"][0]), "--tune-data", str(dirs["tune"][0]),
+              "--model", f"m={model}", "--model", f"m={other}", "--out", str(out), "--osem-iterations", "1",
+              "--map-iterations", "1", "--betas", "0.1", "--fwhm-mm", "0", "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "evaluate.json").read_text())
+    sets = result["phantom_sets"]
+    assert sets["disjoint_by_seed"] is True and sets["scored"]["num_phantoms"] == 2
+    assert sets["training"][0] == {"role": "training of m@1", "sources": [str(model)], "seeds": [20],
+                                   "num_phantoms": 1}
+    assert sets["training"][1]["seeds"] == [21]
+    # one method given twice: two runs (seeds) of "m", averaged per phantom, with their spread
+    methods = result["count_levels"]["2e+04"]["methods"]
+    m, runs = methods["m"], [methods["m@1"], methods["m@2"]]
+    assert set(m["seeds"]) == {"m@1", "m@2"}
+    for i in range(2):
+        assert m["per_sample"][i]["nrmse"] == pytest.approx(np.mean([r["per_sample"][i]["nrmse"] for r in runs]))
+    spread = m["spread_over_seeds"]["nrmse"]
+    assert spread["num_seeds"] == 2 and spread["std"] == pytest.approx(
+        np.std([r["mean"]["nrmse"] for r in runs], ddof=1))
+    summary = result["summary"]["2e+04"]["ratio_intervals"]
+    assert set(summary) == {f"m/{b}" for b in ("osem", "osem_filtered", "map_em")}  # the group, not its runs
+    ci = summary["m/map_em"]["nrmse"]
+    assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["verdict"] in ("better", "worse", "inconclusive")
+    assert ci["estimate"] == pytest.approx(m["mean"]["nrmse"] / methods["map_em"]["mean"]["nrmse"])
+
+
+def test_evaluate_refuses_to_score_a_models_training_phantoms(data, tmp_path):
+    _, sino, image, dirs = data
+    # trained on sample 1 of seed 10: scoring dirs["test"][0] (seed 10, samples 0 and 1) is refused
+    model = _tiny_model(tmp_path, sino, image, {"seed": 10, "indices": [1], "counts": [2e4]})
+    args = ["evaluate", "--data", str(dirs["test"][0]), "--tune-data", str(dirs["tune"][0]),
+            "--model", f"fbsem={model}", "--out", str(tmp_path / "res"), "--no-progress"]
+    with pytest.raises(SetOverlapError, match=r"shares 1 phantom\(s\) .* training of fbsem set"):
+        cli([*args, "--debug"])
+    # with --max-samples 1 only sample 0 is scored: no overlap
+    cli([*args, "--max-samples", "1", "--osem-iterations", "1", "--map-iterations", "1", "--betas", "0.1",
+         "--fwhm-mm", "0"])
+    assert (tmp_path / "res" / "evaluate.json").exists()
+
+
+def test_phantom_sets_overlap_by_seed_and_index_and_unrecorded_sets_pass():
+    a = phantom_set_of_manifests("confirmation", [("c", {"seed": 3}, 4)])
+    assert a.pairs == {(3, i) for i in range(4)} and a.seeds == [3]
+    check_disjoint(a, [phantom_set_of_manifests("tuning", [("t", {"seed": 4}, 9)])])
+    check_disjoint(a, [phantom_set_of_manifests("tuning", [("t", {}, 9)])])  # no seed recorded
+    both = phantom_set_of_manifests("tuning", [("t", {"seed": 4}, 2), ("u", {"seed": 3}, 4)])
+    assert both.pairs == {(4, 0), (4, 1), *((3, i) for i in range(4))} and both.sources == ("t", "u")
+    with pytest.raises(SetOverlapError, match=r"shares 1 phantom\(s\) \(base seed\(s\) \[3\]\) with the training of x"):
+        check_disjoint(a, [phantom_set_of_manifests("tuning", [("t", {"seed": 4}, 2), ("u", {"seed": 5}, 4)]),
+                           PhantomSet("training of x", ("x.pt",), frozenset({(3, 2)}))])
 
 
 def test_evaluate_cli_rejects_a_malformed_model_flag(data, tmp_path):

@@ -4,9 +4,10 @@ The bundled scan (``test_data/mmr_brain*``, made by ``pipelines/make_test_data.p
 simulated mMR brain acquisition with a known truth; the real one is STIR's mMR listmode with
 SIRF's mMR norm and mu-map (``../shared/data``, skipped when absent).
 
-The command as ``pipelines/demo.sh`` runs it reconstructs the mMR's default 127 x 285 x 285 image,
-several minutes on 2 CPU cores, so that test is ``slow`` and runs only with
-``SIRF_FBSEM_FULL_E2E=1`` (as tests/test_cli_listmode.py). CI runs the same functions the command
+The command as ``pipelines/demo.sh`` runs it (FBSEM with the bundled 3D model, on the model's
+127 x 128 x 128 grid; about 2 minutes on 2 CPU cores), and OSEM on the mMR's default
+127 x 285 x 285 image, are ``slow`` and run only with ``SIRF_FBSEM_FULL_E2E=1`` (as
+tests/test_cli_listmode.py); tests/test_mmr_fbsem_model.py runs the model in CI. CI runs the same functions the command
 calls (:func:`~sirf_fbsem.acquisition.load_acquisition`, then
 :func:`~sirf_fbsem.reconstructor.reconstruct_acquisition`, OSEM 1 iteration x 21 subsets) on a grid
 with twice the in-plane voxel size and a quarter of the voxels, and compares with the truth.
@@ -155,28 +156,35 @@ def test_main_job_on_the_real_mmr_files_puts_the_activity_in_the_head():
 @full_e2e
 @truncated_real_file
 @pytest.mark.parametrize("scan", ["bundled", pytest.param("real", marks=needs_real)])
-def test_the_mmr_command_of_demo_sh(tmp_path, scan):  # pragma: no cover - minutes; opt-in
-    """``sirf-fbsem reconstruct LIST.l.hdr --norm N.n.hdr --mu-map MU.hv`` as pipelines/demo.sh runs it."""
+@pytest.mark.parametrize("algorithm", ["fbsem", "osem"])
+def test_the_mmr_command_of_demo_sh(tmp_path, scan, algorithm):  # pragma: no cover - minutes; opt-in
+    """``sirf-fbsem reconstruct LIST.l.hdr --norm N.n.hdr --mu-map MU.hv`` as pipelines/demo.sh runs it:
+    with the bundled 3D model (on its grid), and OSEM 1 x 21 (on the default image)."""
     import pydicom
 
     from sirf_fbsem.io.nifti import read_nifti
+    from sirf_fbsem.model.io import load_model
 
     files = BUNDLED if scan == "bundled" else REAL
     out, dicom, png = tmp_path / "recon.nii.gz", tmp_path / "dicom", tmp_path / "recon.png"
+    if algorithm == "fbsem":
+        model = TEST_DATA / "fbsem_mmr_model.pt"
+        how, image = ["--model", str(model)], load_model(model)[1]["image_geometry"]
+    else:
+        how, image = ["--iterations", "1", "--subsets", "21"], DEFAULT_IMAGE
     rc = main(["reconstruct", str(files["listmode"]), "--norm", str(files["norm"]), "--mu-map", str(files["mu_map"]),
-               "--iterations", "1", "--subsets", "21", "--output", str(out), "--dicom", str(dicom),
-               "--preview", str(png), "--no-progress"])
+               *how, "--output", str(out), "--dicom", str(dicom), "--preview", str(png), "--no-progress"])
     assert rc == 0 and png.stat().st_size > 0
     x, affine = read_nifti(out)
-    assert x.shape == DEFAULT_IMAGE.shape
-    np.testing.assert_allclose(affine, DEFAULT_IMAGE.nifti_affine(MMR), atol=1e-4)
+    assert x.shape == image.shape
+    np.testing.assert_allclose(affine, image.nifti_affine(MMR), atol=1e-4)
     slices = sorted(dicom.glob("*.dcm"))
-    assert len(slices) == DEFAULT_IMAGE.shape[0]
+    assert len(slices) == image.shape[0]
     mid = pydicom.dcmread(slices[63])
-    assert (mid.Rows, mid.Columns) == DEFAULT_IMAGE.shape[1:] and mid.Modality == "PT"
+    assert (mid.Rows, mid.Columns) == image.shape[1:] and mid.Modality == "PT"
     if scan == "bundled":
-        _check_against_truth(x, DEFAULT_IMAGE, sigma_voxels=2.0, min_pearson=0.6)
+        _check_against_truth(x, image, sigma_voxels=2.0, min_pearson=0.6)
     else:
-        tissue = _mu_mask(REAL["mu_map"], DEFAULT_IMAGE)
+        tissue = _mu_mask(REAL["mu_map"], image)
         assert np.all(np.isfinite(x)) and x.min() >= 0
         assert x[ndimage.binary_dilation(tissue, iterations=2)].sum() > 0.9 * x.sum()

@@ -265,6 +265,9 @@ def test_train_command_trains_on_patches_in_blocks(tmp_path):
     config = json.loads((out / "losses.json").read_text())["config"]
     assert (config["patch_shape"], config["patches_per_sample"], config["block_shape"]) == ([1, 8, 8], 2, [1, 16, 16])
     assert (out / "model.pt").is_file()
+    # the model records the phantoms it saw (all 3, training and validation), for evaluate's set check
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training_data"] == {"seed": 0, "indices": [0, 1, 2], "counts": 1e4}
 
 
 def test_two_ranks_train_on_patches_as_one_process(tmp_path):

@@ -37,7 +37,7 @@ from .. import __version__
 from ..geometry import ImageGeometry, Scanner, patient_flips
 from .atomic import atomic_dir
 from .outputs import JSON_MARK, SERIES_MANIFEST, PlannedOutput, absolute, check_replaceable, dicom_series_files
-from .nifti import _check_volume
+from .nifti import check_volume
 
 __all__ = ["write_dicom_series", "radiopharmaceutical_from_header", "PET_IMAGE_STORAGE", "PET_UNITS", "PET_CORRECTIONS", "RADIONUCLIDES"]
 
@@ -309,7 +309,7 @@ def write_dicom_series(
     target = absolute(directory)
     owner = check_replaceable(PlannedOutput(target, "dicom_series", ""), overwrite)
     replace = (dicom_series_files(target) or []) if owner == "ours" else []
-    arr = _check_volume(image, geometry)
+    arr = check_volume(image, geometry)
     sx, sy, sz = patient_flips(patient_position)
     position = patient_position.upper()
     units = str(units).upper()

@@ -34,7 +34,7 @@ mash factor ``m``::
 where the ring pairs of the bin all share ``r1 + r2`` (STIR's
 ``calc_ring1_plus_ring2``) and have ring differences ``r2 - r1`` of the segment with
 the same parity, and ``(d1, d2)`` is STIR's detector pair of (u, t)
-(:func:`~sirf_fbsem.io.listmode.det_pair_for_view_tangential`). For span 11 this is
+(:func:`~sirf_fbsem.scanner_bins.det_pair_for_view_tangential`). For span 11 this is
 STIR's sum over the ring pairs combined into a sinogram. STIR's
 ``BinNormalisationWithCalibration`` then divides by ``calibration factor x
 branching ratio``; ECAT8 sets the calibration factor to 1 and the branching ratio is
@@ -54,14 +54,14 @@ from numba import njit, prange
 
 from ..errors import InputFileNotFoundError
 from ..geometry import GeometryError, Scanner, SinogramGeometry
-from .listmode import (
+from ..scanner_bins import det_pair_for_view_tangential
+from .header_keys import (
     ListmodeError,
-    _get_int,
-    _resolve_data_file,
-    _scanner_from_keys,
-    det_pair_for_view_tangential,
+    get_int,
     parse_int_list,
     parse_interfile_keys,
+    resolve_data_file,
+    scanner_from_keys,
 )
 
 __all__ = ["ECAT8Norm", "read_ecat8_norm", "NormError"]
@@ -233,7 +233,7 @@ def _component_matrix(keys: Mapping[str, str], i: int, path: Path) -> tuple[int,
     if off_key not in keys or size_key not in keys:
         raise NormError(f"normalisation header '{path}': missing key '{off_key}' or '{size_key}'")
     try:
-        offset, sizes = _get_int(keys, off_key, path), parse_int_list(keys[size_key])
+        offset, sizes = get_int(keys, off_key, path), parse_int_list(keys[size_key])
     except (ValueError, ListmodeError):
         raise NormError(
             f"normalisation header '{path}': cannot read '{off_key}' = {keys[off_key]!r} / "
@@ -269,15 +269,15 @@ def read_ecat8_norm(path: str | os.PathLike) -> ECAT8Norm:
 
 def _read_ecat8_norm(p: Path) -> ECAT8Norm:
     keys = parse_interfile_keys(p)
-    scanner = _scanner_from_keys(keys, p)
-    data = _resolve_data_file(p, keys)
+    scanner = scanner_from_keys(keys, p)
+    data = resolve_data_file(p, keys)
     order = keys.get("image data byte order", "LITTLEENDIAN").replace(" ", "").upper()
     if order != "LITTLEENDIAN":
         raise NormError(f"normalisation header '{p}': 'image data byte order' is {order!r}; expected LITTLEENDIAN")
-    if keys.get("number format", "float").strip().lower() != "float" or _get_int(
+    if keys.get("number format", "float").strip().lower() != "float" or get_int(
             keys, "number of bytes per pixel", p, default=4) != 4:
         raise NormError(f"normalisation header '{p}': 'number format' must be 4-byte float")
-    ncomp = _get_int(keys, "number of normalization components", p)
+    ncomp = get_int(keys, "number of normalization components", p)
     if ncomp < 4:
         raise NormError(f"normalisation header '{p}': 'number of normalization components' is {ncomp}; need >= 4")
     nr, nd = scanner.num_rings, scanner.num_detectors_per_ring
@@ -319,8 +319,8 @@ def _read_ecat8_norm(p: Path) -> ECAT8Norm:
             raise NormError(f"normalisation '{data}': component [{i}] ({name}) has non-finite values")
     if np.any(axial <= 0):
         raise NormError(f"normalisation '{data}': component [4] (axial effects) has values <= 0")
-    span = _get_int(keys, "axial compression", p, default=11)
-    mrd = _get_int(keys, "maximum ring difference", p, default=nr - 1)
+    span = get_int(keys, "axial compression", p, default=11)
+    mrd = get_int(keys, "maximum ring difference", p, default=nr - 1)
     norm = ECAT8Norm(
         header_path=p, data_path=data, scanner=scanner, geometric=geometric, interference=interference,
         crystal_efficiencies=eff, axial_effects=axial, norm_span=span, norm_max_ring_diff=mrd, keys=dict(keys),

@@ -51,7 +51,7 @@ the key named (:class:`InterfileError`, an :class:`~sirf_fbsem.errors.InputError
 
 Arrays are SIRF's: sinograms float32 ``(tof=1, sinograms, views, tangential)`` with
 segments 0, +1, -1, +2, -2, ... and axial positions ascending in each (see
-:class:`~sirf_fbsem.geometry.SinogramAxis`); images float32 ``(z, y, x)``. The writers write
+:mod:`sirf_fbsem.geometry`); images float32 ``(z, y, x)``. The writers write
 float32 little endian in STIR's default layout with a STIR4-style header (with the full
 scanner block) that STIR and SIRF read; the data file first and the header last, each
 through a temporary file, so a failure leaves nothing half-written.

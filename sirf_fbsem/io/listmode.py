@@ -101,8 +101,8 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -114,9 +114,28 @@ from typing import Any, Mapping
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ..errors import InputError, InputFileNotFoundError
+from ..errors import InputFileNotFoundError
 from ..geometry import GeometryError, Scanner, SinogramGeometry, scanner_preset
-from .interfile import PlausibilityWarning
+from ..progress import byte_progress
+# the detector-pair <-> bin maps and the header-key helpers live in the geometry layer and in
+# header_keys; they stay importable from here (ListmodeError, parse_interfile_keys, the maps)
+from ..scanner_bins import (
+    bin_for_detector_pair,
+    det_pair_for_view_tangential,
+    sinogram_row_for_ring_pair,
+    span1_ring_pair,
+    view_tangential_for_det_pair,
+)
+from .header_keys import (
+    DATA_FILE_KEY,
+    ListmodeError,
+    get_int,
+    parse_int_list,
+    parse_interfile_keys,
+    resolve_data_file,
+    scanner_from_keys,
+)
+from .interfile import PlausibilityWarning, write_projdata
 
 __all__ = [
     "ListmodeError",
@@ -155,62 +174,10 @@ TIME_MASK = (1 << 29) - 1
 _TAG_SUBTYPE_SHIFT = 29
 
 # header keys (normalised: lower case, no leading '!' or '%', single spaces)
-_KEY_DATA_FILE = "name of data file"
 _KEY_DATA_OFFSET = "data offset in bytes"
 
 
-class ListmodeError(InputError):
-    """A listmode file or header that cannot be read as PETLINK 32-bit data."""
-
-
 # ----------------------------------------------------------------------------- headers
-def _normalise_key(key: str) -> str:
-    key = key.replace("_", " ").strip().lstrip("!%").strip()
-    key = re.sub(r"\s+", " ", key).lower()
-    key = re.sub(r"\s*\[\s*(\d+)\s*\]", r" [\1]", key)
-    return key
-
-
-def parse_interfile_keys(path: str | os.PathLike) -> dict[str, str]:
-    """Keys and values of an Interfile-like header (Siemens ``.l.hdr`` / ``.n.hdr``, STIR ``.hv``).
-
-    Parsed by :func:`sirf_fbsem.io.interfile.parse_header` (STIR's keyword rules; its
-    errors name the file), with keys re-normalised for lookups here: leading ``!``/``%``
-    removed, ``_`` as space, lower case, whitespace collapsed, indices as ``"key [1]"``.
-    """
-    from .interfile import parse_header
-
-    hdr = parse_header(path)
-    return {_normalise_key(k): v.strip() for k, v in hdr.entries.items() if _normalise_key(k)}
-
-
-#: largest integer a header value may hold here (sizes, offsets, counts): beyond it the value is refused
-_MAX_HEADER_INT = (1 << 62) - 1
-
-
-def _int_value(text: str) -> int:
-    """An integer as a C++ stream reads it (leading token; ``'3.0'`` -> 3, ``'126 ; 252'`` -> 126).
-
-    Raises ``ValueError`` for text that is not a finite number within +-2**62.
-    """
-    token = text.strip().split(None, 1)[0].split(";", 1)[0] if text.strip() else ""
-    v = float(token)  # ValueError for text
-    if not math.isfinite(v) or abs(v) > _MAX_HEADER_INT:
-        raise ValueError(text)
-    return int(v)
-
-
-def _get_int(keys: Mapping[str, str], key: str, path: Path, default: int | None = None) -> int:
-    if key not in keys or keys[key] == "":
-        if default is None:
-            raise ListmodeError(f"header '{path}': missing key '{key}'")
-        return default
-    try:
-        return _int_value(keys[key])
-    except ValueError:
-        raise ListmodeError(f"header '{path}': key '{key}' should be an integer, got {keys[key]!r}") from None
-
-
 def _get_float(keys: Mapping[str, str], key: str) -> float | None:
     """A finite number, or None when the key is absent or not a finite number (informational keys)."""
     v = keys.get(key, "").strip()
@@ -221,11 +188,6 @@ def _get_float(keys: Mapping[str, str], key: str) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def parse_int_list(value: str) -> list[int]:
-    """``"{127,115, 115}"`` -> ``[127, 115, 115]``; ``ValueError`` for an item that is not an integer."""
-    return [_int_value(x) for x in value.strip().strip("{}").split(",") if x.strip()]
-
-
 def _optional_int_list(value: str | None) -> tuple[int, ...] | None:
     """An informational list (``%segment table``): None when absent or unreadable (STIR does not use it)."""
     if not value:
@@ -234,35 +196,6 @@ def _optional_int_list(value: str | None) -> tuple[int, ...] | None:
         return tuple(parse_int_list(value))
     except ValueError:
         return None
-
-
-_SCANNER_NAMES = {"2008": "Siemens_mMR", "siemens mmr": "Siemens_mMR", "mmr": "Siemens_mMR"}
-
-
-def _scanner_from_keys(keys: Mapping[str, str], path: Path) -> Scanner:
-    name = keys.get("originating system", "").strip()
-    preset = _SCANNER_NAMES.get(name.lower())
-    if preset is None:
-        raise ListmodeError(
-            f"header '{path}': 'originating system' is {name!r}; only the Siemens mMR ('2008') is supported"
-        )
-    return scanner_preset(preset)
-
-
-def _resolve_data_file(header: Path, keys: Mapping[str, str], key: str = _KEY_DATA_FILE) -> Path:
-    """The data file named in ``key``, relative to the header's folder (as STIR's prepend_directory_name)."""
-    name = keys.get(key, "").strip()
-    if not name:
-        raise ListmodeError(f"header '{header}': missing key '{key}'")
-    p = Path(name)
-    if not p.is_absolute():
-        p = header.parent / p
-    if not p.is_file():  # False for names the file system cannot hold (NUL bytes)
-        what = "a folder, not a file" if p.is_dir() else "does not exist"
-        raise InputFileNotFoundError(
-            f"header '{header}': key '{key}' names data file '{name}', which {what} (looked for '{p}')", p
-        )
-    return p
 
 
 def _parse_datetime(date: str | None, tm: str | None) -> datetime | None:
@@ -398,28 +331,28 @@ def read_listmode_header(path: str | os.PathLike) -> ListmodeHeader:
     if not p.is_file():
         raise InputFileNotFoundError(f"listmode header '{p}' does not exist", p)
     keys = parse_interfile_keys(p)
-    scanner = _scanner_from_keys(keys, p)
-    bits = _get_int(keys, "lm event and tag words format (bits)", p, default=32)
+    scanner = scanner_from_keys(keys, p)
+    bits = get_int(keys, "lm event and tag words format (bits)", p, default=32)
     if bits != 32:
         raise ListmodeError(f"header '{p}': 'LM event and tag words format (bits)' is {bits}; only 32 is supported")
-    ax_comp = _get_int(keys, "axial compression", p, default=1)
+    ax_comp = get_int(keys, "axial compression", p, default=1)
     if ax_comp != 1:
         raise ListmodeError(
             f"header '{p}': 'axial compression' is {ax_comp}; PETLINK bin addresses are read for axial "
             "compression 1 only (as STIR's CListEventECAT8_32bit)"
         )
-    num_rings = _get_int(keys, "number of rings", p, default=scanner.num_rings)
+    num_rings = get_int(keys, "number of rings", p, default=scanner.num_rings)
     if num_rings != scanner.num_rings:
         raise ListmodeError(
             f"header '{p}': 'number of rings' is {num_rings}; the {scanner.name} has {scanner.num_rings}"
         )
     for key, value in (("number of views", scanner.num_detectors_per_ring // 2),
                        ("number of projections", scanner.max_num_non_arccorrected_bins)):
-        given = _get_int(keys, key, p, default=value)
+        given = get_int(keys, key, p, default=value)
         if given != value:
             raise ListmodeError(f"header '{p}': '%{key}' is {given}; the {scanner.name}'s PETLINK bin addresses have "
                                 f"{value} (as STIR decodes them)")
-    mrd = _get_int(keys, "maximum ring difference", p, default=scanner.num_rings - 1)
+    mrd = get_int(keys, "maximum ring difference", p, default=scanner.num_rings - 1)
     if not 0 <= mrd <= scanner.num_rings - 1:
         raise ListmodeError(f"header '{p}': '%maximum ring difference' is {mrd}; expected 0 to {scanner.num_rings - 1} "
                             f"for the {scanner.num_rings} rings of the {scanner.name}")
@@ -430,8 +363,8 @@ def read_listmode_header(path: str | os.PathLike) -> ListmodeHeader:
         num_views=scanner.num_detectors_per_ring // 2,
         num_tangential_poss=scanner.max_num_non_arccorrected_bins,
     )
-    data = _resolve_data_file(p, keys)
-    offset = _get_int(keys, _KEY_DATA_OFFSET, p, default=0)
+    data = resolve_data_file(p, keys)
+    offset = get_int(keys, _KEY_DATA_OFFSET, p, default=0)
     if offset < 0:
         raise ListmodeError(f"header '{p}': '!data offset in bytes' is {offset}; expected an integer >= 0")
     seg_table = _optional_int_list(keys.get("segment table"))
@@ -468,7 +401,7 @@ def _as_header(path_or_header: str | os.PathLike | ListmodeHeader) -> ListmodeHe
     if isinstance(path_or_header, ListmodeHeader):
         if not path_or_header.data_path.is_file():
             raise InputFileNotFoundError(
-                f"header '{path_or_header.header_path}': key '{_KEY_DATA_FILE}' names data file "
+                f"header '{path_or_header.header_path}': key '{DATA_FILE_KEY}' names data file "
                 f"'{path_or_header.data_path}', which does not exist", path_or_header.data_path
             )
         return path_or_header
@@ -560,29 +493,6 @@ def encode_time_tag(time_ms: int) -> int:
     return int(EVENT_TYPE_BIT | time_ms)
 
 
-def span1_ring_pair(segment, axial) -> tuple[np.ndarray, np.ndarray]:
-    """(ring1, ring2) of span-1 bins, as STIR's ``get_ring_pair_for_segment_axial_pos_num``.
-
-    ``ring1 + ring2 = 2 axial + |d|``; ``ring1 = (sum - d)/2``; ``ring2 = (sum + d)/2``.
-    """
-    d = np.asarray(segment, dtype=np.int64)
-    a = np.asarray(axial, dtype=np.int64)
-    s = 2 * a + np.abs(d)
-    return (s - d) // 2, (s + d) // 2
-
-
-def det_pair_for_view_tangential(view, tangential_pos_num, num_detectors: int) -> tuple[np.ndarray, np.ndarray]:
-    """Detector pair of an unmashed non-arc-corrected (view, tangential_pos_num), as STIR's
-    ``ProjDataInfoCylindricalNoArcCorr::initialise_uncompressed_view_tangpos_to_det1det2``:
-    ``det1 = (v + (t >> 1)) mod n``, ``det2 = (v - ((t + 1) >> 1) + n/2) mod n``."""
-    v = np.asarray(view, dtype=np.int64)
-    t = np.asarray(tangential_pos_num, dtype=np.int64)
-    n = int(num_detectors)
-    det1 = (v + (t >> 1) + n) % n
-    det2 = (v - ((t + 1) >> 1) + n // 2) % n
-    return det1, det2
-
-
 def _check_target(geometry: SinogramGeometry, layout: ListmodeLayout, scanner: Scanner, what: str) -> int:
     """Validate an output geometry for data of ``scanner``; return the view mash factor."""
     sc = geometry.scanner
@@ -611,97 +521,6 @@ def target_row_table(layout: ListmodeLayout, geometry: SinogramGeometry) -> np.n
     seg_of_z, ax_of_z = layout.sinogram_table()
     r1, r2 = span1_ring_pair(seg_of_z, ax_of_z)
     return sinogram_row_for_ring_pair(geometry, r1, r2)
-
-
-def sinogram_row_for_ring_pair(geometry: SinogramGeometry, ring1, ring2) -> np.ndarray:
-    """SIRF sinogram row of ring pairs ``(ring1, ring2)`` (-1 where the geometry drops them); int64, broadcast shape.
-
-    STIR's ``get_segment_axial_pos_num_for_ring_pair``: the segment whose ring-difference
-    range holds ``ring2 - ring1``, and ``axial = (ring1 + ring2 - ax_pos_num_offset) * inc / 2``
-    with ``ax_pos_num_offset = (num_rings - 1) - 2 m_offset / ring_spacing`` and ``inc`` = 2 for
-    segments combining several ring differences (span > 1), else 1. Rings outside
-    ``[0, num_rings)`` give -1.
-    """
-    r1, r2 = np.broadcast_arrays(np.asarray(ring1, dtype=np.int64), np.asarray(ring2, dtype=np.int64))
-    diff = r2 - r1
-    rsum = r1 + r2
-    rows = np.full(r1.shape, -1, dtype=np.int64)
-    nr = geometry.scanner.num_rings
-    valid = (r1 >= 0) & (r1 < nr) & (r2 >= 0) & (r2 < nr)
-    for seg in geometry.segments:
-        inc = seg.axial_poss_per_ring_inc
-        # STIR: ax_pos_num_offset = (num_rings-1) - 2*m_offset/ring_spacing, m_offset = (n_ax-1)*ring_spacing/inc/2
-        twice_off = 2 * (nr - 1) * inc - 2 * (seg.num_axial_poss - 1)
-        if twice_off % (2 * inc) != 0:
-            raise GeometryError(
-                f"segment {seg.segment_num} of the output geometry has {seg.num_axial_poss} axial positions, "
-                "which do not lie between physical rings (STIR refuses such data)"
-            )
-        ax_off = twice_off // (2 * inc)
-        sel = valid & (diff >= seg.min_ring_diff) & (diff <= seg.max_ring_diff)
-        axial = (rsum[sel] - ax_off) * inc // 2
-        ok = (axial >= 0) & (axial < seg.num_axial_poss)
-        r = np.full(axial.shape, -1, dtype=np.int64)
-        r[ok] = geometry.sirf_row_offset(seg.segment_num) + axial[ok]
-        rows[sel] = r
-    return rows
-
-
-def view_tangential_for_det_pair(det1, det2, num_detectors: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unmashed ``(view, tangential_pos_num, swapped)`` of detector pairs, as STIR's
-    ``ProjDataInfoCylindricalNoArcCorr::initialise_det1det2_to_uncompressed_view_tangpos``.
-
-    The inverse of :func:`det_pair_for_view_tangential`: ``t = (det1 - det2 + 3n/2) mod n``,
-    ``v = (det1 - (t >> 1)) mod n``, then folded into ``0 <= v < n/2``, ``-n/2 <= t < n/2``;
-    ``swapped`` is True where the fold exchanged the detectors (the rings must then be
-    exchanged too, as in STIR's ``get_bin_for_det_pair``). ``det1 == det2`` is no LOR:
-    its view is returned as -1.
-    """
-    d1 = np.asarray(det1, dtype=np.int64)
-    d2 = np.asarray(det2, dtype=np.int64)
-    n = int(num_detectors)
-    if n % 2:
-        raise GeometryError(f"STIR's detector-pair sinogram needs an even number of detectors per ring, got {n}")
-    half = n // 2
-    t = (d1 - d2 + 3 * half) % n
-    v = (d1 - (t >> 1) + n) % n
-    low_view = v < half
-    big_t = t >= half
-    t_out = np.where(low_view, np.where(big_t, n - t, t), np.where(big_t, t - n, -t))
-    v_out = np.where(low_view, v, v - half)
-    swapped = np.where(low_view, big_t, ~big_t)
-    v_out = np.where(d1 == d2, -1, v_out)
-    return v_out, t_out, swapped
-
-
-def bin_for_detector_pair(geometry: SinogramGeometry, ring1, det1, ring2, det2) -> np.ndarray:
-    """Flat SIRF bin ``(row * V + view) * N + tangential index`` of detector pairs; -1 where the geometry drops them.
-
-    STIR's ``get_bin_for_det_pair`` on a non-arc-corrected geometry (any span, maximum
-    ring difference, view mashing): detectors -> unmashed (view, tangential position,
-    swap) by :func:`view_tangential_for_det_pair`, rings (exchanged when swapped) ->
-    sinogram row by :func:`sinogram_row_for_ring_pair`, view divided by the mash factor,
-    and tangential positions outside the geometry's range dropped (as ``lm_to_projdata``).
-    The flat index addresses ``prompts.reshape(-1)`` of a ``(1, S, V, N)`` SIRF array.
-    Symmetric: ``(ring1, det1, ring2, det2)`` and ``(ring2, det2, ring1, det1)`` give the same bin.
-    """
-    if geometry.arc_corrected:
-        raise GeometryError("detector pairs map to bins of non-arc-corrected geometries only")
-    n = geometry.scanner.num_detectors_per_ring
-    d1, d2 = np.asarray(det1, dtype=np.int64), np.asarray(det2, dtype=np.int64)
-    if np.any((d1 < 0) | (d1 >= n) | (d2 < 0) | (d2 >= n)):
-        raise GeometryError(f"detector numbers must lie in [0, {n})")
-    v, t, swapped = view_tangential_for_det_pair(d1, d2, n)
-    r1, r2 = np.asarray(ring1, dtype=np.int64), np.asarray(ring2, dtype=np.int64)
-    row = sinogram_row_for_ring_pair(geometry, np.where(swapped, r2, r1), np.where(swapped, r1, r2))
-    mash = geometry.view_mash_factor
-    if (n // 2) % geometry.num_views != 0:
-        raise GeometryError(f"{geometry.num_views} views do not divide the {n // 2} detector-pair views")
-    tidx = t - int(geometry.tangential_pos_nums()[0])
-    V, N = geometry.num_views, geometry.num_tangential_poss
-    ok = (row >= 0) & (v >= 0) & (tidx >= 0) & (tidx < N)
-    flat = (row * V + np.maximum(v, 0) // mash) * N + tidx
-    return np.where(ok, flat, -1).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------- numba kernels
@@ -929,16 +748,6 @@ class _ChunkReader:
         self._f.close()
 
 
-def _progress(total_bytes: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, leave=False)
-
-
 # ----------------------------------------------------------------------------- scan
 @dataclass(frozen=True)
 class ListmodeSummary:
@@ -998,7 +807,7 @@ def scan_listmode(path: str | os.PathLike | ListmodeHeader, chunk_words: int = 2
     tot = np.zeros(5, dtype=np.int64)
     first = last = None
     out = np.zeros((nthreads, 9), dtype=np.int64)
-    bar = _progress(n_words * 4, progress, f"scan {data.name}")
+    bar = byte_progress(n_words * 4, progress, f"scan {data.name}")
     for words in _ChunkReader(data, offset, n_words, chunk_words):
         n = words.size
         _scan_kernel(words, n, nthreads, layout.num_addresses, out)
@@ -1187,7 +996,7 @@ def histogram_listmode(
     carried = np.int64(0)
     words_read = 0
     stopped = False
-    bar = _progress(n_words * 4, progress, f"histogram {data.name}")
+    bar = byte_progress(n_words * 4, progress, f"histogram {data.name}")
     reader = _ChunkReader(data, offset, n_words, chunk_words)
     try:
         for words in reader:
@@ -1277,15 +1086,11 @@ def histogram_with_sirf(
         import sirf.STIR as pet
     except ImportError as exc:
         raise ImportError("histogram_with_sirf needs SIRF (sirf.STIR); use histogram_listmode without it") from exc
-    import tempfile
-
     if time_interval_s is not None:  # the same checks (and warning) as histogram_listmode, before SIRF runs
         header = _as_header(header_path)
         n_words = _data_word_count(header.data_path, header.data_offset_bytes)
         _check_time_interval(time_interval_s, header,
                              *_time_tag_range(header.data_path, header.data_offset_bytes, n_words))
-
-    from ..geometry import SinogramGeometry
 
     def run(prompts: bool, folder: str, randoms: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         lm2sino = pet.ListmodeToSinograms()
@@ -1312,8 +1117,6 @@ def histogram_with_sirf(
     with tempfile.TemporaryDirectory(prefix="sirf_fbsem_lm_") as folder:
         template_arg = template
         if isinstance(template, SinogramGeometry):
-            from .interfile import write_projdata
-
             template_arg = os.path.join(folder, "template.hs")
             write_projdata(template_arg, template, np.zeros(template.shape, dtype=np.float32))
         elif isinstance(template, (str, os.PathLike)):

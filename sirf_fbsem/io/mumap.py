@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import InputError, InputFileNotFoundError
 from ..geometry import GeometryError, ImageGeometry, Scanner, patient_flips, scanner_preset
+from .interfile import read_image
 
 __all__ = ["read_mu_map", "check_mu_units", "resample_to", "MU_WATER_PER_CM", "MuUnitsError"]
 
@@ -102,8 +103,6 @@ def read_mu_map(
 
 
 def _read_interfile_image(p: Path) -> tuple[ImageGeometry, np.ndarray]:
-    from .interfile import read_image
-
     return read_image(p)
 
 

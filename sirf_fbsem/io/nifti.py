@@ -25,7 +25,7 @@ from ..geometry import GeometryError, ImageGeometry, Scanner
 from .atomic import atomic_path
 from .outputs import NIFTI_MARK, PlannedOutput, absolute, check_replaceable
 
-__all__ = ["write_nifti", "read_nifti"]
+__all__ = ["write_nifti", "read_nifti", "check_volume"]
 
 #: NIfTI xform codes (nifti1.h): 1 = NIFTI_XFORM_SCANNER_ANAT, 2 = NIFTI_XFORM_ALIGNED_ANAT
 _XFORM_SCANNER = 1
@@ -41,7 +41,7 @@ def _require_nibabel():
     return nibabel
 
 
-def _check_volume(image, geometry: ImageGeometry, what: str = "image") -> np.ndarray:
+def check_volume(image, geometry: ImageGeometry, what: str = "image") -> np.ndarray:
     """``image`` as a finite float64 (Z, Y, X) array matching ``geometry.shape``; else a clear error."""
     arr = np.asarray(image)
     if arr.ndim != 3:
@@ -98,7 +98,7 @@ def write_nifti(
     nib = _require_nibabel()
     target = _nifti_target(path)
     check_replaceable(PlannedOutput(absolute(target), "nifti", ""), overwrite)
-    arr = _check_volume(image, geometry)
+    arr = check_volume(image, geometry)
     affine = geometry.nifti_affine(scanner, patient_position)
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or np.allclose(affine, np.eye(4)):
         raise GeometryError(f"refusing to write NIfTI {target.name!r} with a missing or identity affine: {affine}")

@@ -43,14 +43,13 @@ from pathlib import Path
 import numpy as np
 
 from ..geometry import GeometryError, SinogramGeometry, scanner_preset
+from ..scanner_bins import det_pair_for_view_tangential, span1_ring_pair
 from .atomic import atomic_path
 from .listmode import (
     EVENT_TYPE_BIT,
     PROMPT_BIT,
     TIME_MASK,
     ListmodeLayout,
-    det_pair_for_view_tangential,
-    span1_ring_pair,
     target_row_table,
 )
 

@@ -3,7 +3,7 @@
 Reading: :func:`read_petsird_header` derives a cylindrical :class:`~sirf_fbsem.geometry.Scanner`
 from the file's ``ScannerInformation``; :func:`histogram_petsird` bins its coincidences
 into SIRF-ordered sinograms with the same detector-pair -> bin mapping as the mMR
-listmode reader (:func:`sirf_fbsem.io.listmode.bin_for_detector_pair`, STIR's
+listmode reader (:func:`sirf_fbsem.scanner_bins.bin_for_detector_pair`, STIR's
 ``get_bin_for_det_pair``). Writing: :func:`write_petsird` makes a file for any of our
 cylindrical scanners with petsird's own writer (tests, examples, conversions).
 
@@ -62,7 +62,9 @@ import numpy as np
 from numba import njit
 
 from ..geometry import SCANNER_PRESETS, GeometryError, Scanner, SinogramGeometry
-from .listmode import ListmodeError, _progress, bin_for_detector_pair
+from ..progress import byte_progress
+from ..scanner_bins import bin_for_detector_pair
+from .header_keys import ListmodeError
 
 __all__ = [
     "PetsirdError",
@@ -506,7 +508,7 @@ def histogram_petsird(
     prev_start = -1
     ordered = True
     size = p.stat().st_size
-    bar = _progress(size, progress, f"histogram {p.name}")
+    bar = byte_progress(size, progress, f"histogram {p.name}")
     reader, fh = _open_reader(p)
     try:
         try:

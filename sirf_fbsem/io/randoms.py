@@ -9,7 +9,7 @@ The delayed-window sinogram ``D`` of a listmode acquisition (see
   sinogram. In each sinogram row (one segment and axial position: fixed ring
   pairs) the delayeds of bin ``(v, t)`` with detector pair ``(i, j)`` (STIR's
   ``det1, det2`` of the view and tangential position,
-  :func:`~sirf_fbsem.io.listmode.det_pair_for_view_tangential`) are modelled as
+  :func:`~sirf_fbsem.scanner_bins.det_pair_for_view_tangential`) are modelled as
   ``D_ij ~ Poisson(s_i s_j)`` with one "singles" factor ``s`` per transaxial
   crystal. The maximum-likelihood ``s`` solves ``s_i = F_i / sum_{j in fan(i)} s_j``
   with ``F_i`` the fan sum of crystal ``i`` (the delayeds of all bins it takes part
@@ -34,7 +34,7 @@ from numba import njit, prange
 
 from ..errors import InputError
 from ..geometry import GeometryError, SinogramGeometry
-from .listmode import det_pair_for_view_tangential
+from ..scanner_bins import det_pair_for_view_tangential
 
 __all__ = ["randoms_from_delayeds", "additive_term"]
 

@@ -25,8 +25,10 @@ import torch
 
 from ..geometry import GeometryError, ImageGeometry, SinogramGeometry, stir_view_symmetry, subset_views
 from .base import AcquisitionModel
+from .joseph import joseph_adjoint, joseph_forward
 from .psf import GaussianPSF
 from .rays import RayTable, make_ray_table, tangential_lor_offsets_mm
+from .siddon_numba import make_siddon_plan, siddon_adjoint, siddon_forward, siddon_unsupported_reason
 
 __all__ = ["EmbeddedAcquisitionModel", "RAY_TRACING"]
 
@@ -41,8 +43,6 @@ def _resolve_ray_tracing(option: str, sino: SinogramGeometry, image: ImageGeomet
     """The ray tracing in effect: ``option`` unless "auto", which is Siddon where it runs."""
     if option != "auto":
         return option
-    from .siddon_numba import siddon_unsupported_reason
-
     runs = device.type == "cpu" and backend in ("auto", "numba")
     return "siddon" if runs and siddon_unsupported_reason(sino, image) is None else "joseph"
 
@@ -175,8 +175,6 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
 
     def siddon_plan(self, subset: int | None):
         """The Siddon plan (basic bins and their related bins) of a subset (cached)."""
-        from .siddon_numba import make_siddon_plan
-
         key = ("siddon", subset)
         if key not in self._rays:
             views = None if subset is None else self.subset_views(subset)
@@ -226,15 +224,11 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
     # ------------------------------------------------------------------ operators
 
     def direct(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
-        from .joseph import joseph_forward
-
         xb, single = self.as_batch(x, self.image_shape, "image (z,y,x)")
         xb = xb.to(device=self._device, dtype=self._dtype)
         if self.psf is not None:
             xb = self.psf(xb)
         if self.ray_tracing == "siddon":
-            from .siddon_numba import siddon_forward
-
             y = siddon_forward(xb, self.siddon_plan(subset)).unsqueeze(1)  # pixel units, STIR's rows
         else:
             y = joseph_forward(xb, self.rays(subset), backend=self.backend)  # (B,S,Vs,N), mm
@@ -247,8 +241,6 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
         return y[0] if single and y.shape[0] == 1 else y
 
     def adjoint(self, y: torch.Tensor, subset: int | None = None) -> torch.Tensor:
-        from .joseph import joseph_adjoint
-
         yb, single = self.as_batch(y, self.subset_sinogram_shape(subset), f"sinogram of subset {subset}")
         yb = yb.to(device=self._device, dtype=self._dtype)
         m = self._term(self.multiplicative, subset)
@@ -256,8 +248,6 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
             yb = yb * m
         y_sum = yb.sum(dim=1)
         if self.ray_tracing == "siddon":
-            from .siddon_numba import siddon_adjoint
-
             x = siddon_adjoint(y_sum.contiguous(), self.siddon_plan(subset))
         else:
             x = joseph_adjoint(y_sum, self.rays(subset), backend=self.backend)

@@ -18,6 +18,7 @@ import torch
 from ..geometry import ImageGeometry, SinogramGeometry
 from .base import AcquisitionModel
 from .embedded import EmbeddedAcquisitionModel
+from .sirf import SIRFAcquisitionModel
 
 __all__ = ["BACKENDS", "make_acquisition_model", "sirf_available", "backend_name", "check_backend", "add_backend_argument"]
 
@@ -56,8 +57,6 @@ def backend_name(model: AcquisitionModel) -> str:
     """``"embedded"`` or ``"sirf"``: the backend of an acquisition model."""
     if isinstance(model, EmbeddedAcquisitionModel):
         return "embedded"
-    from .sirf import SIRFAcquisitionModel
-
     if isinstance(model, SIRFAcquisitionModel):
         return "sirf"
     raise TypeError(f"unknown acquisition model backend {type(model).__name__}")
@@ -101,8 +100,6 @@ def make_acquisition_model(
             additive=additive, psf_fwhm_mm=psf_fwhm_mm, device=device, num_tangential_LORs=num_tangential_LORs,
             ray_tracing=ray_tracing)
     if backend == "sirf":
-        from .sirf import SIRFAcquisitionModel
-
         return SIRFAcquisitionModel.from_geometry(
             sinogram_geometry, image_geometry, num_subsets=num_subsets, multiplicative=multiplicative,
             additive=additive, psf_fwhm_mm=psf_fwhm_mm, device=device, num_tangential_LORs=num_tangential_LORs)

@@ -35,14 +35,15 @@ import numba
 import numpy as np
 from numba import int64, njit, prange, uint64
 
-__all__ = ["PAD", "ray_setup", "row_blocks", "forward_kernel", "adjoint_kernel", "reduce_buffers", "num_threads"]
+__all__ = ["PAD", "CONST_TOL", "SNAP_TOL", "ray_setup", "row_blocks", "forward_kernel", "adjoint_kernel",
+           "reduce_buffers", "num_threads"]
 
 #: zero voxels added on each side of every image axis
 PAD = 2
 #: a secondary coordinate changing by less than this over the whole ray is held constant
-_CONST_TOL = 1e-12
+CONST_TOL = 1e-12
 #: a constant secondary coordinate this close to a voxel centre is put on it (weight 0 to the next)
-_SNAP_TOL = 1e-9
+SNAP_TOL = 1e-9
 #: rows per block (larger: less index work per sample, larger working set)
 ROWS_PER_BLOCK = 32
 
@@ -53,11 +54,11 @@ ROWS_PER_BLOCK = 32
 @njit(cache=True)
 def _clip_axis(A, B, n, n_p, k_lo, k_hi):
     """Planes k with -1 <= A + k B <= n (corners inside the padded axis); snaps a constant A."""
-    if abs(B) * n_p < _CONST_TOL:
+    if abs(B) * n_p < CONST_TOL:
         B = 0.0
     if B == 0.0:
         r = np.floor(A + 0.5)
-        if abs(A - r) < _SNAP_TOL:
+        if abs(A - r) < SNAP_TOL:
             A = r
         if A <= -1.0 or A >= n:
             return A, B, 1.0, 0.0
@@ -214,7 +215,7 @@ def row_blocks(m: np.ndarray, tan_theta: np.ndarray, samp: np.ndarray, n_ax: np.
             d = (m[r] - m[r0]) / vz
             k = round(d)
             if (
-                abs(d - k) < _SNAP_TOL
+                abs(d - k) < SNAP_TOL
                 and samp[r] == samp[r0]
                 and n_ax[r] == n_ax[r0]
                 and np.array_equal(tan_theta[r], tan_theta[r0], equal_nan=True)

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from .joseph_numba import _CONST_TOL, _SNAP_TOL, PAD
+from .joseph_numba import CONST_TOL, PAD, SNAP_TOL
 from .rays import RayTable
 
 __all__ = ["forward", "adjoint", "SAMPLE_BUDGET"]
@@ -58,10 +58,10 @@ _Q2 = (1, 0, 0)
 
 def _clip_axis(A, B, n, n_p, k_lo, k_hi, empty):
     """Vectorised :func:`.joseph_numba._clip_axis`."""
-    B = torch.where(B.abs() * n_p < _CONST_TOL, torch.zeros_like(B), B)
+    B = torch.where(B.abs() * n_p < CONST_TOL, torch.zeros_like(B), B)
     zero = B == 0.0
     r = torch.floor(A + 0.5)
-    A = torch.where(zero & ((A - r).abs() < _SNAP_TOL), r, A)
+    A = torch.where(zero & ((A - r).abs() < SNAP_TOL), r, A)
     empty = empty | (zero & ((A <= -1.0) | (A >= n)))
     Bs = torch.where(zero, torch.ones_like(B), B)
     ka = (-1.0 - A) / Bs

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from ..geometry import GeometryError, ImageGeometry, Scanner, Segment, SinogramGeometry, stir_view_symmetry, subset_views
+from ..io.interfile import sinogram_geometry_from_header, write_image, write_projdata
 from .base import AcquisitionModel
 
 __all__ = [
@@ -263,13 +264,6 @@ def sinogram_geometry_from_sirf(acq: SirfObject) -> SinogramGeometry:
 
 
 def _sinogram_geometry_via_header(acq: SirfObject, info_err: GeometryError) -> SinogramGeometry:
-    try:
-        from ..io.interfile import sinogram_geometry_from_header
-    except ImportError:
-        raise GeometryError(
-            f"could not read the geometry from AcquisitionData.get_info() ({info_err}), and "
-            f"sirf_fbsem.io.interfile is not available to read a written header instead"
-        ) from info_err
     with tempfile.TemporaryDirectory(prefix="sirf_fbsem_") as tmp:
         header = Path(tmp) / "sinogram.hs"
         acq.write(str(header))
@@ -332,8 +326,6 @@ def sirf_templates(sinogram_geometry: SinogramGeometry, image_geometry: ImageGeo
     memory-backed objects before the folder goes; SIRF's storage scheme is restored.
     """
     pet = _sirf_stir()
-    from ..io.interfile import write_image, write_projdata
-
     with tempfile.TemporaryDirectory(prefix="sirf_fbsem_") as tmp, _memory_storage(pet):
         sino_path, image_path = Path(tmp) / "template.hs", Path(tmp) / "template.hv"
         write_projdata(sino_path, sinogram_geometry, np.zeros(sinogram_geometry.shape, dtype=np.float32))

@@ -16,23 +16,26 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from ..argtypes import bounded_int, finite_float, voxel_shape
+from ..distributed import DistContext, elastic_restart_count, init_distributed, local_device, shutdown
 from ..errors import InputError
+from ..geometry import image_geometry_from_dict, sinogram_geometry_from_dict
 from ..io.outputs import check_run_directory
+from ..model.fbsem import FBSEMNet
+from ..model.regularisers import RegulariserConfig
+from ..projectors.base import PROJECTION_UNITS
 from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
-
-if TYPE_CHECKING:
-    from ..distributed import DistContext
+from ..simulation.dataset import FBSEMSampleDataset
+from .trainers import LOSSES, MODES, TrainConfig, train, with_terms_factory
 
 __all__ = ["add_train_arguments", "run_train"]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` flags to ``parser``."""
-    from .trainers import MODES
-
     parser.add_argument("--data", type=Path, required=True, help="directory of simulated samples (manifest.json)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (checkpoints, logs, model.pt)")
     parser.add_argument("--mode", choices=MODES, default="sequential", help="training mode (default sequential)")
@@ -48,6 +51,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-fraction", type=finite_float(0.0, 1.0), default=0.2, help="held-out share (default 0.2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and shuffles (default 0)")
     parser.add_argument("--patience", type=bounded_int(1), default=None, help="early-stopping patience in epochs")
+    parser.add_argument("--loss", choices=LOSSES, default="scaled_mse",
+                        help="scaled_mse (default): each sample's squared error divided by its own squared scale "
+                        "(mean of its last target), so that every count level weighs alike; mse: the plain mean "
+                        "squared error (sirf_fbsem <= 0.4; resumes runs begun with it)")
     parser.add_argument("--all-stages-loss", action="store_true",
                         help="end_to_end/checkpointed: sum the loss over every stage's output")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -105,8 +112,6 @@ def run_train(args: argparse.Namespace) -> int:
     """Train from parsed flags; returns 0 when the run completed, 1 when it was stopped early.
 
     Joins the torchrun job when there is one (:func:`~sirf_fbsem.distributed.init_distributed`)."""
-    from ..distributed import elastic_restart_count, init_distributed, local_device, shutdown
-
     ctx = init_distributed(args.device)
     try:
         return _run_train(args, ctx, resume=args.resume or elastic_restart_count() > 0,
@@ -116,13 +121,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device: str) -> int:
-    from ..geometry import image_geometry_from_dict, sinogram_geometry_from_dict
-    from ..model.fbsem import FBSEMNet
-    from ..model.regularisers import RegulariserConfig
-    from ..projectors.base import PROJECTION_UNITS
-    from ..simulation.dataset import FBSEMSampleDataset
-    from .trainers import TrainConfig, train, with_terms_factory
-
     check_backend(args.backend)
     check_train_options(args)
     out = Path(args.out)
@@ -151,7 +149,7 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     config = TrainConfig(
         epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=args.batch_size,
         validation_fraction=args.validation_fraction,
-        seed=args.seed, patience=args.patience, device=device, all_stages_loss=args.all_stages_loss,
+        seed=args.seed, patience=args.patience, device=device, all_stages_loss=args.all_stages_loss, loss=args.loss,
         cache=args.cache or "disk", progress=not args.no_progress and ctx.is_main,
         stage_devices=tuple(args.stage_devices) if args.stage_devices else None,
         warm_start=True if args.warm_start is None else args.warm_start,
@@ -160,8 +158,6 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     )
     reg = RegulariserConfig(dims=args.dims, in_channels=2 if args.anatomical else 1, channels=args.channels,
                             layers=args.layers)
-    import torch
-
     torch.manual_seed(args.seed)
     net = FBSEMNet(num_stages, num_subsets, reg, shared_regulariser=args.shared, beta_init=args.beta_init,
                    start_rule=dataset.start_rule)
@@ -171,7 +167,11 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     result = train(
         net, dataset, args.mode, config, with_terms_factory(base), args.out, resume=resume, distributed=ctx,
         metadata={"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],
-                  "data": str(args.data), "psf_fwhm_mm": manifest.get("psf_fwhm_mm"), "backend": args.backend},
+                  "data": str(args.data), "psf_fwhm_mm": manifest.get("psf_fwhm_mm"), "backend": args.backend,
+                  # the phantoms every choice of this run saw (training and validation split), so that
+                  # 'evaluate' can refuse to confirm on them (sirf_fbsem.study_sets)
+                  "training_data": {"seed": manifest.get("seed"), "indices": list(range(len(dataset))),
+                                    "counts": manifest.get("counts")}},
     )
     last = next((r for r in reversed(result.history) if r["val_loss"] is not None), None)
     status = "completed" if result.completed else "stopped"

@@ -73,6 +73,7 @@ def patch_training_step(
     stage: FBSEMStage,
     items: Sequence[tuple[StageTerms, torch.Tensor, Sequence[Region]]],
     loss_scale: float = 1.0,
+    sample_weights: Sequence[float] | None = None,
 ) -> float:
     """Forward and backward of the patch loss ``L`` (module docstring): gradients accumulate in ``.grad``.
 
@@ -81,17 +82,22 @@ def patch_training_step(
         items: per sample: its terms (batch of one), its target (1, Z, Y, X) and its patches.
         loss_scale: the loss is multiplied by this before each backward pass (a rank's share
             of a global batch).
+        sample_weights: per item, a factor on its patches' squared errors (``1/c^2`` of the
+            ``scaled_mse`` loss, :func:`sirf_fbsem.training.trainers.sample_scales`); None: 1.
     Returns:
-        the (unscaled) loss ``L``: the mean over all patches of their mean squared error.
+        the (unscaled) loss ``L``: the mean over all patches of their (weighted) mean squared error.
     """
     n = sum(len(regions) for _, _, regions in items)
     if n == 0:
         raise ValueError("patch_training_step needs at least one patch")
+    if sample_weights is not None and len(sample_weights) != len(items):
+        raise ValueError(f"{len(sample_weights)} sample weights for {len(items)} items")
     total = 0.0
-    for terms, target, regions in items:
+    for j, (terms, target, regions) in enumerate(items):
+        w = 1.0 if sample_weights is None else float(sample_weights[j])
         for region in regions:
             out = stage.output_on(terms, region)
-            loss = torch.mean((out - target[(Ellipsis, *region)]) ** 2)
+            loss = w * torch.mean((out - target[(Ellipsis, *region)]) ** 2)
             (loss * (loss_scale / n)).backward()  # frees this patch's graph: memory is one patch
             total += float(loss.detach())
     return total / n
@@ -118,11 +124,16 @@ def average_gradients(module: torch.nn.Module, dist_ctx: DistContext) -> None:
         lo += n
 
 
-def terms_payload(terms: StageTerms, target: torch.Tensor) -> dict[str, torch.Tensor]:
+def terms_payload(
+    terms: StageTerms, target: torch.Tensor, loss_scale: torch.Tensor | float | None = None
+) -> dict[str, torch.Tensor]:
     """A plain dict of tensors (``torch.save``-able, loadable with ``weights_only``) of one sample's terms
-    (batch of one), its target (1, Z, Y, X) and its FOV box (3, 2) int64."""
+    (batch of one), its target (1, Z, Y, X), its FOV box (3, 2) int64 and, for the ``scaled_mse``
+    loss, its scale ``c`` (``loss_scale``, a scalar tensor)."""
     box = terms.fov_box()
     out = {"target": target, "fov_box": torch.tensor([[b.start, b.stop] for b in box], dtype=torch.int64)}
+    if loss_scale is not None:
+        out["loss_scale"] = torch.as_tensor(loss_scale, dtype=torch.float64).reshape(())
     for name in ("x", "x_em", "sensitivity", "scale", "unit", "anatomical", "anatomical_scale"):
         value = getattr(terms, name)
         if value is not None:

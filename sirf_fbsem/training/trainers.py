@@ -99,6 +99,8 @@ __all__ = [
 
 Mode = Literal["sequential", "end_to_end", "checkpointed", "greedy"]
 MODES: tuple[str, ...] = ("sequential", "end_to_end", "checkpointed", "greedy")
+#: :attr:`TrainConfig.loss` values
+LOSSES: tuple[str, ...] = ("scaled_mse", "mse")
 
 #: sample keys that are stacked into a batch (when present)
 BATCH_KEYS = ("prompts", "multiplicative", "additive", "sensitivity", "targets", "anatomical", "initial")
@@ -148,7 +150,13 @@ class TrainConfig:
         seed: seeds the split and the per-epoch shuffles.
         patience: stop (a stage, in sequential mode) after this many epochs without a
             lower validation loss; None trains all epochs.
-        loss: ``"mse"`` (mean over voxels and samples of the squared error).
+        loss: ``"scaled_mse"`` (default): each sample's squared error in units of its own
+            scale, ``L = mean_b mean_j (x_bj - t_bj)^2 / c_b^2`` with ``c_b`` the mean of the
+            positive voxels of sample b's last target (:func:`sample_scales`), so that samples
+            at every count level weigh alike (image units grow with the counts: a 3e8-count
+            sample would otherwise outweigh a 1e6-count one (300)^2 times). The networks are
+            scale-equivariant, so this only balances the loss. ``"mse"``: the plain mean over
+            voxels and samples (sirf_fbsem <= 0.4).
         device: torch device of the network and the data (the acquisition model's
             device is the model factory's choice).
         all_stages_loss: end_to_end / checkpointed: sum the loss over all stages
@@ -183,7 +191,7 @@ class TrainConfig:
     validation_fraction: float = 0.2
     seed: int = 0
     patience: int | None = None
-    loss: Literal["mse"] = "mse"
+    loss: Literal["mse", "scaled_mse"] = "scaled_mse"
     device: str = "cpu"
     all_stages_loss: bool = False
     cache: Literal["disk", "memory"] = "disk"
@@ -220,8 +228,8 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
             )
-        if self.loss != "mse":
-            raise ValueError(f"TrainConfig.loss must be 'mse', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.cache not in ("disk", "memory"):
             raise ValueError(f"TrainConfig.cache must be 'disk' or 'memory', got {self.cache!r}")
         try:
@@ -348,6 +356,30 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mean((a - b) ** 2)
 
 
+def sample_scales(targets: torch.Tensor) -> torch.Tensor:
+    """``c_b``, (B,): the mean of the positive voxels of each sample's last target (targets
+    (B, K, Z, Y, X); the K-th noise-free OSEM iterate, positive where the scanner sees); 1 for a
+    sample without positive voxels. Proportional to the sample's activity and counts."""
+    last = targets[:, -1].flatten(1)
+    pos = last > 0
+    n = pos.sum(dim=1)
+    mean = torch.where(pos, last, torch.zeros_like(last)).sum(dim=1) / n.clamp(min=1)
+    return torch.where(n > 0, mean, torch.ones_like(mean))
+
+
+def stage_loss(out: torch.Tensor, target: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """The stage loss (:attr:`TrainConfig.loss`): ``mean_b mean_j (out - target)^2 / c_b^2`` for
+    per-sample ``scales`` c (B,), the plain mean squared error when ``scales`` is None."""
+    if scales is None:
+        return _mse(out, target)
+    per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)
+    return torch.mean(per_sample / scales.to(per_sample.device, per_sample.dtype) ** 2)
+
+
+def _scales(loss: str, batch: Batch) -> torch.Tensor | None:
+    return sample_scales(batch["targets"]) if loss == "scaled_mse" else None
+
+
 def _check_targets(net: FBSEMNet, batch: Batch) -> None:
     k = batch["targets"].shape[1]
     if k < net.num_stages:
@@ -433,6 +465,10 @@ def training_step(
     targets = batch["targets"]
     prompts = batch["prompts"]
     run = net if forward is None else forward
+    scales = _scales(config.loss, batch)
+
+    def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # the configured loss
+        return stage_loss(a, b, scales)
 
     def backward(loss: torch.Tensor) -> None:
         (loss if loss_scale == 1.0 else loss * loss_scale).backward()
@@ -484,9 +520,11 @@ def evaluate(
     device: str | torch.device = "cpu",
     batch_size: int = 1,
     stage_devices: Sequence[str] | None = None,
+    loss: str = "mse",
 ) -> list[float]:
-    """Mean squared error of every stage's output against its target over ``indices``, shape (K,)
-    (zeros for no indices); ``stage_devices``: stages placed round robin as in greedy training."""
+    """The loss (:attr:`TrainConfig.loss`; default the mean squared error) of every stage's output
+    against its target over ``indices``, shape (K,) (zeros for no indices); ``stage_devices``:
+    stages placed round robin as in greedy training."""
     sums = [0.0] * net.num_stages
     n = 0
     for lo in range(0, len(indices), batch_size):
@@ -495,8 +533,9 @@ def evaluate(
         model = model_factory(batch)
         outs = forward_stages(net, batch, model, stage_devices)
         b = batch["prompts"].shape[0]
+        scales = _scales(loss, batch)
         for k, o in enumerate(outs):
-            sums[k] += float(_mse(o, batch["targets"][:, k].to(o.device))) * b
+            sums[k] += float(stage_loss(o, batch["targets"][:, k].to(o.device), scales)) * b
         n += b
     return [s / max(n, 1) for s in sums]
 
@@ -846,7 +885,8 @@ class _Trainer:
             x_in = self._stage_inputs(stage, [i], batch, model)
             kw = _net_inputs(self.net, batch)
             terms = self.net.stage_terms(stage, x_in, batch["prompts"], model, kw["sensitivities"], kw["anatomical"])
-            payload = terms_payload(terms, batch["targets"][:, stage])
+            scale = sample_scales(batch["targets"])[0] if self.config.loss == "scaled_mse" else None
+            payload = terms_payload(terms, batch["targets"][:, stage], scale)
             if self.config.cache == "memory":
                 store[i] = {k: v.detach().clone() for k, v in payload.items()}
             else:
@@ -868,6 +908,7 @@ class _Trainer:
         """Forward and backward of the patch loss of this rank's share of a batch (gradients averaged over ranks)."""
         cfg = self.config
         items = []
+        weights: list[float] = []
         for i in sh.idx:
             if cfg.cache == "memory":
                 payload = self._patch_terms[k][i]
@@ -877,7 +918,9 @@ class _Trainer:
             regions = draw_patches(box, terms.image_shape, cfg.patch_shape, cfg.patches_per_sample, cfg.seed, k,
                                    epoch, i)
             items.append((terms, target, regions))
-        loss = patch_training_step(stage, items, loss_scale=sh.weight)
+            if cfg.loss == "scaled_mse":
+                weights.append(float(payload["loss_scale"]) ** -2)
+        loss = patch_training_step(stage, items, loss_scale=sh.weight, sample_weights=weights or None)
         average_gradients(stage, self.dist)
         return loss
 
@@ -890,7 +933,7 @@ class _Trainer:
             model = self.factory(batch)
             x_in = self._stage_inputs(stage, idx, batch, model)
             out = self.net(x_in, batch["prompts"], model, stages=[stage], **_net_inputs(self.net, batch))
-            total += float(_mse(out, batch["targets"][:, stage])) * len(idx)
+            total += float(stage_loss(out, batch["targets"][:, stage], _scales(self.config.loss, batch))) * len(idx)
             n += len(idx)
         total, n = self.dist.all_reduce_sum([total, n])
         return total / n
@@ -990,7 +1033,7 @@ class _Trainer:
             return None, None
         mine = self._local_val()
         per_stage = evaluate(self.net, self.dataset, mine, self.factory, self.config.device,
-                             self.config.batch_size, self.config.stage_devices)
+                             self.config.batch_size, self.config.stage_devices, self.config.loss)
         if self.dist.is_distributed:
             sums = self.dist.all_reduce_sum([v * len(mine) for v in per_stage] + [len(mine)])
             per_stage = [v / sums[-1] for v in sums[:-1]]
