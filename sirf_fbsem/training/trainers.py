@@ -567,6 +567,11 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fresh_train_state() -> dict[str, Any]:
+    """The train state of a stage (or joint run) before its first epoch."""
+    return {"epoch": 0, "best_val": None, "best_state": None, "bad_epochs": 0, "complete": False}
+
+
 def _epoch_order(indices: Sequence[int], seed: int, stage: int, epoch: int) -> list[int]:
     """Shuffled training order of an epoch, a pure function of (seed, stage, epoch)."""
     s = int(np.random.SeedSequence([seed, stage + 1, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -752,6 +757,32 @@ class _Trainer:
         if self.dist.is_distributed:  # every rank starts from rank 0's initial weights
             self.dist.barrier()
             self.net.load_state_dict(safe_torch_load(initial, "initial checkpoint")["net"])
+
+    def _resume(self, path: Path, what: str, state_key: str, module: torch.nn.Module,
+                optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+        """Continue from the checkpoint at ``path`` (written by :meth:`_write_checkpoint`; checked
+        against this run's settings): ``module`` and ``optimizer`` get its states, the trainer its
+        history, step count and RNG states. Returns its train state (epoch, early-stopping state,
+        ``complete``), or None when there is no checkpoint yet. One implementation for every mode."""
+        if not path.is_file():
+            return None
+        payload = safe_torch_load(path, what)
+        self._check_signature(payload, path)
+        module.load_state_dict(payload[state_key])
+        optimizer.load_state_dict(payload["optimizer"])
+        self.history = list(payload["history"])
+        self.step_count = int(payload["step"])
+        _set_rng_state(payload["rng"])
+        return dict(payload["train_state"])
+
+    def _write_checkpoint(self, path: Path, state_key: str, module: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer, state: Mapping[str, Any], **extra: Any) -> None:
+        """The checkpoint :meth:`_resume` reads: the run's signature, ``module``'s state under
+        ``state_key``, the optimiser's, the train state, history, step count and RNG states."""
+        self._save_checkpoint(path, {
+            "run_signature": self.run_signature, **extra, state_key: _clone_state(module),
+            "optimizer": optimizer.state_dict(), "train_state": state, "history": self.history,
+            "step": self.step_count, "rng": _rng_state()})
 
     def _save_checkpoint(self, path: Path, payload: Mapping[str, Any]) -> None:
         """Rank 0 writes (atomically); the others wait until the file is complete."""
@@ -944,16 +975,8 @@ class _Trainer:
             stage = self.net.stages[k]
             path = self.ckpt_dir / f"stage_{k:03d}.pt"
             opt = make_optimizer(stage, cfg)
-            state = {"epoch": 0, "best_val": None, "best_state": None, "bad_epochs": 0, "complete": False}
-            if path.is_file():
-                payload = safe_torch_load(path, "stage checkpoint")
-                self._check_signature(payload, path)
-                stage.load_state_dict(payload["stage_state"])
-                opt.load_state_dict(payload["optimizer"])
-                state = dict(payload["train_state"])
-                self.history = list(payload["history"])
-                self.step_count = int(payload["step"])
-                _set_rng_state(payload["rng"])
+            state = self._resume(path, "stage checkpoint", "stage_state", stage, opt)
+            if state is not None:
                 if state["complete"]:
                     continue
             elif cfg.warm_start and k > 0:
@@ -961,6 +984,7 @@ class _Trainer:
             self._fill_cache(k - 1)
             if cfg.patch_shape is not None:
                 self._fill_patch_terms(k)
+            state = state or _fresh_train_state()
             if state["epoch"] == 0:
                 # the untrained stage is a candidate too (kept if no epoch beats it)
                 val0 = self._stage_val_loss(k)
@@ -999,10 +1023,7 @@ class _Trainer:
                     state["complete"] = True
                 self._log(k, epoch + 1, total / n, val)
                 bar.set_postfix(train=f"{total / n:.4g}", val="-" if val is None else f"{val:.4g}")
-                self._save_checkpoint(path, {
-                    "run_signature": self.run_signature, "stage": k, "stage_state": _clone_state(stage),
-                    "optimizer": opt.state_dict(), "train_state": state, "history": self.history,
-                    "step": self.step_count, "rng": _rng_state()})
+                self._write_checkpoint(path, "stage_state", stage, opt, state, stage=k)
                 self._emit(TrainEvent("epoch", self.mode, k, epoch + 1, self.step_count, total / n, val, self.net))
                 if state["complete"]:
                     break
@@ -1043,18 +1064,9 @@ class _Trainer:
         cfg = self.config
         path = self.ckpt_dir / "checkpoint.pt"
         opt = make_optimizer(self.net, cfg)
-        state = {"epoch": 0, "best_val": None, "best_state": None, "bad_epochs": 0, "complete": False}
-        if path.is_file():
-            payload = safe_torch_load(path, "checkpoint")
-            self._check_signature(payload, path)
-            self.net.load_state_dict(payload["net_state"])
-            opt.load_state_dict(payload["optimizer"])
-            state = dict(payload["train_state"])
-            self.history = list(payload["history"])
-            self.step_count = int(payload["step"])
-            _set_rng_state(payload["rng"])
-            if state["complete"]:
-                return True
+        state = self._resume(path, "checkpoint", "net_state", self.net, opt) or _fresh_train_state()
+        if state["complete"]:
+            return True
         if state["epoch"] == 0:
             self.net.eval()
             val, per = self._joint_val()
@@ -1087,10 +1099,7 @@ class _Trainer:
                 state["complete"] = True
             self._log(None, epoch + 1, total / n, val, per)
             bar.set_postfix(train=f"{total / n:.4g}", val="-" if val is None else f"{val:.4g}")
-            self._save_checkpoint(path, {
-                "run_signature": self.run_signature, "net_state": _clone_state(self.net),
-                "optimizer": opt.state_dict(), "train_state": state, "history": self.history,
-                "step": self.step_count, "rng": _rng_state()})
+            self._write_checkpoint(path, "net_state", self.net, opt, state)
             self._emit(TrainEvent("epoch", self.mode, None, epoch + 1, self.step_count, total / n, val, self.net))
             if state["complete"]:
                 break
