@@ -62,7 +62,7 @@ import json
 import math
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -936,22 +936,23 @@ def phantom_set_of_datasets(role: str, datasets: Sequence[Any], max_samples: int
                                            for ds in datasets])
 
 
+def samples_of(datasets: Sequence[Any], max_samples: int | None = None) -> list[dict[str, Any]]:
+    """The samples (up to ``max_samples`` per dataset) of datasets opened by :func:`open_datasets`."""
+    return [ds[i] for ds in datasets for i in range(_num_used(ds, max_samples))]
+
+
 def load_samples(
     directories: Sequence[Path], max_samples: int | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Samples of several dataset directories (same geometry and subsets) and the first manifest."""
     datasets = open_datasets(directories)
-    samples = [ds[i] for ds in datasets for i in range(_num_used(ds, max_samples))]
-    return samples, datasets[0].manifest
+    return samples_of(datasets, max_samples), datasets[0].manifest
 
 
 def _seed_groups(names: Sequence[str]) -> dict[str, list[str]]:
     """Methods given more than once (``--model fbsem=seed0.pt --model fbsem=seed1.pt``): runs of one
     method with several training seeds, named ``fbsem@1``, ``fbsem@2``, ... in the JSON."""
-    counts: dict[str, int] = {}
-    for n in names:
-        counts[n] = counts.get(n, 0) + 1
-    return {n: [f"{n}@{i + 1}" for i in range(c)] for n, c in counts.items() if c > 1}
+    return {n: [f"{n}@{i + 1}" for i in range(c)] for n, c in Counter(names).items() if c > 1}
 
 
 def _checked_phantom_sets(
@@ -1024,8 +1025,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model_files[run] = str(path)
         training_sets.append(phantom_set_of_model(run, str(path), meta))
     phantom_sets = _checked_phantom_sets(args, data_sets, tune_sets, training_sets)
-    samples, _ = load_samples(args.data, args.max_samples)
-    tuning = load_samples(args.tune_data, args.max_samples)[0] if args.tune_data else None
+    samples = samples_of(data_sets, args.max_samples)
+    tuning = samples_of(tune_sets, args.max_samples) if tune_sets is not None else None
     result, images = evaluate_methods(samples, networks, base, config, tuning, progress=not args.no_progress,
                                       seed_groups=seed_groups)
     result["data"] = [str(d) for d in args.data]

@@ -352,18 +352,13 @@ def _net_inputs(net: FBSEMNet, batch: Batch) -> dict[str, Any]:
     return {"sensitivities": batch.get("sensitivity"), "anatomical": anat}
 
 
-def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.mean((a - b) ** 2)
-
-
 def sample_scales(targets: torch.Tensor) -> torch.Tensor:
     """``c_b``, (B,): the mean of the positive voxels of each sample's last target (targets
     (B, K, Z, Y, X); the K-th noise-free OSEM iterate, positive where the scanner sees); 1 for a
     sample without positive voxels. Proportional to the sample's activity and counts."""
     last = targets[:, -1].flatten(1)
-    pos = last > 0
-    n = pos.sum(dim=1)
-    mean = torch.where(pos, last, torch.zeros_like(last)).sum(dim=1) / n.clamp(min=1)
+    n = (last > 0).sum(dim=1)
+    mean = last.clamp(min=0).sum(dim=1) / n.clamp(min=1)
     return torch.where(n > 0, mean, torch.ones_like(mean))
 
 
@@ -371,7 +366,7 @@ def stage_loss(out: torch.Tensor, target: torch.Tensor, scales: torch.Tensor | N
     """The stage loss (:attr:`TrainConfig.loss`): ``mean_b mean_j (out - target)^2 / c_b^2`` for
     per-sample ``scales`` c (B,), the plain mean squared error when ``scales`` is None."""
     if scales is None:
-        return _mse(out, target)
+        return torch.mean((out - target) ** 2)
     per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)
     return torch.mean(per_sample / scales.to(per_sample.device, per_sample.dtype) ** 2)
 
@@ -467,9 +462,6 @@ def training_step(
     run = net if forward is None else forward
     scales = _scales(config.loss, batch)
 
-    def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # the configured loss
-        return stage_loss(a, b, scales)
-
     def backward(loss: torch.Tensor) -> None:
         (loss if loss_scale == 1.0 else loss * loss_scale).backward()
     if mode == "sequential":
@@ -480,7 +472,7 @@ def training_step(
                 raise ValueError(f"stage {stage} needs its cached inputs (outputs of stage {stage - 1})")
             inputs = _initial(batch, model)
         out = run(inputs.detach(), prompts, model, stages=[stage], **kw)
-        loss = _mse(out, targets[:, stage])
+        loss = stage_loss(out, targets[:, stage], scales)
         backward(loss)
         return float(loss.detach())
     x0 = _initial(batch, model)
@@ -488,10 +480,10 @@ def training_step(
         ckpt = mode == "checkpointed"
         if config.all_stages_loss:
             outs = run(x0, prompts, model, return_all=True, checkpointing=ckpt, **kw)
-            loss = sum(_mse(o, targets[:, k]) for k, o in enumerate(outs))
+            loss = sum(stage_loss(o, targets[:, k], scales) for k, o in enumerate(outs))
         else:
             out = run(x0, prompts, model, checkpointing=ckpt, **kw)
-            loss = _mse(out, targets[:, net.num_stages - 1])
+            loss = stage_loss(out, targets[:, net.num_stages - 1], scales)
         backward(loss)
         return float(loss.detach())
     if mode == "greedy":
@@ -503,7 +495,7 @@ def training_step(
             prompts_k, targets_k, kw_k, model_k = place.on(dev)
             x_k = x.detach() if dev is None else x.detach().to(dev)
             out = run(x_k, prompts_k, model_k, stages=[k], **kw_k)
-            loss = _mse(out, targets_k[:, k])
+            loss = stage_loss(out, targets_k[:, k], scales)
             backward(loss)  # frees stage k's graph now: memory stays one stage
             total += float(loss.detach())
             x = out.detach()
@@ -916,8 +908,8 @@ class _Trainer:
             x_in = self._stage_inputs(stage, [i], batch, model)
             kw = _net_inputs(self.net, batch)
             terms = self.net.stage_terms(stage, x_in, batch["prompts"], model, kw["sensitivities"], kw["anatomical"])
-            scale = sample_scales(batch["targets"])[0] if self.config.loss == "scaled_mse" else None
-            payload = terms_payload(terms, batch["targets"][:, stage], scale)
+            scales = _scales(self.config.loss, batch)
+            payload = terms_payload(terms, batch["targets"][:, stage], None if scales is None else scales[0])
             if self.config.cache == "memory":
                 store[i] = {k: v.detach().clone() for k, v in payload.items()}
             else:
