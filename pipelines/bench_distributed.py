@@ -36,6 +36,7 @@ def simulate(n: int, num_subsets: int, num_targets: int, seed: int = 0) -> list[
     from sirf_fbsem.geometry import scanner_preset
     from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
     from sirf_fbsem.recon import fov_mask
+    from sirf_fbsem.samples import Sample
     from sirf_fbsem.simulation.targets import osem_targets
     from sirf_fbsem.simulation.acquisition import single_slice_geometry
 
@@ -57,11 +58,11 @@ def simulate(n: int, num_subsets: int, num_targets: int, seed: int = 0) -> list[
         model = base.with_terms(mult, additive)
         ybar = model.forward(phantom)
         targets = osem_targets(model, ybar, num_targets, initial=fov_mask(image).float())
-        samples.append({
-            "prompts": torch.poisson(ybar, generator=g), "multiplicative": mult, "additive": additive,
-            "sensitivity": torch.stack([model.sensitivity(s) for s in range(num_subsets)]),
-            "targets": targets,
-        })
+        samples.append(Sample(
+            prompts=torch.poisson(ybar, generator=g), multiplicative=mult, additive=additive,
+            sensitivity=torch.stack([model.sensitivity(s) for s in range(num_subsets)]),
+            targets=targets,
+        ))
     return samples
 
 

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from sirf_fbsem.geometry import ImageGeometry, Scanner, SinogramGeometry  # noqa: E402
 from sirf_fbsem.model import FBSEMNet, RegulariserConfig  # noqa: E402
 from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel  # noqa: E402
+from sirf_fbsem.samples import Sample  # noqa: E402
 from sirf_fbsem.training import TrainConfig, train, with_terms_factory  # noqa: E402
 
 RESULTS = ROOT / "pipelines" / "results"
@@ -72,7 +73,7 @@ def make_problem(rings: int, image_shape: tuple[int, int, int], num_samples: int
         with torch.no_grad():
             prompts = torch.poisson(model.forward(phantom.unsqueeze(0))[0], generator=gen)
             sens = torch.stack([model.sensitivity(s) for s in range(NUM_SUBSETS)])
-        samples.append({"prompts": prompts, "additive": additive, "sensitivity": sens, "targets": phantom[None]})
+        samples.append(Sample(prompts=prompts, additive=additive, sensitivity=sens, targets=phantom[None]))
     return sino, image, base, samples
 
 

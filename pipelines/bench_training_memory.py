@@ -104,6 +104,7 @@ def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None, te
     from sirf_fbsem.geometry import ImageGeometry, Scanner, SinogramGeometry
     from sirf_fbsem.model import FBSEMNet, RegulariserConfig
     from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
+    from sirf_fbsem.samples import Batch
     from sirf_fbsem.training import TrainConfig, training_step
 
     torch.manual_seed(0)
@@ -126,11 +127,7 @@ def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None, te
         prompts = torch.poisson(model.forward(phantom.unsqueeze(0)), generator=torch.Generator(dev).manual_seed(0))
         sens = torch.stack([model.sensitivity(s) for s in range(nsub)], dim=0).unsqueeze(0)
     net = FBSEMNet(k, nsub, RegulariserConfig(**reg)).to(dev)
-    batch = {
-        "prompts": prompts,
-        "sensitivity": sens,
-        "targets": phantom[None, None].expand(1, k, *phantom.shape),
-    }
+    batch = Batch(prompts=prompts, sensitivity=sens, targets=phantom[None, None].expand(1, k, *phantom.shape))
     cfg = TrainConfig(epochs=1, lr=1e-3, device=device, progress=False)
     opt = torch.optim.Adam(net.parameters() if mode != "sequential" else net.stages[k - 1].parameters(), lr=1e-3)
     cached = (0.5 + body).unsqueeze(0).to(dev)  # stand-in for stage K's cached input
@@ -172,7 +169,7 @@ def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None, te
     return out
 
 
-def _tensor_tracker(net, opt, model, batch: dict, *tensors):
+def _tensor_tracker(net, opt, model, batch, *tensors):
     """A MemTracker (torch private API) that knows every tensor made before the step; None if unavailable."""
     import torch
 
@@ -182,7 +179,9 @@ def _tensor_tracker(net, opt, model, batch: dict, *tensors):
         return None
     tracker = MemTracker()
     model_tensors = [v for v in vars(model).values() if isinstance(v, torch.Tensor)]
-    tracker.track_external(net, opt, *batch.values(), *tensors, *model_tensors)
+    batch_tensors = [t for t in (batch.prompts, batch.targets, batch.multiplicative, batch.additive,
+                                 batch.sensitivity, batch.anatomical) if t is not None]
+    tracker.track_external(net, opt, *batch_tensors, *tensors, *model_tensors)
     return tracker
 
 

@@ -61,6 +61,8 @@ from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
 from sirf_fbsem.simulation import AcquisitionParameters, FBSEMSampleDataset, SimulationConfig, simulate_dataset
 from sirf_fbsem.simulation.acquisition import single_slice_geometry
 from sirf_fbsem.training import TrainConfig, train, with_terms_factory
+from sirf_fbsem.training.stage_targets import StageTargets, TargetRule
+from sirf_fbsem.training.trainers import LOSSES
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "pipelines" / "results"
@@ -69,50 +71,8 @@ SEEDS = {"train": 1000, "tune": 2000, "test": 3000}
 BOWSHER_NEIGHBOURS = (2, 3, 4, 5)
 # options added after the first studies: in the work-directory key and the setting name only when
 # not at these defaults, so older work directories keep their key
-LATER_DEFAULTS: dict[str, Any] = {"phantom": "procedural", "beta_init": 0.1, "beta_lr": None, "anatomical": False}
-
-
-class StudySamples(torch.utils.data.Dataset):
-    """Training samples in common image units, optionally with the ground truth as every stage's target.
-
-    Each sample is rescaled so that its phantom has mean 1 over its support: images (phantom,
-    targets) are divided by ``c = mean(phantom > 0)``, and the multiplicative factors and the
-    sensitivities multiplied by it, so the prompts and the model ``y = m G x + b`` are unchanged.
-    Without it the MSE of a 1e6-count sample would outweigh that of a 2e5-count one 25 times
-    (image units scale with the counts); the network is scale-equivariant, so this only
-    balances the loss over count levels.
-
-    With ``stride`` S (OSEM targets only) the base samples hold K*S noise-free OSEM sub-iterates
-    and stage k (0-based) gets sub-iterate (k+1)*S, i.e. index (k+1)*S - 1.
-    """
-
-    def __init__(self, base: torch.utils.data.Dataset, num_stages: int, truth_targets: bool, stride: int = 1):
-        if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
-        self.base, self.num_stages, self.truth_targets, self.stride = base, num_stages, truth_targets, stride
-        # index of the sub-iterate each stage is trained against
-        self.target_index = [(k + 1) * stride - 1 for k in range(num_stages)]
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        s = dict(self.base[i])
-        phantom = s["phantom"]
-        c = float(phantom[phantom > 0].mean())
-        s["phantom"] = phantom / c
-        s["multiplicative"] = s["multiplicative"] * c
-        s["sensitivity"] = s["sensitivity"] * c
-        if self.truth_targets:
-            s["targets"] = s["phantom"].unsqueeze(0).expand((self.num_stages,) + tuple(phantom.shape)).clone()
-        else:
-            t = s["targets"]
-            need = self.num_stages * self.stride
-            if t.shape[0] != need:
-                raise ValueError(f"sample {i} has {t.shape[0]} targets; stride {self.stride} x {self.num_stages} "
-                                 f"stages needs {need}")
-            s["targets"] = t[self.target_index] / c
-        return s
+LATER_DEFAULTS: dict[str, Any] = {"phantom": "procedural", "beta_init": 0.1, "beta_lr": None, "anatomical": False,
+                                  "loss": "mse"}
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -134,6 +94,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     p.add_argument("--beta-init", type=float, default=LATER_DEFAULTS["beta_init"], help="initial beta of every stage (normalised units)")
     p.add_argument("--beta-lr", type=float, default=LATER_DEFAULTS["beta_lr"], help="Adam learning rate of the betas (default --lr)")
+    p.add_argument("--loss", choices=LOSSES, default=LATER_DEFAULTS["loss"],
+                   help="training loss (default mse, the reported studies' loss; samples in phantom-mean units)")
     p.add_argument("--anatomical", action="store_true", default=LATER_DEFAULTS["anatomical"],
                    help="PET+MR variant (the paper's FBSEM-pm): the networks take the T1-like MR image as a second "
                    "channel, and the baselines include MR-guided MAP-EM (Bowsher prior)")
@@ -212,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 2. training (same network, data, targets, epochs)
     datasets = [FBSEMSampleDataset(d) for d in dirs["train"]]
     data: torch.utils.data.Dataset = torch.utils.data.ConcatDataset(datasets)
-    data = StudySamples(data, args.stages, truth_targets=args.targets == "truth", stride=args.target_stride)
+    rule = TargetRule(args.targets, args.target_stride if args.targets == "osem" else 1, units="phantom_mean")
+    data = StageTargets(data, rule, args.stages)
     base = EmbeddedAcquisitionModel(sino, image, num_subsets=args.subsets)
     reg = RegulariserConfig(dims=2, in_channels=2 if args.anatomical else 1, channels=args.channels,
                             layers=args.layers)
@@ -231,15 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             torch.manual_seed(0)
             net = FBSEMNet(args.stages, args.subsets, reg, beta_init=args.beta_init)
-            config = TrainConfig(epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=1,
+            config = TrainConfig(epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=1, loss=args.loss,
                                  validation_fraction=0.1, seed=0,
                                  progress=progress, warm_start=args.warm_start and mode == "sequential")
             resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("*.pt"))
             result = train(net, data, mode, config, with_terms_factory(base), run_dir, resume=resume,
-                           metadata={"sinogram_geometry": sino, "image_geometry": image, "targets": args.targets,
-                                     "target_stride": args.target_stride,
-                                     "target_subiterates": [(k + 1) * args.target_stride
-                                                            for k in range(args.stages)],
+                           metadata={"sinogram_geometry": sino, "image_geometry": image, **rule.as_dict(args.stages),
                                      "data": [str(d) for d in dirs["train"]]})
             if not result.completed or result.model_path is None:
                 print(f"{mode} training did not complete", file=sys.stderr)

@@ -31,12 +31,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from sirf_fbsem.cli import main as cli
 from sirf_fbsem.geometry import image_geometry_from_dict, sinogram_geometry_from_dict
 from sirf_fbsem.io.interfile import write_image, write_projdata
-from sirf_fbsem.simulation.dataset import load_manifest
+from sirf_fbsem.simulation.dataset import load_manifest, load_sample
 from sirf_fbsem.simulation.mmr_listmode import MMRListmodeParameters, simulate_mmr_listmode
 
 COMMON = ["--scanner", "small_test", "--span", "3", "--num-subsets", "4", "--num-stages", "8",
@@ -49,11 +47,11 @@ def write_scan(sample_dir: Path, out: Path) -> None:
     manifest = load_manifest(sample_dir)
     sino = sinogram_geometry_from_dict(manifest["sinogram_geometry"])
     image = image_geometry_from_dict(manifest["image_geometry"])
-    sample = torch.load(sample_dir / manifest["files"][0], weights_only=True)
-    write_projdata(out / "phantom_scan.hs", sino, sample["prompts"].numpy())
-    write_projdata(out / "phantom_mult.hs", sino, sample["multiplicative"].numpy())
-    write_projdata(out / "phantom_additive.hs", sino, sample["additive"].numpy())
-    write_image(out / "phantom_truth.hv", image, sample["phantom"].numpy())
+    sample = load_sample(sample_dir / manifest["files"][0], manifest)
+    write_projdata(out / "phantom_scan.hs", sino, sample.prompts.numpy())
+    write_projdata(out / "phantom_mult.hs", sino, sample.multiplicative.numpy())
+    write_projdata(out / "phantom_additive.hs", sino, sample.additive.numpy())
+    write_image(out / "phantom_truth.hv", image, sample.phantom.numpy())
 
 
 def write_mmr_scan(out: Path) -> None:

@@ -7,5 +7,6 @@ Public API (import from the submodules named):
 - :mod:`sirf_fbsem.autograd`: forward/back projection as ``torch.autograd.Function``.
 - :mod:`sirf_fbsem.recon`: OSEM, MLEM, Poisson log-likelihood, FOV mask.
 - :mod:`sirf_fbsem.io`: Interfile, NIfTI, DICOM, listmode.
+- :mod:`sirf_fbsem.samples`: ``Sample`` and ``Batch``, the typed training and evaluation data.
 """
-__version__ = "0.5.0"
+__version__ = "0.6.0"

@@ -134,7 +134,7 @@ def load_acquisition(
             recon_demo have them): "error" (default) or "zero" (clip to 0, with a warning).
         backend: "sirf" histograms mMR listmode with SIRF's ``ListmodeToSinograms`` and takes
             SIRF's randoms estimate from the delayeds; "embedded" (default) the package's own
-            histogrammer (the same bins; tests/test_listmode.py) and fan-sum ML randoms.
+            histogrammer (the same bins; tests/io/test_listmode.py) and fan-sum ML randoms.
     """
     if negative not in ("error", "zero"):
         raise ValueError(f"negative must be 'error' or 'zero', got {negative!r}")

@@ -84,6 +84,7 @@ from .projectors.base import AcquisitionModel
 from .projectors.factory import add_backend_argument, check_backend, make_acquisition_model
 from .recon.engine import FBSEMUpdate, reconstruct, start_image
 from .recon.osem import OSEM, fov_mask
+from .samples import Sample
 from .simulation.dataset import FBSEMSampleDataset
 from .study_sets import PhantomSet, check_disjoint, phantom_set_of_manifests, phantom_set_of_model
 from .study_statistics import paired_ratio_interval, seed_spread, verdict
@@ -429,16 +430,16 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def evaluation_masks(
-    sample: Mapping[str, Any], image_geometry: ImageGeometry, dilation_voxels: int = 2, min_lesion_voxels: int = 4
+    sample: Sample, image_geometry: ImageGeometry, dilation_voxels: int = 2, min_lesion_voxels: int = 4
 ) -> EvaluationMasks:
-    """Head mask, white-matter ROI and hot lesions of a sample (keys ``phantom``, ``anatomical``, ``lesion_mask``)."""
-    truth = _np(sample["phantom"])
+    """Head mask, white-matter ROI and hot lesions of a sample (from its ``phantom``, ``anatomical`` and ``lesion_mask``)."""
+    truth = _np(sample.phantom)
     fov = fov_mask(image_geometry).numpy()
     head = _dilate(truth > 0, dilation_voxels) & fov
-    lesion_mask = _np(sample["lesion_mask"])
+    lesion_mask = _np(sample.lesion_mask)
     hot = lesion_mask == 1
     lesions = [c for c in _components(hot) if int(c.sum()) >= min_lesion_voxels]
-    anat = _np(sample["anatomical"])
+    anat = _np(sample.anatomical)
     wm = _erode(anat >= 0.8, 1) & fov & (truth > 0) & ~_dilate(lesion_mask != 0, 2)
     return EvaluationMasks(head=head, white_matter=wm, lesions=lesions)
 
@@ -483,27 +484,27 @@ def _level_key(counts: float) -> str:
     return f"{float(counts):.3g}"
 
 
-def _group(samples: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    groups: dict[str, list[Mapping[str, Any]]] = {}
+def _group(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
     for s in samples:
-        groups.setdefault(_level_key(s["counts"]), []).append(s)
+        groups.setdefault(_level_key(s.counts), []).append(s)
     return dict(sorted(groups.items(), key=lambda kv: float(kv[0])))
 
 
 class _Prepared:
     """One sample on the device: its acquisition model, prompts, truth and masks."""
 
-    def __init__(self, sample: Mapping[str, Any], base: AcquisitionModel, config: EvaluationConfig):
+    def __init__(self, sample: Sample, base: AcquisitionModel, config: EvaluationConfig):
         dev = torch.device(config.device)
         self.sample = sample
-        self.model = base.with_terms(sample["multiplicative"].to(dev), sample["additive"].to(dev))
-        self.prompts = sample["prompts"].to(dev)
-        anat = sample.get("anatomical")
+        self.model = base.with_terms(sample.multiplicative.to(dev), sample.additive.to(dev))
+        self.prompts = sample.prompts.to(dev)
+        anat = sample.anatomical
         self.anatomical = None if anat is None else torch.as_tensor(anat).to(dev)
-        self.truth = sample["phantom"]
+        self.truth = sample.phantom
         self.masks = evaluation_masks(sample, base.image_geometry, config.mask_dilation_voxels,
                                       config.min_lesion_voxels)
-        self.index = int(sample.get("index", -1))
+        self.index = -1 if sample.index is None else int(sample.index)
 
     def nrmse(self, x: torch.Tensor) -> float:
         return metrics.nrmse(x, self.truth, self.masks.head)
@@ -605,7 +606,7 @@ def _grid_json(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dic
 def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Tensor:
     """The network's reconstruction of one sample from its start image (1 inside the FOV), (Z, Y, X) on the CPU."""
     model = p.model if p.model.num_subsets == net.num_subsets else p.model.with_num_subsets(net.num_subsets)
-    sens = p.sample.get("sensitivity")
+    sens = p.sample.sensitivity
     if sens is None or sens.shape[0] != net.num_subsets:
         sens = None
     else:
@@ -616,15 +617,15 @@ def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Ten
 
 
 def evaluate_methods(
-    samples: Sequence[Mapping[str, Any]],
+    samples: Sequence[Sample],
     networks: Mapping[str, FBSEMNet],
     base_model: AcquisitionModel,
     config: EvaluationConfig = EvaluationConfig(),
-    tuning_samples: Sequence[Mapping[str, Any]] | None = None,
+    tuning_samples: Sequence[Sample] | None = None,
     progress: bool = True,
     seed_groups: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """Score every method on ``samples`` (dicts of the simulation's sample contract), per count level.
+    """Score every method on ``samples`` (:class:`~sirf_fbsem.samples.Sample`, every field set), per count level.
 
     ``seed_groups`` names learned methods trained with several seeds: method -> the names in
     ``networks`` of its runs. Such a method's per-sample metrics are the means over its runs, and
@@ -657,7 +658,7 @@ def evaluate_methods(
             raise ValueError(f"no tuning samples at {key} counts; tuning count levels are {sorted(tune_groups)}")
     baselines = tuple(b for b in BASELINES if b != "map_em_bowsher" or config.bowsher_neighbours)
     if config.bowsher_neighbours:
-        missing = [i for i, s in enumerate([*samples, *(tuning_samples or [])]) if s.get("anatomical") is None]
+        missing = [i for i, s in enumerate([*samples, *(tuning_samples or [])]) if s.anatomical is None]
         if missing:
             raise ValueError(f"the Bowsher MAP-EM baseline needs every sample's 'anatomical' image; samples {missing} "
                              "have none (set EvaluationConfig.bowsher_neighbours=() to leave it out)")
@@ -715,7 +716,7 @@ def evaluate_methods(
         for name, members in (seed_groups or {}).items():
             methods[name] = _seed_group_entry([rows[m] for m in members], list(members))
         levels[key] = {
-            "counts": float(group[0]["counts"]),
+            "counts": float(group[0].counts),
             "num_samples": len(prepared),
             "sample_indices": [p.index for p in prepared],
             "num_tuning_samples": len(tune),
@@ -936,14 +937,14 @@ def phantom_set_of_datasets(role: str, datasets: Sequence[Any], max_samples: int
                                            for ds in datasets])
 
 
-def samples_of(datasets: Sequence[Any], max_samples: int | None = None) -> list[dict[str, Any]]:
+def samples_of(datasets: Sequence[Any], max_samples: int | None = None) -> list[Sample]:
     """The samples (up to ``max_samples`` per dataset) of datasets opened by :func:`open_datasets`."""
     return [ds[i] for ds in datasets for i in range(_num_used(ds, max_samples))]
 
 
 def load_samples(
     directories: Sequence[Path], max_samples: int | None = None
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[Sample], dict[str, Any]]:
     """Samples of several dataset directories (same geometry and subsets) and the first manifest."""
     datasets = open_datasets(directories)
     return samples_of(datasets, max_samples), datasets[0].manifest

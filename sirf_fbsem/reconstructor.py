@@ -474,7 +474,7 @@ class OSEMReconstructor(_IterativeReconstructor):
 
     Differs from OSMAPOSL: the first sub-iteration starts from the current estimate times
     STIR's cylindrical FOV mask (the engine's start-image rule), so voxels outside the FOV
-    stay 0; inside the FOV the images agree (tests/test_sirf_agreement.py).
+    stay 0; inside the FOV the images agree (tests/projectors/test_sirf_agreement.py).
 
     ``OSEMReconstructor(filename)``: STIR parameter files are not read; pass no argument.
     """

@@ -1,8 +1,8 @@
-"""A patch-training job for tests/test_patch_training.py, run by torchrun on CPU ranks (gloo).
+"""A patch-training job for tests/training/test_patch_training.py, run by torchrun on CPU ranks (gloo).
 
     python -m torch.distributed.run --nproc-per-node 2 tests/dist_patch_worker.py --samples samples.pt --out OUT
 
-Trains ``small_net`` (tests/test_model.py) sequentially on patches (:data:`PATCH_CONFIG`), once with
+Trains ``small_net`` (tests/model/test_model.py) sequentially on patches (:data:`PATCH_CONFIG`), once with
 each stage cache (``disk``, ``memory``), into OUT/<cache>; rank 0 writes the final weights to
 OUT/<cache>/final.pt.
 """
@@ -16,10 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_model import small_net, tiny2d_geometry  # noqa: E402
+from tiny_problems import small_net, tiny2d_geometry# noqa: E402
 
 from sirf_fbsem.distributed import init_distributed, shutdown  # noqa: E402
 from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel  # noqa: E402
+from sirf_fbsem.samples import Sample  # noqa: E402
 from sirf_fbsem.training import TrainConfig, train, with_terms_factory  # noqa: E402
 
 #: the settings the in-process reference run of the test uses too
@@ -35,7 +36,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     ctx = init_distributed("cpu")
-    samples = torch.load(args.samples, weights_only=True)
+    samples = [Sample.from_dict(d) for d in torch.load(args.samples, weights_only=True)]
     sino, image = tiny2d_geometry()
     factory = with_terms_factory(EmbeddedAcquisitionModel(sino, image, num_subsets=NUM_SUBSETS))
     try:

@@ -1,4 +1,4 @@
-"""Runs ``sirf-fbsem`` command lines one after another inside one torchrun job (tests/test_distributed.py).
+"""Runs ``sirf-fbsem`` command lines one after another inside one torchrun job (tests/training/test_distributed.py).
 
     python -m torch.distributed.run --nproc-per-node 2 tests/dist_reconstruct_driver.py RUNS.json RESULT_PREFIX
 

@@ -1,10 +1,10 @@
-"""A training job for tests/test_distributed.py, run by torchrun on CPU ranks (gloo).
+"""A training job for tests/training/test_distributed.py, run by torchrun on CPU ranks (gloo).
 
     python -m torch.distributed.run --nproc-per-node 2 --max-restarts 1 tests/dist_train_worker.py \
         --samples samples.pt --out OUT --runs sequential:sequential greedy:greedy killed:sequential \
         [--kill killed 1 11]
 
-Each run NAME:MODE trains ``small_net`` (tests/test_model.py) on the saved samples into
+Each run NAME:MODE trains ``small_net`` (tests/model/test_model.py) on the saved samples into
 OUT/NAME; rank 0 writes the final weights to OUT/NAME/final.pt. Every rank appends
 ``attempt rank name step`` lines to OUT/steps.log. With ``--kill NAME R S`` rank R kills
 itself (SIGKILL, no clean-up) at step S of run NAME in the first attempt only (torchrun's
@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_model import small_net, tiny2d_geometry  # noqa: E402
+from tiny_problems import small_net, tiny2d_geometry# noqa: E402
 
 from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel  # noqa: E402
+from sirf_fbsem.samples import Sample  # noqa: E402
 from sirf_fbsem.training import TrainConfig, TrainEvent, train, with_terms_factory  # noqa: E402
 from sirf_fbsem.distributed import elastic_restart_count, init_distributed, shutdown  # noqa: E402
 
@@ -48,7 +49,7 @@ def main() -> int:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a stuck rank is
     ctx = init_distributed("cpu")
     attempt = elastic_restart_count()
-    samples = torch.load(args.samples, weights_only=True)
+    samples = [Sample.from_dict(d) for d in torch.load(args.samples, weights_only=True)]
     sino, image = tiny2d_geometry()
     factory = with_terms_factory(EmbeddedAcquisitionModel(sino, image, num_subsets=NUM_SUBSETS))
     log = args.out / "steps.log"

@@ -235,7 +235,7 @@ def test_jupyter_stays_usable(instructions):
 def test_readme_documents_builds_tests_and_jupyter():
     text = DOCKER_README.read_text()
     for needed in ("docker build -f docker/Dockerfile", "SIRF_VARIANT=-gpu", "TORCH_INDEX_URL=",
-                   "tests/test_sirf_backend.py", "-p 8888:8888", "jovyan", "env_sirf.sh"):
+                   "tests/projectors/test_sirf_backend.py", "-p 8888:8888", "jovyan", "env_sirf.sh"):
         assert needed in text, f"docker/README.md does not mention {needed!r}"
 
 

@@ -55,7 +55,7 @@ def _sample_and_model(data, level: int = 0, index: int = 0):
     _, sino, image, dirs = data
     sample = FBSEMSampleDataset(dirs["test"][level])[index]
     model = EmbeddedAcquisitionModel(sino, image, num_subsets=4)
-    model = model.with_terms(sample["multiplicative"], sample["additive"])
+    model = model.with_terms(sample.multiplicative, sample.additive)
     return sample, model, image
 
 
@@ -73,15 +73,15 @@ def test_ssim_is_one_for_identical_images_and_falls_with_noise():
 def test_truth_scores_perfectly_and_masks_are_sensible(data):
     sample, _, image = _sample_and_model(data, level=1)
     masks = evaluation_masks(sample, image)
-    truth = sample["phantom"]
+    truth = sample.phantom
     m = image_metrics(truth, truth, masks)
     assert m["nrmse"] == 0.0 and math.isinf(m["psnr"]) and m["ssim"] == pytest.approx(1.0)
     # the head mask covers the phantom; the white-matter ROI is inside it and away from lesions
     assert bool(masks.head[truth.numpy() > 0].all())
-    assert masks.white_matter.sum() > 20 and not (masks.white_matter & (sample["lesion_mask"].numpy() != 0)).any()
+    assert masks.white_matter.sum() > 20 and not (masks.white_matter & (sample.lesion_mask.numpy() != 0)).any()
     if masks.lesions:
         assert m["contrast_recovery"] == pytest.approx(1.0)
-        assert all((sample["lesion_mask"].numpy()[les] == 1).all() for les in masks.lesions)
+        assert all((sample.lesion_mask.numpy()[les] == 1).all() for les in masks.lesions)
     # a uniformly scaled image has NRMSE |a - 1| exactly
     assert image_metrics(1.1 * truth, truth, masks)["nrmse"] == pytest.approx(0.1, rel=1e-6)
 
@@ -104,22 +104,22 @@ def test_quadratic_prior_reference_keeps_a_constant_image_and_averages_neighbour
 
 def test_map_em_with_zero_beta_is_exactly_osem(data):
     sample, model, image = _sample_and_model(data)
-    osem = osem_iterates(model, sample["prompts"], 3)
-    mapem = map_em(model, sample["prompts"], 0.0, 3, image.voxel_size_mm, return_iterates=True)
+    osem = osem_iterates(model, sample.prompts, 3)
+    mapem = map_em(model, sample.prompts, 0.0, 3, image.voxel_size_mm, return_iterates=True)
     assert torch.equal(mapem, osem)
 
 
 def test_larger_beta_gives_smoother_images(data):
     sample, model, image = _sample_and_model(data)  # low counts
     masks = evaluation_masks(sample, image)
-    noise = [metrics.background_noise(map_em(model, sample["prompts"], b, 6, image.voxel_size_mm), masks.white_matter)
+    noise = [metrics.background_noise(map_em(model, sample.prompts, b, 6, image.voxel_size_mm), masks.white_matter)
              for b in (0.0, 0.1, 1.0)]
     assert noise[0] > noise[1] > noise[2], noise
     # roughness: mean squared difference of horizontal neighbours inside the FOV
     fov = fov_mask(image)
     rough = []
     for b in (0.0, 1.0):
-        x = map_em(model, sample["prompts"], b, 6, image.voxel_size_mm)
+        x = map_em(model, sample.prompts, b, 6, image.voxel_size_mm)
         d = (x[..., 1:] - x[..., :-1]) ** 2
         rough.append(float(d[fov[..., 1:] & fov[..., :-1]].mean()))
     assert rough[1] < 0.5 * rough[0]
@@ -182,31 +182,31 @@ def test_bowsher_reference_keeps_an_edge_of_the_anatomy_that_the_quadratic_prior
 
 def test_bowsher_map_em_is_osem_at_zero_beta_and_beats_the_quadratic_prior_with_a_true_anatomy(data):
     sample, model, image = _sample_and_model(data)  # low counts
-    anat = sample["anatomical"]
-    osem = osem_iterates(model, sample["prompts"], 3)
-    assert torch.equal(map_em(model, sample["prompts"], 0.0, 3, image.voxel_size_mm, return_iterates=True,
+    anat = sample.anatomical
+    osem = osem_iterates(model, sample.prompts, 3)
+    assert torch.equal(map_em(model, sample.prompts, 0.0, 3, image.voxel_size_mm, return_iterates=True,
                               anatomical=anat, bowsher_neighbours=3), osem)
     with pytest.raises(ValueError, match="Bowsher"):
-        map_em(model, sample["prompts"], 0.1, 1, image.voxel_size_mm, anatomical=anat)
+        map_em(model, sample.prompts, 0.1, 1, image.voxel_size_mm, anatomical=anat)
     masks = evaluation_masks(sample, image)
-    truth = sample["phantom"]
+    truth = sample.phantom
     betas = (0.03, 0.1, 0.3, 1.0, 3.0)
     best = {}
     for name, kw in (("quadratic", {}), ("bowsher", {"anatomical": anat, "bowsher_neighbours": 3})):
         best[name] = min(min(metrics.nrmse(x, truth, masks.head) for x in
-                             map_em(model, sample["prompts"], b, 8, image.voxel_size_mm, return_iterates=True, **kw))
+                             map_em(model, sample.prompts, b, 8, image.voxel_size_mm, return_iterates=True, **kw))
                          for b in betas)
     assert best["bowsher"] < best["quadratic"], best
 
 
 def test_gaussian_filter_keeps_counts_and_the_best_filter_beats_no_filter(data):
     sample, model, image = _sample_and_model(data)
-    x = osem_iterates(model, sample["prompts"], 4)[-1]
+    x = osem_iterates(model, sample.prompts, 4)[-1]
     assert torch.equal(gaussian_filter(x, 0.0, image.voxel_size_mm), x)
     y = gaussian_filter(x, 8.0, image.voxel_size_mm)
     assert float(y.sum()) == pytest.approx(float(x.sum()), rel=1e-3)  # the head lies well inside the image
     masks = evaluation_masks(sample, image)
-    truth = sample["phantom"]
+    truth = sample.phantom
     grid = [metrics.nrmse(gaussian_filter(x, f, image.voxel_size_mm), truth, masks.head) for f in (0, 3, 5, 8, 12)]
     assert min(grid) < 0.97 * grid[0], grid  # at 2e4 counts, smoothing helps
 

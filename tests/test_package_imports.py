@@ -315,3 +315,14 @@ def test_checker_finds_a_function_level_import_and_honours_the_allow_list(tiny):
     assert function_level_imports(tiny, "pkg", {("pkg.low", "pkg.top"): "a reason"}) == []
     # and the function-level edge is not a module-level one: no cycle
     assert import_cycles(tiny, "pkg") == []
+
+
+def test_tests_mirror_the_package_layout():
+    """tests/<sub>/ holds the tests of sirf_fbsem/<sub>/ (every subpackage has one); tests of top-level
+    modules, the CLI and the documents stay in tests/."""
+    tests_dir = Path(__file__).resolve().parent
+    subpackages = {p.name for p in PACKAGE_DIR.iterdir() if (p / "__init__.py").is_file()}
+    test_dirs = {p.name for p in tests_dir.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert test_dirs == subpackages, (sorted(test_dirs), sorted(subpackages))
+    names = [p.name for p in tests_dir.rglob("test_*.py")]
+    assert len(names) == len(set(names)), "test file names must be unique (pytest's default import mode)"

@@ -1,25 +1,9 @@
 """Training data on disk: one ``sample_NNNNN.pt`` per simulated acquisition, and a ``manifest.json``.
 
-Sample file contract (``torch.save`` of a dict of tensors and plain numbers only, so
-``torch.load(path, weights_only=True)`` reads it):
-
-==================  ===========================  =============================================
-key                 shape, dtype                 meaning
-==================  ===========================  =============================================
-``prompts``         (T, S, V, N) float32         Poisson counts
-``multiplicative``  (T, S, V, N) float32         normalisation x attenuation
-``additive``        (T, S, V, N) float32         randoms + scatter (counts)
-``sensitivity``     (num_subsets, Z, Y, X) f32   A_s^T 1 of this sample's model, s = 0, 1, ...
-``targets``         (K, Z, Y, X) float32         OSEM sub-iterates 1..K of the noise-free data
-``phantom``         (Z, Y, X) float32            ground truth, same units as ``targets``
-``anatomical``      (Z, Y, X) float32            T1-like MR image (lesions absent)
-``mu_map``          (Z, Y, X) float32            attenuation, 1/cm
-``lesion_mask``     (Z, Y, X) int8               1 hot lesion, -1 cold lesion, 0 none
-``counts``          float                        expected total prompts
-``seed``            int                          the dataset's base seed
-``index``           int                          the sample's index (its seed is (seed, index))
-``activity_scale``  float                        ``phantom`` = activity in Bq/ml x this
-==================  ===========================  =============================================
+Sample file contract: ``torch.save`` of :meth:`~sirf_fbsem.samples.Sample.to_dict` with every
+field of :class:`~sirf_fbsem.samples.Sample` set (:data:`SAMPLE_KEYS`; tensors and plain numbers
+only, so ``torch.load(path, weights_only=True)`` reads it); :func:`load_sample` and the dataset
+give it back as a :class:`~sirf_fbsem.samples.Sample`.
 
 The targets start from :func:`.targets.default_initial_image` (1 where some LOR sees the voxel)
 rescaled by the count-matched rule of the networks' stage 0 (manifest ``initial_image``:
@@ -61,6 +45,7 @@ from ..geometry import (
 from ..io.atomic import atomic_path
 from ..projectors.base import PROJECTION_UNITS, AcquisitionModel
 from ..projectors.factory import make_acquisition_model
+from ..samples import Sample, SampleError
 from .acquisition import AcquisitionParameters, simulate_acquisition
 from .phantoms import PHANTOM_KINDS, PhantomParameters, make_phantom
 from .targets import START_RULE_OF_DATASET, osem_targets
@@ -82,22 +67,8 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 #: manifest "format" value; bump when the sample contract changes
 FORMAT = "sirf_fbsem.simulation/1"
-#: keys of every sample file
-SAMPLE_KEYS = (
-    "prompts",
-    "multiplicative",
-    "additive",
-    "sensitivity",
-    "targets",
-    "phantom",
-    "anatomical",
-    "mu_map",
-    "lesion_mask",
-    "counts",
-    "seed",
-    "index",
-    "activity_scale",
-)
+#: keys of every sample file: every field of :class:`~sirf_fbsem.samples.Sample`
+SAMPLE_KEYS = tuple(f.name for f in dataclasses.fields(Sample))
 _SEED_RULE = "numpy.random.SeedSequence([seed, index]).spawn(2) -> (phantom, acquisition) generators"
 # manifest keys that must agree before a run may add samples to an existing directory
 _SETTINGS_KEYS = (
@@ -193,8 +164,8 @@ def _generators(seed: int, index: int) -> tuple[np.random.Generator, np.random.G
     return np.random.default_rng(phantom_ss), np.random.default_rng(acquisition_ss)
 
 
-def simulate_sample(model: AcquisitionModel, config: SimulationConfig, seed: int, index: int) -> dict[str, Any]:
-    """One sample (the dict of the contract above; tensors on the CPU), from seed (seed, index).
+def simulate_sample(model: AcquisitionModel, config: SimulationConfig, seed: int, index: int) -> Sample:
+    """One sample (every field set; tensors on the CPU), from seed (seed, index).
 
     ``model`` gives the geometry, subsets, PSF and device; it should be ``config.model(...)``.
     """
@@ -210,21 +181,21 @@ def simulate_sample(model: AcquisitionModel, config: SimulationConfig, seed: int
     def cpu(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
 
-    return {
-        "prompts": cpu(acq.prompts),
-        "multiplicative": cpu(acq.multiplicative),
-        "additive": cpu(acq.additive),
-        "sensitivity": cpu(sensitivity),
-        "targets": cpu(targets),
-        "phantom": cpu(acq.activity),
-        "anatomical": torch.from_numpy(np.ascontiguousarray(phantom.anatomical, dtype=np.float32)),
-        "mu_map": torch.from_numpy(np.ascontiguousarray(phantom.mu_map, dtype=np.float32)),
-        "lesion_mask": torch.from_numpy(np.ascontiguousarray(phantom.lesion_mask, dtype=np.int8)),
-        "counts": float(acq.counts),
-        "seed": int(seed),
-        "index": int(index),
-        "activity_scale": float(acq.activity_scale),
-    }
+    return Sample(
+        prompts=cpu(acq.prompts),
+        multiplicative=cpu(acq.multiplicative),
+        additive=cpu(acq.additive),
+        sensitivity=cpu(sensitivity),
+        targets=cpu(targets),
+        phantom=cpu(acq.activity),
+        anatomical=torch.from_numpy(np.ascontiguousarray(phantom.anatomical, dtype=np.float32)),
+        mu_map=torch.from_numpy(np.ascontiguousarray(phantom.mu_map, dtype=np.float32)),
+        lesion_mask=torch.from_numpy(np.ascontiguousarray(phantom.lesion_mask, dtype=np.int8)),
+        counts=float(acq.counts),
+        seed=int(seed),
+        index=int(index),
+        activity_scale=float(acq.activity_scale),
+    )
 
 
 # ============================================================================ manifest
@@ -352,7 +323,7 @@ def simulate_dataset(
             sample = simulate_sample(model, config, seed, i)
             name = sample_filename(i)
             with atomic_path(out / name) as tmp:
-                torch.save(sample, tmp)
+                torch.save(sample.to_dict(), tmp)
             manifest["files"] = sorted(set(manifest["files"]) | {name})
             _write_manifest(out, manifest)
             bar.update(1)
@@ -376,8 +347,12 @@ def _expected_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
     }
 
 
-def load_sample(path: str | os.PathLike, manifest: dict | None = None) -> dict[str, Any]:
-    """Load one sample file (``weights_only=True``) and check its keys, and its shapes against ``manifest``."""
+def load_sample(path: str | os.PathLike, manifest: dict | None = None) -> Sample:
+    """Load one sample file (``weights_only=True``) and check its keys, and its shapes against ``manifest``.
+
+    Raises:
+        DatasetError: naming the file: missing, unreadable, a key missing or unknown, a shape or dtype off.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"sample file {str(path)!r} is missing")
@@ -403,11 +378,14 @@ def load_sample(path: str | os.PathLike, manifest: dict | None = None) -> dict[s
         raise DatasetError(
             f"sample file {str(path)!r}: 'lesion_mask' is {sample['lesion_mask'].dtype}; expected torch.int8"
         )
-    return sample
+    try:
+        return Sample.from_dict(sample, f"sample file {str(path)!r}")
+    except SampleError as err:
+        raise DatasetError(str(err)) from None
 
 
 class FBSEMSampleDataset(torch.utils.data.Dataset):
-    """The samples listed in a directory's manifest; ``dataset[i]`` is the sample dict.
+    """The samples listed in a directory's manifest; ``dataset[i]`` is a :class:`~sirf_fbsem.samples.Sample`.
 
     Args:
         directory: a directory written by :func:`simulate_dataset`.
@@ -471,7 +449,7 @@ class FBSEMSampleDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Sample:
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         return load_sample(self.files[index], self.manifest)

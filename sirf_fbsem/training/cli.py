@@ -29,6 +29,7 @@ from ..model.regularisers import RegulariserConfig
 from ..projectors.base import PROJECTION_UNITS
 from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
 from ..simulation.dataset import FBSEMSampleDataset
+from .stage_targets import IMAGE_UNITS, TARGET_KINDS, StageTargets, TargetRule
 from .trainers import LOSSES, MODES, TrainConfig, train, with_terms_factory
 
 __all__ = ["add_train_arguments", "run_train"]
@@ -55,6 +56,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scaled_mse (default): each sample's squared error divided by its own squared scale "
                         "(mean of its last target), so that every count level weighs alike; mse: the plain mean "
                         "squared error (sirf_fbsem <= 0.4; resumes runs begun with it)")
+    parser.add_argument("--targets", choices=TARGET_KINDS, default="osem",
+                        help="osem (default): stage k against the data's noise-free OSEM sub-iterate (k+1)*S "
+                        "(iteration-dependent targets); truth: every stage against the ground-truth phantom")
+    parser.add_argument("--target-stride", type=bounded_int(1, 1000), default=1, metavar="S",
+                        help="with --targets osem: stage k's target is sub-iterate (k+1)*S (the data need K*S "
+                        "targets: simulate with --num-stages K*S); default 1")
+    parser.add_argument("--image-units", choices=IMAGE_UNITS, default="as_simulated",
+                        help="as_simulated (default), or phantom_mean: each sample in units of its phantom's mean "
+                        "over the support (prompts unchanged; reweights the loss across activities, as the "
+                        "published 2D studies did with --loss mse)")
     parser.add_argument("--all-stages-loss", action="store_true",
                         help="end_to_end/checkpointed: sum the loss over every stage's output")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -103,6 +114,8 @@ def check_train_options(args: argparse.Namespace) -> None:
                          f"input); --mode is {mode}")
     if args.patches_per_sample is not None and args.patch_size is None:
         raise InputError("--patches-per-sample applies with --patch-size Z,Y,X (patch training)")
+    if args.target_stride != 1 and args.targets != "osem":
+        raise InputError(f"--target-stride picks OSEM sub-iterates as targets; --targets is {args.targets}")
     if args.shared and mode == "sequential":
         raise InputError("--shared (one regulariser for all stages) cannot be trained stage by stage: use it with "
                          "--mode end_to_end, checkpointed or greedy")
@@ -141,10 +154,14 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     sino = sinogram_geometry_from_dict(manifest["sinogram_geometry"])
     image = image_geometry_from_dict(manifest["image_geometry"])
     num_subsets = int(manifest["num_subsets"])
-    num_stages = int(manifest["num_stages"]) if args.stages is None else args.stages
-    if num_stages > int(manifest["num_stages"]):
-        raise ValueError(
-            f"--stages {num_stages}: the data have targets for {manifest['num_stages']} stages only"
+    rule = TargetRule(args.targets, args.target_stride, args.image_units)
+    simulated = int(manifest["num_stages"])
+    num_stages = (simulated // args.target_stride if args.targets == "osem" else simulated) \
+        if args.stages is None else args.stages
+    if num_stages < 1 or rule.targets_needed(num_stages) > simulated:
+        raise InputError(
+            f"--data {args.data}: {simulated} noise-free OSEM sub-iterates were simulated (manifest num_stages); "
+            f"{num_stages} stages with --target-stride {args.target_stride} need {rule.targets_needed(num_stages)}"
         )
     config = TrainConfig(
         epochs=args.epochs, lr=args.lr, beta_lr=args.beta_lr, batch_size=args.batch_size,
@@ -164,9 +181,11 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     base = make_acquisition_model(
         args.backend, sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=device
     )
+    data = dataset if rule.is_default else StageTargets(dataset, rule, num_stages)
     result = train(
-        net, dataset, args.mode, config, with_terms_factory(base), args.out, resume=resume, distributed=ctx,
-        metadata={"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],
+        net, data, args.mode, config, with_terms_factory(base), args.out, resume=resume, distributed=ctx,
+        data_signature=None if rule.is_default else rule.as_dict(num_stages),
+        metadata={**rule.as_dict(num_stages),"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],
                   "data": str(args.data), "psf_fwhm_mm": manifest.get("psf_fwhm_mm"), "backend": args.backend,
                   # the phantoms every choice of this run saw (training and validation split), so that
                   # 'evaluate' can refuse to confirm on them (sirf_fbsem.study_sets)

@@ -76,6 +76,7 @@ from ..model.fbsem import FBSEMNet, FBSEMStage
 from ..model.io import safe_torch_load, save_model
 from ..projectors.base import AcquisitionModel
 from ..recon.engine import start_image
+from ..samples import Batch, Sample
 from ..distributed import DistContext, current_context, loss_weight, shard_batch, shard_items
 from .patches import average_gradients, draw_patches, patch_training_step, terms_from_payload, terms_payload
 
@@ -89,7 +90,6 @@ __all__ = [
     "evaluate",
     "forward_stages",
     "stage_device",
-    "collate",
     "split_indices",
     "with_terms_factory",
     "make_optimizer",
@@ -102,11 +102,6 @@ MODES: tuple[str, ...] = ("sequential", "end_to_end", "checkpointed", "greedy")
 #: :attr:`TrainConfig.loss` values
 LOSSES: tuple[str, ...] = ("scaled_mse", "mse")
 
-#: sample keys that are stacked into a batch (when present)
-BATCH_KEYS = ("prompts", "multiplicative", "additive", "sensitivity", "targets", "anatomical", "initial")
-
-Sample = Mapping[str, Any]
-Batch = dict[str, torch.Tensor]
 ModelFactory = Callable[[Batch], AcquisitionModel]
 
 
@@ -286,20 +281,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------- data helpers
-def collate(samples: Sequence[Sample], device: str | torch.device = "cpu") -> Batch:
-    """Stack the tensors of :data:`BATCH_KEYS` present in every sample into (B, ...) on ``device``."""
-    if not samples:
-        raise ValueError("cannot collate an empty list of samples")
-    batch: Batch = {}
-    for key in BATCH_KEYS:
-        if all(key in s and s[key] is not None for s in samples):
-            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
-    for key in ("prompts", "targets"):
-        if key not in batch:
-            raise KeyError(f"training samples need a {key!r} tensor; got keys {sorted(samples[0])}")
-    return batch
-
-
 def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, validation) sample indices, fixed by ``seed``; at least one training sample."""
     if n < 1:
@@ -329,27 +310,24 @@ def with_terms_factory(base_model: AcquisitionModel) -> ModelFactory:
     base_model.support()  # computed once here, shared by every batch's model (the start image's mask)
 
     def factory(batch: Batch) -> AcquisitionModel:
-        return base_model.with_terms(batch.get("multiplicative"), batch.get("additive"))
+        return base_model.with_terms(batch.multiplicative, batch.additive)
 
     return factory
 
 
 def _initial(batch: Batch, model: AcquisitionModel) -> torch.Tensor:
-    """Start image (B, Z, Y, X): the batch's ``initial`` if the samples have one, else the
-    start image of the simulated targets, :func:`~sirf_fbsem.recon.engine.start_image`
-    (1 where some LOR sees the voxel, 0 elsewhere)."""
-    if "initial" in batch:
-        return batch["initial"]
-    prompts = batch["prompts"]
+    """Start image (B, Z, Y, X): the start image of the simulated targets,
+    :func:`~sirf_fbsem.recon.engine.start_image` (1 where some LOR sees the voxel, 0 elsewhere)."""
+    prompts = batch.prompts
     x0 = start_image(model).to(dtype=prompts.dtype, device=prompts.device)
     return x0.expand((prompts.shape[0],) + tuple(x0.shape)).clone()
 
 
 def _net_inputs(net: FBSEMNet, batch: Batch) -> dict[str, Any]:
-    anat = batch.get("anatomical") if net.uses_anatomical else None
+    anat = batch.anatomical if net.uses_anatomical else None
     if net.uses_anatomical and anat is None:
-        raise KeyError("the network takes an anatomical image but the samples have no 'anatomical' tensor")
-    return {"sensitivities": batch.get("sensitivity"), "anatomical": anat}
+        raise ValueError("the network takes an anatomical image but the samples have no 'anatomical' tensor")
+    return {"sensitivities": batch.sensitivity, "anatomical": anat}
 
 
 def sample_scales(targets: torch.Tensor) -> torch.Tensor:
@@ -372,11 +350,11 @@ def stage_loss(out: torch.Tensor, target: torch.Tensor, scales: torch.Tensor | N
 
 
 def _scales(loss: str, batch: Batch) -> torch.Tensor | None:
-    return sample_scales(batch["targets"]) if loss == "scaled_mse" else None
+    return sample_scales(batch.targets) if loss == "scaled_mse" else None
 
 
 def _check_targets(net: FBSEMNet, batch: Batch) -> None:
-    k = batch["targets"].shape[1]
+    k = batch.targets.shape[1]
     if k < net.num_stages:
         raise ValueError(f"samples have {k} targets (OSEM sub-iterates); the network has {net.num_stages} stages")
 
@@ -418,8 +396,8 @@ def forward_stages(
     kw = _net_inputs(net, batch)
     x0 = _initial(batch, model)
     if not stage_devices:
-        return net(x0, batch["prompts"], model, return_all=True, **kw)
-    place = _Placement(batch["prompts"], batch["targets"], kw, model)
+        return net(x0, batch.prompts, model, return_all=True, **kw)
+    place = _Placement(batch.prompts, batch.targets, kw, model)
     outs, x = [], x0
     for k in range(net.num_stages):
         dev = stage_device(stage_devices, k)
@@ -457,8 +435,8 @@ def training_step(
     """
     _check_targets(net, batch)
     kw = _net_inputs(net, batch)
-    targets = batch["targets"]
-    prompts = batch["prompts"]
+    targets = batch.targets
+    prompts = batch.prompts
     run = net if forward is None else forward
     scales = _scales(config.loss, batch)
 
@@ -520,14 +498,14 @@ def evaluate(
     sums = [0.0] * net.num_stages
     n = 0
     for lo in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[lo : lo + batch_size]], device)
+        batch = Batch.collate([dataset[i] for i in indices[lo : lo + batch_size]], device)
         _check_targets(net, batch)
         model = model_factory(batch)
         outs = forward_stages(net, batch, model, stage_devices)
-        b = batch["prompts"].shape[0]
+        b = batch.size
         scales = _scales(loss, batch)
         for k, o in enumerate(outs):
-            sums[k] += float(stage_loss(o, batch["targets"][:, k].to(o.device), scales)) * b
+            sums[k] += float(stage_loss(o, batch.targets[:, k].to(o.device), scales)) * b
         n += b
     return [s / max(n, 1) for s in sums]
 
@@ -596,7 +574,7 @@ class _Shard:
     idx: list[int]
     n_local: int
     weight: float
-    batch: Batch
+    batch: Batch | None  # None for patch steps, which read their own terms
 
 
 class _Trainer:
@@ -613,6 +591,7 @@ class _Trainer:
         callbacks: Sequence[Callback],
         resume: bool,
         distributed: DistContext | None = None,
+        data_signature: Mapping[str, Any] | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -661,6 +640,8 @@ class _Trainer:
                 "network": net.config(),
                 "config": self._signature_config(),
                 "num_samples": len(dataset),
+                # only when given: the signatures of runs that had none are unchanged
+                **({"data": dict(data_signature)} if data_signature else {}),
             },
             sort_keys=True,
         )
@@ -802,8 +783,8 @@ class _Trainer:
         ``load=False``: the shards' batches are left empty (patch steps read their own terms)."""
         bs, world = self.config.batch_size, self.dist.world_size
 
-        def batch(idx: list[int]) -> Batch:
-            return collate([self.dataset[i] for i in idx], self.config.device) if load else {}
+        def batch(idx: list[int]) -> Batch | None:
+            return Batch.collate([self.dataset[i] for i in idx], self.config.device) if load else None
 
         for lo in range(0, len(order), bs):
             gidx = list(order[lo : lo + bs])
@@ -822,7 +803,7 @@ class _Trainer:
         bs = self.config.batch_size
         for lo in range(0, len(order), bs):
             idx = list(order[lo : lo + bs])
-            yield idx, collate([self.dataset[i] for i in idx], self.config.device)
+            yield idx, Batch.collate([self.dataset[i] for i in idx], self.config.device)
 
     # -------------------------------------------------------------- sequential
     def _cache_path(self, stage: int, i: int) -> Path:
@@ -857,10 +838,10 @@ class _Trainer:
         mine = shard_items(len(self.dataset), self.dist.rank, self.dist.world_size)
         for i in tqdm(mine, desc=f"cache stage {stage + 1}", leave=False,
                       disable=not (self.config.progress and self.dist.is_main)):
-            batch = collate([self.dataset[i]], self.config.device)
+            batch = Batch.collate([self.dataset[i]], self.config.device)
             model = self.factory(batch)
             x_in = self._stage_inputs(stage, [i], batch, model)
-            out = self.net(x_in, batch["prompts"], model, stages=[stage], **_net_inputs(self.net, batch))[0]
+            out = self.net(x_in, batch.prompts, model, stages=[stage], **_net_inputs(self.net, batch))[0]
             if self.config.cache == "memory":
                 store[i] = out.detach().clone()
             else:
@@ -902,14 +883,14 @@ class _Trainer:
         mine = [self.train_idx[j] for j in shard_items(len(self.train_idx), self.dist.rank, self.dist.world_size)]
         for i in tqdm(mine, desc=f"patch terms stage {stage + 1}", leave=False,
                       disable=not (self.config.progress and self.dist.is_main)):
-            batch = collate([self.dataset[i]], self.config.device)
+            batch = Batch.collate([self.dataset[i]], self.config.device)
             _check_targets(self.net, batch)
             model = self.factory(batch)
             x_in = self._stage_inputs(stage, [i], batch, model)
             kw = _net_inputs(self.net, batch)
-            terms = self.net.stage_terms(stage, x_in, batch["prompts"], model, kw["sensitivities"], kw["anatomical"])
+            terms = self.net.stage_terms(stage, x_in, batch.prompts, model, kw["sensitivities"], kw["anatomical"])
             scales = _scales(self.config.loss, batch)
-            payload = terms_payload(terms, batch["targets"][:, stage], None if scales is None else scales[0])
+            payload = terms_payload(terms, batch.targets[:, stage], None if scales is None else scales[0])
             if self.config.cache == "memory":
                 store[i] = {k: v.detach().clone() for k, v in payload.items()}
             else:
@@ -955,8 +936,8 @@ class _Trainer:
         for idx, batch in self._batches(self._local_val()):
             model = self.factory(batch)
             x_in = self._stage_inputs(stage, idx, batch, model)
-            out = self.net(x_in, batch["prompts"], model, stages=[stage], **_net_inputs(self.net, batch))
-            total += float(stage_loss(out, batch["targets"][:, stage], _scales(self.config.loss, batch))) * len(idx)
+            out = self.net(x_in, batch.prompts, model, stages=[stage], **_net_inputs(self.net, batch))
+            total += float(stage_loss(out, batch.targets[:, stage], _scales(self.config.loss, batch))) * len(idx)
             n += len(idx)
         total, n = self.dist.all_reduce_sum([total, n])
         return total / n
@@ -1123,16 +1104,18 @@ def train(
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
     distributed: DistContext | None = None,
+    data_signature: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``net`` on ``dataset`` in ``mode`` (module docstring); writes checkpoints and logs to ``out_dir``.
 
     Args:
         net: the network (its parameters are trained in place, on ``config.device``).
-        dataset: indexable samples (dicts with ``prompts`` (T,S,V,N), ``targets`` (K',Z,Y,X)
-            with K' >= K, and optionally ``multiplicative``, ``additive``, ``sensitivity``
-            (num_subsets,Z,Y,X), ``anatomical`` (Z,Y,X), ``initial`` (Z,Y,X); default: 1 inside
-            the FOV, the start image of the simulated targets),
-            e.g. :class:`sirf_fbsem.simulation.dataset.FBSEMSampleDataset` or a list.
+        dataset: indexable :class:`~sirf_fbsem.samples.Sample` (``prompts``, ``targets`` (K',Z,Y,X)
+            with K' >= K, stage k trained against ``targets[k]``, and optionally ``multiplicative``,
+            ``additive``, ``sensitivity`` (num_subsets,Z,Y,X), ``anatomical`` (Z,Y,X)); the start
+            image is 1 inside the FOV (count-matched by the network), as for the simulated targets.
+            E.g. :class:`sirf_fbsem.simulation.dataset.FBSEMSampleDataset`, a list, or a
+            :class:`~sirf_fbsem.training.stage_targets.StageTargets` view of either.
         mode: ``"sequential"``, ``"end_to_end"``, ``"checkpointed"`` or ``"greedy"``.
         config: :class:`TrainConfig`.
         model_factory: ``batch -> AcquisitionModel`` (e.g. :func:`with_terms_factory`); the
@@ -1147,9 +1130,11 @@ def train(
             the initialised default process group if any (``torchrun``), else one process.
             Every rank calls :func:`train` with the same arguments and ``out_dir`` (a shared
             directory); rank 0 writes the files.
+        data_signature: what else defines the data (e.g. the :class:`~.stage_targets.TargetRule`):
+            part of the run's signature, so a run resumes only with the same.
     """
     trainer = _Trainer(net, dataset, mode, config, model_factory, Path(out_dir), list(callbacks), resume,
-                       distributed)
+                       distributed, data_signature)
     completed = trainer.run()
     model_path = None
     if completed:

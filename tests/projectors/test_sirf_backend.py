@@ -61,7 +61,7 @@ pytestmark = pytest.mark.sirf
 
 NUM_SUBSETS = 4
 NUM_LORS = 5
-SHARED_PET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sirf" / "examples" / "PET"
+SHARED_PET = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sirf" / "examples" / "PET"
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -26,12 +26,14 @@ from sirf_fbsem.simulation import (
     Tissue,
     attenuation_factors,
     load_manifest,
+    load_sample,
     osem_targets,
     procedural_phantom,
     simulate_acquisition,
     simulate_dataset,
     single_slice_geometry,
 )
+from sirf_fbsem.samples import Sample
 from sirf_fbsem.simulation import dataset as dataset_module
 from sirf_fbsem.simulation import phantoms as phantoms_module
 from sirf_fbsem.simulation.cli import add_simulate_arguments, geometry_from_args, run_simulate
@@ -299,7 +301,8 @@ def _config(**kw) -> SimulationConfig:
     return SimulationConfig(**base)
 
 
-def _tensors_equal(a: dict, b: dict) -> None:
+def _tensors_equal(a: Sample, b: Sample) -> None:
+    a, b = a.to_dict(), b.to_dict()
     assert a.keys() == b.keys()
     for k in a:
         if isinstance(a[k], torch.Tensor):
@@ -319,20 +322,24 @@ def test_dataset_contract_and_resume(tmp_path, geom2d, monkeypatch):
     assert manifest["num_subsets"] == 2 and manifest["num_stages"] == 3 and manifest["counts"] == 5e4
     assert manifest["seed"] == 7 and manifest["phantom"] == "procedural"
     assert manifest["randoms_fraction"] == 0.2 and manifest["scatter_fraction"] == 0.2
-    samples = [torch.load(f, weights_only=True) for f in files]
+    raw = torch.load(files[0], weights_only=True)  # the file contract: a plain dict of every field
+    assert isinstance(raw, dict) and sorted(raw) == sorted(dataset_module.SAMPLE_KEYS)
+    samples = [load_sample(f, manifest) for f in files]
     s0 = samples[0]
-    assert s0["prompts"].shape == sino.shape and s0["prompts"].dtype == torch.float32
-    assert s0["multiplicative"].shape == s0["additive"].shape == sino.shape
-    assert s0["sensitivity"].shape == (2,) + image.shape
-    assert s0["targets"].shape == (3,) + image.shape
+    assert isinstance(s0, Sample) and all(torch.equal(raw[k], v) if isinstance(v, torch.Tensor) else raw[k] == v
+                                          for k, v in s0.to_dict().items())
+    assert s0.prompts.shape == sino.shape and s0.prompts.dtype == torch.float32
+    assert s0.multiplicative.shape == s0.additive.shape == sino.shape
+    assert s0.sensitivity.shape == (2,) + image.shape
+    assert s0.targets.shape == (3,) + image.shape
     for key in ("phantom", "anatomical", "mu_map", "lesion_mask"):
-        assert s0[key].shape == image.shape
-    assert s0["lesion_mask"].dtype == torch.int8
-    assert isinstance(s0["counts"], float) and isinstance(s0["seed"], int) and s0["index"] == 0
-    assert not torch.equal(samples[0]["phantom"], samples[1]["phantom"])
+        assert getattr(s0, key).shape == image.shape
+    assert s0.lesion_mask.dtype == torch.int8
+    assert isinstance(s0.counts, float) and isinstance(s0.seed, int) and s0.index == 0
+    assert not torch.equal(samples[0].phantom, samples[1].phantom)
     # the stored sensitivities are those of the sample's model
-    m = EmbeddedAcquisitionModel(sino, image, num_subsets=2, multiplicative=s0["multiplicative"])
-    torch.testing.assert_close(s0["sensitivity"][1], m.sensitivity(1))
+    m = EmbeddedAcquisitionModel(sino, image, num_subsets=2, multiplicative=s0.multiplicative)
+    torch.testing.assert_close(s0.sensitivity[1], m.sensitivity(1))
 
     ds = FBSEMSampleDataset(full, sinogram_geometry=sino, image_geometry=image, num_stages=3)
     assert len(ds) == 3 and ds.num_subsets == 2
@@ -357,7 +364,7 @@ def test_dataset_contract_and_resume(tmp_path, geom2d, monkeypatch):
     assert calls == [2]
     assert load_manifest(part)["files"] == manifest["files"]
     for f in files:
-        _tensors_equal(torch.load(part / f.name, weights_only=True), torch.load(f, weights_only=True))
+        _tensors_equal(load_sample(part / f.name), load_sample(f))
     # nothing left to do
     calls.clear()
     simulate_dataset(part, 3, sino, image, cfg, seed=7, progress=False)
@@ -458,10 +465,10 @@ def test_count_levels_and_mixed_phantoms_are_cycled_by_sample_index(tmp_path, ca
     assert run_simulate(args) == 0
     m = load_manifest(tmp_path / "mix")
     assert m["counts"] == [1e4, 4e4] and m["phantom"] == "mixed"
-    samples = [torch.load(tmp_path / "mix" / f, weights_only=True) for f in m["files"]]
-    assert [s["counts"] for s in samples] == [1e4, 4e4, 1e4, 4e4]
+    samples = [load_sample(tmp_path / "mix" / f) for f in m["files"]]
+    assert [s.counts for s in samples] == [1e4, 4e4, 1e4, 4e4]
     for s in samples:  # each sample's expected total is its own level
-        assert float(s["prompts"].sum()) == pytest.approx(s["counts"], rel=0.05)
+        assert float(s.prompts.sum()) == pytest.approx(s.counts, rel=0.05)
     cfg = _config(phantom="mixed", count_levels=(1e4, 4e4))
     assert [cfg.phantom_of(i) for i in range(6)] == ["mni152", "mni152", "procedural", "procedural", "mni152",
                                                      "mni152"]

@@ -34,7 +34,7 @@ from sirf_fbsem.errors import InputError, SirfFbsemError
 from sirf_fbsem.geometry import SinogramGeometry, scanner_preset
 from sirf_fbsem.io import ecat8_norm, interfile, listmode, mumap
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEST_DATA = ROOT / "test_data"
 SHARED = ROOT.parent / "shared" / "data"
 REAL_LM_HDR = SHARED / "stir" / "recon_test_pack" / "PET_ACQ_small.l.hdr.STIR"

@@ -26,7 +26,7 @@ from sirf_fbsem.projectors.factory import make_acquisition_model, sirf_available
 pytestmark = [pytest.mark.sirf,
               pytest.mark.skipif(not sirf_available(), reason="sirf.STIR does not import here")]
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 PET_EXAMPLES = SHARED / "sirf" / "examples" / "PET"
 SMALLLONG = SHARED / "stir" / "examples" / "recon_demo" / "smalllong.hs"
 

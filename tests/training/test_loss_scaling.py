@@ -2,7 +2,7 @@
 
 Image units grow with the counts (the simulation's images are Bq/ml x a per-sample activity
 scale), so with the plain MSE a sample with ``a`` times the counts weighs ``a^2`` times more.
-FBSEM-Net is scale-equivariant (tests/test_scale_equivariance.py), so dividing each sample's
+FBSEM-Net is scale-equivariant (tests/model/test_scale_equivariance.py), so dividing each sample's
 squared error by its own scale squared (``c`` = mean of its last target's positive voxels)
 makes the loss, and its gradient, the same for ``a·(y, b, targets)`` as for ``(y, b, targets)``.
 """
@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sirf_fbsem.training import TrainConfig, collate, with_terms_factory
+from sirf_fbsem.samples import Batch, Sample
+from sirf_fbsem.training import TrainConfig, with_terms_factory
 from sirf_fbsem.training.patches import draw_patches, patch_training_step, terms_from_payload, terms_payload
 from sirf_fbsem.training.trainers import _initial, _net_inputs, sample_scales, stage_loss, training_step
-from test_model import _perturb, small_net, tiny_samples
+from tiny_problems import perturb, small_net, tiny_samples
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +23,9 @@ def problem():
     return tiny_samples(num_samples=2, num_subsets=2, num_targets=2, seed=4)
 
 
-def _scaled(sample: dict, a: float) -> dict:
-    s = dict(sample)
-    for key in ("prompts", "additive", "targets", "phantom"):
-        s[key] = sample[key] * a
-    return s
+def _scaled(sample: Sample, a: float) -> Sample:
+    return sample.replace(prompts=a * sample.prompts, additive=a * sample.additive, targets=a * sample.targets,
+                          phantom=a * sample.phantom)
 
 
 def test_sample_scales_and_stage_loss_are_the_formula():
@@ -50,8 +49,8 @@ def test_scaled_loss_and_gradient_do_not_depend_on_the_count_level(problem, mode
     for loss in ("scaled_mse", "mse"):
         for name, sample in (("y", samples[0]), ("ay", _scaled(samples[0], a))):
             net = small_net(num_stages=2, num_subsets=2)
-            _perturb(net)
-            batch = collate([sample], "cpu")
+            perturb(net)
+            batch = Batch.collate([sample], "cpu")
             value = training_step(net, mode, batch, factory(batch), TrainConfig(loss=loss), stage=stage)
             grads = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
             results[loss, name] = (value, grads)
@@ -66,15 +65,15 @@ def test_patch_loss_is_scaled_per_sample(problem):
     """The patch path stores c with the cached terms and weighs each sample's patches by 1/c^2."""
     base, samples = problem
     net = small_net(num_stages=2, num_subsets=2)
-    _perturb(net)
+    perturb(net)
     values = []
     for sample in (samples[0], _scaled(samples[0], 100.0)):
-        batch = collate([sample], "cpu")
+        batch = Batch.collate([sample], "cpu")
         model = with_terms_factory(base)(batch)
         kw = _net_inputs(net, batch)
         with torch.no_grad():
-            terms = net.stage_terms(0, _initial(batch, model), batch["prompts"], model, **kw)
-        payload = terms_payload(terms, batch["targets"][:, 0], sample_scales(batch["targets"])[0])
+            terms = net.stage_terms(0, _initial(batch, model), batch.prompts, model, **kw)
+        payload = terms_payload(terms, batch.targets[:, 0], sample_scales(batch.targets)[0])
         terms2, target, box = terms_from_payload(payload, "cpu")
         regions = draw_patches(box, terms2.image_shape, (1, 8, 8), 3, 0, 0, 0, 0)
         w = float(payload["loss_scale"]) ** -2

@@ -21,7 +21,7 @@ from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
 from sirf_fbsem.projectors.factory import sirf_available
 from sirf_fbsem.projectors.siddon_numba import basic_bin_and_symmetry, make_siddon_plan, row_elements
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 PET_EXAMPLES = SHARED / "sirf" / "examples" / "PET"
 SMALLLONG = SHARED / "stir" / "examples" / "recon_demo" / "smalllong.hs"
 
@@ -207,7 +207,7 @@ def pet():
 def _rows_against_stir(pet, sino, img, num_tangential_LORs):
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "pipelines"))
     from compare_sirf_osem import compare_rows, row_bins
 
     return compare_rows(pet, sino, img, num_tangential_LORs, row_bins(sino))

@@ -7,8 +7,9 @@ import torch
 
 from sirf_fbsem.model import FBSEMNet, RegulariserConfig, ResidualCNN, load_model, save_model
 from sirf_fbsem.model.blockwise import apply_blockwise, block_regions, check_block_shape, grown_region, receptive_radius
-from sirf_fbsem.training import TrainConfig, collate, training_step, with_terms_factory
-from test_model import _perturb, small_net, tiny2d_geometry, tiny_samples
+from sirf_fbsem.samples import Batch
+from sirf_fbsem.training import TrainConfig, training_step, with_terms_factory
+from tiny_problems import perturb, small_net, tiny2d_geometry, tiny_samples
 
 #: (Z, Y, X) = (5, 7, 9): no block shape below divides it
 SHAPE = (5, 7, 9)
@@ -18,7 +19,7 @@ BLOCKS = [(2, 3, 4), (1, 1, 1), (50, 50, 50), (5, 7, 9), (3, 1, 7), (1, 7, 2)]
 def _cnn(dims: int, anatomical: bool, dtype=torch.float64, channels: int = 4, layers: int = 3) -> ResidualCNN:
     torch.manual_seed(0)
     cnn = ResidualCNN(dims=dims, channels=channels, layers=layers, in_channels=2 if anatomical else 1).to(dtype)
-    _perturb(cnn, scale=0.2)  # the last layer starts at zero: move it so f is not 0
+    perturb(cnn, scale=0.2)  # the last layer starts at zero: move it so f is not 0
     return cnn
 
 
@@ -122,34 +123,34 @@ def test_set_block_shape_is_a_runtime_setting_of_every_stage(problem, tmp_path):
     base, samples = problem
     torch.manual_seed(0)
     net = FBSEMNet(3, 2, RegulariserConfig(dims=3, channels=4, layers=3, in_channels=2))
-    _perturb(net)
-    batch = collate(samples, "cpu")
+    perturb(net)
+    batch = Batch.collate(samples, "cpu")
     model = with_terms_factory(base)(batch)
-    kw = {"sensitivities": batch["sensitivity"], "anatomical": batch["anatomical"]}
+    kw = {"sensitivities": batch.sensitivity, "anatomical": batch.anatomical}
     x0 = torch.ones((2,) + tuple(base.image_shape))
-    ref = net(x0, batch["prompts"], model, **kw)
+    ref = net(x0, batch.prompts, model, **kw)
     keys, config = list(net.state_dict()), net.config()
     net.set_block_shape((1, 5, 7))
     assert net.block_shape == (1, 5, 7) and all(st.regulariser.block_shape == (1, 5, 7) for st in net.stages)
     assert list(net.state_dict()) == keys and net.config() == config
-    assert _rel(net(x0, batch["prompts"], model, **kw), ref) < 1e-5
+    assert _rel(net(x0, batch.prompts, model, **kw), ref) < 1e-5
     sino, image = tiny2d_geometry()
     loaded, _ = load_model(save_model(tmp_path / "m.pt", net, {"sinogram_geometry": sino, "image_geometry": image}))
     assert loaded.block_shape is None  # a file holds no block shape: the reader chooses
     net.set_block_shape(None)
-    assert net.block_shape is None and torch.equal(net(x0, batch["prompts"], model, **kw), ref)
+    assert net.block_shape is None and torch.equal(net(x0, batch.prompts, model, **kw), ref)
 
 
 @pytest.mark.parametrize("mode", ["sequential", "checkpointed"])
 def test_training_step_gradients_are_those_of_the_whole_volume(problem, mode):
     """Blocks inside stage checkpoints (nested non-reentrant checkpoints) and in sequential steps."""
     base, samples = problem
-    batch = collate(samples, "cpu")
+    batch = Batch.collate(samples, "cpu")
     model = with_terms_factory(base)(batch)
     grads = []
     for block in (None, (1, 6, 5)):
         net = small_net(num_stages=2, num_subsets=2)
-        _perturb(net)
+        perturb(net)
         net.set_block_shape(block)
         training_step(net, mode, batch, model, TrainConfig(), stage=0 if mode == "sequential" else None)
         grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
@@ -222,7 +223,7 @@ def test_reconstruct_block_size_gives_the_same_image_and_needs_a_model(tmp_path,
 
     from sirf_fbsem.cli import main
 
-    data = Path(__file__).resolve().parents[1] / "test_data"
+    data = Path(__file__).resolve().parents[2] / "test_data"
     scan, model = data / "phantom_scan.hs", data / "fbsem_model.pt"
     for extra, flag in [(["--block-size", "4,8,8"], "--block-size"),
                         (["--model", str(model), "--block-size", "4,0,8"], "--block-size"),
@@ -251,7 +252,7 @@ def test_onednn_convolutions_of_blocks_give_autograds_values_and_gradients(dims)
 
     torch.manual_seed(0)
     cnn = ResidualCNN(dims=dims, in_channels=2, channels=6, layers=4)
-    _perturb(cnn, scale=0.5)
+    perturb(cnn, scale=0.5)
     with torch.no_grad():
         for m in cnn.net[0::2]:
             m.bias.sub_(0.3)  # dead ReLUs

@@ -9,10 +9,6 @@ job (three command lines).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,10 +27,10 @@ from sirf_fbsem.distributed import (
 from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
 from sirf_fbsem.training import TrainConfig, train, with_terms_factory
 from dist_train_worker import CONFIG, NUM_STAGES, NUM_SUBSETS
-from test_model import small_net, tiny2d_geometry, tiny_samples
+from torchrun_jobs import tail as _tail, torchrun as _torchrun
+from tiny_problems import small_net, tiny_samples
 
-TESTS = Path(__file__).resolve().parent
-JOB_TIMEOUT_S = 240
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where the torchrun workers are
 #: sequential run: 5 training samples, global batch 2 -> 3 steps an epoch, 2 epochs, 2 stages: 12 steps.
 #: Step 11 is the second step of stage 2's second epoch; the last checkpoint before it ends step 9.
 KILL_STEP = 11
@@ -42,29 +38,6 @@ REFERENCE_MODES = ("sequential", "greedy", "end_to_end")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _torchrun(args: list[str], log: Path, nproc: int = 2, max_restarts: int = 0) -> int:
-    """Run a torchrun job on this machine (c10d rendezvous on a free loopback port); its return code.
-
-    The job runs in its own session: on timeout or interruption the whole process group is killed."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "--max-restarts", str(max_restarts), "--monitor-interval", "0.1", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=TESTS.parent,
-                                start_new_session=True)
-        try:
-            return proc.wait(timeout=JOB_TIMEOUT_S)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-
-
-def _tail(log: Path, n: int = 4000) -> str:
-    return log.read_text()[-n:]
-
-
 def _state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
@@ -158,7 +131,7 @@ def two_rank_job(problem, tmp_path_factory) -> Path:
     sequential run whose rank 1 kills itself (SIGKILL) at step KILL_STEP of the first attempt."""
     _, samples = problem
     root = tmp_path_factory.mktemp("ddp")
-    torch.save(samples, root / "samples.pt")
+    torch.save([s.to_dict() for s in samples], root / "samples.pt")
     runs = [f"{m}:{m}" for m in REFERENCE_MODES] + ["killed:sequential"]
     rc = _torchrun([str(TESTS / "dist_train_worker.py"), "--samples", str(root / "samples.pt"), "--out",
                     str(root / "out"), "--runs", *runs, "--kill", "killed", "1", str(KILL_STEP)],

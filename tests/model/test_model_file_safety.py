@@ -36,7 +36,7 @@ from sirf_fbsem.model.io import (
     upgrade_model_file,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUNDLED_MODEL = REPO / "test_data" / "fbsem_model.pt"
 BUNDLED_SCAN = REPO / "test_data" / "phantom_scan.hs"
 

@@ -18,7 +18,7 @@ from sirf_fbsem.io.listmode import det_pair_for_view_tangential
 from sirf_fbsem.io.mumap import MuUnitsError, check_mu_units, read_mu_map, resample_to
 from sirf_fbsem.io.randoms import additive_term, randoms_from_delayeds
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MMR_DIR = SHARED / "sirf" / "examples" / "PET" / "mMR"
 NORM_HDR = MMR_DIR / "norm.n.hdr"
 MU_HV = MMR_DIR / "mu_map.hv"

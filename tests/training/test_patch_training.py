@@ -12,10 +12,11 @@ import torch
 from sirf_fbsem.cli import main
 from sirf_fbsem.model import FBSEMNet, RegulariserConfig, ResidualCNN, StageTerms
 from sirf_fbsem.model.fbsem import FBSEMStage
-from sirf_fbsem.training import CheckpointMismatchError, TrainConfig, collate, train, with_terms_factory
+from sirf_fbsem.samples import Batch
+from sirf_fbsem.training import CheckpointMismatchError, TrainConfig, train, with_terms_factory
 from sirf_fbsem.training.patches import draw_patches, patch_training_step
 from sirf_fbsem.training.trainers import _initial, _net_inputs
-from test_model import _perturb, small_net, tiny_samples
+from tiny_problems import perturb, small_net, tiny_samples
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +49,22 @@ def test_stage_output_on_a_region_is_the_whole_volume_output_there(problem, dims
     base, samples = problem
     torch.manual_seed(0)
     net = FBSEMNet(2, 2, RegulariserConfig(dims=dims, channels=8, layers=3, in_channels=2 if anatomical else 1))
-    _perturb(net)
-    batch = collate(samples[:2], "cpu")
+    perturb(net)
+    batch = Batch.collate(samples[:2], "cpu")
     model = with_terms_factory(base)(batch)
     kw = _net_inputs(net, batch)
     x0 = _initial(batch, model)
     for k in (0, 1):
         x = x0 if k == 0 else torch.rand(x0.shape, generator=torch.Generator().manual_seed(3)) * (x0 > 0)
-        whole = net(x, batch["prompts"], model, stages=[k], **kw)
+        whole = net(x, batch.prompts, model, stages=[k], **kw)
         with torch.no_grad():
-            terms = net.stage_terms(k, x, batch["prompts"], model, **kw)
+            terms = net.stage_terms(k, x, batch.prompts, model, **kw)
         for region in REGIONS:
             out = net.stages[k].output_on(terms, region)
             ref = whole if region is None else whole[(Ellipsis, *region)]
             assert out.shape == ref.shape and _rel(out, ref) < 1e-5, (k, region)
         region = REGIONS[1]
-        target = batch["targets"][:, k]
+        target = batch.targets[:, k]
         params = list(net.stages[k].parameters())
         g_ref = torch.autograd.grad(((whole[(Ellipsis, *region)] - target[(Ellipsis, *region)]) ** 2).mean(), params)
         out = net.stages[k].output_on(terms, region)
@@ -79,7 +80,7 @@ def test_output_on_regions_of_a_3d_volume_float64(beta_units):
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     stage = FBSEMStage(ResidualCNN(dims=3, channels=4, layers=3), beta_init=0.7, beta_units=beta_units).double()
-    _perturb(stage, scale=0.2)
+    perturb(stage, scale=0.2)
     shape = (2, 6, 9, 10)
     sens = torch.rand(shape, generator=gen, dtype=torch.float64)
     sens[:, :, :2] = 0  # voxels outside the FOV
@@ -117,7 +118,7 @@ def test_patches_are_reproducible_inside_the_image_and_centred_in_the_fov_box():
 def test_patch_training_step_averages_the_patch_losses():
     torch.manual_seed(0)
     stage = FBSEMStage(ResidualCNN(dims=2, channels=4, layers=2), beta_init=0.5)
-    _perturb(stage)
+    perturb(stage)
     gen = torch.Generator().manual_seed(0)
     terms = StageTerms(*(torch.rand(1, 2, 8, 8, generator=gen) for _ in range(3)), scale=torch.ones(1),
                        unit=torch.ones(1))
@@ -275,11 +276,11 @@ def test_two_ranks_train_on_patches_as_one_process(tmp_path):
     trainer averages the stage's gradients itself; the result is that of one process (global batches of 3:
     shares of 2 and 1, then 1 and 0)."""
     from dist_patch_worker import NUM_STAGES, NUM_SUBSETS, PATCH_CONFIG
-    from test_distributed import _tail, _torchrun
+    from torchrun_jobs import tail as _tail, torchrun as _torchrun
 
     base, samples = tiny_samples(num_samples=5, num_subsets=NUM_SUBSETS, num_targets=NUM_STAGES, seed=1)
-    torch.save(samples, tmp_path / "samples.pt")
-    rc = _torchrun([str(Path(__file__).resolve().parent / "dist_patch_worker.py"), "--samples",
+    torch.save([s.to_dict() for s in samples], tmp_path / "samples.pt")
+    rc = _torchrun([str(Path(__file__).resolve().parents[1] / "dist_patch_worker.py"), "--samples",
                     str(tmp_path / "samples.pt"), "--out", str(tmp_path / "out")], tmp_path / "job.log")
     assert rc == 0, _tail(tmp_path / "job.log")
     init = small_net(num_stages=NUM_STAGES, num_subsets=NUM_SUBSETS).state_dict()

@@ -19,7 +19,7 @@ import pytest
 from sirf_fbsem.geometry import GeometryError, SinogramGeometry, scanner_preset
 from sirf_fbsem.io import listmode as lm
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 STIR_PACK = SHARED / "stir" / "recon_test_pack"
 LM_HDR = STIR_PACK / "PET_ACQ_small.l.hdr.STIR"
 LM_DATA = STIR_PACK / "small_listmode_file.l"

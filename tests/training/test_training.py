@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sirf_fbsem.model import ModelFileError, load_model
+from sirf_fbsem.samples import Batch
 from sirf_fbsem.training import (
     CheckpointMismatchError,
     TrainConfig,
-    collate,
     evaluate,
     make_optimizer,
     split_indices,
@@ -18,7 +18,7 @@ from sirf_fbsem.training import (
     training_step,
     with_terms_factory,
 )
-from test_model import _perturb, small_net, tiny2d_geometry, tiny_samples
+from tiny_problems import perturb, small_net, tiny2d_geometry, tiny_samples
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +187,13 @@ class _Evil:
 
 def test_end_to_end_and_checkpointed_give_identical_gradients(problem):
     base, samples = problem
-    batch = collate(samples[:2])
+    batch = Batch.collate(samples[:2])
     model = with_terms_factory(base)(batch)
     grads = {}
     for mode in ("end_to_end", "checkpointed"):
         for all_stages in (False, True):
             net = small_net(num_stages=4, beta_init=0.5)
-            _perturb(net)
+            perturb(net)
             loss = training_step(net, mode, batch, model, _config(all_stages_loss=all_stages))
             grads[mode, all_stages] = (loss, {n: p.grad.clone() for n, p in net.named_parameters()})
     for all_stages in (False, True):

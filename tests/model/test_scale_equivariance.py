@@ -15,18 +15,18 @@ from sirf_fbsem.io.interfile import read_projdata, write_projdata
 from sirf_fbsem.model.io import load_model
 from sirf_fbsem.recon.engine import FBSEMUpdate, count_matched_scale, reconstruct, start_image
 
-from test_model import _perturb, small_net, tiny_samples
+from tiny_problems import perturb, small_net, tiny_samples
 
-TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
+TEST_DATA = Path(__file__).resolve().parents[2] / "test_data"
 SCALES = (0.01, 100.0)
 
 
 def test_count_matched_scale_matches_counts_and_is_homogeneous():
     base, samples = tiny_samples(num_samples=2, num_subsets=4)
     s = samples[0]
-    model = base.with_terms(s["multiplicative"], s["additive"])
+    model = base.with_terms(s.multiplicative, s.additive)
     x0 = start_image(model)[None]
-    y0 = model.take_subset(s["prompts"], 0)[None]
+    y0 = model.take_subset(s.prompts, 0)[None]
     b0 = model.additive_term(0)
     scale = count_matched_scale(x0, y0, b0, model.sensitivity(0))
     # x0 rescaled has the measured true counts as its expected counts on subset 0
@@ -55,11 +55,11 @@ def test_count_matched_scale_floor_and_degenerate_cases():
 def test_network_output_scales_with_the_data(a):
     base, samples = tiny_samples(num_samples=2, num_subsets=4)
     net = small_net(num_stages=6, num_subsets=4, beta_init=0.5)
-    _perturb(net)  # CNNs that do something
+    perturb(net)  # CNNs that do something
     assert net.start_rule == "count_matched"
-    prompts = torch.stack([s["prompts"] for s in samples])
-    mult = torch.stack([s["multiplicative"] for s in samples])
-    add = torch.stack([s["additive"] for s in samples])
+    prompts = torch.stack([s.prompts for s in samples])
+    mult = torch.stack([s.multiplicative for s in samples])
+    add = torch.stack([s.additive for s in samples])
     x0 = start_image(base).expand((2,) + tuple(base.image_shape))
     with torch.no_grad():
         ref = net(x0, prompts, base.with_terms(mult, add))
@@ -81,12 +81,12 @@ def test_network_without_the_rule_is_not_equivariant():
     base, samples = tiny_samples(num_samples=1, num_subsets=4)
     net = small_net(num_stages=4, num_subsets=4, beta_init=0.5)
     net.start_rule = "none"
-    _perturb(net)
+    perturb(net)
     s = samples[0]
     x0 = start_image(base)
     with torch.no_grad():
-        ref = net(x0, s["prompts"], base.with_terms(s["multiplicative"], s["additive"]))
-        out = net(x0, 100 * s["prompts"], base.with_terms(s["multiplicative"], 100 * s["additive"]))
+        ref = net(x0, s.prompts, base.with_terms(s.multiplicative, s.additive))
+        out = net(x0, 100 * s.prompts, base.with_terms(s.multiplicative, 100 * s.additive))
     assert float((out - 100 * ref).abs().max() / (100 * ref).abs().max()) > 0.01
 
 
@@ -123,9 +123,9 @@ def test_em_update_stays_finite_where_the_expected_counts_underflow():
 
     base, samples = tiny_samples(num_samples=1, num_subsets=1)
     s = samples[0]
-    model = base.with_terms(s["multiplicative"], torch.zeros_like(s["additive"]))
+    model = base.with_terms(s.multiplicative, torch.zeros_like(s.additive))
     x = start_image(model) * 2e-38  # tiny (normal float32) activity: ratios of ~1e37 whose sum overflows
-    prompts = torch.ones_like(s["prompts"]) * 5
+    prompts = torch.ones_like(s.prompts) * 5
     out = em_update(x, prompts, model, 0)
     assert torch.isfinite(out).all()
     # the cap is STIR's: the update is at most MAX_QUOTIENT times the start where every ratio is capped

@@ -20,7 +20,7 @@ import torch
 from sirf_fbsem.recon.engine import start_image
 
 from sirf_fbsem.autograd import em_update
-from sirf_fbsem.geometry import GeometryError, ImageGeometry, Scanner, SinogramGeometry
+from sirf_fbsem.geometry import GeometryError, ImageGeometry
 from sirf_fbsem.model import (
     FBSEMNet,
     FBSEMStage,
@@ -32,90 +32,9 @@ from sirf_fbsem.model import (
     load_model,
     save_model,
 )
-from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
-from sirf_fbsem.recon import OSEM, fov_mask
+from sirf_fbsem.recon import OSEM
 from sirf_fbsem.simulation.targets import osem_targets
-
-# ----------------------------------------------------------------------------- a tiny 2D problem
-
-
-def tiny2d_geometry(num_detectors: int = 64, num_bins: int = 32) -> tuple[SinogramGeometry, ImageGeometry]:
-    """One ring (so one sinogram, z = 0), 32 views x 32 bins, and a 1 x 32 x 32 image of 4 mm voxels."""
-    sc = Scanner(
-        name="tiny 2D", num_rings=1, num_detectors_per_ring=num_detectors, inner_ring_radius_mm=70.0,
-        average_depth_of_interaction_mm=0.0, ring_spacing_mm=4.0, default_bin_size_mm=4.0,
-        max_num_non_arccorrected_bins=num_bins, default_num_arccorrected_bins=num_bins,
-    )
-    sino = SinogramGeometry.from_span(sc, span=1, max_ring_diff=0)
-    return sino, ImageGeometry((1, 32, 32), (4.0, 4.0, 4.0))
-
-
-def _phantom(image: ImageGeometry, gen: torch.Generator) -> torch.Tensor:
-    """A disc body with 1-3 hot/cold discs, activity ~1 (Bq/ml-like units)."""
-    _, y, x = image.centred_coordinates_mm()
-    Y, X = torch.meshgrid(torch.as_tensor(y), torch.as_tensor(x), indexing="ij")
-    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))  # noqa: E731
-    r_body = u(35.0, 45.0)
-    img = (X**2 + Y**2 < r_body**2).double() * u(0.8, 1.2)
-    for _ in range(1 + int(torch.randint(3, (), generator=gen))):
-        cx, cy, r = u(-20, 20), u(-20, 20), u(4.0, 10.0)
-        img = img + ((X - cx) ** 2 + (Y - cy) ** 2 < r**2).double() * u(-0.6, 2.0) * (img > 0)
-    return img.clamp_min(0).float().unsqueeze(0)  # (1, Y, X)
-
-
-def tiny_samples(
-    num_samples: int = 8,
-    num_subsets: int = 4,
-    num_targets: int = 4,
-    counts: float = 2e4,
-    seed: int = 0,
-    anatomical: bool = False,
-) -> tuple[EmbeddedAcquisitionModel, list[dict[str, torch.Tensor]]]:
-    """Samples as the simulation writes them: prompts, factors, additive term, subset sensitivities,
-    and targets = OSEM sub-iterates 1..K of the noise-free data (start image 1 inside the FOV)."""
-    sino, image = tiny2d_geometry()
-    base = EmbeddedAcquisitionModel(sino, image, num_subsets=num_subsets)
-    gen = torch.Generator().manual_seed(seed)
-    samples = []
-    for _ in range(num_samples):
-        phantom = _phantom(image, gen)
-        mult = 0.5 + 0.5 * torch.rand(sino.shape, generator=gen)  # normalisation x attenuation stand-in
-        geo = base.with_terms(mult, None).direct(phantom)
-        scale = counts / float(geo.sum())
-        mult = mult * scale
-        additive = torch.full(sino.shape, 0.1 * counts / geo.numel())
-        model = base.with_terms(mult, additive)
-        ybar = model.forward(phantom)
-        prompts = torch.poisson(ybar, generator=gen)
-        # the start image the trainer uses, under the network's (count-matched) start rule
-        targets = osem_targets(model, ybar, num_targets, initial=fov_mask(image).float())
-        sample = {
-            "prompts": prompts,
-            "multiplicative": mult,
-            "additive": additive,
-            "sensitivity": torch.stack([model.sensitivity(s) for s in range(num_subsets)]),
-            "targets": targets,
-            "phantom": phantom,
-        }
-        if anatomical:
-            sample["anatomical"] = (phantom > 0).float() + 0.5 * (phantom > phantom.mean()).float()
-        samples.append(sample)
-    return base, samples
-
-
-def small_net(num_stages: int = 4, num_subsets: int = 4, beta_init: float = 0.1, seed: int = 0, **kw) -> FBSEMNet:
-    torch.manual_seed(seed)
-    reg = RegulariserConfig(dims=2, channels=8, layers=3, **kw)
-    return FBSEMNet(num_stages, num_subsets, reg, beta_init=beta_init)
-
-
-def _perturb(net: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
-    """Move the (zero-initialised) last layers off zero so the CNNs do something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
+from tiny_problems import perturb, small_net, tiny2d_geometry, tiny_samples
 
 # ----------------------------------------------------------------------------- fusion
 
@@ -223,7 +142,7 @@ def test_residual_cnn_shapes_identity_at_init_nonnegative_and_homogeneous(dims):
     cnn = ResidualCNN(dims=dims, in_channels=1, channels=4, layers=3)
     x = torch.rand(2, 3, 8, 8)
     assert torch.allclose(cnn(x), x, rtol=1e-6)  # zero-initialised last layer: x_reg = x
-    _perturb(cnn, scale=0.5)
+    perturb(cnn, scale=0.5)
     out = cnn(x)
     assert out.shape == x.shape and (out >= 0).all() and not torch.allclose(out, x)
     # intensity normalisation; atol: float32 rounding of the scale, relative to the image maximum
@@ -254,7 +173,7 @@ def test_conv_relu_stack_gives_autograds_gradients_exactly(dims):
 
     torch.manual_seed(0)
     cnn = ResidualCNN(dims=dims, in_channels=2, channels=6, layers=4)
-    _perturb(cnn, scale=0.5)
+    perturb(cnn, scale=0.5)
     with torch.no_grad():
         for m in cnn.net[0::2]:
             m.bias.sub_(0.3)  # many units below zero
@@ -287,7 +206,7 @@ def test_conv_relu_stack_backward_needs_one_activation_less():
 
     torch.manual_seed(0)
     cnn = ResidualCNN(dims=3, in_channels=1, channels=16, layers=5)
-    _perturb(cnn, scale=0.5)
+    perturb(cnn, scale=0.5)
     x = torch.rand(1, 1, 8, 48, 48)
     activation = 16 * 8 * 48 * 48 * 4  # bytes of one hidden activation
     peaks = []
@@ -307,31 +226,31 @@ def test_conv_relu_stack_backward_needs_one_activation_less():
 def test_stage_with_zero_beta_equals_em_update_exactly():
     base, samples = tiny_samples(num_samples=2)
     s = samples[0]
-    model = base.with_terms(s["multiplicative"], s["additive"])
+    model = base.with_terms(s.multiplicative, s.additive)
     stage = FBSEMStage(ResidualCNN(dims=2, channels=4, layers=3), beta_init=0.0)
-    _perturb(stage.regulariser)
-    x = s["targets"][0].unsqueeze(0)
-    y1 = model.take_subset(s["prompts"], 1)
-    out = stage(x, y1, model, 1, s["sensitivity"][1])
-    assert torch.equal(out, em_update(x, y1, model, 1, s["sensitivity"][1]))
+    perturb(stage.regulariser)
+    x = s.targets[0].unsqueeze(0)
+    y1 = model.take_subset(s.prompts, 1)
+    out = stage(x, y1, model, 1, s.sensitivity[1])
+    assert torch.equal(out, em_update(x, y1, model, 1, s.sensitivity[1]))
 
 
 @pytest.mark.parametrize("start_rule", ["none", "count_matched"])
 def test_em_only_network_reproduces_osem_subiterates_in_order(start_rule):
     base, samples = tiny_samples(num_samples=1, num_subsets=4)
     s = samples[0]
-    model = base.with_terms(s["multiplicative"], s["additive"])
+    model = base.with_terms(s.multiplicative, s.additive)
     net = small_net(num_stages=6, num_subsets=4, beta_init=0.0)
     net.start_rule = start_rule
-    _perturb(net)
-    outs = net(start_image(model), s["prompts"], model, s["sensitivity"], return_all=True)
+    perturb(net)
+    outs = net(start_image(model), s.prompts, model, s.sensitivity, return_all=True)
     # the targets' rule is the network's: the same iterates as OSEM from its start image
-    expected = osem_targets(model, s["prompts"], 6, start_rule=start_rule)
+    expected = osem_targets(model, s.prompts, 6, start_rule=start_rule)
     x0 = start_image(model)
     if start_rule == "count_matched":  # the scale written out: subset 0's counts less b over A_0 x0
-        y0, b0 = model.take_subset(s["prompts"], 0), model.additive_term(0)
+        y0, b0 = model.take_subset(s.prompts, 0), model.additive_term(0)
         x0 = x0 * (y0.sum() - b0.sum()) / (model.sensitivity(0) * x0).sum()
-    algo = OSEM(model, s["prompts"], initial=x0)
+    algo = OSEM(model, s.prompts, initial=x0)
     for k in range(6):
         x = algo.update()
         assert torch.allclose(outs[k], x, rtol=1e-5, atol=1e-6), k
@@ -341,14 +260,14 @@ def test_em_only_network_reproduces_osem_subiterates_in_order(start_rule):
 def test_network_outputs_and_gradients_finite_with_zero_sensitivity_voxels():
     base, samples = tiny_samples(num_samples=2)
     s = samples[0]
-    model = base.with_terms(s["multiplicative"], s["additive"])
-    assert bool((s["sensitivity"] == 0).any())  # corners of the square image lie outside the FOV
+    model = base.with_terms(s.multiplicative, s.additive)
+    assert bool((s.sensitivity == 0).any())  # corners of the square image lie outside the FOV
     net = small_net(beta_init=2.0)
-    _perturb(net)
+    perturb(net)
     x0 = torch.ones((1,) + model.image_shape, requires_grad=True)
-    out = net(x0, s["prompts"], model, s["sensitivity"])
+    out = net(x0, s.prompts, model, s.sensitivity)
     assert torch.isfinite(out).all() and (out >= 0).all()
-    assert torch.equal(out[0][s["sensitivity"][3] == 0], torch.zeros(int((s["sensitivity"][3] == 0).sum())))
+    assert torch.equal(out[0][s.sensitivity[3] == 0], torch.zeros(int((s.sensitivity[3] == 0).sum())))
     out.square().mean().backward()
     assert torch.isfinite(x0.grad).all()
     for name, p in net.named_parameters():
@@ -359,12 +278,12 @@ def test_stage_is_positively_homogeneous_with_normalised_beta():
     base, samples = tiny_samples(num_samples=1)
     s = samples[0]
     net = small_net(beta_init=1.0)
-    _perturb(net)
-    m1 = base.with_terms(s["multiplicative"], s["additive"])
-    m2 = base.with_terms(s["multiplicative"], 5.0 * s["additive"])
+    perturb(net)
+    m1 = base.with_terms(s.multiplicative, s.additive)
+    m2 = base.with_terms(s.multiplicative, 5.0 * s.additive)
     x0 = torch.ones((1,) + m1.image_shape)
-    out1 = net(x0, s["prompts"], m1, s["sensitivity"])
-    out2 = net(5.0 * x0, 5.0 * s["prompts"], m2, s["sensitivity"])
+    out1 = net(x0, s.prompts, m1, s.sensitivity)
+    out2 = net(5.0 * x0, 5.0 * s.prompts, m2, s.sensitivity)
     assert torch.allclose(out2, 5.0 * out1, rtol=1e-4, atol=1e-5)
 
 
@@ -379,10 +298,10 @@ def test_network_options_and_argument_checks():
     base, samples = tiny_samples(num_samples=1, num_subsets=4)
     s = samples[0]
     with pytest.raises(ValueError, match="4 subsets"):
-        net(torch.ones(base.image_shape), s["prompts"], base)
+        net(torch.ones(base.image_shape), s.prompts, base)
     anat = small_net(in_channels=2)
     with pytest.raises(ValueError, match="anatomical"):
-        anat(torch.ones(base.image_shape), s["prompts"], base)
+        anat(torch.ones(base.image_shape), s.prompts, base)
 
 
 # ----------------------------------------------------------------------------- model files
@@ -395,7 +314,7 @@ def _metadata():
 
 def test_model_file_round_trip(tmp_path):
     net = small_net(num_stages=3)
-    _perturb(net)
+    perturb(net)
     path = save_model(tmp_path / "model.pt", net, _metadata())
     assert (tmp_path / "model.json").is_file()
     sino, _ = tiny2d_geometry()
@@ -408,7 +327,7 @@ def test_model_file_round_trip(tmp_path):
     raw = torch.load(path, weights_only=True)  # plain tensors and strings only
     assert isinstance(raw["metadata_json"], str)
     shared = FBSEMNet(3, 4, RegulariserConfig(dims=2, channels=4, layers=2), shared_regulariser=True)
-    _perturb(shared)
+    perturb(shared)
     loaded, meta = load_model(save_model(tmp_path / "shared.pt", shared, _metadata()))
     assert meta["shared_regulariser"] and loaded.stages[0].regulariser is loaded.stages[2].regulariser
     assert all(torch.equal(a, b) for a, b in zip(shared.parameters(), loaded.parameters()))

@@ -27,7 +27,7 @@ from sirf_fbsem.io.interfile import (
     write_projdata,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared example data not found at {DATA}")
 
 
