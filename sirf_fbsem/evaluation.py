@@ -85,7 +85,7 @@ from .projectors.factory import add_backend_argument, check_backend, make_acquis
 from .recon.engine import FBSEMUpdate, reconstruct, start_image
 from .recon.osem import OSEM, fov_mask
 from .samples import Sample
-from .simulation.dataset import FBSEMSampleDataset
+from .simulation.dataset import open_datasets
 from .study_sets import PhantomSet, check_disjoint, phantom_set_of_manifests, phantom_set_of_model
 from .study_statistics import paired_ratio_interval, seed_spread, verdict
 
@@ -616,6 +616,69 @@ def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Ten
     return reconstruct(model, p.prompts, rule, net.num_stages).cpu()
 
 
+def _check_evaluation_inputs(
+    samples: Sequence[Sample], tuning_samples: Sequence[Sample] | None, test_groups: Mapping[str, Any],
+    tune_groups: Mapping[str, Any], networks: Mapping[str, FBSEMNet], config: EvaluationConfig,
+) -> tuple[str, ...]:
+    """The baselines to score; ValueError for a count level without tuning samples, a Bowsher
+    baseline without MR images, or a network named like a baseline."""
+    for key in test_groups:
+        if tuning_samples and key not in tune_groups:
+            raise ValueError(f"no tuning samples at {key} counts; tuning count levels are {sorted(tune_groups)}")
+    baselines = tuple(b for b in BASELINES if b != "map_em_bowsher" or config.bowsher_neighbours)
+    if config.bowsher_neighbours:
+        missing = [i for i, s in enumerate([*samples, *(tuning_samples or [])]) if s.anatomical is None]
+        if missing:
+            raise ValueError(f"the Bowsher MAP-EM baseline needs every sample's 'anatomical' image; samples {missing} "
+                             "have none (set EvaluationConfig.bowsher_neighbours=() to leave it out)")
+    for name in networks:
+        if name in BASELINES or name == "truth":
+            raise ValueError(f"network name {name!r} clashes with a baseline method name")
+    return baselines
+
+
+def _reconstruct_sample(
+    p: _Prepared, chosen: Mapping[str, Mapping[str, Any]], nets: Mapping[str, FBSEMNet], config: EvaluationConfig,
+    vox: Sequence[float], device: torch.device, bar: tqdm,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Every method's image of one sample with the chosen hyperparameters (and the truth), and
+    OSEM's NRMSE at every iteration."""
+    its = osem_iterates(p.model, p.prompts, config.osem_iterations).cpu()
+    filtered = chosen["osem_filtered"]
+    recon = {
+        "osem": its[chosen["osem"]["iterations"] - 1],
+        "osem_filtered": gaussian_filter(its[filtered["iterations"] - 1], filtered["fwhm_mm"], vox),
+    }
+    bar.update(2)
+    recon["map_em"] = map_em(p.model, p.prompts, chosen["map_em"]["beta"], chosen["map_em"]["iterations"], vox).cpu()
+    bar.update(1)
+    if "map_em_bowsher" in chosen:
+        c = chosen["map_em_bowsher"]
+        recon["map_em_bowsher"] = map_em(p.model, p.prompts, c["beta"], c["iterations"], vox,
+                                         anatomical=p.anatomical, bowsher_neighbours=c["neighbours"]).cpu()
+        bar.update(1)
+    for name, net in nets.items():
+        recon[name] = _run_network(net, p, device)
+        bar.update(1)
+    recon["truth"] = p.truth
+    return recon, [p.nrmse(x) for x in its]
+
+
+def _method_entries(rows: Mapping[str, list[dict[str, Any]]], chosen: Mapping[str, Any],
+                    seed_groups: Mapping[str, Sequence[str]] | None) -> dict[str, Any]:
+    """Per method: statistics over samples, the per-sample rows and its chosen hyperparameters; per
+    group of seeds, the means over its runs (:func:`_seed_group_entry`)."""
+    methods: dict[str, Any] = {}
+    for name, r in rows.items():
+        entry: dict[str, Any] = {**_statistics(r), "per_sample": r}
+        if name in chosen:
+            entry["hyperparameters"] = chosen[name]
+        methods[name] = entry
+    for name, members in (seed_groups or {}).items():
+        methods[name] = _seed_group_entry([rows[m] for m in members], list(members))
+    return methods
+
+
 def evaluate_methods(
     samples: Sequence[Sample],
     networks: Mapping[str, FBSEMNet],
@@ -653,19 +716,8 @@ def evaluate_methods(
     vox = base.image_geometry.voxel_size_mm
     test_groups = _group(samples)
     tune_groups = _group(tuning_samples) if tuning_samples else {}
-    for key in test_groups:
-        if tuning_samples and key not in tune_groups:
-            raise ValueError(f"no tuning samples at {key} counts; tuning count levels are {sorted(tune_groups)}")
-    baselines = tuple(b for b in BASELINES if b != "map_em_bowsher" or config.bowsher_neighbours)
-    if config.bowsher_neighbours:
-        missing = [i for i, s in enumerate([*samples, *(tuning_samples or [])]) if s.anatomical is None]
-        if missing:
-            raise ValueError(f"the Bowsher MAP-EM baseline needs every sample's 'anatomical' image; samples {missing} "
-                             "have none (set EvaluationConfig.bowsher_neighbours=() to leave it out)")
+    baselines = _check_evaluation_inputs(samples, tuning_samples, test_groups, tune_groups, networks, config)
     nets = {name: net.to(device).eval() for name, net in networks.items()}
-    for name in nets:
-        if name in BASELINES or name == "truth":
-            raise ValueError(f"network name {name!r} clashes with a baseline method name")
     levels: dict[str, Any] = {}
     images: dict[str, dict[str, np.ndarray]] = {}
     n_map = len(config.map_betas) * (1 + len(config.bowsher_neighbours))
@@ -680,41 +732,14 @@ def evaluate_methods(
             rows: dict[str, list[dict[str, Any]]] = {m: [] for m in (*baselines, *nets, "truth")}
             osem_curves = []
             for i, p in enumerate(prepared):
-                its = osem_iterates(p.model, p.prompts, config.osem_iterations).cpu()
-                osem_curves.append([p.nrmse(x) for x in its])
-                recon = {
-                    "osem": its[chosen["osem"]["iterations"] - 1],
-                    "osem_filtered": gaussian_filter(
-                        its[chosen["osem_filtered"]["iterations"] - 1], chosen["osem_filtered"]["fwhm_mm"], vox
-                    ),
-                }
-                bar.update(2)
-                recon["map_em"] = map_em(p.model, p.prompts, chosen["map_em"]["beta"], chosen["map_em"]["iterations"],
-                                         vox).cpu()
-                bar.update(1)
-                if "map_em_bowsher" in chosen:
-                    c = chosen["map_em_bowsher"]
-                    recon["map_em_bowsher"] = map_em(p.model, p.prompts, c["beta"], c["iterations"], vox,
-                                                     anatomical=p.anatomical, bowsher_neighbours=c["neighbours"]).cpu()
-                    bar.update(1)
-                for name, net in nets.items():
-                    recon[name] = _run_network(net, p, device)
-                    bar.update(1)
-                recon["truth"] = p.truth
+                recon, curve = _reconstruct_sample(p, chosen, nets, config, vox, device, bar)
+                osem_curves.append(curve)
                 for name, x in recon.items():
-                    row = {"index": p.index, **image_metrics(x, p.truth, p.masks),
-                           "num_hot_lesions": len(p.masks.lesions)}
-                    rows[name].append(row)
+                    rows[name].append({"index": p.index, **image_metrics(x, p.truth, p.masks),
+                                       "num_hot_lesions": len(p.masks.lesions)})
                 if i == 0:
                     images[key] = {name: _np(x) for name, x in recon.items()}
-        methods: dict[str, Any] = {}
-        for name, r in rows.items():
-            entry: dict[str, Any] = {**_statistics(r), "per_sample": r}
-            if name in chosen:
-                entry["hyperparameters"] = chosen[name]
-            methods[name] = entry
-        for name, members in (seed_groups or {}).items():
-            methods[name] = _seed_group_entry([rows[m] for m in members], list(members))
+        methods = _method_entries(rows, chosen, seed_groups)
         levels[key] = {
             "counts": float(group[0].counts),
             "num_samples": len(prepared),
@@ -912,18 +937,6 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     add_backend_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def open_datasets(directories: Sequence[Path]) -> list[Any]:
-    """The datasets of several directories (manifests read, no sample loaded), checked to share
-    geometry, subsets and PSF."""
-    datasets = [FBSEMSampleDataset(d) for d in directories]
-    first = datasets[0].manifest
-    for d, ds in zip(directories, datasets):
-        for k in ("sinogram_geometry", "image_geometry", "num_subsets", "psf_fwhm_mm"):
-            if ds.manifest.get(k) != first.get(k):
-                raise ValueError(f"dataset {str(d)!r} has another {k} than {str(directories[0])!r}")
-    return datasets
 
 
 def _num_used(ds: Any, max_samples: int | None) -> int:

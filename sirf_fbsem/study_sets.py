@@ -56,13 +56,16 @@ def phantom_set_of_manifests(role: str, datasets: Sequence[tuple[str, Mapping[st
 
 
 def phantom_set_of_model(name: str, path: str, metadata: Mapping[str, Any]) -> PhantomSet:
-    """The training set recorded in a model's metadata (``training_data.seed`` and
-    ``training_data.indices``, written by ``sirf-fbsem train``); pairs None if not recorded."""
+    """The training set recorded in a model's metadata (``training_data``, written by ``sirf-fbsem
+    train``: ``{seed, indices}``, or a list of them for several datasets); pairs None if not recorded."""
     rec = metadata.get("training_data")
-    if not isinstance(rec, Mapping) or rec.get("seed") is None or rec.get("indices") is None:
-        return PhantomSet(f"training of {name}", (str(path),), None)
-    seed = int(rec["seed"])
-    return PhantomSet(f"training of {name}", (str(path),), frozenset((seed, int(i)) for i in rec["indices"]))
+    records = rec if isinstance(rec, list) else [rec]
+    pairs: set[tuple[int, int]] = set()
+    for r in records:
+        if not isinstance(r, Mapping) or r.get("seed") is None or r.get("indices") is None:
+            return PhantomSet(f"training of {name}", (str(path),), None)
+        pairs |= {(int(r["seed"]), int(i)) for i in r["indices"]}
+    return PhantomSet(f"training of {name}", (str(path),), frozenset(pairs))
 
 
 def check_disjoint(confirmation: PhantomSet, others: Sequence[PhantomSet]) -> None:

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -302,16 +303,108 @@ def write_dicom_series(
     Returns the paths of the written files.
     """
     pydicom = _require_pydicom()
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.dataset import Dataset
 
     target = absolute(directory)
     owner = check_replaceable(PlannedOutput(target, "dicom_series", ""), overwrite)
     replace = (dicom_series_files(target) or []) if owner == "ours" else []
     arr = check_volume(image, geometry)
-    sx, sy, sz = patient_flips(patient_position)
-    position = patient_position.upper()
+    settings = _checked_settings(
+        patient_position=patient_position, units=units, series_description=series_description,
+        patient_name=patient_name, patient_id=patient_id, study_uid=study_uid,
+        frame_of_reference_uid=frame_of_reference_uid, acquisition_datetime=acquisition_datetime,
+        decay_corrected=decay_corrected, manufacturer_model=manufacturer_model, corrections=corrections,
+        frame_duration_s=frame_duration_s, reconstruction_method=reconstruction_method,
+        series_number=series_number,
+    )
+    rp_item, half_life = (None, None)
+    if radiopharmaceutical is not None:
+        rp_item, half_life = _radiopharmaceutical_item(radiopharmaceutical)
+    timing = _frame_timing(settings, half_life)
+    pixels, slopes, signed = _quantise(arr)
+
+    now = _dt.datetime.now()
+    series_time = settings.acquisition_datetime or now
+    uids = _SeriesUIDs(
+        study=settings.study_uid or pydicom.uid.generate_uid(),
+        series=pydicom.uid.generate_uid(),
+        frame_of_reference=settings.frame_of_reference_uid or pydicom.uid.generate_uid(),
+    )
+    base = Dataset()  # the attributes every slice shares, module by module (PS3.3 A.21.3)
+    _sop_common_module(base, now, settings)
+    _patient_module(base, settings)
+    _general_study_module(base, uids.study, series_time)
+    _general_series_module(base, uids.series, settings)
+    _pet_series_module(base, series_time, geometry.shape[0], timing.corrections, settings)
+    _pet_isotope_module(base, rp_item)
+    _patient_orientation_module(base, settings.position)
+    _frame_of_reference_module(base, uids.frame_of_reference)
+    model_name = settings.manufacturer_model
+    _general_equipment_module(base, _lo("scanner.name", scanner.name) if model_name is None else model_name)
+    _acquisition_timing(base, now, settings, timing)
+    _image_plane_module(base, geometry, settings.position)
+    _image_pixel_module(base, geometry, signed)
+
+    written: list[str] = []
+    with atomic_dir(target, replace=replace, last=SERIES_MANIFEST) as tmp:
+        for k in range(geometry.shape[0]):
+            name = f"IM_{k + 1:04d}.dcm"
+            ds = _slice_instance(base, k, geometry, settings.position, slopes[k], pixels[k], signed)
+            pydicom.dcmwrite(tmp / name, ds, enforce_file_format=True)
+            written.append(name)
+        manifest = {"written_by": JSON_MARK, "sirf_fbsem_version": __version__, "files": written,
+                    "series_instance_uid": str(uids.series), "series_description": settings.series_description}
+        (tmp / SERIES_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return [target / n for n in written]
+
+
+# ============================================================================ the writer's steps
+@dataclass(frozen=True)
+class _Settings:
+    """:func:`write_dicom_series`'s options, checked and in DICOM's forms (upper-case terms, LO strings)."""
+
+    position: str
+    units: str
+    series_description: str
+    patient_name: str
+    patient_id: str
+    study_uid: str | None
+    frame_of_reference_uid: str | None
+    acquisition_datetime: _dt.datetime | None
+    decay_corrected: bool
+    manufacturer_model: str | None
+    corrections: tuple[str, ...]
+    frame_duration_s: float | None
+    reconstruction_method: str | None
+    series_number: int
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """FrameReferenceTime (ms from the series time), DecayFactor, and CorrectedImage with DECY when decay-corrected."""
+
+    frame_reference_ms: float
+    decay_factor: float | None
+    corrections: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _SeriesUIDs:
+    study: str
+    series: str
+    frame_of_reference: str
+
+
+def _checked_settings(
+    *, patient_position: str, units: str, series_description: str, patient_name: str, patient_id: str,
+    study_uid: str | None, frame_of_reference_uid: str | None, acquisition_datetime: _dt.datetime | None,
+    decay_corrected: bool | None, manufacturer_model: str | None, corrections: Sequence[str],
+    frame_duration_s: float | None, reconstruction_method: str | None, series_number: int,
+) -> _Settings:
+    """Check every option before anything is written; ValueError/TypeError naming the option."""
+    from pydicom.uid import UID
+
+    patient_flips(patient_position)  # raises for an unknown position
     units = str(units).upper()
     if units not in PET_UNITS:
         raise ValueError(f"units must be a PET Units defined term {sorted(PET_UNITS)}, got {units!r}")
@@ -334,30 +427,43 @@ def write_dicom_series(
         raise ValueError(f"frame_duration_s must be > 0 s, got {frame_duration_s}")
     if isinstance(series_number, bool) or int(series_number) != series_number or series_number < 0:
         raise ValueError(f"series_number must be a non-negative integer, got {series_number!r}")
-    if manufacturer_model is not None:
-        manufacturer_model = _lo("manufacturer_model", manufacturer_model)
-    if reconstruction_method is not None:
-        reconstruction_method = _lo("reconstruction_method", reconstruction_method)
+    return _Settings(
+        position=patient_position.upper(), units=units, series_description=series_description,
+        patient_name=str(patient_name), patient_id=patient_id, study_uid=study_uid,
+        frame_of_reference_uid=frame_of_reference_uid, acquisition_datetime=acquisition_datetime,
+        decay_corrected=bool(decay_corrected),
+        manufacturer_model=None if manufacturer_model is None else _lo("manufacturer_model", manufacturer_model),
+        corrections=tuple(corrections),
+        frame_duration_s=None if frame_duration_s is None else float(frame_duration_s),
+        reconstruction_method=(None if reconstruction_method is None
+                               else _lo("reconstruction_method", reconstruction_method)),
+        series_number=int(series_number),
+    )
 
-    rp_item, half_life = (None, None)
-    if radiopharmaceutical is not None:
-        rp_item, half_life = _radiopharmaceutical_item(radiopharmaceutical)
 
-    # Timing: frame reference time (ms from the series time) and decay factor.
+def _frame_timing(settings: _Settings, half_life_s: float | None) -> _Timing:
+    """Frame reference time and decay factor of a frame of duration T with decay constant lam:
+
+        FrameReferenceTime = ln(lam T / (1 - exp(-lam T))) / lam   (the time of the mean count rate;
+                             T/2 without a half-life; 0 without a duration)
+        DecayFactor        = lam T / (1 - exp(-lam T))             (only when decay-corrected)
+    """
+    duration = settings.frame_duration_s
     lam_t = None
-    if frame_duration_s is not None and half_life is not None:
-        lam_t = math.log(2.0) / half_life * float(frame_duration_s)
-    if frame_duration_s is None:
+    if duration is not None and half_life_s is not None:
+        lam_t = math.log(2.0) / half_life_s * duration
+    if duration is None:
         frame_ref_ms = 0.0
     elif lam_t is None or lam_t < 1e-12:
-        frame_ref_ms = 500.0 * float(frame_duration_s)
-    else:  # time of the mean count rate: ln(lam T / (1 - exp(-lam T))) / lam
-        frame_ref_ms = 1000.0 * float(frame_duration_s) * math.log(lam_t / -math.expm1(-lam_t)) / lam_t
+        frame_ref_ms = 500.0 * duration
+    else:
+        frame_ref_ms = 1000.0 * duration * math.log(lam_t / -math.expm1(-lam_t)) / lam_t
+    corrections = list(settings.corrections)
     decay_factor = None
-    if decay_corrected:
-        missing = [n for n, v in (("acquisition_datetime", acquisition_datetime),
-                                  ("frame_duration_s", frame_duration_s),
-                                  ("a half-life (radiopharmaceutical)", half_life)) if v is None]
+    if settings.decay_corrected:
+        missing = [n for n, v in (("acquisition_datetime", settings.acquisition_datetime),
+                                  ("frame_duration_s", duration),
+                                  ("a half-life (radiopharmaceutical)", half_life_s)) if v is None]
         if missing:
             raise ValueError(
                 f"decay_corrected=True (DecayCorrection START) needs {', '.join(missing)} to write the "
@@ -366,131 +472,172 @@ def write_dicom_series(
         decay_factor = lam_t / -math.expm1(-lam_t) if lam_t >= 1e-12 else 1.0
         if "DECY" not in corrections:
             corrections.insert(0, "DECY")
+    return _Timing(frame_ref_ms, decay_factor, tuple(corrections))
 
-    pixels, slopes, signed = _quantise(arr)
-    nz, ny, nx = geometry.shape
-    vz, vy, vx = geometry.voxel_size_mm
-    x0, y0, z0 = geometry.first_voxel_physical_mm()
-    row_dir = (float(sx), 0.0, 0.0)
-    col_dir = (0.0, float(sy), 0.0)
-    normal = np.cross(row_dir, col_dir)
 
-    now = _dt.datetime.now()
-    series_time = acquisition_datetime or now
-    study_uid = study_uid or generate_uid()
-    series_uid = generate_uid()
-    frame_of_reference_uid = frame_of_reference_uid or generate_uid()
-    non_ascii = any(ord(c) > 127 for c in f"{patient_name}{patient_id}{series_description}")
+def _sop_common_module(ds, now: _dt.datetime, settings: _Settings) -> None:
+    """SOP Common (C.12.1) and the image type of General Image."""
+    text = f"{settings.patient_name}{settings.patient_id}{settings.series_description}"
+    if any(ord(c) > 127 for c in text):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.SOPClassUID = PET_IMAGE_STORAGE
+    ds.InstanceCreationDate = _da(now)
+    ds.InstanceCreationTime = _tm(now)
 
-    # ---- attributes shared by every slice
-    base = Dataset()
-    if non_ascii:
-        base.SpecificCharacterSet = "ISO_IR 192"
-    base.ImageType = ["ORIGINAL", "PRIMARY"]
-    base.SOPClassUID = PET_IMAGE_STORAGE
-    base.InstanceCreationDate = _da(now)
-    base.InstanceCreationTime = _tm(now)
-    # Patient
+
+def _patient_module(ds, settings: _Settings) -> None:
+    """Patient (C.7.1.1)."""
     # a name without '^' is DICOM's retired single-component form; "Family^" means the same
-    pn = str(patient_name)
-    base.PatientName = pn if ("^" in pn or "=" in pn or not pn) else pn + "^"
-    base.PatientID = patient_id
-    base.PatientBirthDate = ""
-    base.PatientSex = ""
-    # General Study
-    base.StudyInstanceUID = study_uid
-    base.StudyDate = _da(series_time)
-    base.StudyTime = _tm(series_time)
-    base.ReferringPhysicianName = ""
-    base.StudyID = "1"
-    base.AccessionNumber = ""
-    # General Series
-    base.Modality = "PT"
-    base.SeriesInstanceUID = series_uid
-    base.SeriesNumber = int(series_number)
-    base.SeriesDescription = series_description
-    base.Laterality = ""  # type 2C: unknown (whole-body or unpaired part)
-    # PET Series
-    base.SeriesDate = _da(series_time)
-    base.SeriesTime = _tm(series_time)
-    base.Units = units
-    base.CountsSource = "EMISSION"
-    base.SeriesType = ["STATIC", "IMAGE"]
-    base.NumberOfSlices = nz
-    base.CorrectedImage = corrections
-    base.DecayCorrection = "START" if decay_corrected else "NONE"
-    base.CollimatorType = ""
-    if reconstruction_method:
-        base.ReconstructionMethod = reconstruction_method
-    # PET Isotope
-    base.RadiopharmaceuticalInformationSequence = DicomSequence([rp_item] if rp_item is not None else [])
-    # NM/PET Patient Orientation
+    pn = settings.patient_name
+    ds.PatientName = pn if ("^" in pn or "=" in pn or not pn) else pn + "^"
+    ds.PatientID = settings.patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+
+
+def _general_study_module(ds, study_uid: str, series_time: _dt.datetime) -> None:
+    """General Study (C.7.2.1)."""
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = _da(series_time)
+    ds.StudyTime = _tm(series_time)
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+
+
+def _general_series_module(ds, series_uid: str, settings: _Settings) -> None:
+    """General Series (C.7.3.1)."""
+    ds.Modality = "PT"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = settings.series_number
+    ds.SeriesDescription = settings.series_description
+    ds.Laterality = ""  # type 2C: unknown (whole-body or unpaired part)
+
+
+def _pet_series_module(ds, series_time: _dt.datetime, num_slices: int, corrections: Sequence[str],
+                       settings: _Settings) -> None:
+    """PET Series (C.8.9.1)."""
+    ds.SeriesDate = _da(series_time)
+    ds.SeriesTime = _tm(series_time)
+    ds.Units = settings.units
+    ds.CountsSource = "EMISSION"
+    ds.SeriesType = ["STATIC", "IMAGE"]
+    ds.NumberOfSlices = num_slices
+    ds.CorrectedImage = list(corrections)
+    ds.DecayCorrection = "START" if settings.decay_corrected else "NONE"
+    ds.CollimatorType = ""
+    if settings.reconstruction_method:
+        ds.ReconstructionMethod = settings.reconstruction_method
+
+
+def _pet_isotope_module(ds, radiopharmaceutical_item) -> None:
+    """PET Isotope (C.8.9.2): one radiopharmaceutical item, or an empty sequence (type 2)."""
+    from pydicom.sequence import Sequence as DicomSequence
+
+    items = [radiopharmaceutical_item] if radiopharmaceutical_item is not None else []
+    ds.RadiopharmaceuticalInformationSequence = DicomSequence(items)
+
+
+def _patient_orientation_module(ds, position: str) -> None:
+    """NM/PET Patient Orientation (C.8.4.6): recumbent, supine/prone, head/feet first."""
+    from pydicom.sequence import Sequence as DicomSequence
+
     orient = _code_item(_RECUMBENT)
     orient.PatientOrientationModifierCodeSequence = DicomSequence(
         [_code_item(_SUPINE if position.endswith("S") else _PRONE)]
     )
-    base.PatientOrientationCodeSequence = DicomSequence([orient])
-    base.PatientGantryRelationshipCodeSequence = DicomSequence(
+    ds.PatientOrientationCodeSequence = DicomSequence([orient])
+    ds.PatientGantryRelationshipCodeSequence = DicomSequence(
         [_code_item(_HEADFIRST if position.startswith("H") else _FEETFIRST)]
     )
-    # Frame of Reference
-    base.FrameOfReferenceUID = frame_of_reference_uid
-    base.PositionReferenceIndicator = ""
-    # General Equipment
-    base.Manufacturer = ""
-    base.ManufacturerModelName = manufacturer_model if manufacturer_model is not None else _lo(
-        "scanner.name", scanner.name
-    )
-    base.SoftwareVersions = f"sirf_fbsem {__version__}"
-    # General Image / PET Image timing
-    base.ContentDate = _da(now)
-    base.ContentTime = _tm(now)
-    base.AcquisitionDate = _da(acquisition_datetime) if acquisition_datetime else ""
-    base.AcquisitionTime = _tm(acquisition_datetime) if acquisition_datetime else ""
-    base.FrameReferenceTime = _ds(frame_ref_ms)
-    base.ActualFrameDuration = int(round(1000.0 * float(frame_duration_s))) if frame_duration_s else ""
-    if decay_factor is not None:
-        base.DecayFactor = _ds(decay_factor)
-    # Image Plane (per slice: position and location)
-    base.PixelSpacing = [_ds(vy), _ds(vx)]
-    base.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
-    base.SliceThickness = _ds(vz)
-    # Image Pixel
-    base.SamplesPerPixel = 1
-    base.PhotometricInterpretation = "MONOCHROME2"
-    base.Rows = ny
-    base.Columns = nx
-    base.BitsAllocated = 16
-    base.BitsStored = 16
-    base.HighBit = 15
-    base.PixelRepresentation = 1 if signed else 0
-    base.RescaleIntercept = "0"
 
-    written: list[str] = []
-    with atomic_dir(target, replace=replace, last=SERIES_MANIFEST) as tmp:
-        for k in range(nz):
-            ds = Dataset()
-            ds.update(base)
-            ds.SOPInstanceUID = generate_uid()
-            ds.InstanceNumber = k + 1
-            ds.ImageIndex = k + 1
-            ipp = np.array([sx * x0, sy * y0, sz * (z0 + k * vz)], dtype=np.float64)
-            ds.ImagePositionPatient = [_ds(v) for v in ipp]
-            ds.SliceLocation = _ds(float(ipp @ normal))
-            ds.RescaleSlope = slopes[k]
-            ds.PixelData = np.ascontiguousarray(pixels[k]).astype("<i2" if signed else "<u2").tobytes()
-            ds["PixelData"].VR = "OW"
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = PET_IMAGE_STORAGE
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-            meta.ImplementationVersionName = f"SIRF_FBSEM_{__version__}"[:16]
-            ds.file_meta = meta
-            name = f"IM_{k + 1:04d}.dcm"
-            pydicom.dcmwrite(tmp / name, ds, enforce_file_format=True)
-            written.append(name)
-        manifest = {"written_by": JSON_MARK, "sirf_fbsem_version": __version__, "files": written,
-                    "series_instance_uid": str(series_uid), "series_description": series_description}
-        (tmp / SERIES_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return [target / n for n in written]
+
+def _frame_of_reference_module(ds, uid: str) -> None:
+    """Frame of Reference (C.7.4.1)."""
+    ds.FrameOfReferenceUID = uid
+    ds.PositionReferenceIndicator = ""
+
+
+def _general_equipment_module(ds, model_name: str) -> None:
+    """General Equipment (C.7.5.1)."""
+    ds.Manufacturer = ""
+    ds.ManufacturerModelName = model_name
+    ds.SoftwareVersions = f"sirf_fbsem {__version__}"
+
+
+def _acquisition_timing(ds, now: _dt.datetime, settings: _Settings, timing: _Timing) -> None:
+    """General Image content date/time and the PET Image module's timing (C.7.6.1, C.8.9.4)."""
+    acq = settings.acquisition_datetime
+    ds.ContentDate = _da(now)
+    ds.ContentTime = _tm(now)
+    ds.AcquisitionDate = _da(acq) if acq else ""
+    ds.AcquisitionTime = _tm(acq) if acq else ""
+    ds.FrameReferenceTime = _ds(timing.frame_reference_ms)
+    duration = settings.frame_duration_s
+    ds.ActualFrameDuration = int(round(1000.0 * duration)) if duration else ""
+    if timing.decay_factor is not None:
+        ds.DecayFactor = _ds(timing.decay_factor)
+
+
+def _directions(position: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Row and column directions in LPS (module docstring)."""
+    sx, sy, _ = patient_flips(position)
+    return (float(sx), 0.0, 0.0), (0.0, float(sy), 0.0)
+
+
+def _image_plane_module(ds, geometry: ImageGeometry, position: str) -> None:
+    """Image Plane (C.7.6.2), the attributes every slice shares (position and location: per slice)."""
+    vz, vy, vx = geometry.voxel_size_mm
+    row_dir, col_dir = _directions(position)
+    ds.PixelSpacing = [_ds(vy), _ds(vx)]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+    ds.SliceThickness = _ds(vz)
+
+
+def _image_pixel_module(ds, geometry: ImageGeometry, signed: bool) -> None:
+    """Image Pixel (C.7.6.3) and the PET Image module's rescale intercept (0)."""
+    _, ny, nx = geometry.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ny
+    ds.Columns = nx
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.RescaleIntercept = "0"
+
+
+def _slice_instance(base, k: int, geometry: ImageGeometry, position: str, slope: str, pixels: np.ndarray,
+                    signed: bool):
+    """Slice k's instance: ``base`` plus its UID, index, ImagePositionPatient
+    ``[sx x0, sy y0, sz (z0 + k vz)]``, SliceLocation (position along the plane normal), slope and
+    pixels, with its file meta information."""
+    pydicom = _require_pydicom()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    sx, sy, sz = patient_flips(position)
+    x0, y0, z0 = geometry.first_voxel_physical_mm()
+    vz = geometry.voxel_size_mm[0]
+    normal = np.cross(*_directions(position))
+    ds = Dataset()
+    ds.update(base)
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceNumber = k + 1
+    ds.ImageIndex = k + 1
+    ipp = np.array([sx * x0, sy * y0, sz * (z0 + k * vz)], dtype=np.float64)
+    ds.ImagePositionPatient = [_ds(v) for v in ipp]
+    ds.SliceLocation = _ds(float(ipp @ normal))
+    ds.RescaleSlope = slope
+    ds.PixelData = np.ascontiguousarray(pixels).astype("<i2" if signed else "<u2").tobytes()
+    ds["PixelData"].VR = "OW"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = PET_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"SIRF_FBSEM_{__version__}"[:16]
+    ds.file_meta = meta
+    return ds

@@ -954,35 +954,104 @@ def histogram_listmode(
     """
     t_start = time.perf_counter()
     header = _as_header(path_or_header)
-    layout = header.layout
-    mash = _check_target(geometry, layout, header.scanner, f"histogramming '{header.header_path}'")
+    plan = _histogram_plan(header, geometry)
     if chunk_words < 1:
         raise ValueError(f"chunk_words must be >= 1, got {chunk_words}")
     data, offset = header.data_path, header.data_offset_bytes
     n_words = _data_word_count(data, offset)
     _warn_if_fewer_words(header, n_words)
-
-    has_interval = time_interval_s is not None
-    t0_ms = t1_ms = 0
-    effective_s = None
     first_tag, last_tag = _time_tag_range(data, offset, n_words)  # reads the two ends of the file only
-    if has_interval:
+    window = None
+    effective_s = None
+    if time_interval_s is not None:
         t0_ms, t1_ms, effective_s = _check_time_interval(time_interval_s, header, first_tag, last_tag)
+        window = (t0_ms, t1_ms)
 
-    row_of_z = target_row_table(layout, geometry)
+    prompts = np.zeros(plan.nbins, dtype=np.float32)
+    delayeds = np.zeros(plan.nbins if store_delayeds else 1, dtype=np.float32)
+    run = _histogram_words(header, n_words, plan, window, prompts, delayeds, store_delayeds, chunk_words, progress)
+    elapsed = time.perf_counter() - t_start
+    tot = run.totals
+    info: dict[str, Any] = {
+        "header": header,
+        "geometry": geometry.describe(),
+        "time_interval_s": None if window is None else (float(time_interval_s[0]), float(time_interval_s[1])),
+        "effective_time_interval_s": effective_s,
+        "prompts": int(tot[0]),
+        "delayeds": int(tot[1]),
+        "prompts_outside_geometry": int(tot[2]),
+        "delayeds_outside_geometry": int(tot[3]),
+        "invalid_addresses": int(tot[4]),
+        "words_read": int(run.words_read),
+        "words_in_file": int(n_words),
+        "stopped_at_t1": run.stopped,
+        "current_time_at_end_ms": int(run.current_time_ms),
+        "first_time_tag_ms": first_tag,
+        "last_time_tag_ms": last_tag,
+        "elapsed_s": elapsed,
+        "words_per_s": run.words_read / elapsed if elapsed > 0 else float("inf"),
+        "events_per_s": int(tot.sum()) / elapsed if elapsed > 0 else float("inf"),
+    }
+    return prompts.reshape(geometry.shape), (delayeds.reshape(geometry.shape) if store_delayeds else None), info
+
+
+@dataclass(frozen=True)
+class _HistogramPlan:
+    """How listmode bin addresses map onto the output sinogram (flat index ``(s V + v) N + n``).
+
+    ``row_of_z``: output sinogram of each listmode (segment, axial) row, -1 outside the geometry;
+    ``n0``, ``v0``: the listmode's tangential positions and views; ``mash``: views combined;
+    ``V``, ``N``: the output's views and tangential positions; ``tang_shift``: output index =
+    listmode index - ``tang_shift``; ``fast``: identity in (v, n) (no mashing, same sizes).
+    """
+
+    row_of_z: np.ndarray
+    n0: int
+    v0: int
+    mash: int
+    V: int
+    N: int
+    tang_shift: int
+    fast: bool
+    nbins: int
+
+
+def _histogram_plan(header: ListmodeHeader, geometry: SinogramGeometry) -> _HistogramPlan:
+    layout = header.layout
+    mash = _check_target(geometry, layout, header.scanner, f"histogramming '{header.header_path}'")
     n0, v0 = layout.num_tangential_poss, layout.num_views
-    vn0 = n0 * v0
     V, N = geometry.num_views, geometry.num_tangential_poss
     # listmode tang index tp has tangential_pos_num tp - n0//2; output index = tp - n0//2 - tmin
     tang_shift = n0 // 2 + int(geometry.tangential_pos_nums()[0])
-    fast = mash == 1 and V == v0 and N == n0 and tang_shift == 0
-    S = geometry.num_sinograms
-    nbins = S * V * N
+    nbins = geometry.num_sinograms * V * N
     if nbins > _MAX_BINS:
         raise GeometryError(f"output geometry has {nbins:,} bins; at most {_MAX_BINS:,} are supported")
+    return _HistogramPlan(target_row_table(layout, geometry), n0, v0, mash, V, N, tang_shift,
+                          mash == 1 and V == v0 and N == n0 and tang_shift == 0, nbins)
 
-    prompts = np.zeros(nbins, dtype=np.float32)
-    delayeds = np.zeros(nbins if store_delayeds else 1, dtype=np.float32)
+
+@dataclass(frozen=True)
+class _HistogramRun:
+    """What a pass over the words counted: ``totals`` (prompts, delayeds kept; prompts, delayeds
+    outside the geometry; invalid addresses), words read, whether it stopped at t1, and the
+    current time (ms) at its end."""
+
+    totals: np.ndarray
+    words_read: int
+    stopped: bool
+    current_time_ms: int
+
+
+def _histogram_words(header: ListmodeHeader, n_words: int, plan: _HistogramPlan,
+                     window_ms: tuple[int, int] | None, prompts: np.ndarray, delayeds: np.ndarray,
+                     store_delayeds: bool, chunk_words: int, progress: bool) -> _HistogramRun:
+    """Add the file's events (in ``window_ms``, all without one) to ``prompts`` and ``delayeds``
+    (flat float32), chunk by chunk: decode (time tags and bin addresses, by thread), partition
+    the bins into buckets, scatter-add. Reading stops at the first time tag at or after t1, as STIR's."""
+    data, offset = header.data_path, header.data_offset_bytes
+    has_interval = window_ms is not None
+    t0_ms, t1_ms = window_ms if has_interval else (0, 0)
+    nbins = plan.nbins
     nthreads = max(1, get_num_threads())
     chunk = min(chunk_words, max(n_words, 1))
     codes = np.empty(chunk, dtype=np.uint32)
@@ -996,13 +1065,15 @@ def histogram_listmode(
     carried = np.int64(0)
     words_read = 0
     stopped = False
+    vn0 = plan.n0 * plan.v0
     bar = byte_progress(n_words * 4, progress, f"histogram {data.name}")
     reader = _ChunkReader(data, offset, n_words, chunk_words)
     try:
         for words in reader:
             n = words.size
-            _decode_kernel(words, n, nthreads, carried, t0_ms, t1_ms, has_interval, row_of_z, vn0, n0, mash,
-                           V, N, tang_shift, fast, codes, stats, _BUCKET_SHIFT, nbk, hist, counts)
+            _decode_kernel(words, n, nthreads, carried, t0_ms, t1_ms, has_interval, plan.row_of_z, vn0, plan.n0,
+                           plan.mash, plan.V, plan.N, plan.tang_shift, plan.fast, codes, stats, _BUCKET_SHIFT, nbk,
+                           hist, counts)
             stop = int(stats[:, 0].min())
             used = n if stop >= n else stop  # STIR stops reading at the first time tag with t >= t1
             if used < n:  # recount without the words from the stop on
@@ -1032,35 +1103,12 @@ def histogram_listmode(
         reader.close()
         if bar is not None:
             bar.close()
-
     if saturated.any():
         raise ListmodeError(
             f"histogramming '{data}': a sinogram bin reached 2**24 counts, beyond which float32 counts are "
             "not exact; histogram shorter time intervals and add them"
         )
-    elapsed = time.perf_counter() - t_start
-    events_seen = int(tot.sum())
-    info: dict[str, Any] = {
-        "header": header,
-        "geometry": geometry.describe(),
-        "time_interval_s": None if not has_interval else (float(time_interval_s[0]), float(time_interval_s[1])),
-        "effective_time_interval_s": effective_s,
-        "prompts": int(tot[0]),
-        "delayeds": int(tot[1]),
-        "prompts_outside_geometry": int(tot[2]),
-        "delayeds_outside_geometry": int(tot[3]),
-        "invalid_addresses": int(tot[4]),
-        "words_read": int(words_read),
-        "words_in_file": int(n_words),
-        "stopped_at_t1": stopped,
-        "current_time_at_end_ms": int(carried),
-        "first_time_tag_ms": first_tag,
-        "last_time_tag_ms": last_tag,
-        "elapsed_s": elapsed,
-        "words_per_s": words_read / elapsed if elapsed > 0 else float("inf"),
-        "events_per_s": events_seen / elapsed if elapsed > 0 else float("inf"),
-    }
-    return prompts.reshape(geometry.shape), (delayeds.reshape(geometry.shape) if store_delayeds else None), info
+    return _HistogramRun(tot, words_read, stopped, int(carried))
 
 
 # ----------------------------------------------------------------------------- SIRF path

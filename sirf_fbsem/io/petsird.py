@@ -203,7 +203,55 @@ def scanner_from_petsird(
         match_presets: replace a scanner equal to a preset by the preset.
     """
     where = f"PETSIRD file '{source}'"
-    geo = info.scanner_geometry
+    pts = _crystal_corners(info.scanner_geometry, where)
+    centre, inner, depth = _radial_extent(pts, where, radial_tolerance_mm)
+    ring_z, ring_of, spacing = _ring_grid(centre, pts, where, grid_tolerance)
+    n, det, tilt_deg = _angular_grid(centre, ring_of, where, grid_tolerance)
+    ring = ring_of.astype(np.int64)
+    key = ring * n + det
+    if np.unique(key).size != key.size:
+        raise PetsirdError(
+            f"{where}: several crystals share one (ring, angle) position (depth-of-interaction layers?); "
+            "not supported"
+        )
+    doi = depth / 2.0 if average_depth_of_interaction_mm is None else float(average_depth_of_interaction_mm)
+    r_eff = inner + doi
+    ntang = n // 2
+    scanner = Scanner(
+        name=info.model_name or "PETSIRD scanner",
+        num_rings=int(ring_z.size),
+        num_detectors_per_ring=n,
+        inner_ring_radius_mm=inner,
+        average_depth_of_interaction_mm=doi,
+        ring_spacing_mm=spacing,
+        default_bin_size_mm=r_eff * math.sin(math.pi / n),
+        view_offset_deg=tilt_deg,
+        max_num_non_arccorrected_bins=ntang,
+        default_num_arccorrected_bins=ntang,
+    )
+    preset = _matching_preset(scanner) if match_presets else None
+    if preset is not None:
+        p = SCANNER_PRESETS[preset]
+        scanner = p if average_depth_of_interaction_mm is None else replace(p, average_depth_of_interaction_mm=doi)
+    en = info.event_energy_bin_edges
+    n_en = _num_bins(en[0]) if len(en) else 1
+    tof = info.tof_bin_edges
+    n_tof = _num_bins(tof[0][0]) if len(tof) and len(tof[0]) else 1
+    return PetsirdScanner(
+        scanner=scanner,
+        crystal_ring=ring,
+        crystal_det=det,
+        num_energy_bins=n_en,
+        num_tof_bins=n_tof,
+        z_first_ring_mm=float(ring_z[0]),
+        crystal_depth_mm=depth,
+        preset=preset,
+        model_name=info.model_name,
+    )
+
+
+def _crystal_corners(geo, where: str) -> np.ndarray:
+    """The 8 corners (mm) of every crystal, (C, 8, 3), crystal index = module * E + element."""
     n_types = len(geo.replicated_modules)
     if n_types != 1:
         raise PetsirdError(
@@ -217,10 +265,15 @@ def scanner_from_petsird(
     corners = np.array([np.asarray(c.c, dtype=np.float64) for c in elements.object.shape.corners])  # (8, 3)
     mods = np.stack([_mat44(t.matrix) for t in rep.transforms])  # (M, 4, 4)
     els = np.stack([_mat44(t.matrix) for t in elements.transforms])  # (E, 4, 4)
-    full = np.einsum("mij,ejk->meik", mods, els).reshape(-1, 4, 4)  # crystal index = module * E + element
+    full = np.einsum("mij,ejk->meik", mods, els).reshape(-1, 4, 4)
     hom = np.concatenate([corners, np.ones((corners.shape[0], 1))], axis=1)  # (8, 4)
-    pts = np.einsum("cij,kj->cki", full, hom)[..., :3]  # (C, 8, 3) transformed corners
-    centre = pts.mean(axis=1)  # (C, 3)
+    return np.einsum("cij,kj->cki", full, hom)[..., :3]
+
+
+def _radial_extent(pts: np.ndarray, where: str, radial_tolerance_mm: float) -> tuple[np.ndarray, float, float]:
+    """Crystal centres (C, 3), inner radius and crystal depth (mm, medians over crystals); the centres
+    must lie on one cylinder within ``radial_tolerance_mm``."""
+    centre = pts.mean(axis=1)
     r_centre = np.hypot(centre[:, 0], centre[:, 1])
     if np.any(r_centre <= 0):
         raise PetsirdError(f"{where}: a crystal centre lies on the scanner axis")
@@ -233,31 +286,36 @@ def scanner_from_petsird(
         )
     u = centre[:, :2] / r_centre[:, None]
     radial = np.einsum("cki,ci->ck", pts[..., :2], u)  # corner distances along each crystal's radial direction
-    inner = float(np.median(radial.min(axis=1)))
-    depth = float(np.median(radial.max(axis=1) - radial.min(axis=1)))
+    return centre, float(np.median(radial.min(axis=1))), float(np.median(radial.max(axis=1) - radial.min(axis=1)))
 
-    # rings: crystal-centre z on a regular grid
+
+def _ring_grid(centre: np.ndarray, pts: np.ndarray, where: str,
+               grid_tolerance: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Rings: the distinct crystal-centre z (mm, ascending), each crystal's ring, and the ring spacing
+    (mm; the crystals' axial extent for one ring). The rings must be equally spaced."""
     z = centre[:, 2]
-    z_extent = np.ptp(z)
-    ring_z, ring_of = _cluster_1d(z, tol=max(1e-3, 1e-6 * z_extent))
+    ring_z, ring_of = _cluster_1d(z, tol=max(1e-3, 1e-6 * np.ptp(z)))
     num_rings = int(ring_z.size)
-    if num_rings > 1:
-        gaps = np.diff(ring_z)
-        spacing = float(np.median(gaps))
-        if np.any(np.abs(gaps - spacing) > grid_tolerance * spacing):
-            raise PetsirdError(
-                f"{where}: not a regular cylinder: the {num_rings} crystal rings are not equally spaced "
-                f"(z steps from {gaps.min():.3f} to {gaps.max():.3f} mm)"
-            )
-        # residuals of each crystal from its ring's grid position
-        grid = ring_z[0] + spacing * np.arange(num_rings)
-        if np.any(np.abs(z - grid[ring_of]) > grid_tolerance * spacing):
-            raise PetsirdError(f"{where}: crystal z positions scatter by more than {grid_tolerance} ring spacings")
-    else:
+    if num_rings == 1:
         extents = pts[..., 2].max(axis=1) - pts[..., 2].min(axis=1)
-        spacing = float(np.median(extents))
+        return ring_z, ring_of, float(np.median(extents))
+    gaps = np.diff(ring_z)
+    spacing = float(np.median(gaps))
+    if np.any(np.abs(gaps - spacing) > grid_tolerance * spacing):
+        raise PetsirdError(
+            f"{where}: not a regular cylinder: the {num_rings} crystal rings are not equally spaced "
+            f"(z steps from {gaps.min():.3f} to {gaps.max():.3f} mm)"
+        )
+    grid = ring_z[0] + spacing * np.arange(num_rings)  # each crystal's residual from its ring's grid position
+    if np.any(np.abs(z - grid[ring_of]) > grid_tolerance * spacing):
+        raise PetsirdError(f"{where}: crystal z positions scatter by more than {grid_tolerance} ring spacings")
+    return ring_z, ring_of, spacing
 
-    # transaxial: STIR angle psi = atan2(x, -y) on a regular grid of n positions
+
+def _angular_grid(centre: np.ndarray, ring_of: np.ndarray, where: str,
+                  grid_tolerance: float) -> tuple[int, np.ndarray, float]:
+    """Detectors per ring n (even), each crystal's detector index, and the grid's tilt (deg):
+    STIR's angle psi = atan2(x, -y) of the crystal centres on a regular grid of n positions."""
     psi = np.mod(np.arctan2(centre[:, 0], -centre[:, 1]), 2 * math.pi)
     sel = ring_of == np.bincount(ring_of).argmax()
     ang, _ = _cluster_1d(psi[sel], tol=1e-6)
@@ -281,61 +339,22 @@ def scanner_from_petsird(
             f"{where}: not a regular cylinder: crystal angles are not on a grid of {n} positions per ring "
             f"(largest deviation {resid.max():.2f} of the {math.degrees(step):.4f} deg pitch)"
         )
-    det = np.mod(np.round(k_shift).astype(np.int64), n)
-    ring = ring_of.astype(np.int64)
-    key = ring * n + det
-    if np.unique(key).size != key.size:
-        raise PetsirdError(
-            f"{where}: several crystals share one (ring, angle) position (depth-of-interaction layers?); "
-            "not supported"
-        )
-    tilt_deg = math.degrees(offset * step)
-    doi = depth / 2.0 if average_depth_of_interaction_mm is None else float(average_depth_of_interaction_mm)
-    r_eff = inner + doi
-    name = info.model_name or "PETSIRD scanner"
-    ntang = n // 2
-    scanner = Scanner(
-        name=name,
-        num_rings=num_rings,
-        num_detectors_per_ring=n,
-        inner_ring_radius_mm=inner,
-        average_depth_of_interaction_mm=doi,
-        ring_spacing_mm=spacing,
-        default_bin_size_mm=r_eff * math.sin(math.pi / n),
-        view_offset_deg=tilt_deg,
-        max_num_non_arccorrected_bins=ntang,
-        default_num_arccorrected_bins=ntang,
-    )
-    preset = None
-    if match_presets:
-        for key_name, p in SCANNER_PRESETS.items():
-            if (
-                p.num_rings == num_rings
-                and p.num_detectors_per_ring == n
-                and abs(p.ring_spacing_mm - spacing) <= 1e-3 * spacing
-                and abs(p.inner_ring_radius_mm - inner) <= 0.5
-                and abs(p.view_offset_deg - tilt_deg) <= 1e-3
-            ):
-                preset = key_name
-                scanner = p if average_depth_of_interaction_mm is None else replace(
-                    p, average_depth_of_interaction_mm=doi
-                )
-                break
-    en = info.event_energy_bin_edges
-    n_en = _num_bins(en[0]) if len(en) else 1
-    tof = info.tof_bin_edges
-    n_tof = _num_bins(tof[0][0]) if len(tof) and len(tof[0]) else 1
-    return PetsirdScanner(
-        scanner=scanner,
-        crystal_ring=ring,
-        crystal_det=det,
-        num_energy_bins=n_en,
-        num_tof_bins=n_tof,
-        z_first_ring_mm=float(ring_z[0]),
-        crystal_depth_mm=depth,
-        preset=preset,
-        model_name=info.model_name,
-    )
+    return n, np.mod(np.round(k_shift).astype(np.int64), n), math.degrees(offset * step)
+
+
+def _matching_preset(scanner: Scanner) -> str | None:
+    """The name of the preset with the same rings, detectors, ring spacing (0.1 %), inner radius
+    (0.5 mm) and view offset (1e-3 deg), if any."""
+    for name, p in SCANNER_PRESETS.items():
+        if (
+            p.num_rings == scanner.num_rings
+            and p.num_detectors_per_ring == scanner.num_detectors_per_ring
+            and abs(p.ring_spacing_mm - scanner.ring_spacing_mm) <= 1e-3 * scanner.ring_spacing_mm
+            and abs(p.inner_ring_radius_mm - scanner.inner_ring_radius_mm) <= 0.5
+            and abs(p.view_offset_deg - scanner.view_offset_deg) <= 1e-3
+        ):
+            return name
+    return None
 
 
 def read_petsird_header(path: str | os.PathLike, **kwargs: Any):
@@ -447,69 +466,148 @@ def histogram_petsird(
     p = Path(path)
     header, ps = read_petsird_header(p, **(scanner_kwargs or {}))
     geom = geometry if geometry is not None else petsird_geometry(ps.scanner, span)
+    _check_output_scanner(p, geom, ps)
+    if chunk_events < 1:
+        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
+    interval_ms = _interval_ms(time_interval_s)
+
+    binner = _PairBinner(p, geom, ps, store_delayeds, chunk_events)
+    scan = _read_event_blocks(p, binner, interval_ms, store_delayeds, progress)
+    if interval_ms is not None and scan.kept_blocks == 0:
+        rng = ("no event time blocks" if scan.first_ms is None
+               else f"time blocks from {scan.first_ms / 1000:g} s to {scan.last_ms / 1000:g} s")
+        raise ValueError(
+            f"time interval [{interval_ms[0] / 1000:g}, {interval_ms[1] / 1000:g}) s lies outside the acquisition "
+            f"in '{p}', which has {rng}"
+        )
+    for arr in (binner.prompts, binner.delayeds):
+        if arr is not None and arr.size and arr.max() >= _FLOAT32_EXACT:
+            raise PetsirdError(
+                f"histogramming '{p}': a sinogram bin reached 2**24 counts, beyond which float32 counts are "
+                "not exact; histogram shorter time intervals and add them"
+            )
+    elapsed = time.perf_counter() - t_start
+    counts = binner.counts
+    info: dict[str, Any] = {
+        "format": "PETSIRD " + (petsird_format(p) or "?"),
+        "petsird_header": header,
+        "scanner": ps.scanner,
+        "petsird_scanner": ps,
+        "model_name": ps.model_name,
+        "geometry": geom.describe(),
+        "sinogram_geometry": geom,
+        "time_interval_s": None if interval_ms is None else (interval_ms[0] / 1000.0, interval_ms[1] / 1000.0),
+        **counts,
+        "time_blocks": scan.blocks,
+        "time_blocks_kept": scan.kept_blocks,
+        "time_blocks_ordered": scan.ordered,
+        "stopped_at_t1": scan.stopped,
+        "other_time_blocks": scan.other_blocks,
+        "first_time_ms": scan.first_ms,
+        "last_time_ms": scan.last_ms,
+        "elapsed_s": elapsed,
+        "events_per_s": (counts["prompts"] + counts["delayeds"]) / elapsed if elapsed > 0 else float("inf"),
+    }
+    out_d = binner.delayeds.reshape(geom.shape) if binner.delayeds is not None else None
+    return binner.prompts.reshape(geom.shape), out_d, info
+
+
+def _check_output_scanner(path: Path, geom: SinogramGeometry, ps: PetsirdScanner) -> None:
+    """The output geometry's scanner has the file's rings and detectors per ring (GeometryError otherwise)."""
     sc = geom.scanner
     if (sc.num_rings, sc.num_detectors_per_ring) != (ps.scanner.num_rings, ps.scanner.num_detectors_per_ring):
         raise GeometryError(
-            f"histogramming '{p}': output geometry is for {sc.name} ({sc.num_rings} rings, "
+            f"histogramming '{path}': output geometry is for {sc.name} ({sc.num_rings} rings, "
             f"{sc.num_detectors_per_ring} detectors); the file's scanner has {ps.scanner.num_rings} rings, "
             f"{ps.scanner.num_detectors_per_ring} detectors"
         )
-    if chunk_events < 1:
-        raise ValueError(f"chunk_events must be >= 1, got {chunk_events}")
-    has_interval = time_interval_s is not None
-    t0_ms = t1_ms = 0.0
-    if has_interval:
-        t0, t1 = (float(x) for x in time_interval_s)  # type: ignore[misc]
-        if not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0:
-            raise ValueError(f"time_interval_s must be (t0, t1) with t0 < t1, got {time_interval_s}")
-        t0_ms, t1_ms = t0 * 1000.0, t1 * 1000.0
 
-    nbins = geom.num_sinograms * geom.num_views * geom.num_tangential_poss
-    prompts = np.zeros(nbins, dtype=np.float32)
-    delayeds = np.zeros(nbins, dtype=np.float32) if store_delayeds else None
-    ring_of, det_of = ps.crystal_ring, ps.crystal_det
-    n_en, n_bins_total = ps.num_energy_bins, ps.num_detection_bins
-    counts = {"prompts": 0, "delayeds": 0, "prompts_outside_geometry": 0, "delayeds_outside_geometry": 0}
-    buffers: dict[str, list[np.ndarray]] = {"prompts": [], "delayeds": []}
-    buffered = {"prompts": 0, "delayeds": 0}
 
-    def flush(kind: str) -> None:
-        if not buffers[kind]:
+def _interval_ms(time_interval_s: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``(t0, t1)`` in ms from ``(t0, t1)`` in s, checked (finite, t0 < t1); None for None."""
+    if time_interval_s is None:
+        return None
+    t0, t1 = (float(x) for x in time_interval_s)
+    if not (math.isfinite(t0) and math.isfinite(t1)) or t1 <= t0:
+        raise ValueError(f"time_interval_s must be (t0, t1) with t0 < t1, got {time_interval_s}")
+    return t0 * 1000.0, t1 * 1000.0
+
+
+class _PairBinner:
+    """Accumulates coincidences (pairs of detection bins) into the flat prompt and delayed sinograms.
+
+    Pairs are buffered per kind and binned ``chunk_events`` at a time: detection bin ``b`` is crystal
+    ``b // num_energy_bins``, whose (ring, detector) give the sinogram bin
+    (:func:`~sirf_fbsem.scanner_bins.bin_for_detector_pair`); pairs outside the geometry are counted
+    in ``<kind>_outside_geometry``.
+    """
+
+    def __init__(self, path: Path, geom: SinogramGeometry, ps: PetsirdScanner, store_delayeds: bool,
+                 chunk_events: int):
+        nbins = geom.num_sinograms * geom.num_views * geom.num_tangential_poss
+        self.path, self.geom, self.ps, self.chunk_events = path, geom, ps, chunk_events
+        self.prompts = np.zeros(nbins, dtype=np.float32)
+        self.delayeds = np.zeros(nbins, dtype=np.float32) if store_delayeds else None
+        self.counts = {"prompts": 0, "delayeds": 0, "prompts_outside_geometry": 0, "delayeds_outside_geometry": 0}
+        self._buffers: dict[str, list[np.ndarray]] = {"prompts": [], "delayeds": []}
+        self._buffered = {"prompts": 0, "delayeds": 0}
+
+    def add(self, kind: str, events: Sequence) -> None:
+        """Buffer ``events`` (a block's coincidences) of ``kind`` ("prompts" or "delayeds")."""
+        if not events:
             return
-        pairs = np.concatenate(buffers[kind])
-        buffers[kind].clear()
-        buffered[kind] = 0
-        if pairs.size and (pairs.min() < 0 or pairs.max() >= n_bins_total):
-            bad = pairs[(pairs < 0) | (pairs >= n_bins_total)][0]
+        self._buffers[kind].append(_event_arrays(events))
+        self._buffered[kind] += len(events)
+        if self._buffered[kind] >= self.chunk_events:
+            self.flush(kind)
+
+    def flush(self, kind: str) -> None:
+        """Bin what is buffered of ``kind``."""
+        if not self._buffers[kind]:
+            return
+        pairs = np.concatenate(self._buffers[kind])
+        self._buffers[kind].clear()
+        self._buffered[kind] = 0
+        ps, n_en, n_total = self.ps, self.ps.num_energy_bins, self.ps.num_detection_bins
+        if pairs.size and (pairs.min() < 0 or pairs.max() >= n_total):
+            bad = pairs[(pairs < 0) | (pairs >= n_total)][0]
             raise PetsirdError(
-                f"PETSIRD file '{p}': detection bin {int(bad)} outside [0, {n_bins_total}) "
+                f"PETSIRD file '{self.path}': detection bin {int(bad)} outside [0, {n_total}) "
                 f"({ps.num_crystals} crystals x {n_en} energy windows)"
             )
         c = pairs // n_en
-        flat = bin_for_detector_pair(geom, ring_of[c[:, 0]], det_of[c[:, 0]], ring_of[c[:, 1]], det_of[c[:, 1]])
+        ring_of, det_of = ps.crystal_ring, ps.crystal_det
+        flat = bin_for_detector_pair(self.geom, ring_of[c[:, 0]], det_of[c[:, 0]], ring_of[c[:, 1]], det_of[c[:, 1]])
         kept = flat[flat >= 0]
-        counts[kind] += int(kept.size)
-        counts[f"{kind}_outside_geometry"] += int(flat.size - kept.size)
-        _scatter_add(kept, prompts if kind == "prompts" else delayeds)
+        self.counts[kind] += int(kept.size)
+        self.counts[f"{kind}_outside_geometry"] += int(flat.size - kept.size)
+        _scatter_add(kept, self.prompts if kind == "prompts" else self.delayeds)
 
-    def add(kind: str, events: Sequence) -> None:
-        if not events:
-            return
-        buffers[kind].append(_event_arrays(events))
-        buffered[kind] += len(events)
-        if buffered[kind] >= chunk_events:
-            flush(kind)
 
+@dataclass
+class _BlockScan:
+    """What reading the time blocks found: event blocks seen and kept, their time range (ms), whether
+    their starts were in order, whether reading stopped at t1, and the other blocks by type."""
+
+    blocks: int = 0
+    kept_blocks: int = 0
+    first_ms: int | None = None
+    last_ms: int | None = None
+    ordered: bool = True
+    stopped: bool = False
+    other_blocks: dict[str, int] = field(default_factory=dict)
+
+
+def _read_event_blocks(path: Path, binner: _PairBinner, interval_ms: tuple[float, float] | None,
+                       store_delayeds: bool, progress: bool) -> _BlockScan:
+    """Feed every event time block whose start lies in ``interval_ms`` to ``binner`` (all without an
+    interval); with time-ordered blocks, stop at the first block starting at or after t1."""
     event_block_type = _petsird().EventTimeBlock
-    other_blocks: dict[str, int] = {}
-    stopped = False
-    blocks = kept_blocks = 0
-    first_ms = last_ms = None
+    scan = _BlockScan()
     prev_start = -1
-    ordered = True
-    size = p.stat().st_size
-    bar = byte_progress(size, progress, f"histogram {p.name}")
-    reader, fh = _open_reader(p)
+    size = path.stat().st_size
+    bar = byte_progress(size, progress, f"histogram {path.name}")
+    reader, fh = _open_reader(path)
     try:
         try:
             reader.read_header()
@@ -521,76 +619,41 @@ def histogram_petsird(
                     break
                 if not isinstance(tb.value, event_block_type):
                     kind = type(tb.value).__name__
-                    other_blocks[kind] = other_blocks.get(kind, 0) + 1
+                    scan.other_blocks[kind] = scan.other_blocks.get(kind, 0) + 1
                     continue
                 blk = tb.value
                 start, stop = int(blk.time_interval.start), int(blk.time_interval.stop)
-                blocks += 1
-                first_ms = start if first_ms is None else min(first_ms, start)
-                last_ms = max(stop, start) if last_ms is None else max(last_ms, stop, start)
-                ordered = ordered and start >= prev_start
+                scan.blocks += 1
+                scan.first_ms = start if scan.first_ms is None else min(scan.first_ms, start)
+                scan.last_ms = max(stop, start) if scan.last_ms is None else max(scan.last_ms, stop, start)
+                scan.ordered = scan.ordered and start >= prev_start
                 prev_start = start
-                if has_interval and not (t0_ms <= start < t1_ms):
-                    if ordered and start >= t1_ms and kept_blocks:
-                        stopped = True  # time-ordered blocks: nothing later can be inside [t0, t1)
+                if interval_ms is not None and not (interval_ms[0] <= start < interval_ms[1]):
+                    if scan.ordered and start >= interval_ms[1] and scan.kept_blocks:
+                        scan.stopped = True  # time-ordered blocks: nothing later can be inside [t0, t1)
                         break
                     continue
-                kept_blocks += 1
-                add("prompts", _coincidences(blk.prompt_events))
+                scan.kept_blocks += 1
+                binner.add("prompts", _coincidences(blk.prompt_events))
                 if store_delayeds:
-                    add("delayeds", _coincidences(blk.delayed_events))
-                if bar is not None and blocks % 64 == 0:
+                    binner.add("delayeds", _coincidences(blk.delayed_events))
+                if bar is not None and scan.blocks % 64 == 0:
                     bar.update(max(0, min(size, fh.tell()) - bar.n))
         except PetsirdError:
             raise
         except Exception as exc:  # noqa: BLE001 - EOF or decode errors inside a damaged stream
             raise PetsirdError(
-                f"PETSIRD file '{p}' is damaged or truncated after {blocks} event time blocks "
+                f"PETSIRD file '{path}' is damaged or truncated after {scan.blocks} event time blocks "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        flush("prompts")
+        binner.flush("prompts")
         if store_delayeds:
-            flush("delayeds")
+            binner.flush("delayeds")
     finally:
         _close(reader, fh)
         if bar is not None:
             bar.close()
-    if has_interval and kept_blocks == 0:
-        rng = ("no event time blocks" if first_ms is None
-               else f"time blocks from {first_ms / 1000:g} s to {last_ms / 1000:g} s")
-        raise ValueError(
-            f"time interval [{t0_ms / 1000:g}, {t1_ms / 1000:g}) s lies outside the acquisition in '{p}', "
-            f"which has {rng}"
-        )
-    for arr in (prompts, delayeds):
-        if arr is not None and arr.size and arr.max() >= _FLOAT32_EXACT:
-            raise PetsirdError(
-                f"histogramming '{p}': a sinogram bin reached 2**24 counts, beyond which float32 counts are "
-                "not exact; histogram shorter time intervals and add them"
-            )
-    elapsed = time.perf_counter() - t_start
-    info: dict[str, Any] = {
-        "format": "PETSIRD " + (petsird_format(p) or "?"),
-        "petsird_header": header,
-        "scanner": ps.scanner,
-        "petsird_scanner": ps,
-        "model_name": ps.model_name,
-        "geometry": geom.describe(),
-        "sinogram_geometry": geom,
-        "time_interval_s": None if not has_interval else (t0_ms / 1000.0, t1_ms / 1000.0),
-        **counts,
-        "time_blocks": blocks,
-        "time_blocks_kept": kept_blocks,
-        "time_blocks_ordered": ordered,
-        "stopped_at_t1": stopped,
-        "other_time_blocks": other_blocks,
-        "first_time_ms": first_ms,
-        "last_time_ms": last_ms,
-        "elapsed_s": elapsed,
-        "events_per_s": (counts["prompts"] + counts["delayeds"]) / elapsed if elapsed > 0 else float("inf"),
-    }
-    out_d = delayeds.reshape(geom.shape) if delayeds is not None else None
-    return prompts.reshape(geom.shape), out_d, info
+    return scan
 
 
 def _close(reader, fh) -> None:

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from .targets import START_RULE_OF_DATASET, osem_targets
 __all__ = [
     "SimulationConfig",
     "FBSEMSampleDataset",
+    "open_datasets",
     "DatasetError",
     "simulate_dataset",
     "simulate_sample",
@@ -453,3 +454,23 @@ class FBSEMSampleDataset(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         return load_sample(self.files[index], self.manifest)
+
+
+#: manifest entries that datasets read together must share (geometry, subsets, PSF)
+SHARED_SETTINGS = ("sinogram_geometry", "image_geometry", "num_subsets", "psf_fwhm_mm")
+
+
+def open_datasets(directories: Sequence[str | os.PathLike],
+                  same: Sequence[str] = SHARED_SETTINGS) -> list[FBSEMSampleDataset]:
+    """The datasets of several directories (manifests read, no sample loaded), checked to share the
+    manifest entries ``same`` (:class:`DatasetError` naming the directory and the entry otherwise)."""
+    if not directories:
+        raise DatasetError("no dataset directory given")
+    datasets = [FBSEMSampleDataset(d) for d in directories]
+    first = datasets[0].manifest
+    for d, ds in zip(directories, datasets):
+        for k in same:
+            if ds.manifest.get(k) != first.get(k):
+                raise DatasetError(f"dataset {str(d)!r} has another {k} ({ds.manifest.get(k)!r}) than "
+                                   f"{str(directories[0])!r} ({first.get(k)!r}); datasets used together must agree")
+    return datasets

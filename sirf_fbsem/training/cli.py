@@ -1,7 +1,8 @@
 """``sirf-fbsem train``: flags mapped one to one onto :class:`TrainConfig`, :class:`FBSEMNet` and :func:`train`.
 
-The data directory is one written by ``sirf-fbsem simulate`` (read with
-:class:`~sirf_fbsem.simulation.dataset.FBSEMSampleDataset`: ``manifest.json`` with the
+The data directories (``--data``, one or several trained on together) are written by
+``sirf-fbsem simulate`` (read with :class:`~sirf_fbsem.simulation.dataset.FBSEMSampleDataset`:
+``manifest.json`` with the
 sinogram and image geometry, ``num_subsets``, ``num_stages``, ``psf_fwhm_mm`` and the
 sample files). The trained network is written to ``OUT/model.pt`` (+ ``model.json``).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -28,7 +30,7 @@ from ..model.fbsem import FBSEMNet
 from ..model.regularisers import RegulariserConfig
 from ..projectors.base import PROJECTION_UNITS
 from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
-from ..simulation.dataset import FBSEMSampleDataset
+from ..simulation.dataset import SHARED_SETTINGS, FBSEMSampleDataset, open_datasets
 from .stage_targets import IMAGE_UNITS, TARGET_KINDS, StageTargets, TargetRule
 from .trainers import LOSSES, MODES, TrainConfig, train, with_terms_factory
 
@@ -37,7 +39,9 @@ __all__ = ["add_train_arguments", "run_train"]
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` flags to ``parser``."""
-    parser.add_argument("--data", type=Path, required=True, help="directory of simulated samples (manifest.json)")
+    parser.add_argument("--data", type=Path, nargs="+", required=True, metavar="DIR",
+                        help="directories of simulated samples (manifest.json); several are trained on together "
+                        "(same geometry, subsets, targets and PSF), e.g. one per count level")
     parser.add_argument("--out", type=Path, required=True, help="output directory (checkpoints, logs, model.pt)")
     parser.add_argument("--mode", choices=MODES, default="sequential", help="training mode (default sequential)")
     parser.add_argument("--stages", type=bounded_int(1, 1000), default=None,
@@ -145,12 +149,14 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     if args.backend == "sirf" and args.batch_size != 1:
         raise ValueError(f"--backend sirf trains one sample at a time (one SIRF model holds one set of factors); "
                          f"use --batch-size 1, not {args.batch_size}")
-    dataset = FBSEMSampleDataset(args.data)
-    manifest = dataset.manifest
-    if manifest.get("projection_units") != PROJECTION_UNITS:
-        raise ValueError(f"--data {args.data}: simulated with the embedded projector's former units (line "
-                         f"integrals in mm); this sirf_fbsem trains in SIRF's units ({PROJECTION_UNITS}): "
-                         f"simulate the data again with this version")
+    datasets = open_datasets(args.data, same=(*SHARED_SETTINGS, "num_stages", "initial_image"))
+    manifest = datasets[0].manifest
+    for d, ds in zip(args.data, datasets):
+        if ds.manifest.get("projection_units") != PROJECTION_UNITS:
+            raise ValueError(f"--data {d}: simulated with the embedded projector's former units (line "
+                             f"integrals in mm); this sirf_fbsem trains in SIRF's units ({PROJECTION_UNITS}): "
+                             f"simulate the data again with this version")
+    dataset = datasets[0] if len(datasets) == 1 else torch.utils.data.ConcatDataset(datasets)
     sino = sinogram_geometry_from_dict(manifest["sinogram_geometry"])
     image = image_geometry_from_dict(manifest["image_geometry"])
     num_subsets = int(manifest["num_subsets"])
@@ -160,7 +166,7 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
         if args.stages is None else args.stages
     if num_stages < 1 or rule.targets_needed(num_stages) > simulated:
         raise InputError(
-            f"--data {args.data}: {simulated} noise-free OSEM sub-iterates were simulated (manifest num_stages); "
+            f"--data {args.data[0]}: {simulated} noise-free OSEM sub-iterates were simulated (manifest num_stages); "
             f"{num_stages} stages with --target-stride {args.target_stride} need {rule.targets_needed(num_stages)}"
         )
     config = TrainConfig(
@@ -177,7 +183,7 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
                             layers=args.layers)
     torch.manual_seed(args.seed)
     net = FBSEMNet(num_stages, num_subsets, reg, shared_regulariser=args.shared, beta_init=args.beta_init,
-                   start_rule=dataset.start_rule)
+                   start_rule=datasets[0].start_rule)
     base = make_acquisition_model(
         args.backend, sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=device
     )
@@ -186,11 +192,11 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
         net, data, args.mode, config, with_terms_factory(base), args.out, resume=resume, distributed=ctx,
         data_signature=None if rule.is_default else rule.as_dict(num_stages),
         metadata={**rule.as_dict(num_stages),"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],
-                  "data": str(args.data), "psf_fwhm_mm": manifest.get("psf_fwhm_mm"), "backend": args.backend,
+                  "data": str(args.data[0]) if len(args.data) == 1 else [str(d) for d in args.data],
+                  "psf_fwhm_mm": manifest.get("psf_fwhm_mm"), "backend": args.backend,
                   # the phantoms every choice of this run saw (training and validation split), so that
                   # 'evaluate' can refuse to confirm on them (sirf_fbsem.study_sets)
-                  "training_data": {"seed": manifest.get("seed"), "indices": list(range(len(dataset))),
-                                    "counts": manifest.get("counts")}},
+                  "training_data": training_data_record(datasets)},
     )
     last = next((r for r in reversed(result.history) if r["val_loss"] is not None), None)
     status = "completed" if result.completed else "stopped"
@@ -201,3 +207,12 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
           + (f"; last validation MSE {last['val_loss']:.4g}" if last else "")
           + (f"; model {result.model_path}" if result.model_path else ""))
     return 0 if result.completed else 1
+
+
+def training_data_record(datasets: Sequence[FBSEMSampleDataset]) -> dict[str, Any] | list[dict[str, Any]]:
+    """What a model's metadata records of its training phantoms (:mod:`sirf_fbsem.study_sets`): per
+    dataset its base seed, the sample indices used (training and validation) and the counts; one
+    dict for one dataset, a list for several."""
+    records = [{"seed": ds.manifest.get("seed"), "indices": list(range(len(ds))), "counts": ds.manifest.get("counts")}
+               for ds in datasets]
+    return records[0] if len(records) == 1 else records

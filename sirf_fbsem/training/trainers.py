@@ -82,6 +82,8 @@ from .patches import average_gradients, draw_patches, patch_training_step, terms
 
 __all__ = [
     "MODES",
+    "TrainingMode",
+    "training_mode",
     "TrainConfig",
     "TrainEvent",
     "TrainResult",
@@ -434,51 +436,114 @@ def training_step(
         optimised; greedy: the sum of the per-stage losses).
     """
     _check_targets(net, batch)
-    kw = _net_inputs(net, batch)
-    targets = batch.targets
-    prompts = batch.prompts
-    run = net if forward is None else forward
-    scales = _scales(config.loss, batch)
+    ctx = _StepContext(net, batch, model, config, net if forward is None else forward,
+                       _net_inputs(net, batch), _scales(config.loss, batch), loss_scale)
+    return training_mode(mode).step(ctx, stage, inputs)
 
-    def backward(loss: torch.Tensor) -> None:
-        (loss if loss_scale == 1.0 else loss * loss_scale).backward()
-    if mode == "sequential":
-        if stage is None:
-            raise ValueError("sequential training_step needs the stage index")
-        if inputs is None:
-            if stage != 0:
-                raise ValueError(f"stage {stage} needs its cached inputs (outputs of stage {stage - 1})")
-            inputs = _initial(batch, model)
-        out = run(inputs.detach(), prompts, model, stages=[stage], **kw)
-        loss = stage_loss(out, targets[:, stage], scales)
-        backward(loss)
-        return float(loss.detach())
-    x0 = _initial(batch, model)
-    if mode in ("end_to_end", "checkpointed"):
-        ckpt = mode == "checkpointed"
-        if config.all_stages_loss:
-            outs = run(x0, prompts, model, return_all=True, checkpointing=ckpt, **kw)
-            loss = sum(stage_loss(o, targets[:, k], scales) for k, o in enumerate(outs))
+
+@dataclass(frozen=True)
+class _StepContext:
+    """What every mode's step works on: the network (``run``: it or its DDP wrapper), the batch, its
+    acquisition model, the network's extra inputs (``kw``), the per-sample loss scales and the
+    factor applied to the loss before the backward pass."""
+
+    net: FBSEMNet
+    batch: Batch
+    model: AcquisitionModel
+    config: TrainConfig
+    run: Callable[..., Any]
+    kw: dict[str, Any]
+    scales: torch.Tensor | None
+    loss_scale: float
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.loss_scale == 1.0 else loss * self.loss_scale).backward()
+
+
+def _sequential_step(ctx: _StepContext, stage: int | None, inputs: torch.Tensor | None) -> float:
+    """Stage ``stage`` alone on its detached input: loss against ``targets[:, stage]``."""
+    if stage is None:
+        raise ValueError("sequential training_step needs the stage index")
+    if inputs is None:
+        if stage != 0:
+            raise ValueError(f"stage {stage} needs its cached inputs (outputs of stage {stage - 1})")
+        inputs = _initial(ctx.batch, ctx.model)
+    out = ctx.run(inputs.detach(), ctx.batch.prompts, ctx.model, stages=[stage], **ctx.kw)
+    loss = stage_loss(out, ctx.batch.targets[:, stage], ctx.scales)
+    ctx.backward(loss)
+    return float(loss.detach())
+
+
+def _whole_network_step(checkpointing: bool) -> Callable[[_StepContext, int | None, torch.Tensor | None], float]:
+    """One graph through every stage (under ``torch.utils.checkpoint`` per stage when ``checkpointing``):
+    loss of the last output against the last target, or with ``all_stages_loss`` the sum over stages."""
+
+    def step(ctx: _StepContext, stage: int | None, inputs: torch.Tensor | None) -> float:
+        x0 = _initial(ctx.batch, ctx.model)
+        targets, prompts = ctx.batch.targets, ctx.batch.prompts
+        if ctx.config.all_stages_loss:
+            outs = ctx.run(x0, prompts, ctx.model, return_all=True, checkpointing=checkpointing, **ctx.kw)
+            loss = sum(stage_loss(o, targets[:, k], ctx.scales) for k, o in enumerate(outs))
         else:
-            out = run(x0, prompts, model, checkpointing=ckpt, **kw)
-            loss = stage_loss(out, targets[:, net.num_stages - 1], scales)
-        backward(loss)
+            out = ctx.run(x0, prompts, ctx.model, checkpointing=checkpointing, **ctx.kw)
+            loss = stage_loss(out, targets[:, ctx.net.num_stages - 1], ctx.scales)
+        ctx.backward(loss)
         return float(loss.detach())
-    if mode == "greedy":
-        place = _Placement(prompts, targets, kw, model)
-        x = x0
-        total = 0.0
-        for k in range(net.num_stages):
-            dev = stage_device(config.stage_devices, k)
-            prompts_k, targets_k, kw_k, model_k = place.on(dev)
-            x_k = x.detach() if dev is None else x.detach().to(dev)
-            out = run(x_k, prompts_k, model_k, stages=[k], **kw_k)
-            loss = stage_loss(out, targets_k[:, k], scales)
-            backward(loss)  # frees stage k's graph now: memory stays one stage
-            total += float(loss.detach())
-            x = out.detach()
-        return total
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    return step
+
+
+def _greedy_step(ctx: _StepContext, stage: int | None, inputs: torch.Tensor | None) -> float:
+    """Every stage on the detached output of the one before, against its own target; each stage's
+    graph is freed by its backward pass, so memory is one stage. Returns the sum of the stage losses."""
+    place = _Placement(ctx.batch.prompts, ctx.batch.targets, ctx.kw, ctx.model)
+    x = _initial(ctx.batch, ctx.model)
+    total = 0.0
+    for k in range(ctx.net.num_stages):
+        dev = stage_device(ctx.config.stage_devices, k)
+        prompts_k, targets_k, kw_k, model_k = place.on(dev)
+        x_k = x.detach() if dev is None else x.detach().to(dev)
+        out = ctx.run(x_k, prompts_k, model_k, stages=[k], **kw_k)
+        loss = stage_loss(out, targets_k[:, k], ctx.scales)
+        ctx.backward(loss)  # frees stage k's graph now: memory stays one stage
+        total += float(loss.detach())
+        x = out.detach()
+    return total
+
+
+@dataclass(frozen=True)
+class TrainingMode:
+    """A training mode: its step, and how the run that repeats it is organised.
+
+    Attributes:
+        name: one of :data:`MODES`.
+        step: forward and backward of one batch (:func:`training_step`).
+        stage_by_stage: trained one stage at a time on cached inputs (sequential).
+        one_stage_per_forward: each forward pass runs one stage, so DistributedDataParallel
+            must expect unused parameters.
+        places_stages: may place stages on several devices (``TrainConfig.stage_devices``).
+    """
+
+    name: str
+    step: Callable[[_StepContext, int | None, torch.Tensor | None], float]
+    stage_by_stage: bool = False
+    one_stage_per_forward: bool = False
+    places_stages: bool = False
+
+
+_TRAINING_MODES: dict[str, TrainingMode] = {
+    "sequential": TrainingMode("sequential", _sequential_step, stage_by_stage=True, one_stage_per_forward=True),
+    "end_to_end": TrainingMode("end_to_end", _whole_network_step(checkpointing=False)),
+    "checkpointed": TrainingMode("checkpointed", _whole_network_step(checkpointing=True)),
+    "greedy": TrainingMode("greedy", _greedy_step, one_stage_per_forward=True, places_stages=True),
+}
+
+
+def training_mode(mode: str) -> TrainingMode:
+    """The :class:`TrainingMode` called ``mode``; ValueError for another name."""
+    if mode not in _TRAINING_MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return _TRAINING_MODES[mode]
 
 
 @torch.no_grad()
@@ -593,14 +658,13 @@ class _Trainer:
         distributed: DistContext | None = None,
         data_signature: Mapping[str, Any] | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if config.stage_devices is not None and mode != "greedy":
+        rule = training_mode(mode)
+        if config.stage_devices is not None and not rule.places_stages:
             raise ValueError(f"TrainConfig.stage_devices places the stages of greedy training; mode is {mode!r}")
-        if config.patch_shape is not None and mode != "sequential":
+        if config.patch_shape is not None and not rule.stage_by_stage:
             raise ValueError(f"TrainConfig.patch_shape trains stages on patches in sequential mode only (a stage "
                              f"alone on a fixed input); mode is {mode!r}")
-        if mode == "sequential" and net.shared_regulariser:
+        if rule.stage_by_stage and net.shared_regulariser:
             raise ValueError(
                 "sequential training trains each stage's own parameters; a network with a shared regulariser "
                 "(shared_regulariser=True) cannot be trained stage by stage: use end_to_end, checkpointed or greedy"
@@ -621,6 +685,7 @@ class _Trainer:
         self.forward: Callable[..., Any] = self.net  # the DDP wrapper in a distributed run
         self.dataset = dataset
         self.mode = mode
+        self.rule = rule
         self.config = config
         self.factory = model_factory
         self.out_dir = Path(out_dir)
@@ -655,7 +720,7 @@ class _Trainer:
                and not (k in ("stage_devices", "beta_lr", "patch_shape") and v is None)}
         if self.config.patch_shape is None:
             cfg.pop("patches_per_sample")
-        if self.mode != "sequential":
+        if not self.rule.stage_by_stage:
             cfg["warm_start"] = False  # ignored there: runs begun under the old default still resume
         if self.dist.is_distributed:
             cfg["device"] = torch.device(self.config.device).type
@@ -775,7 +840,7 @@ class _Trainer:
             self.net,
             device_ids=[next(iter(devices))] if single_cuda else None,
             # sequential and greedy passes run one stage: the others' parameters are unused
-            find_unused_parameters=self.mode in ("sequential", "greedy"),
+            find_unused_parameters=self.rule.one_stage_per_forward,
         )
 
     def _train_batches(self, order: Sequence[int], load: bool = True) -> Iterable[_Shard]:
@@ -805,7 +870,37 @@ class _Trainer:
             idx = list(order[lo : lo + bs])
             yield idx, Batch.collate([self.dataset[i] for i in idx], self.config.device)
 
-    # -------------------------------------------------------------- sequential
+    def _early_stopping(self, state: dict[str, Any], val: float | None, module: torch.nn.Module) -> bool:
+        """Update best/bad-epoch counters; True when patience is exhausted."""
+        if val is None:
+            return False
+        if state["best_val"] is None or val < state["best_val"]:
+            state["best_val"] = val
+            state["best_state"] = _clone_state(module)
+            state["bad_epochs"] = 0
+            return False
+        state["bad_epochs"] += 1
+        return self.config.patience is not None and state["bad_epochs"] >= self.config.patience
+
+    def run(self) -> bool:
+        self._prepare_dir()
+        self._wrap()
+        try:
+            return self._run()
+        except StopIteration:  # a callback ended the run (after the last epoch's checkpoint)
+            return False
+        finally:
+            self._write_logs(plot=True)
+
+    def _run(self) -> bool:
+        """Train to the end (True) or until early stopping of the whole run (False)."""
+        raise NotImplementedError
+
+
+class _SequentialTrainer(_Trainer):
+    """Sequential mode: stage k alone on the cached outputs of the trained stages 0..k-1
+    (whole volumes, or patches with ``TrainConfig.patch_shape``), then its outputs cached for k+1."""
+
     def _cache_path(self, stage: int, i: int) -> Path:
         return self.cache_dir / f"stage_{stage:03d}" / f"sample_{i:06d}.pt"
 
@@ -942,7 +1037,7 @@ class _Trainer:
         total, n = self.dist.all_reduce_sum([total, n])
         return total / n
 
-    def _run_sequential(self) -> bool:
+    def _run(self) -> bool:
         cfg = self.config
         for k in range(self.net.num_stages):
             stage = self.net.stages[k]
@@ -1009,19 +1104,10 @@ class _Trainer:
                                   state["best_val"], self.net))
         return True
 
-    def _early_stopping(self, state: dict[str, Any], val: float | None, module: torch.nn.Module) -> bool:
-        """Update best/bad-epoch counters; True when patience is exhausted."""
-        if val is None:
-            return False
-        if state["best_val"] is None or val < state["best_val"]:
-            state["best_val"] = val
-            state["best_state"] = _clone_state(module)
-            state["bad_epochs"] = 0
-            return False
-        state["bad_epochs"] += 1
-        return self.config.patience is not None and state["bad_epochs"] >= self.config.patience
 
-    # -------------------------------------------------------------- joint modes
+class _JointTrainer(_Trainer):
+    """end_to_end, checkpointed and greedy modes: every step updates every stage."""
+
     def _joint_val(self) -> tuple[float | None, list[float] | None]:
         if not self.val_idx:
             return None, None
@@ -1033,7 +1119,7 @@ class _Trainer:
             per_stage = [v / sums[-1] for v in sums[:-1]]
         return per_stage[-1], per_stage
 
-    def _run_joint(self) -> bool:
+    def _run(self) -> bool:
         cfg = self.config
         path = self.ckpt_dir / "checkpoint.pt"
         opt = make_optimizer(self.net, cfg)
@@ -1080,17 +1166,6 @@ class _Trainer:
         return True
 
     # -------------------------------------------------------------- entry
-    def run(self) -> bool:
-        self._prepare_dir()
-        self._wrap()
-        try:
-            if self.mode == "sequential":
-                return self._run_sequential()
-            return self._run_joint()
-        except StopIteration:  # a callback ended the run (after the last epoch's checkpoint)
-            return False
-        finally:
-            self._write_logs(plot=True)
 
 
 def train(
@@ -1133,13 +1208,14 @@ def train(
         data_signature: what else defines the data (e.g. the :class:`~.stage_targets.TargetRule`):
             part of the run's signature, so a run resumes only with the same.
     """
-    trainer = _Trainer(net, dataset, mode, config, model_factory, Path(out_dir), list(callbacks), resume,
-                       distributed, data_signature)
+    runner = _SequentialTrainer if training_mode(mode).stage_by_stage else _JointTrainer
+    trainer = runner(net, dataset, mode, config, model_factory, Path(out_dir), list(callbacks), resume,
+                     distributed, data_signature)
     completed = trainer.run()
     model_path = None
     if completed:
         main = trainer.dist.is_main
-        if (main and mode == "sequential" and config.cache == "disk" and not config.keep_cache
+        if (main and training_mode(mode).stage_by_stage and config.cache == "disk" and not config.keep_cache
                 and trainer.cache_dir.exists()):
             shutil.rmtree(trainer.cache_dir)
         if metadata is not None:

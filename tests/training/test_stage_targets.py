@@ -95,3 +95,30 @@ def test_train_flags_record_the_targets_in_the_model(dataset, tmp_path, capsys):
     assert main(["train", "--data", str(dataset), "--out", str(tmp_path / "v"), "--targets", "truth",
                  "--target-stride", "2", *TRAIN]) == 2
     assert "--target-stride" in capsys.readouterr().err
+
+
+def test_train_on_several_directories_records_each(dataset, tmp_path, capsys):
+    """One directory per count level, as the 2D study simulates them: trained on together, each
+    recorded (seed, indices), and evaluate refuses to confirm on any of them."""
+    other = tmp_path / "d2"
+    assert main(["simulate", "--out", str(other), "--num-samples", "1", "--2d", "--counts", "4e4", "--seed", "5",
+                 "--num-stages", "4", "--num-subsets", "2", "--no-progress"]) == 0
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(dataset), str(other), "--out", str(out), "--stages", "2",
+                 "--validation-fraction", "0.34", *TRAIN]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training_data"] == [{"seed": 0, "indices": [0, 1], "counts": 1e4},
+                                     {"seed": 5, "indices": [0], "counts": 4e4}]
+    assert meta["data"] == [str(dataset), str(other)]
+    capsys.readouterr()
+    rc = main(["evaluate", "--data", str(other), "--model", f"m={out / 'model.pt'}", "--out", str(tmp_path / "ev"),
+               "--osem-iterations", "1", "--map-iterations", "1", "--no-progress"])
+    assert rc == 2 and "training of m" in capsys.readouterr().err
+    # directories that disagree (here: targets for 2 stages vs 4) are refused, naming the entry
+    short = tmp_path / "d3"
+    assert main(["simulate", "--out", str(short), "--num-samples", "1", "--2d", "--counts", "1e4", "--seed", "6",
+                 "--num-stages", "2", "--num-subsets", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--data", str(dataset), str(short), "--out", str(tmp_path / "r2"), *TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert "num_stages" in err and str(short) in err and not (tmp_path / "r2").exists()

@@ -306,3 +306,14 @@ def test_train_cli_flags_map_onto_the_config():
     assert parser.parse_args(["--data", "d", "--out", "o", "--no-warm-start"]).warm_start is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--data", "d", "--out", "o", "--mode", "fastest"])
+
+
+def test_every_mode_has_one_strategy():
+    from sirf_fbsem.training.trainers import MODES, training_mode
+
+    rules = {m: training_mode(m) for m in MODES}
+    assert [r.name for r in rules.values()] == list(MODES)
+    assert [m for m, r in rules.items() if r.stage_by_stage] == ["sequential"]
+    assert [m for m, r in rules.items() if r.places_stages] == ["greedy"]
+    with pytest.raises(ValueError, match="mode must be one of"):
+        training_mode("fastest")
