@@ -300,7 +300,8 @@ def test_train_cli_flags_map_onto_the_config():
                               "--dims", "2", "--anatomical", "--beta-lr", "0.05"])
     assert args.beta_lr == 0.05
     assert (args.mode, args.stages, args.shared, args.epochs, args.lr, args.batch_size) == ("greedy", 6, True, 3, 0.002, 2)
-    assert (args.resume, args.dims, args.anatomical, str(args.data), str(args.out)) == (True, 2, True, "d", "o")
+    assert (args.resume, args.dims, args.anatomical, list(map(str, args.data)), str(args.out)) == (
+        True, 2, True, ["d"], "o")
     # sequential stages warm-start by default (unset flag: TrainConfig's default); --no-warm-start turns it off
     assert args.warm_start is None and TrainConfig().warm_start is True
     assert parser.parse_args(["--data", "d", "--out", "o", "--no-warm-start"]).warm_start is False
