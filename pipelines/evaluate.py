@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 2. training (same network, data, targets, epochs)
     datasets = [FBSEMSampleDataset(d) for d in dirs["train"]]
     data: torch.utils.data.Dataset = torch.utils.data.ConcatDataset(datasets)
-    rule = TargetRule(args.targets, args.target_stride if args.targets == "osem" else 1, units="phantom_mean")
+    rule = TargetRule(args.targets, args.target_stride, units="phantom_mean")  # parse(): stride 1 with truth
     data = StageTargets(data, rule, args.stages)
     base = EmbeddedAcquisitionModel(sino, image, num_subsets=args.subsets)
     reg = RegulariserConfig(dims=2, in_channels=2 if args.anatomical else 1, channels=args.channels,

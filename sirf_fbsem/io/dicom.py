@@ -345,11 +345,12 @@ def write_dicom_series(
     _image_plane_module(base, geometry, settings.position)
     _image_pixel_module(base, geometry, signed)
 
+    positions, normal = _slice_positions(geometry, settings.position)
     written: list[str] = []
     with atomic_dir(target, replace=replace, last=SERIES_MANIFEST) as tmp:
         for k in range(geometry.shape[0]):
             name = f"IM_{k + 1:04d}.dcm"
-            ds = _slice_instance(base, k, geometry, settings.position, slopes[k], pixels[k], signed)
+            ds = _slice_instance(base, k, positions[k], normal, slopes[k], pixels[k], signed)
             pydicom.dcmwrite(tmp / name, ds, enforce_file_format=True)
             written.append(name)
         manifest = {"written_by": JSON_MARK, "sirf_fbsem_version": __version__, "files": written,
@@ -609,25 +610,31 @@ def _image_pixel_module(ds, geometry: ImageGeometry, signed: bool) -> None:
     ds.RescaleIntercept = "0"
 
 
-def _slice_instance(base, k: int, geometry: ImageGeometry, position: str, slope: str, pixels: np.ndarray,
+def _slice_positions(geometry: ImageGeometry, position: str) -> tuple[np.ndarray, np.ndarray]:
+    """ImagePositionPatient of every slice, (Z, 3) mm in LPS: ``[sx x0, sy y0, sz (z0 + k vz)]``
+    (module docstring), and the image plane's normal (row x column direction)."""
+    sx, sy, sz = patient_flips(position)
+    x0, y0, z0 = geometry.first_voxel_physical_mm()
+    vz = geometry.voxel_size_mm[0]
+    k = np.arange(geometry.shape[0], dtype=np.float64)
+    positions = np.stack([np.full_like(k, sx * x0), np.full_like(k, sy * y0), sz * (z0 + k * vz)], axis=1)
+    return positions, np.cross(*_directions(position))
+
+
+def _slice_instance(base, k: int, ipp: np.ndarray, normal: np.ndarray, slope: str, pixels: np.ndarray,
                     signed: bool):
-    """Slice k's instance: ``base`` plus its UID, index, ImagePositionPatient
-    ``[sx x0, sy y0, sz (z0 + k vz)]``, SliceLocation (position along the plane normal), slope and
-    pixels, with its file meta information."""
+    """Slice k's instance: ``base`` plus its UID, index, ImagePositionPatient ``ipp`` (3,) mm,
+    SliceLocation (its position along the plane ``normal``), slope and pixels, with its file meta
+    information."""
     pydicom = _require_pydicom()
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    sx, sy, sz = patient_flips(position)
-    x0, y0, z0 = geometry.first_voxel_physical_mm()
-    vz = geometry.voxel_size_mm[0]
-    normal = np.cross(*_directions(position))
     ds = Dataset()
     ds.update(base)
     ds.SOPInstanceUID = generate_uid()
     ds.InstanceNumber = k + 1
     ds.ImageIndex = k + 1
-    ipp = np.array([sx * x0, sy * y0, sz * (z0 + k * vz)], dtype=np.float64)
     ds.ImagePositionPatient = [_ds(v) for v in ipp]
     ds.SliceLocation = _ds(float(ipp @ normal))
     ds.RescaleSlope = slope

@@ -697,8 +697,6 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.step_count = 0
         self.t0 = time.perf_counter()
-        self._memory_cache: dict[int, dict[int, torch.Tensor]] = {}
-        self._patch_terms: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
         self.run_signature = json.dumps(
             {
                 "mode": mode,
@@ -900,6 +898,12 @@ class _Trainer:
 class _SequentialTrainer(_Trainer):
     """Sequential mode: stage k alone on the cached outputs of the trained stages 0..k-1
     (whole volumes, or patches with ``TrainConfig.patch_shape``), then its outputs cached for k+1."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # stage outputs (cache "memory") and patch terms, by stage then sample: the current stage's only
+        self._memory_cache: dict[int, dict[int, torch.Tensor]] = {}
+        self._patch_terms: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
 
     def _cache_path(self, stage: int, i: int) -> Path:
         return self.cache_dir / f"stage_{stage:03d}" / f"sample_{i:06d}.pt"
