@@ -116,7 +116,7 @@ def worker(header: str, warmup_header: str | None, warm_repeats: int) -> dict:
         c0, t0 = time.process_time(), time.perf_counter()
         prompts, delayeds, info = histogram_listmode(header, geometry, progress=False)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        events = info["prompts"] + info["delayeds"]
+        events = info.prompts + info.delayeds
         runs.append({"wall_s": wall, "cpu_s": cpu})
         sums = (float(prompts.sum(dtype=np.float64)), float(delayeds.sum(dtype=np.float64)))
         output_mb = (prompts.nbytes + delayeds.nbytes) / 2**20
@@ -124,8 +124,8 @@ def worker(header: str, warmup_header: str | None, warm_repeats: int) -> dict:
     cold, warm = runs[0], min(runs[1:], key=lambda r: r["wall_s"])
     return {
         "events": events,
-        "prompts_histogrammed": info["prompts"],
-        "delayeds_histogrammed": info["delayeds"],
+        "prompts_histogrammed": info.prompts,
+        "delayeds_histogrammed": info.delayeds,
         "prompt_sum": sums[0],
         "delayed_sum": sums[1],
         "wall_s": cold["wall_s"],

@@ -66,8 +66,24 @@ MODES = ("sequential", "end_to_end", "checkpointed", "greedy")
 DEFAULT_STAGES = (1, 2, 4, 8, 16, 32, 60)
 
 
-def problem_description(quick: bool) -> dict:
-    if quick:
+PROBLEMS = ("bench3d", "quick", "mmr2d", "mmr3d")
+
+
+def problem_description(problem: str) -> dict:
+    """The benchmark's problem: ``bench3d`` (module docstring), ``quick`` (a smoke run), ``mmr2d``
+    (the 2D studies' setting: one Siemens mMR ring, 1 x 128 x 128 image of the ring's voxels,
+    6 subsets, 2D CNN of 32 channels x 5 layers; docs/studies/paper_findings.md) or ``mmr3d`` (the
+    bundled 3D model's setting: the mMR at span 11, 837 x 252 x 344 bins, 127 x 128 x 128 image of
+    2.03 x 2.09 x 2.09 mm, 7 subsets, 3D CNN of 16 channels x 5 layers, whole-volume steps;
+    docs/studies/mmr_3d.md)."""
+    if problem == "mmr3d":
+        return {"scanner": "Siemens_mMR", "span": 11, "max_ring_diff": 60, "image_shape_zyx": [127, 128, 128],
+                "num_subsets": 7, "regulariser": {"dims": 3, "in_channels": 1, "channels": 16, "layers": 5,
+                                                   "kernel": 3}}
+    if problem == "mmr2d":
+        return {"scanner": "Siemens_mMR", "single_ring": True, "image_shape_zyx": [1, 128, 128], "num_subsets": 6,
+                "regulariser": {"dims": 2, "in_channels": 1, "channels": 32, "layers": 5, "kernel": 3}}
+    if problem == "quick":
         return {
             "image_shape_zyx": [16, 32, 32], "voxel_size_mm": [4.0, 4.0, 4.0],
             "scanner": {"name": "bench quick", "num_rings": 8, "num_detectors_per_ring": 64,
@@ -97,22 +113,35 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def run_worker(mode: str, k: int, device: str, quick: bool, dims: int | None, tensor_memory: bool = False) -> dict:
+def _geometries(desc: dict):
+    from sirf_fbsem.geometry import ImageGeometry, Scanner, SinogramGeometry, scanner_preset
+    from sirf_fbsem.simulation.acquisition import single_slice_geometry
+
+    if desc.get("single_ring"):
+        sino, image = single_slice_geometry(scanner_preset(desc["scanner"]))
+        return sino, ImageGeometry(tuple(desc["image_shape_zyx"]), image.voxel_size_mm)
+    if isinstance(desc["scanner"], str):  # a preset scanner at its default voxels
+        sino = SinogramGeometry.from_span(scanner_preset(desc["scanner"]), span=desc["span"],
+                                          max_ring_diff=desc["max_ring_diff"])
+        return sino, ImageGeometry(tuple(desc["image_shape_zyx"]), sino.default_image().voxel_size_mm)
+    sino = SinogramGeometry.from_span(Scanner(**desc["scanner"]), span=desc["span"],
+                                      max_ring_diff=desc["max_ring_diff"], view_mash_factor=desc["view_mash_factor"],
+                                      arc_corrected=desc["arc_corrected"])
+    return sino, ImageGeometry(tuple(desc["image_shape_zyx"]), tuple(desc["voxel_size_mm"]))
+
+
+def run_worker(mode: str, k: int, device: str, problem: str, dims: int | None, tensor_memory: bool = False) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from sirf_fbsem.geometry import ImageGeometry, Scanner, SinogramGeometry
     from sirf_fbsem.model import FBSEMNet, RegulariserConfig
     from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
     from sirf_fbsem.samples import Batch
     from sirf_fbsem.training import TrainConfig, training_step
 
     torch.manual_seed(0)
-    desc = problem_description(quick)
-    sino = SinogramGeometry.from_span(Scanner(**desc["scanner"]), span=desc["span"],
-                                      max_ring_diff=desc["max_ring_diff"], view_mash_factor=desc["view_mash_factor"],
-                                      arc_corrected=desc["arc_corrected"])
-    image = ImageGeometry(tuple(desc["image_shape_zyx"]), tuple(desc["voxel_size_mm"]))
+    desc = problem_description(problem)
+    sino, image = _geometries(desc)
     nsub = desc["num_subsets"]
     reg = dict(desc["regulariser"])
     if dims is not None:
@@ -204,15 +233,13 @@ def _mem_available_gb() -> float:
     return float("nan")
 
 
-def run_point(mode: str, k: int, device: str, quick: bool, dims: int | None, timeout_s: float,
+def run_point(mode: str, k: int, device: str, problem: str, dims: int | None, timeout_s: float,
               mmap_threshold: int | None = None, tensor_memory: bool = False) -> dict:
     env = dict(os.environ)
     if mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)  # glibc: fixed threshold, no dynamic growth
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--mode", mode, "--stages", str(k),
-           "--device", device]
-    if quick:
-        cmd.append("--quick")
+           "--device", device, "--problem", problem]
     if dims is not None:
         cmd += ["--dims", str(dims)]
     if tensor_memory and device == "cpu":
@@ -243,7 +270,8 @@ def _fit_line(points: list[tuple[int, float]]) -> tuple[float, float, float]:
 
 
 def summarise(results: list[dict]) -> dict:
-    """Per metric: sequential at the largest K vs end-to-end there (measured, else the fitted line)."""
+    """Per metric: sequential at the largest K vs end-to-end there (measured, else the fitted line),
+    and at the largest K where both were measured (``largest_K_measured_both``)."""
     out: dict = {}
     for key, dev in (("peak_rss_mb", "cpu"), ("tensor_peak_mb", "cpu"), ("cuda_peak_allocated_mb", "cuda")):
         pts = {m: sorted((r["stages"], r[key]) for r in results if r["mode"] == m and r.get("status") == "ok"
@@ -264,6 +292,12 @@ def summarise(results: list[dict]) -> dict:
         else:
             entry["end_to_end_mb"], entry["end_to_end_source"] = round(a + b * k, 1), "fitted line"
         entry["sequential_over_end_to_end"] = round(seq / entry["end_to_end_mb"], 4)
+        both = sorted(set(dict(pts["sequential"])) & set(dict(pts["end_to_end"])))
+        if both:  # the ratio with no fit at all: the largest K where both modes were measured
+            kb = both[-1]
+            s_mb, e_mb = dict(pts["sequential"])[kb], dict(pts["end_to_end"])[kb]
+            entry["largest_K_measured_both"] = {"K": kb, "sequential_mb": s_mb, "end_to_end_mb": e_mb,
+                                                "sequential_over_end_to_end": round(s_mb / e_mb, 4)}
         out[key] = entry
     return out
 
@@ -333,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, nargs="+", default=None, help=f"K values (default {DEFAULT_STAGES})")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--quick", action="store_true", help="small problem, K = 1 2 4 (smoke run)")
+    p.add_argument("--quick", action="store_true", help="small problem, K = 1 2 4 (smoke run; --problem quick)")
+    p.add_argument("--problem", choices=PROBLEMS, default=None,
+                   help="bench3d (default; module docstring), quick, mmr2d (the 2D studies' setting) or mmr3d "
+                        "(the bundled 3D mMR model's setting)")
     p.add_argument("--dims", type=int, choices=(2, 3), default=None, help="regulariser dims (default 3)")
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--max-rss-gb", type=float, default=None,
@@ -351,27 +388,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick and args.problem not in (None, "quick"):
+        p.error("--quick is --problem quick")
+    problem = "quick" if args.quick else (args.problem or "bench3d")
+    suffix = {"bench3d": "", "quick": "_quick", "mmr2d": "_mmr2d", "mmr3d": "_mmr3d"}[problem]
 
     if args.worker:
-        print(json.dumps(run_worker(args.mode, args.stages[0], args.device, args.quick, args.dims,
+        print(json.dumps(run_worker(args.mode, args.stages[0], args.device, problem, args.dims,
                                     args.tensor_memory)), flush=True)
         return 0
 
     if args.replot:
-        path = args.output or RESULTS / f"bench_training_memory{'_quick' if args.quick else ''}.json"
+        path = args.output or RESULTS / f"bench_training_memory{suffix}.json"
         data = json.loads(path.read_text())
         _plot(data["results"], path.with_suffix(".png"), _title(data["problem"], data.get("malloc_mmap_threshold")))
         print(f"wrote {path.with_suffix('.png')}")
         return 0
-    stages = args.stages or ([1, 2, 4] if args.quick else list(DEFAULT_STAGES))
+    stages = args.stages or ([1, 2, 4] if problem == "quick" else list(DEFAULT_STAGES))
     if args.devices is None:
         import torch
 
         args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     max_rss_mb = 1024 * (args.max_rss_gb if args.max_rss_gb is not None else 0.8 * _mem_available_gb())
-    suffix = "_quick" if args.quick else ""
     out_json = args.output or RESULTS / f"bench_training_memory{suffix}.json"
-    desc = problem_description(args.quick)
+    desc = problem_description(problem)
     if args.dims is not None:
         desc["regulariser"]["dims"] = args.dims
     print("problem:", json.dumps(desc))
@@ -414,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{device} {mode:<13} K={k:<3} {results[-1]['status']}", flush=True)
                         save()
                         continue
-                res = run_point(mode, k, device, args.quick, args.dims, args.point_timeout, args.mmap_threshold,
+                res = run_point(mode, k, device, problem, args.dims, args.point_timeout, args.mmap_threshold,
                                 args.tensor_memory)
                 results.append(res)
                 if res["status"] == "ok":

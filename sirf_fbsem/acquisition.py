@@ -33,8 +33,10 @@ class Acquisition:
     """Prompts (counts) and model terms on one sinogram geometry; arrays (T,S,V,N) float32.
 
     ``listmode_header``: the parsed header of an mMR listmode input (the DICOM writer takes the
-    radiopharmaceutical and times from it); None for sinograms and PETSIRD. ``metadata``:
-    what the readers report (counts histogrammed, clipped values, the μ-map used), for logs.
+    radiopharmaceutical and times from it); None for sinograms and PETSIRD. ``histogram``: what
+    the embedded histogrammer read from listmode or PETSIRD input (typed record); None for
+    sinograms and SIRF's histogrammer. ``metadata``: plain values the readers report (counts
+    histogrammed, clipped values, the μ-map used), for logs.
     """
 
     geometry: SinogramGeometry
@@ -44,6 +46,7 @@ class Acquisition:
     source: str = ""
     metadata: dict = field(default_factory=dict)
     listmode_header: listmode.ListmodeHeader | None = None
+    histogram: listmode.ListmodeHistogramInfo | petsird.PetsirdHistogramInfo | None = None
 
     def model(self, image: ImageGeometry | None = None, backend: str = "embedded", **kwargs) -> AcquisitionModel:
         """The acquisition model of these data on ``backend`` ("embedded" or "sirf").
@@ -141,13 +144,15 @@ def load_acquisition(
     path = Path(path)
     meta: dict = {}
     header: listmode.ListmodeHeader | None = None
+    histogram: listmode.ListmodeHistogramInfo | petsird.PetsirdHistogramInfo | None = None
     add = None
     if _is_petsird(path):
         prompts, delayeds, info = petsird.histogram_petsird(
             path, span=span, time_interval_s=time_interval_s, store_delayeds=True, progress=progress
         )
-        geom = info["sinogram_geometry"]
-        meta.update(info)
+        geom = info.sinogram_geometry
+        histogram = info
+        meta.update(info.to_metadata())
         if additive is None and delayeds is not None and delayeds.sum() > 0:
             add = randoms.randoms_from_delayeds(delayeds, geom, smooth=True).astype(np.float32)
     elif _is_listmode(path):
@@ -164,7 +169,8 @@ def load_acquisition(
             prompts, delayeds, info = listmode.histogram_listmode(
                 hdr, geom, time_interval_s=time_interval_s, store_delayeds=True, progress=progress
             )
-            meta.update(info if isinstance(info, dict) else {"listmode": str(info)})
+            histogram = info
+            meta.update(info.to_metadata())
             if additive is None and delayeds is not None:
                 add = randoms.randoms_from_delayeds(delayeds, geom, smooth=True).astype(np.float32)
         header = hdr
@@ -198,7 +204,7 @@ def load_acquisition(
     if additive is not None:
         add_geom, add = interfile.read_projdata(additive)
         _check_same(add_geom, geom, additive, path)
-    return Acquisition(geom, np.asarray(prompts, dtype=np.float32), mult, add, str(path), meta, header)
+    return Acquisition(geom, np.asarray(prompts, dtype=np.float32), mult, add, str(path), meta, header, histogram)
 
 
 def _mmr_geometry(span: int) -> SinogramGeometry:

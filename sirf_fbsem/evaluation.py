@@ -691,11 +691,14 @@ def evaluate_methods(
     """Score every method on ``samples`` (:class:`~sirf_fbsem.samples.Sample`, every field set), per count level.
 
     ``seed_groups`` names learned methods trained with several seeds: method -> the names in
-    ``networks`` of its runs. Such a method's per-sample metrics are the means over its runs, and
-    its entry adds ``seeds`` (each run's mean metrics) and ``spread_over_seeds`` (mean, std, min
-    and max over runs of each mean metric). The summary gives, for every learned method against
-    every baseline, the ratio of mean NRMSE and of mean SSIM with a paired bootstrap 95 % interval
-    over phantoms and a verdict (:mod:`sirf_fbsem.study_statistics`).
+    ``networks`` of its runs. Such a method's per-sample metrics are the means over its runs (with
+    ``nrmse_seed_std`` and ``ssim_seed_std``, their std over runs on that phantom), and its entry
+    adds ``seeds`` (each run's mean metrics) and ``spread_over_seeds`` (mean, std, min and max over
+    runs of each mean metric). The summary (:func:`_summary`) gives, for every learned method against
+    every baseline and against every other learned method, the ratio of mean NRMSE and of mean SSIM
+    with a paired bootstrap 95 % interval over phantoms and a verdict
+    (:mod:`sirf_fbsem.study_statistics`), and for two methods with several seeds the ratio of their
+    run-to-run spread.
 
     Args:
         samples: held-out samples; grouped by their ``counts``.
@@ -785,6 +788,8 @@ def _seed_group_entry(runs: Sequence[Sequence[Mapping[str, Any]]], names: Sequen
         for k in _METRICS:
             v = [r[k] for r in rows if r.get(k) is not None and math.isfinite(r[k])]
             row[k] = float(np.mean(v)) if v else None
+            if k in ("nrmse", "ssim"):  # run-to-run spread on this phantom (sample std, ddof 1)
+                row[f"{k}_seed_std"] = float(np.std(v, ddof=1)) if len(v) > 1 else None
         per_sample.append(row)
     run_means = {n: _statistics(r)["mean"] for n, r in zip(names, runs)}
     spread = {k: seed_spread([m[k] for m in run_means.values()])
@@ -810,32 +815,55 @@ _DEFINITIONS = {
 }
 
 
+def _pair_intervals(a_rows: Sequence[Mapping[str, Any]], b_rows: Sequence[Mapping[str, Any]],
+                    metrics: Sequence[tuple[str, bool]]) -> dict[str, Any]:
+    """Paired ratio of means ``a / b`` over phantoms with its bootstrap interval and verdict, per
+    ``(metric, lower_is_better)``; a metric with a missing value or a zero reference mean is left out."""
+    pair: dict[str, Any] = {}
+    for metric, lower_is_better in metrics:
+        try:
+            ci = paired_ratio_interval([r[metric] for r in a_rows], [r[metric] for r in b_rows])
+        except (ValueError, TypeError, KeyError):
+            continue
+        pair[metric] = {**ci.to_json(), "verdict": verdict(ci, lower_is_better)}
+    return pair
+
+
+_QUALITY = (("nrmse", True), ("ssim", False))
+_SEED_STD = (("nrmse_seed_std", True), ("ssim_seed_std", True))
+
+
 def _summary(levels: Mapping[str, Any], learned: Sequence[str], baselines: Sequence[str]) -> dict[str, Any]:
+    """Per count level: mean NRMSE per method, its ratios to MAP-EM and filtered OSEM, and paired
+    bootstrap intervals (docs/studies/rules.md):
+
+    - ``ratio_intervals``: every learned method against every baseline (NRMSE, SSIM);
+    - ``learned_intervals``: every pair of learned methods ``a/b`` (``a`` before ``b`` in the order
+      given), on the same phantoms (NRMSE, SSIM);
+    - ``seed_spread_intervals``: every pair of learned methods with several seeds, the ratio of their
+      mean per-phantom std over seeds (NRMSE and SSIM): below 1 when ``a``'s runs agree more.
+    """
     out: dict[str, Any] = {}
     for key, lv in levels.items():
         m = lv["methods"]
         nr = {name: m[name]["mean"]["nrmse"] for name in m if name != "truth"}
         entry: dict[str, Any] = {"nrmse": nr}
         intervals: dict[str, Any] = {}
-        for name in learned:
-            if nr.get(name) is None:
-                continue
+        present = [name for name in learned if nr.get(name) is not None]
+        for name in present:
             entry[f"{name}/map_em"] = nr[name] / nr["map_em"] if nr["map_em"] else None
             if nr.get("map_em_bowsher"):
                 entry[f"{name}/map_em_bowsher"] = nr[name] / nr["map_em_bowsher"]
             entry[f"{name}/osem_filtered"] = nr[name] / nr["osem_filtered"] if nr["osem_filtered"] else None
             for base in baselines:
-                pair: dict[str, Any] = {}
-                for metric, lower_is_better in (("nrmse", True), ("ssim", False)):
-                    a = [r[metric] for r in m[name]["per_sample"]]
-                    b = [r[metric] for r in m[base]["per_sample"]]
-                    try:
-                        ci = paired_ratio_interval(a, b)
-                    except (ValueError, TypeError):  # a None metric or a zero mean: no interval
-                        continue
-                    pair[metric] = {**ci.to_json(), "verdict": verdict(ci, lower_is_better)}
-                intervals[f"{name}/{base}"] = pair
+                intervals[f"{name}/{base}"] = _pair_intervals(m[name]["per_sample"], m[base]["per_sample"], _QUALITY)
         entry["ratio_intervals"] = intervals
+        pairs = [(a, b) for i, a in enumerate(present) for b in present[i + 1:]]
+        entry["learned_intervals"] = {f"{a}/{b}": _pair_intervals(m[a]["per_sample"], m[b]["per_sample"], _QUALITY)
+                                      for a, b in pairs}
+        entry["seed_spread_intervals"] = {
+            f"{a}/{b}": _pair_intervals(m[a]["per_sample"], m[b]["per_sample"], _SEED_STD)
+            for a, b in pairs if "seeds" in m[a] and "seeds" in m[b]}
         out[key] = entry
     return out
 
@@ -1057,6 +1085,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         line = ", ".join(f"{m} {v:.4f}" for m, v in entry["nrmse"].items() if v is not None and "@" not in m)
         print(f"{key} counts: NRMSE {line}")
         for pair, ci in entry["ratio_intervals"].items():
+            if "nrmse" in ci:
+                c = ci["nrmse"]
+                print(f"  NRMSE {pair} = {c['estimate']:.3f} [{c['low']:.3f}, {c['high']:.3f}]: {c['verdict']}")
+        for pair, ci in entry["learned_intervals"].items():
             if "nrmse" in ci:
                 c = ci["nrmse"]
                 print(f"  NRMSE {pair} = {c['estimate']:.3f} [{c['low']:.3f}, {c['high']:.3f}]: {c['verdict']}")

@@ -53,7 +53,8 @@ def test_pipeline_up_to_the_reconstruction_on_the_real_mmr_files():
     geom = span11()
     assert acq.geometry == geom and acq.prompts.shape == acq.multiplicative.shape == acq.additive.shape == geom.shape
     # counts: the interval keeps the events before the 300 ms tag, all within the max ring difference 60
-    info = acq.metadata
+    info = acq.histogram.to_metadata()
+    assert isinstance(acq.histogram, lm.ListmodeHistogramInfo) and acq.metadata == {**info, "mu_map": str(MU)}
     assert acq.prompts.sum() == info["prompts"] and 0 < info["prompts"] < summary.prompts
     # the header reaches the writers as its typed record (radiopharmaceutical, times)
     assert isinstance(acq.listmode_header, lm.ListmodeHeader) and acq.listmode_header == lm.read_listmode_header(LM_HDR)

@@ -314,8 +314,14 @@ def test_evaluate_refuses_a_confirmation_set_that_shares_phantoms_with_the_tunin
                                                     beta_init=0.2),
                        {"sinogram_geometry": sino, "image_geometry": image, "training_mode": "untrained",
                         "training_data": {"seed": 21, "indices": [0], "counts": [3e5]}})
+    torch.manual_seed(2)
+    third = save_model(tmp_path / "m3.pt", FBSEMNet(2, 4, RegulariserConfig(dims=2, channels=4, layers=2),
+                                                    beta_init=1.0),
+                       {"sinogram_geometry": sino, "image_geometry": image, "training_mode": "untrained",
+                        "training_data": {"seed": 22, "indices": [0], "counts": [3e5]}})
     rc = cli(["evaluate", "--data", str(dirs["test"][0]), "--tune-data", str(dirs["tune"][0]),
-              "--model", f"m={model}", "--model", f"m={other}", "--out", str(out), "--osem-iterations", "1",
+              "--model", f"m={model}", "--model", f"m={other}", "--model", f"n={model}", "--model", f"n={third}",
+              "--out", str(out), "--osem-iterations", "1",
               "--map-iterations", "1", "--betas", "0.1", "--fwhm-mm", "0", "--no-progress"])
     assert rc == 0
     result = json.loads((out / "evaluate.json").read_text())
@@ -333,11 +339,25 @@ def test_evaluate_refuses_a_confirmation_set_that_shares_phantoms_with_the_tunin
     spread = m["spread_over_seeds"]["nrmse"]
     assert spread["num_seeds"] == 2 and spread["std"] == pytest.approx(
         np.std([r["mean"]["nrmse"] for r in runs], ddof=1))
-    summary = result["summary"]["2e+04"]["ratio_intervals"]
-    assert set(summary) == {f"m/{b}" for b in ("osem", "osem_filtered", "map_em")}  # the group, not its runs
+    for i in range(2):  # each phantom's run-to-run spread
+        assert m["per_sample"][i]["nrmse_seed_std"] == pytest.approx(
+            np.std([r["per_sample"][i]["nrmse"] for r in runs], ddof=1))
+    level = result["summary"]["2e+04"]
+    summary = level["ratio_intervals"]
+    # the groups, not their runs
+    assert set(summary) == {f"{g}/{b}" for g in "mn" for b in ("osem", "osem_filtered", "map_em")}
     ci = summary["m/map_em"]["nrmse"]
     assert ci["low"] <= ci["estimate"] <= ci["high"] and ci["verdict"] in ("better", "worse", "inconclusive")
     assert ci["estimate"] == pytest.approx(m["mean"]["nrmse"] / methods["map_em"]["mean"]["nrmse"])
+    # learned against learned, on the same phantoms; and their run-to-run spreads
+    n = methods["n"]
+    assert set(level["learned_intervals"]) == {"m/n"} and set(level["seed_spread_intervals"]) == {"m/n"}
+    ci = level["learned_intervals"]["m/n"]["ssim"]
+    assert ci["estimate"] == pytest.approx(m["mean"]["ssim"] / n["mean"]["ssim"])
+    ci = level["seed_spread_intervals"]["m/n"]["nrmse_seed_std"]
+    assert ci["estimate"] == pytest.approx(np.mean([r["nrmse_seed_std"] for r in m["per_sample"]])
+                                           / np.mean([r["nrmse_seed_std"] for r in n["per_sample"]]))
+    assert ci["low"] <= ci["estimate"] <= ci["high"]
 
 
 def test_evaluate_refuses_to_score_a_models_training_phantoms(data, tmp_path):
@@ -370,51 +390,3 @@ def test_evaluate_cli_rejects_a_malformed_model_flag(data, tmp_path):
     _, _, _, dirs = data
     with pytest.raises(SystemExit):
         cli(["evaluate", "--data", str(dirs["test"][0]), "--model", "no_equals_sign", "--out", str(tmp_path)])
-
-
-def _evaluate_pipeline():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("evaluate_pipeline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_evaluate_pipeline_trains_the_modes_asked_on_mni152_phantoms_and_keys_its_work_dir(tmp_path):
-    """``pipelines/evaluate.py --quick`` with --modes sequential, --phantom mni152, --beta-lr and
-    --anatomical (PET+MR): the JSON scores the baselines (Bowsher MAP-EM too) and the sequential
-    PET+MR model only, records the settings; the work directory is then refused for other phantoms
-    and for PET-only networks."""
-    pytest.importorskip("nilearn")
-    pipeline = _evaluate_pipeline()
-    work, results = tmp_path / "work", tmp_path / "results"
-    common = ["--quick", "--no-progress", "--work", str(work), "--results", str(results), "--targets", "osem"]
-    assert pipeline.main(common + ["--modes", "sequential", "--phantom", "mni152", "--beta-lr", "0.05",
-                                   "--anatomical", "--setting", "t"]) == 0
-    result = json.loads((results / "evaluate_t.json").read_text())
-    for level in result["count_levels"].values():
-        methods = set(level["methods"])
-        assert {"osem", "osem_filtered", "map_em", "map_em_bowsher", "fbsem_sequential"} <= methods
-        assert "fbsem_end_to_end" not in methods
-    assert "MNI152" in result["setting"]["phantom"] and result["setting"]["beta_lr"] == 0.05
-    assert "sequential/end_to_end" not in result["goals"] and "sequential/map_em" in result["goals"]
-    goals, low = result["goals"], result["goals"]["count_level"]
-    best = goals["best_map_em"]
-    nr = result["summary"][low]["nrmse"]
-    assert best in ("map_em", "map_em_bowsher") and nr[best] == min(nr["map_em"], nr["map_em_bowsher"])
-    assert goals["sequential/map_em"] == pytest.approx(nr["fbsem_sequential"] / nr[best])
-    assert result["setting"]["regulariser"]["in_channels"] == 2 and "PET+MR" in result["setting"]["anatomical"]
-    from sirf_fbsem.model.io import load_model
-    assert load_model(work / "train_sequential" / "model.pt")[0].uses_anatomical
-    assert (results / "evaluate_t.png").stat().st_size > 1000
-    assert not (work / "train_end_to_end" / "model.pt").exists()
-    study = json.loads((work / "study.json").read_text())
-    assert study["phantom"] == "mni152" and study["beta_lr"] == 0.05 and study["anatomical"] is True
-    with pytest.raises(SystemExit, match="phantom"):
-        pipeline.main(common + ["--modes", "sequential", "--beta-lr", "0.05", "--anatomical", "--setting", "t"])
-    with pytest.raises(SystemExit, match="anatomical"):
-        pipeline.main(common + ["--modes", "sequential", "--beta-lr", "0.05", "--phantom", "mni152",
-                                "--setting", "t"])

@@ -193,8 +193,8 @@ def test_time_interval_partly_past_the_end_warns_with_the_effective_interval(tmp
         _, _, info = lm.histogram_listmode(hdr, geom, (0.1, 900.0), progress=False)
     msg = str(rec[0].message)
     assert "tiny.l" in msg and "[0.1, 900) s" in msg and "ends at 0.3 s" in msg and "from 0.1 s to 0.3 s" in msg
-    assert info["effective_time_interval_s"] == (0.1, 0.3)
-    assert info["prompts"] == 400  # 2 prompts a millisecond from 100 ms to the last tag at 300 ms
+    assert info.effective_time_interval_s == (0.1, 0.3)
+    assert info.prompts == 400  # 2 prompts a millisecond from 100 ms to the last tag at 300 ms
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lm.histogram_listmode(hdr, geom, (0.1, 0.301), progress=False)  # within a tag interval: no warning

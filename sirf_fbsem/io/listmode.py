@@ -106,7 +106,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
@@ -146,6 +146,7 @@ __all__ = [
     "read_listmode_header",
     "scan_listmode",
     "histogram_listmode",
+    "ListmodeHistogramInfo",
     "histogram_with_sirf",
     "decode_words",
     "decode_bin_address",
@@ -922,6 +923,54 @@ def _check_time_interval(time_interval_s, header: ListmodeHeader, first_tag: int
     return t0_ms, t1_ms, (start_s, stop_s)
 
 
+@dataclass(frozen=True)
+class ListmodeHistogramInfo:
+    """What :func:`histogram_listmode` read and kept.
+
+    Counts are events (coincidences); times are milliseconds since the scan start (the file's
+    time tags) unless named ``_s``. ``prompts_outside_geometry`` / ``delayeds_outside_geometry``:
+    events outside the output sinogram (ring difference above its maximum);
+    ``invalid_addresses``: bin addresses past the span-1 sinogram; ``stopped_at_t1``: reading
+    stopped at the interval's end before the end of the file.
+    """
+
+    header: ListmodeHeader
+    geometry: str  # the output sinogram, described
+    time_interval_s: tuple[float, float] | None
+    effective_time_interval_s: tuple[float, float] | None
+    prompts: int
+    delayeds: int
+    prompts_outside_geometry: int
+    delayeds_outside_geometry: int
+    invalid_addresses: int
+    words_read: int
+    words_in_file: int
+    stopped_at_t1: bool
+    current_time_at_end_ms: int
+    first_time_tag_ms: int | None
+    last_time_tag_ms: int | None
+    elapsed_s: float
+
+    @property
+    def words_per_s(self) -> float:
+        return self.words_read / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+    @property
+    def events(self) -> int:
+        """Every coincidence word read: kept, outside the geometry or invalid."""
+        return (self.prompts + self.delayeds + self.prompts_outside_geometry + self.delayeds_outside_geometry
+                + self.invalid_addresses)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """Plain values for logs and JSON (the header by its path)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "header"}
+        return {**out, "listmode_header": str(self.header.header_path), "events_per_s": self.events_per_s}
+
+
 def histogram_listmode(
     path_or_header: str | os.PathLike | ListmodeHeader,
     geometry: SinogramGeometry,
@@ -929,7 +978,7 @@ def histogram_listmode(
     store_delayeds: bool = True,
     chunk_words: int = 2**22,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray | None, ListmodeHistogramInfo]:
     """Histogram a PETLINK 32-bit listmode file into SIRF-ordered sinograms, as STIR's lm_to_projdata.
 
     Args:
@@ -949,8 +998,8 @@ def histogram_listmode(
 
     Returns:
         ``(prompts, delayeds, info)``: float32 ``(1, S, V, N)`` counts in SIRF order
-        (``delayeds`` is None unless ``store_delayeds``), and a dict with the counts
-        kept and dropped, the time range read and the throughput.
+        (``delayeds`` is None unless ``store_delayeds``), and a :class:`ListmodeHistogramInfo`
+        (the counts kept and dropped, the time range read, the throughput).
     """
     t_start = time.perf_counter()
     header = _as_header(path_or_header)
@@ -972,26 +1021,24 @@ def histogram_listmode(
     run = _histogram_words(header, n_words, plan, window, prompts, delayeds, store_delayeds, chunk_words, progress)
     elapsed = time.perf_counter() - t_start
     tot = run.totals
-    info: dict[str, Any] = {
-        "header": header,
-        "geometry": geometry.describe(),
-        "time_interval_s": None if window is None else (float(time_interval_s[0]), float(time_interval_s[1])),
-        "effective_time_interval_s": effective_s,
-        "prompts": int(tot[0]),
-        "delayeds": int(tot[1]),
-        "prompts_outside_geometry": int(tot[2]),
-        "delayeds_outside_geometry": int(tot[3]),
-        "invalid_addresses": int(tot[4]),
-        "words_read": int(run.words_read),
-        "words_in_file": int(n_words),
-        "stopped_at_t1": run.stopped,
-        "current_time_at_end_ms": int(run.current_time_ms),
-        "first_time_tag_ms": first_tag,
-        "last_time_tag_ms": last_tag,
-        "elapsed_s": elapsed,
-        "words_per_s": run.words_read / elapsed if elapsed > 0 else float("inf"),
-        "events_per_s": int(tot.sum()) / elapsed if elapsed > 0 else float("inf"),
-    }
+    info = ListmodeHistogramInfo(
+        header=header,
+        geometry=geometry.describe(),
+        time_interval_s=None if window is None else (float(time_interval_s[0]), float(time_interval_s[1])),
+        effective_time_interval_s=effective_s,
+        prompts=int(tot[0]),
+        delayeds=int(tot[1]),
+        prompts_outside_geometry=int(tot[2]),
+        delayeds_outside_geometry=int(tot[3]),
+        invalid_addresses=int(tot[4]),
+        words_read=int(run.words_read),
+        words_in_file=int(n_words),
+        stopped_at_t1=run.stopped,
+        current_time_at_end_ms=int(run.current_time_ms),
+        first_time_tag_ms=first_tag,
+        last_time_tag_ms=last_tag,
+        elapsed_s=elapsed,
+    )
     return prompts.reshape(geometry.shape), (delayeds.reshape(geometry.shape) if store_delayeds else None), info
 
 

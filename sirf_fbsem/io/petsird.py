@@ -54,7 +54,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -75,6 +75,7 @@ __all__ = [
     "scanner_from_petsird",
     "petsird_geometry",
     "histogram_petsird",
+    "PetsirdHistogramInfo",
     "write_petsird",
     "detector_positions_mm",
 ]
@@ -429,6 +430,51 @@ def _coincidences(matrix) -> list:
     return matrix[0][0]
 
 
+@dataclass(frozen=True)
+class PetsirdHistogramInfo:
+    """What :func:`histogram_petsird` read and kept.
+
+    Counts are coincidences; times are milliseconds since the acquisition start unless named
+    ``_s``. ``time_blocks``: event time blocks read, ``time_blocks_kept`` those inside the
+    interval, ``time_blocks_ordered`` whether their starts were in time order (reading stops at
+    the first block at or after ``t1`` only then), ``other_time_blocks``: the non-event blocks
+    by type (dead time, bed and gantry motion, external signals; ignored).
+    """
+
+    format: str
+    petsird_header: Any  # petsird.Header
+    petsird_scanner: PetsirdScanner
+    sinogram_geometry: SinogramGeometry
+    time_interval_s: tuple[float, float] | None
+    prompts: int
+    delayeds: int
+    prompts_outside_geometry: int
+    delayeds_outside_geometry: int
+    time_blocks: int
+    time_blocks_kept: int
+    time_blocks_ordered: bool
+    stopped_at_t1: bool
+    other_time_blocks: dict[str, int]
+    first_time_ms: int | None
+    last_time_ms: int | None
+    elapsed_s: float
+
+    @property
+    def scanner(self) -> Scanner:
+        return self.petsird_scanner.scanner
+
+    @property
+    def events_per_s(self) -> float:
+        return (self.prompts + self.delayeds) / self.elapsed_s if self.elapsed_s > 0 else float("inf")
+
+    def to_metadata(self) -> dict[str, Any]:
+        """Plain values for logs and JSON (the scanner and geometry described)."""
+        skip = {"petsird_header", "petsird_scanner", "sinogram_geometry"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        return {**out, "model_name": self.petsird_scanner.model_name, "geometry": self.sinogram_geometry.describe(),
+                "events_per_s": self.events_per_s}
+
+
 def histogram_petsird(
     path: str | os.PathLike,
     geometry: SinogramGeometry | None = None,
@@ -439,7 +485,7 @@ def histogram_petsird(
     chunk_events: int = 1 << 20,
     progress: bool = True,
     scanner_kwargs: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray | None, PetsirdHistogramInfo]:
     """Histogram a PETSIRD file's coincidences into SIRF-ordered sinograms ``(1, S, V, N)`` float32.
 
     Args:
@@ -457,7 +503,7 @@ def histogram_petsird(
 
     Returns:
         ``(prompts, delayeds, info)``; ``delayeds`` is None unless ``store_delayeds``.
-        ``info`` holds the counts kept and dropped, the time range read (reading stops at the
+        ``info`` (:class:`PetsirdHistogramInfo`) holds the counts kept and dropped, the time range read (reading stops at the
         first block starting at or after ``t1`` when the blocks are in time order), the
         scanner, and the numbers of non-event time blocks (ignored: dead time, bed and
         gantry motion, external signals).
@@ -488,26 +534,25 @@ def histogram_petsird(
             )
     elapsed = time.perf_counter() - t_start
     counts = binner.counts
-    info: dict[str, Any] = {
-        "format": "PETSIRD " + (petsird_format(p) or "?"),
-        "petsird_header": header,
-        "scanner": ps.scanner,
-        "petsird_scanner": ps,
-        "model_name": ps.model_name,
-        "geometry": geom.describe(),
-        "sinogram_geometry": geom,
-        "time_interval_s": None if interval_ms is None else (interval_ms[0] / 1000.0, interval_ms[1] / 1000.0),
-        **counts,
-        "time_blocks": scan.blocks,
-        "time_blocks_kept": scan.kept_blocks,
-        "time_blocks_ordered": scan.ordered,
-        "stopped_at_t1": scan.stopped,
-        "other_time_blocks": scan.other_blocks,
-        "first_time_ms": scan.first_ms,
-        "last_time_ms": scan.last_ms,
-        "elapsed_s": elapsed,
-        "events_per_s": (counts["prompts"] + counts["delayeds"]) / elapsed if elapsed > 0 else float("inf"),
-    }
+    info = PetsirdHistogramInfo(
+        format="PETSIRD " + (petsird_format(p) or "?"),
+        petsird_header=header,
+        petsird_scanner=ps,
+        sinogram_geometry=geom,
+        time_interval_s=None if interval_ms is None else (interval_ms[0] / 1000.0, interval_ms[1] / 1000.0),
+        prompts=counts["prompts"],
+        delayeds=counts["delayeds"],
+        prompts_outside_geometry=counts["prompts_outside_geometry"],
+        delayeds_outside_geometry=counts["delayeds_outside_geometry"],
+        time_blocks=scan.blocks,
+        time_blocks_kept=scan.kept_blocks,
+        time_blocks_ordered=scan.ordered,
+        stopped_at_t1=scan.stopped,
+        other_time_blocks=dict(scan.other_blocks),
+        first_time_ms=scan.first_ms,
+        last_time_ms=scan.last_ms,
+        elapsed_s=elapsed,
+    )
     out_d = binner.delayeds.reshape(geom.shape) if binner.delayeds is not None else None
     return binner.prompts.reshape(geom.shape), out_d, info
 

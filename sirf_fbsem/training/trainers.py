@@ -139,8 +139,8 @@ class TrainConfig:
             ``beta = softplus(rho)``); None: ``lr``. A scalar per stage, it can take a larger
             step than the CNN weights: with a weak start (``beta_init`` 0.1) and ``lr`` 2e-3, beta
             moves by at most ~0.9 in ``rho`` in 400 steps and the CNN output barely reaches the
-            fused image, so the stage stays near plain OSEM. In the README's 2D study
-            (``pipelines/evaluate.py --beta-init 1 --beta-lr 0.05``) it lowered the later stages'
+            fused image, so the stage stays near plain OSEM. In the 2D study of
+            docs/studies/mmr_2d.md (``--beta-init 1 --beta-lr 0.05``) it lowered the later stages'
             validation loss, not the NRMSE against the phantom.
         batch_size: samples per step.
         validation_fraction: share of samples held out for validation (split fixed by ``seed``).

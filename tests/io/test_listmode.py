@@ -230,9 +230,9 @@ def test_span11_and_span1_sums_equal_the_prompts(span11, span1):
     s = lm.scan_listmode(LM_HDR)
     p11, d11, info = lm.histogram_listmode(LM_HDR, span11, progress=False)
     assert p11.shape == (1, 837, 252, 344) and p11.dtype == np.float32
-    assert float(p11.sum(dtype=np.float64)) == s.prompts == info["prompts"]
-    assert float(d11.sum(dtype=np.float64)) == s.delayeds == info["delayeds"]
-    assert info["prompts_outside_geometry"] == info["delayeds_outside_geometry"] == info["invalid_addresses"] == 0
+    assert float(p11.sum(dtype=np.float64)) == s.prompts == info.prompts
+    assert float(d11.sum(dtype=np.float64)) == s.delayeds == info.delayeds
+    assert info.prompts_outside_geometry == info.delayeds_outside_geometry == info.invalid_addresses == 0
     p1, d1, _ = lm.histogram_listmode(LM_HDR, span1, store_delayeds=False, progress=False)
     assert d1 is None and p1.shape == (1, 4084, 252, 344)
     rows1 = p1[0].sum(axis=(1, 2), dtype=np.float64)
@@ -256,7 +256,7 @@ def test_span11_histogram_matches_per_event_reference(words, span11, tmp_path):
     # with a time interval: the current time carries across chunk boundaries
     p, d, info = lm.histogram_listmode(hdr, span11, (0.02, 0.05), progress=False, chunk_words=1000)
     assert as_counter(p, d) == ref_histogram(piece, span11, 20, 50)
-    assert info["stopped_at_t1"] and info["current_time_at_end_ms"] == 50
+    assert info.stopped_at_t1 and info.current_time_at_end_ms == 50
 
 
 @needs_data
@@ -264,11 +264,11 @@ def test_time_intervals_select_the_right_events(words, span11):
     full_p, full_d, _ = lm.histogram_listmode(LM_HDR, span11, (0.0, 0.6), progress=False)
     a_p, a_d, ia = lm.histogram_listmode(LM_HDR, span11, (0.0, 0.25), progress=False)
     b_p, b_d, ib = lm.histogram_listmode(LM_HDR, span11, (0.25, 0.6), progress=False)
-    assert float(a_p.sum(dtype=np.float64)) == ia["prompts"]
+    assert float(a_p.sum(dtype=np.float64)) == ia.prompts
     a_p += b_p  # in place: these are 837 x 252 x 344 arrays
     a_d += b_d
     assert np.array_equal(a_p, full_p) and np.array_equal(a_d, full_d)
-    assert ia["stopped_at_t1"] and ia["current_time_at_end_ms"] == 250
+    assert ia.stopped_at_t1 and ia.current_time_at_end_ms == 250
     # counts in [0, 250) and [250, 600) ms from the per-word reference (current time = last tag; 0 before the first)
     kinds: Counter = Counter()
     t = 0
@@ -278,8 +278,8 @@ def test_time_intervals_select_the_right_events(words, span11):
             t = val
         elif kind in ("prompt", "delayed") and t < 600:
             kinds[(kind, t < 250)] += 1
-    assert (ia["prompts"], ia["delayeds"]) == (kinds[("prompt", True)], kinds[("delayed", True)])
-    assert (ib["prompts"], ib["delayeds"]) == (kinds[("prompt", False)], kinds[("delayed", False)])
+    assert (ia.prompts, ia.delayeds) == (kinds[("prompt", True)], kinds[("delayed", True)])
+    assert (ib.prompts, ib.delayeds) == (kinds[("prompt", False)], kinds[("delayed", False)])
 
 
 def test_time_interval_outside_the_acquisition_is_an_error(tmp_path, span11):
@@ -367,7 +367,7 @@ def test_hand_made_words_land_in_the_expected_bins(tmp_path, span):
     hdr = write_lm(_needs_header_copy(tmp_path), ws)
     p, d, info = lm.histogram_listmode(hdr, geom, progress=False)
     assert as_counter(p, d) == expected
-    assert (info["prompts"], info["delayeds"]) == (4, 2)
+    assert (info.prompts, info.delayeds) == (4, 2)
 
 
 def test_hand_made_rings_and_detectors_follow_stir():
@@ -389,7 +389,7 @@ def test_output_geometry_drops_what_it_cannot_hold(tmp_path):
     assert p.shape == (1, 127 + 2 * 115, 126, 300)
     # kept: (0, 10, view 5, index 172): rings (10, 10) -> row 20, view 5 // 2 = 2, tangential_pos_num 0 -> index 150.
     # dropped: index 343 (tangential_pos_num 171 > 149), ring difference 20 > 16, index 2 (-170 < -150)
-    assert info["prompts"] == 1 and info["prompts_outside_geometry"] == 3
+    assert info.prompts == 1 and info.prompts_outside_geometry == 3
     assert as_counter(p, d) == Counter({("prompt", 20, 2, 150): 1})
 
 
@@ -413,7 +413,7 @@ def test_time_tags_before_events_and_events_before_first_tag(tmp_path, span11):
     p, d, _ = lm.histogram_listmode(hdr, span11, (0.006, 0.007), progress=False)
     assert rows(p) == [4] and rows(d) == [6]
     p, d, info = lm.histogram_listmode(hdr, span11, (0.005, 1.0), progress=False)
-    assert rows(p) == [2, 4, 8] and not info["stopped_at_t1"]
+    assert rows(p) == [2, 4, 8] and not info.stopped_at_t1
 
 
 def test_histogram_with_sirf_names_the_missing_dependency():
@@ -456,12 +456,12 @@ def test_data_offset_and_empty_file(tmp_path, span11):
         "!data offset in bytes:=0", "!data offset in bytes:=8"))
     p, d, info = lm.histogram_listmode(hdr, span11, progress=False)
     assert as_counter(p, d) == Counter({("prompt", 20, 5, 172): 1, ("delayed", 7, 0, 0): 1})
-    assert info["words_in_file"] == 3 and lm.scan_listmode(hdr).words == 3
+    assert info.words_in_file == 3 and lm.scan_listmode(hdr).words == 3
     empty = write_lm(tmp_path, [], name="empty.l")
     s = lm.scan_listmode(empty)
     assert (s.words, s.first_time_ms, s.last_time_ms) == (0, None, None)
     p, d, info = lm.histogram_listmode(empty, span11, progress=False)
-    assert info["prompts"] == 0 and not p.any()
+    assert info.prompts == 0 and not p.any()
 
 
 # ----------------------------------------------------------------------------- the shared detector-pair mapping

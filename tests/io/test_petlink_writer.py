@@ -64,8 +64,8 @@ def test_histogramming_the_written_file_gives_the_counts_back(tmp_path, name, wi
     hp, hd, info = lm.histogram_listmode(written.header_path, geometry, progress=False)
     np.testing.assert_array_equal(hp, prompts)
     np.testing.assert_array_equal(hd, delayeds)
-    assert info["prompts_outside_geometry"] == info["delayeds_outside_geometry"] == info["invalid_addresses"] == 0
-    assert (info["first_time_tag_ms"], info["last_time_tag_ms"]) == (0, 2500)
+    assert info.prompts_outside_geometry == info.delayeds_outside_geometry == info.invalid_addresses == 0
+    assert (info.first_time_tag_ms, info.last_time_tag_ms) == (0, 2500)
 
     # a time interval keeps exactly the events whose millisecond k has 0.5 s <= k / 1000 < 1.2 s
     hp, hd, _ = lm.histogram_listmode(written.header_path, geometry, (0.5, 1.2), progress=False)

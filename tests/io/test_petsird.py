@@ -136,7 +136,7 @@ def test_each_known_pair_lands_in_a_bin_whose_lor_joins_its_detectors(tmp_path, 
                              module_order=rng.permutation(n), num_energy_bins=3)
     geom = span1(pio.read_petsird_header(path)[1].scanner)
     prompts, _, info = pio.histogram_petsird(path, geom, progress=False)
-    assert info["prompts"] == len(pairs) and info["prompts_outside_geometry"] == 0
+    assert info.prompts == len(pairs) and info.prompts_outside_geometry == 0
     flat = np.flatnonzero(prompts.reshape(-1))
     assert prompts.reshape(-1)[flat].tolist() == [1.0] * len(pairs)  # distinct LORs, distinct bins
     dets, rings = lor_ends(geom, flat)
@@ -183,12 +183,12 @@ def test_sums_delayeds_and_time_intervals(scan):
     p, d, info = pio.histogram_petsird(scan["path"], geom, progress=False)
     n_p = [len(b.prompts) for b in scan["blocks"]]
     n_d = [len(b.delayeds) for b in scan["blocks"]]
-    assert p.sum() == sum(n_p) == info["prompts"] and d.sum() == sum(n_d) == info["delayeds"]
-    assert (info["time_blocks"], info["first_time_ms"], info["last_time_ms"]) == (NUM_BLOCKS, 0, NUM_BLOCKS * BLOCK_MS)
+    assert p.sum() == sum(n_p) == info.prompts and d.sum() == sum(n_d) == info.delayeds
+    assert (info.time_blocks, info.first_time_ms, info.last_time_ms) == (NUM_BLOCKS, 0, NUM_BLOCKS * BLOCK_MS)
     # [1, 3) s keeps the blocks starting at 1 s and 2 s
     p13, d13, i13 = pio.histogram_petsird(scan["path"], geom, time_interval_s=(1.0, 3.0), progress=False)
-    assert p13.sum() == n_p[1] + n_p[2] and d13.sum() == n_d[1] + n_d[2] and i13["time_blocks_kept"] == 2
-    assert i13["stopped_at_t1"] and i13["time_blocks"] == 4  # blocks are in time order: reading stops at 3 s
+    assert p13.sum() == n_p[1] + n_p[2] and d13.sum() == n_d[1] + n_d[2] and i13.time_blocks_kept == 2
+    assert i13.stopped_at_t1 and i13.time_blocks == 4  # blocks are in time order: reading stops at 3 s
     # disjoint intervals add up to the whole acquisition, bin by bin
     pa, _, _ = pio.histogram_petsird(scan["path"], geom, time_interval_s=(0.0, 2.5), progress=False)
     pb, _, _ = pio.histogram_petsird(scan["path"], geom, time_interval_s=(2.5, 100.0), progress=False)
@@ -233,7 +233,7 @@ def test_sampled_span1_sinogram_survives_the_round_trip_through_detector_pairs(t
     pairs = sinogram_to_pairs(geom, counts)
     path = pio.write_petsird(tmp_path / "phantom.petsird", SMALL, [pio.PetsirdTimeBlock(0, 1000, pairs)])
     p, _, info = pio.histogram_petsird(path, geom, progress=False)
-    assert info["prompts"] == counts.sum() > 10000
+    assert info.prompts == counts.sum() > 10000
     assert np.array_equal(p, counts.astype(np.float32))
 
 
@@ -340,7 +340,7 @@ def test_load_acquisition_dispatches_on_the_file_content(scan, tmp_path):
     assert np.array_equal(acq.prompts, p)
     assert np.allclose(acq.additive, randoms_from_delayeds(d, acq.geometry))
     assert acq.additive.sum() == pytest.approx(d.sum(), rel=1e-5)
-    assert acq.metadata["petsird_scanner"].preset == "small_test"
+    assert acq.histogram.petsird_scanner.preset == "small_test" and acq.metadata["prompts"] == acq.prompts.sum()
     p12 = load_acquisition(odd_name, span=3, time_interval_s=(1.0, 2.0), progress=False).prompts
     assert p12.sum() == len(scan["blocks"][1].prompts)
 

@@ -257,7 +257,7 @@ def test_base_files_read_cleanly():
         for text in LM_HEADERS:
             (d / "fuzz.l.hdr").write_bytes(text)
             p, dl, info = listmode.histogram_listmode(d / "fuzz.l.hdr", SMALL_MMR, progress=False)
-            assert info["prompts"] == 5 and info["delayeds"] == 5
+            assert info.prompts == 5 and info.delayeds == 5
         norm = ecat8_norm.read_ecat8_norm(_write_norm(d))
         assert np.isfinite(norm.efficiency_sinogram(SMALL_MMR)).all()
 

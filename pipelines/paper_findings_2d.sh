@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The paper's findings in 2D (docs/studies/paper_findings.md), under the study rules
+# (docs/studies/rules.md): disjoint training / tuning / confirmation phantoms by seed, three
+# training seeds per learned method, baselines tuned on the tuning set, the confirmation set
+# scored once. Every step is a sirf-fbsem command; each is skipped when its output exists.
+#
+#   bash pipelines/paper_findings_2d.sh WORK_DIR [simulate|train|tune|confirm|all]
+#
+# Setting: one ring of the Siemens mMR (1 direct sinogram, 252 views x 344 bins), image
+# 1 x 128 x 128 of 2.086 mm, 2e5 prompts per slice (the low-count level of mmr_2d.md), 20 % randoms
+# + 20 % scatter, normalisation and attenuation; 6 subsets, K = 12 stages (2 full iterations);
+# 2D CNN of 32 channels x 5 layers; 12 epochs (per stage when sequential), Adam 2e-3, loss mse in
+# phantom-mean units, 20 training phantoms of which 4 validate; the recipe of mmr_2d.md, frozen
+# before these sets were drawn. Phantom sets (base seeds; disjoint from every earlier study's):
+#   procedural: training 1100 (20), tuning 2100 (6), confirmation 3100 (10)
+#   MNI152:     training 1101 (20), tuning 2101 (6), confirmation 3101 (10)
+# Training seeds 0, 1, 2 (split, shuffles and initial weights). 27 runs: 2 h 33 min on 2 CPU
+# cores shared with the tuning runs (measured); a 4-epoch sequential run alone took 54 s.
+set -euo pipefail
+WORK=${1:?usage: paper_findings_2d.sh WORK_DIR [simulate|train|tune|confirm|all]}
+STEP=${2:-all}
+SF=${SIRF_FBSEM:-sirf-fbsem}
+SEEDS=${SEEDS:-"0 1 2"}
+GEOM=(--2d --scanner Siemens_mMR --image-shape 1,128,128 --counts 2e5 --num-subsets 6 --num-stages 12)
+RECIPE=(--dims 2 --epochs 12 --lr 2e-3 --loss mse --image-units phantom_mean --validation-fraction 0.2 --no-progress)
+# the first tuning runs chose 8 iterations (the grid's end) for filtered OSEM and MAP-EM (MNI152)
+# and for MR-guided MAP-EM, and 2 Bowsher neighbours (the grid's start): grids widened to 16
+# iterations and 1..5 neighbours; no beta near 3 was chosen, so the beta grid ends at 1
+GRIDS=(--osem-iterations 16 --map-iterations 16 --fwhm-mm 0 2 4 6 8 10 12 --betas 0.003 0.01 0.03 0.1 0.3 1)
+BOWSHER=(--bowsher 1 2 3 4 5)
+# training configurations: NAME|PHANTOMS|ARGS (PHANTOMS: proc or mni, the training set)
+CONFIGS=(
+    "seq_osem|proc|--mode sequential --targets osem"
+    "seq_truth|proc|--mode sequential --targets truth"
+    "e2e|proc|--mode end_to_end --targets osem"
+    "e2e_shared|proc|--mode end_to_end --shared --targets osem"
+    "greedy|proc|--mode greedy --targets osem"
+    "seq_block|proc|--mode sequential --targets osem --block-size 1,64,64"
+    "seq_osem_pm|proc|--mode sequential --targets osem --anatomical"
+    "seq_osem_mni|mni|--mode sequential --targets osem"
+    "seq_truth_mni|mni|--mode sequential --targets truth"
+)
+
+simulate() {
+    local kind phantom base
+    for kind in proc mni; do
+        if [ "$kind" = proc ]; then phantom=procedural; base=1100; else phantom=mni152; base=1101; fi
+        $SF simulate --out "$WORK/data/train_$kind" --num-samples 20 --seed "$base" --phantom "$phantom" "${GEOM[@]}" --no-progress
+        $SF simulate --out "$WORK/data/tune_$kind" --num-samples 6 --seed $((base + 1000)) --phantom "$phantom" "${GEOM[@]}" --no-progress
+        $SF simulate --out "$WORK/data/confirm_$kind" --num-samples 10 --seed $((base + 2000)) --phantom "$phantom" "${GEOM[@]}" --no-progress
+    done
+}
+
+train() {
+    local cfg name kind args seed out resume
+    for seed in $SEEDS; do
+        for cfg in "${CONFIGS[@]}"; do
+            IFS='|' read -r name kind args <<< "$cfg"
+            out="$WORK/runs/${name}_s$seed"
+            [ -f "$out/model.pt" ] && continue
+            resume=()
+            [ -d "$out/checkpoints" ] && resume=(--resume)
+            # shellcheck disable=SC2086  # ARGS are words
+            $SF train --data "$WORK/data/train_$kind" --out "$out" --seed "$seed" "${RECIPE[@]}" $args "${resume[@]}"
+        done
+    done
+}
+
+models() {  # --model NAME=PATH for each run of the configurations named (all of them trained)
+    local name seed model
+    for name in "$@"; do
+        for seed in $SEEDS; do
+            model="$WORK/runs/${name}_s$seed/model.pt"
+            [ -f "$model" ] || { echo "paper_findings_2d.sh: $model is missing: run the train step first" >&2; exit 1; }
+            echo "--model $name=$model"
+        done
+    done
+}
+
+# the tuning runs: baselines' grids searched on the tuning sets (the JSON flags a choice at a grid's edge)
+tune() {
+    $SF evaluate --data "$WORK/data/tune_proc" --out "$WORK/results" --name paper_findings_2d_tune_proc \
+        "${GRIDS[@]}" "${BOWSHER[@]}" --no-progress --overwrite
+    $SF evaluate --data "$WORK/data/tune_mni" --out "$WORK/results" --name paper_findings_2d_tune_mni \
+        "${GRIDS[@]}" --no-progress --overwrite
+}
+
+# the confirmation runs: scored once, after every choice is frozen
+confirm() {
+    local all=() cfg name
+    for cfg in "${CONFIGS[@]}"; do all+=("${cfg%%|*}"); done
+    local proc mni
+    proc=$(models "${all[@]}")
+    mni=$(models seq_osem seq_truth seq_osem_mni seq_truth_mni)
+    # shellcheck disable=SC2086  # --model NAME=PATH words
+    [ -f "$WORK/results/paper_findings_2d_proc.json" ] || $SF evaluate --data "$WORK/data/confirm_proc" \
+        --tune-data "$WORK/data/tune_proc" --out "$WORK/results" --name paper_findings_2d_proc \
+        "${GRIDS[@]}" "${BOWSHER[@]}" --no-progress $proc
+    # shellcheck disable=SC2086
+    [ -f "$WORK/results/paper_findings_2d_mni.json" ] || $SF evaluate --data "$WORK/data/confirm_mni" \
+        --tune-data "$WORK/data/tune_mni" --out "$WORK/results" --name paper_findings_2d_mni \
+        "${GRIDS[@]}" --no-progress $mni
+}
+
+case "$STEP" in
+    simulate) simulate ;;
+    train) train ;;
+    tune) tune ;;
+    confirm) confirm ;;
+    all) simulate; train; tune; confirm ;;
+    *) echo "unknown step $STEP (simulate|train|tune|confirm|all)" >&2; exit 2 ;;
+esac
