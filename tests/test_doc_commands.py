@@ -62,25 +62,26 @@ def _sirf_fbsem_commands() -> dict[Path, list[list[str]]]:
 COMMANDS = _sirf_fbsem_commands()
 
 
+def _span(argv: list[str], flag: str) -> tuple[int, int]:
+    """``argv[i:j]`` is ``flag`` and its values (up to the next flag); ``i == j`` when absent."""
+    if flag not in argv:
+        return len(argv), len(argv)
+    i = j = argv.index(flag)
+    j += 1
+    while j < len(argv) and not argv[j].startswith("--"):
+        j += 1
+    return i, j
+
+
 def _set(argv: list[str], flag: str, *values: str) -> None:
-    """Replace the values of ``flag`` (all of them up to the next flag), or append it."""
-    if flag in argv:
-        i = argv.index(flag)
-        j = i + 1
-        while j < len(argv) and not argv[j].startswith("--"):
-            j += 1
-        argv[i + 1:j] = list(values)
-    else:
-        argv += [flag, *values]
+    """Replace the values of ``flag``, or append it."""
+    i, j = _span(argv, flag)
+    argv[i:j] = [flag, *values]
 
 
 def _drop(argv: list[str], flag: str) -> None:
-    if flag in argv:
-        i = argv.index(flag)
-        j = i + 1
-        while j < len(argv) and not argv[j].startswith("--"):
-            j += 1
-        del argv[i:j]
+    i, j = _span(argv, flag)
+    del argv[i:j]
 
 
 def _value(argv: list[str], flag: str) -> str | None:
@@ -95,8 +96,6 @@ def scaled(argv: list[str], tmp: Path, trained: set[str]) -> list[str]:
         name, eq, path = a.rpartition("=")
         if eq and argv[i - 1] == "--model" and path.startswith("runs/") and path not in trained:
             argv[i] = f"{name}={FILES['model.pt']}"  # evaluate's NAME=PATH
-        elif a == "model.pt" and "test_data/fbsem_mmr_model.pt" not in argv:
-            argv[i] = str(FILES[a])
         elif a in FILES:
             argv[i] = str(FILES[a])
         elif a.endswith("model.pt") and a.startswith("runs/") and a not in trained:
@@ -105,13 +104,13 @@ def scaled(argv: list[str], tmp: Path, trained: set[str]) -> list[str]:
             argv[i] = str(SHARED / a[len("../shared/data/"):])
         elif a == "test_data/fbsem_mmr_model.pt":
             argv[i] = str(REPO / a)
+    if "--device" in argv:
+        _set(argv, "--device", "cpu")
     if sub == "reconstruct":
         if "--iterations" in argv:
             _set(argv, "--iterations", "1")
         if "--time" in argv:
             _set(argv, "--time", "0", "1")
-        if "--device" in argv:
-            _set(argv, "--device", "cpu")
         if _value(argv, "--algorithm") == "osem":
             _set(argv, "--iterations", "1")
     if sub == "simulate":
@@ -131,8 +130,6 @@ def scaled(argv: list[str], tmp: Path, trained: set[str]) -> list[str]:
         if "--patch-size" in argv:
             _set(argv, "--patch-size", "4,8,8")
             _set(argv, "--patches-per-sample", "2")
-        if "--device" in argv:
-            _set(argv, "--device", "cpu")
         _set(argv, "--no-progress")
     if sub == "evaluate":
         _set(argv, "--no-progress")
@@ -147,11 +144,8 @@ def _needed_data(argv: list[str]) -> list[str]:
         return []
     dirs = []
     for flag in ("--data", "--tune-data"):
-        if flag in argv:
-            i = argv.index(flag) + 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                dirs.append(argv[i])
-                i += 1
+        i, j = _span(argv, flag)
+        dirs += argv[i + 1:j]
     return dirs
 
 
