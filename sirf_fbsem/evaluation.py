@@ -510,6 +510,16 @@ class _Prepared:
         return metrics.nrmse(x, self.truth, self.masks.head)
 
 
+def _targets_nrmse(prepared: Sequence[_Prepared]) -> list[float]:
+    """Mean NRMSE over samples of each stage's training target against the truth, ``[k]`` for stage k + 1.
+
+    The data's targets are the noise-free OSEM sub-iterates (``Sample.targets``), so entry k is the
+    error a network of k + 1 stages trained on them would keep if it matched its targets exactly:
+    the floor that iteration-dependent targets set at that number of stages.
+    """
+    return [float(v) for v in np.mean([[p.nrmse(t) for t in p.sample.targets] for p in prepared], axis=0)]
+
+
 def _baseline_grids(
     prepared: Sequence[_Prepared], base: AcquisitionModel, config: EvaluationConfig, bar: tqdm
 ) -> dict[str, np.ndarray]:
@@ -749,6 +759,7 @@ def evaluate_methods(
             "sample_indices": [p.index for p in prepared],
             "num_tuning_samples": len(tune),
             "osem_nrmse_by_iteration": [float(v) for v in np.mean(osem_curves, axis=0)],
+            "targets_nrmse_by_stage": _targets_nrmse(prepared),
             "tuning_grids": _grid_json(grids, config),
             "methods": methods,
             "seconds": time.perf_counter() - t0,
@@ -806,6 +817,8 @@ _DEFINITIONS = {
     "(mean_L x / mean_WM x - 1) / (mean_L t / mean_WM t - 1); 1 = perfect",
     "background_noise": "std/mean of x in the white-matter ROI (T1-like image >= 0.8, eroded 1 voxel, lesions "
     "dilated by 2 voxels removed); see 'truth' for the phantom's own value",
+    "targets_nrmse_by_stage": "per count level: mean NRMSE of the data's stage-k training target (noise-free OSEM "
+    "sub-iterate k) against the truth, k = 1..K: the floor of a network matching its iteration-dependent targets",
     "osem": "OSEM from 1 inside the FOV, best full iteration",
     "osem_filtered": "OSEM iterate + isotropic Gaussian post-filter, best (iteration, FWHM)",
     "map_em": "MAP-EM, quadratic prior (De Pierro surrogate, 1/distance neighbours) through FBSEM's fusion, "
@@ -1084,6 +1097,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for key, entry in result["summary"].items():
         line = ", ".join(f"{m} {v:.4f}" for m, v in entry["nrmse"].items() if v is not None and "@" not in m)
         print(f"{key} counts: NRMSE {line}")
+        floor = result["count_levels"][key]["targets_nrmse_by_stage"]
+        print(f"  NRMSE of the noise-free training target at stage {len(floor)} (the floor of a network "
+              f"matching its targets): {floor[-1]:.4f}")
         for pair, ci in entry["ratio_intervals"].items():
             if "nrmse" in ci:
                 c = ci["nrmse"]

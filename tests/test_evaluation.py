@@ -269,6 +269,15 @@ def test_evaluate_cli_writes_json_with_every_method_and_a_png(data, tmp_path):
         grid = np.array(lv["tuning_grids"]["filtered_nrmse_by_iteration_and_fwhm"])
         assert grid.min() <= min(lv["tuning_grids"]["osem_nrmse_by_iteration"]) + 1e-12
         assert methods["truth"]["mean"]["nrmse"] == 0.0
+    # the targets' floor: each stage's noise-free target against the truth, on the scored phantoms
+    _, _, image, _ = data
+    for i, c in enumerate(COUNTS):
+        ds = FBSEMSampleDataset(dirs["test"][i])
+        expect = np.mean([[metrics.nrmse(t, s.phantom, evaluation_masks(s, image).head) for t in s.targets]
+                          for s in (ds[0], ds[1])], axis=0)
+        got = result["count_levels"][f"{c:.3g}"]["targets_nrmse_by_stage"]
+        assert len(got) == 2 and got == pytest.approx(list(expect), rel=1e-9)
+        assert 0 < got[-1] < 1
     png = (out / "evaluate.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     sets = result["phantom_sets"]
