@@ -1100,11 +1100,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         floor = result["count_levels"][key]["targets_nrmse_by_stage"]
         print(f"  NRMSE of the noise-free training target at stage {len(floor)} (the floor of a network "
               f"matching its targets): {floor[-1]:.4f}")
-        for pair, ci in entry["ratio_intervals"].items():
-            if "nrmse" in ci:
-                c = ci["nrmse"]
-                print(f"  NRMSE {pair} = {c['estimate']:.3f} [{c['low']:.3f}, {c['high']:.3f}]: {c['verdict']}")
-        for pair, ci in entry["learned_intervals"].items():
+        for pair, ci in {**entry["ratio_intervals"], **entry["learned_intervals"]}.items():
             if "nrmse" in ci:
                 c = ci["nrmse"]
                 print(f"  NRMSE {pair} = {c['estimate']:.3f} [{c['low']:.3f}, {c['high']:.3f}]: {c['verdict']}")
