@@ -32,10 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 _SCAN = ["test_data/phantom_scan.hs", "--norm", "test_data/phantom_mult.hs",
          "--additive", "test_data/phantom_additive.hs"]
 #: name -> ``sirf-fbsem`` arguments (paths relative to the repository; OUT is the output image)
+#: (the default ray tracing, Siddon on the CPU, and Joseph pinned: each projector is held to its images)
 CASES: dict[str, list[str]] = {
     "fbsem_small": ["reconstruct", *_SCAN, "--model", "test_data/fbsem_model.pt", "--output", "OUT"],
     "osem_small": ["reconstruct", *_SCAN, "--algorithm", "osem", "--iterations", "2", "--subsets", "4",
                    "--output", "OUT"],
+    "fbsem_small_joseph": ["reconstruct", *_SCAN, "--model", "test_data/fbsem_model.pt", "--ray-tracing", "joseph",
+                           "--output", "OUT"],
+    "osem_small_joseph": ["reconstruct", *_SCAN, "--algorithm", "osem", "--iterations", "2", "--subsets", "4",
+                          "--ray-tracing", "joseph", "--output", "OUT"],
 }
 
 

@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     add_backend_argument(r)
     r.add_argument("--ray-tracing", choices=["joseph", "siddon", "auto"], default=None,
-                   help="embedded projector: joseph (default; CPU or GPU), siddon (SIRF's ray tracing "
-                        "matrix row for row; CPU only) or auto (siddon where it runs)")
+                   help="embedded projector: auto (default: siddon where it runs, i.e. on the CPU, else "
+                        "joseph), siddon (SIRF's ray-tracing matrix row for row: SIRF's image; CPU only) or "
+                        "joseph (interpolating; CPU or GPU, faster, within ~0.5%% of SIRF on smooth images)")
     r.add_argument("--no-progress", action="store_true")
 
     add_simulate_arguments(sub.add_parser("simulate", help="simulate training data"))
@@ -138,8 +139,8 @@ def check_reconstruct_options(args: argparse.Namespace, inputs: Sequence[Path]) 
         if args.model is None:
             raise _usage("--algorithm fbsem needs --model MODEL.pt")
         if args.iterations is not None:
-            raise _usage(f"--iterations applies to OSEM and MLEM; FBSEM runs the model's stages (one per "
-                         f"iteration it was trained to unroll): leave --iterations out, or use --algorithm osem")
+            raise _usage("--iterations applies to OSEM and MLEM; FBSEM runs the model's stages (one per "
+                         "iteration it was trained to unroll): leave --iterations out, or use --algorithm osem")
     else:
         if args.model is not None:
             raise _usage(f"--model applies to --algorithm fbsem, not {algorithm}")
@@ -288,7 +289,7 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
         device=device,
         progress=progress,
         backend=args.backend,
-        ray_tracing=args.ray_tracing or "joseph",
+        ray_tracing=args.ray_tracing or "auto",
     )
     image = x.detach().cpu().numpy().astype(np.float32)
     _write_outputs(args, output, dicom, preview, input_path, image, image_geom, acq, description)

@@ -647,8 +647,8 @@ class FBSEMReconstructor(_IterativeReconstructor):
         if diffs and not self._override_geometry:
             self._backend = None
             raise self._error(f"FBSEM model {self._model_name!r} was trained for another geometry than the data "
-                              f"(model vs data): " + "; ".join(diffs) + ". Use set_model(..., override_geometry=True) "
-                              f"to use it anyway")
+                              "(model vs data): " + "; ".join(diffs) + ". Use set_model(..., override_geometry=True) "
+                              "to use it anyway")
         self._anatomical_tensor = None
         if net.uses_anatomical:
             if self._anatomical is None:
@@ -688,7 +688,7 @@ def reconstruct_acquisition(
     device: str = "cpu",
     progress: bool = True,
     backend: str = "embedded",
-    ray_tracing: str = "joseph",
+    ray_tracing: str = "auto",
 ) -> tuple[torch.Tensor, str]:
     """Reconstruct an :class:`~sirf_fbsem.acquisition.Acquisition` with the engine (:mod:`.recon.engine`).
 
@@ -708,8 +708,9 @@ def reconstruct_acquisition(
         device: ``'cpu'`` or ``'cuda[:N]'``.
         progress: tqdm progress bar.
         backend: acquisition model backend, ``'embedded'`` or ``'sirf'``.
-        ray_tracing: the embedded projector's ray tracing: ``'joseph'`` (default), ``'siddon'``
-            (STIR's matrix row for row, CPU) or ``'auto'``; SIRF's is always Siddon.
+        ray_tracing: the embedded projector's ray tracing: ``'auto'`` (default: Siddon where it
+            runs, i.e. on the CPU, so that the image is SIRF's; else Joseph), ``'siddon'`` (STIR's
+            matrix row for row, CPU) or ``'joseph'``; SIRF's is always Siddon.
     Returns:
         (image (Z, Y, X) float32 tensor on ``device``, in SIRF's units, description such as
         ``"OSEM 4 it x 4 subsets"``).

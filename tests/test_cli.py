@@ -206,3 +206,21 @@ def test_a_model_reconstructs_on_the_grid_it_was_trained_on(tmp_path: Path):
     assert np.allclose(f_affine[:3, :3], o_affine[:3, :3])
     centre = lambda a, shape: a[:3, :3] @ ((np.array(shape[::-1]) - 1) / 2) + a[:3, 3]  # noqa: E731
     assert np.allclose(centre(f_affine, f.shape), centre(o_affine, o.shape), atol=1e-3)
+
+
+def test_reconstruct_traces_as_sirf_by_default_on_the_cpu(tmp_path: Path):
+    """Without --ray-tracing, reconstruct on the CPU uses the Siddon mode (STIR's matrix: SIRF's image);
+    --ray-tracing joseph gives Joseph's image, which differs from it."""
+    from sirf_fbsem.io.nifti import read_nifti
+
+    data = BUNDLED.parent
+    common = [str(BUNDLED), "--norm", str(data / "phantom_mult.hs"), "--additive", str(data / "phantom_additive.hs"),
+              "--algorithm", "osem", "--iterations", "1", "--subsets", "4", "--no-progress"]
+    images = {}
+    for name, extra in {"default": [], "siddon": ["--ray-tracing", "siddon"], "joseph": ["--ray-tracing", "joseph"]}.items():
+        out = tmp_path / f"{name}.nii"
+        assert main(["reconstruct", *common, *extra, "--output", str(out)]) == 0
+        images[name], _ = read_nifti(out)
+    np.testing.assert_array_equal(images["default"], images["siddon"])
+    diff = np.linalg.norm(images["joseph"] - images["siddon"]) / np.linalg.norm(images["siddon"])
+    assert diff > 1e-3, diff

@@ -386,7 +386,8 @@ def test_reconstruct_acquisition_osem_and_fbsem(scan, model_file):
     img = g.default_image()
     x, desc = reconstruct_acquisition(acq, img, algorithm="osem", num_iterations=2, num_subsets=2, progress=False)
     assert desc == "OSEM 2 it x 2 subsets"
-    ref = OSEM(_Embedded(g, img, num_subsets=2), torch.from_numpy(prompts)).run(4, progress=False)  # its default
+    # its default ray tracing, "auto": Siddon on the CPU, SIRF's matrix (and Joseph when asked for)
+    ref = OSEM(EmbeddedAcquisitionModel(g, img, num_subsets=2), torch.from_numpy(prompts)).run(4, progress=False)
     np.testing.assert_allclose(x.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
     xf, desc = reconstruct_acquisition(acq, img, algorithm="fbsem", model_path=model_file, progress=False)
     assert desc == "FBSEM-Net (4 stages, sequential, beta0.pt)"
@@ -394,6 +395,11 @@ def test_reconstruct_acquisition_osem_and_fbsem(scan, model_file):
     np.testing.assert_allclose(xf.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="2 subsets"):
         reconstruct_acquisition(acq, img, algorithm="fbsem", model_path=model_file, num_subsets=4, progress=False)
+    xj, _ = reconstruct_acquisition(acq, img, algorithm="osem", num_iterations=2, num_subsets=2, progress=False,
+                                    ray_tracing="joseph")
+    ref_j = OSEM(_Embedded(g, img, num_subsets=2, ray_tracing="joseph"), torch.from_numpy(prompts)).run(4, progress=False)
+    np.testing.assert_allclose(xj.numpy(), ref_j.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(xj.numpy(), ref.numpy(), rtol=1e-3)  # the two ray tracings differ
 
 
 # ----------------------------------------------------------------------------- backend dispatch (fake SIRF)

@@ -35,7 +35,8 @@ def test_the_reference_was_made_from_the_bundled_inputs_of_today():
                if hashlib.sha256((ROOT / f).read_bytes()).hexdigest() != digest]
     assert not changed, (f"{changed} changed since the reference was made (commit {RECORD['git_commit']}): "
                          "if the images are meant to change, rerun pipelines/make_reference_outputs.py")
-    assert RECORD["git_commit"] and set(RECORD["cases"]) == {"fbsem_small", "osem_small"}
+    assert RECORD["git_commit"] and set(RECORD["cases"]) == {"fbsem_small", "osem_small", "fbsem_small_joseph",
+                                                       "osem_small_joseph"}
 
 
 @pytest.mark.parametrize("name", sorted(RECORD["cases"]))

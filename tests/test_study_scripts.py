@@ -37,14 +37,15 @@ elif argv[0] == "evaluate":
 """
 
 
-def _run(tmp_path: Path, step: str, seeds: str = "0 1") -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def _run(tmp_path: Path, step: str, seeds: str = "0 1", script: Path = SCRIPT,
+         env_extra: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     log = tmp_path / "calls.jsonl"
     stand_in = tmp_path / "sf.py"
     stand_in.write_text(f"LOG = {str(log)!r}\n" + STAND_IN)
     env = {**os.environ, "SIRF_FBSEM": f"{shlex.quote(sys.executable)} {shlex.quote(str(stand_in))}",
-           "SEEDS": seeds, "PYTHONPATH": str(REPO)}
+           "SEEDS": seeds, "PYTHONPATH": str(REPO), **(env_extra or {})}
     before = len(log.read_text().splitlines()) if log.exists() else 0
-    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "work"), step], capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "work"), step], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
     calls = [json.loads(line) for line in log.read_text().splitlines()[before:]] if log.exists() else []
     parser = build_parser()
@@ -52,7 +53,7 @@ def _run(tmp_path: Path, step: str, seeds: str = "0 1") -> tuple[subprocess.Comp
         try:
             parser.parse_args(argv)
         except SystemExit:
-            raise AssertionError(f"the parser refuses a command of {SCRIPT.name}: {argv}") from None
+            raise AssertionError(f"the parser refuses a command of {script.name}: {argv}") from None
     return proc, calls
 
 
@@ -102,6 +103,29 @@ def test_paper_findings_confirmation_refuses_missing_runs(tmp_path):
     proc, calls = _run(tmp_path, "confirm")
     assert proc.returncode != 0 and "model.pt is missing: run the train step first" in proc.stderr
     assert not calls  # nothing scored
+
+
+def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_levels(tmp_path):
+    script = REPO / "pipelines" / "mmr_3d.sh"
+    proc, calls = _run(tmp_path, "all", script=script)
+    assert proc.returncode == 0, proc.stderr
+    assert [c[0] for c in calls] == ["simulate"] * 3 + ["train", "evaluate"]
+    sims = {Path(_flag(c, "--out")).name: c for c in calls[:3]}
+    assert len({_flag(c, "--seed") for c in sims.values()}) == 3  # training, tuning, confirmation: disjoint
+    assert _flag(sims["train"], "--counts") == "1e6,3e7,3e8"
+    assert _flag(sims["tune"], "--counts") == _flag(sims["confirm"], "--counts") == "3e7,3e8"
+    assert all(_flag(c, "--num-stages") == "21" and _flag(c, "--scanner") == "Siemens_mMR" for c in sims.values())
+    ev = calls[-1]
+    assert _flag(ev, "--data").endswith("confirm") and _flag(ev, "--tune-data").endswith("tune")
+    assert _flag(ev, "--model") == f"FBSEM sequential={tmp_path / 'work' / 'run' / 'model.pt'}"
+    # the evaluation sets alone, and the bundled model scored in place of a trained one
+    proc, calls = _run(tmp_path, "simulate_eval", script=script)
+    assert proc.returncode == 0, proc.stderr
+    assert [Path(_flag(c, "--out")).name for c in calls] == ["tune", "confirm"]
+    bundled = str(REPO / "test_data" / "fbsem_mmr_model.pt")
+    proc, calls = _run(tmp_path, "evaluate", script=script, env_extra={"MODEL": bundled})
+    assert proc.returncode == 0, proc.stderr
+    assert [_flag(c, "--model") for c in calls] == [f"FBSEM sequential={bundled}"]
 
 
 def _findings_table():
