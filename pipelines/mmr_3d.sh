@@ -31,8 +31,11 @@ MODEL=${MODEL:-$WORK/run/model.pt}
 # the bundled model's run (2026-12-03) was begun with --loss mse (sirf_fbsem 0.4); LOSS=mse resumes it
 LOSS=${LOSS:-scaled_mse}
 
-simulate() {
-    [ "$STEP" = simulate_eval ] || $SF simulate --out "$WORK/train" --num-samples "$TRAIN_SAMPLES" --seed 1001 "${GEOM[@]}" "${COUNTS[@]}"
+simulate_train() {
+    $SF simulate --out "$WORK/train" --num-samples "$TRAIN_SAMPLES" --seed 1001 "${GEOM[@]}" "${COUNTS[@]}"
+}
+
+simulate_eval() {
     $SF simulate --out "$WORK/tune" --num-samples "$TUNE_SAMPLES" --seed 2001 "${GEOM[@]}" "${EVAL_COUNTS[@]}"
     $SF simulate --out "$WORK/confirm" --num-samples "$CONFIRM_SAMPLES" --seed 3001 "${GEOM[@]}" "${EVAL_COUNTS[@]}"
 }
@@ -54,9 +57,10 @@ evaluate() {
 }
 
 case "$STEP" in
-    simulate|simulate_eval) simulate ;;
+    simulate) simulate_train; simulate_eval ;;
+    simulate_eval) simulate_eval ;;
     train) train ;;
     evaluate) evaluate ;;
-    all) simulate; train; evaluate ;;
+    all) simulate_train; simulate_eval; train; evaluate ;;
     *) echo "unknown step $STEP (simulate|simulate_eval|train|evaluate|all)" >&2; exit 2 ;;
 esac
