@@ -483,7 +483,7 @@ class AcquisitionSensitivityModel:
     ``AcquisitionSensitivityModel(norm_file)``: an Interfile sinogram of factors (.hs)
     or a Siemens mMR ECAT8 norm (.n.hdr). ``AcquisitionSensitivityModel(mu_map,
     acq_model)``: attenuation factors exp(-line integral of mu), mu in 1/cm on the
-    image's grid (projected with the embedded projector, not ``acq_model``'s).
+    image's grid, projected as ``acq_model`` projects (its ray tracing and tangential LORs), as SIRF.
     ``AcquisitionSensitivityModel(asm1, asm2)``: the product.
     """
 
@@ -515,7 +515,10 @@ class AcquisitionSensitivityModel:
             elif isinstance(src, (str, os.PathLike)):
                 factors = _read_factors(Path(src), geom)
             elif isinstance(src, ImageData):
-                factors = attenuation_factors(src.as_array(), src.geometry, geom)
+                # as SIRF: the mu-map is projected by the given acquisition model's projector
+                factors = attenuation_factors(src.as_array(), src.geometry, geom,
+                                              ray_tracing=other._ray_tracing,
+                                              num_tangential_LORs=other._num_tangential_LORs)
             else:
                 src.set_up(acq)
                 other.set_up(acq)

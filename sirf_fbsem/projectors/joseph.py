@@ -79,7 +79,8 @@ def _tables(rays: RayTable) -> tuple:
         np.asarray(rays.voxel_size, dtype=np.float64),
         np.asarray(rays.first_voxel, dtype=np.float64),
         float(rays.fov_radius_mm),
-        *_nb.row_blocks(rays.m, rays.tan_theta, rays.axial_sampling, rays.num_axial_rays, rays.voxel_size[0]),
+        *_nb.row_blocks(rays.m, rays.tan_theta, rays.axial_sampling, rays.num_axial_rays, rays.voxel_size[0],
+                        _nb.rows_per_block(rays.image_shape[1], rays.image_shape[2])),
     )
 
 
@@ -100,7 +101,7 @@ def joseph_forward(image: torch.Tensor, rays: RayTable, backend: str = "auto") -
         return _jt.forward(image, rays)
     x = image.cpu().contiguous().numpy()
     out = np.empty((x.shape[0],) + rays.sinogram_shape, dtype=x.dtype)
-    _nb.forward_kernel(_pad_flat(x), out, *_tables(rays))
+    _nb.forward_kernel(_pad_flat(x), out, *_tables(rays), _nb.num_threads())
     return torch.from_numpy(out).to(image.device)
 
 

@@ -102,6 +102,49 @@ def test_numba_and_torch_agree(case, gen):
     assert float((an - at).abs().max()) / float(an.abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("case", ["noarc_span3", "span1_thick", "steep"])
+def test_row_blocks_are_a_work_split_only(case, gen):
+    """Blocks of 1, 3 or 32 rows (the work split, chosen by image size) give the same projections."""
+    from sirf_fbsem.projectors.joseph import _pad_flat, _tables
+
+    rays, _ = _case(case)
+    x = _rand((1,) + tuple(rays.image_shape), gen).numpy()
+    y = _rand((1,) + rays.sinogram_shape, gen).numpy()
+    nz, ny, nx = rays.image_shape
+    p = joseph_numba.PAD
+    fwd, adj = [], []
+    for max_rows in (1, 3, 32):
+        tables = _tables(rays)[:-3] + joseph_numba.row_blocks(
+            rays.m, rays.tan_theta, rays.axial_sampling, rays.num_axial_rays, rays.voxel_size[0], max_rows)
+        assert tables[-2].max() <= max_rows
+        out = np.empty((1,) + rays.sinogram_shape)
+        joseph_numba.forward_kernel(_pad_flat(x), out, *tables, 2)
+        bufs = np.zeros((2, 1, (nz + 2 * p) * (ny + 2 * p) * (nx + 2 * p)))
+        joseph_numba.adjoint_kernel(y, bufs, *tables)
+        img = np.empty((1, nz, ny, nx))
+        joseph_numba.reduce_buffers(bufs, img)
+        fwd.append(out)
+        adj.append(img)
+    assert fwd[0].max() > 0 and adj[0].max() > 0
+    for f, a in zip(fwd[1:], adj[1:]):
+        np.testing.assert_allclose(f, fwd[0], rtol=1e-12, atol=0)
+        np.testing.assert_allclose(a, adj[0], rtol=1e-12, atol=1e-12 * float(adj[0].max()))
+
+
+def test_rows_per_block_keeps_the_slab_in_its_budget():
+    """A block's slab of padded slices stays within SLAB_BYTES unless the minimum rows exceed it;
+    larger slices never get more rows."""
+    last = None
+    for n in (16, 64, 128, 172, 256, 285, 344, 512):
+        rows = joseph_numba.rows_per_block(n, n)
+        assert joseph_numba.MIN_ROWS_PER_BLOCK <= rows <= joseph_numba.ROWS_PER_BLOCK
+        slab = rows * (n + 2 * joseph_numba.PAD) ** 2 * 4
+        assert slab <= joseph_numba.SLAB_BYTES or rows == joseph_numba.MIN_ROWS_PER_BLOCK
+        assert last is None or rows <= last
+        last = rows
+    assert joseph_numba.rows_per_block(16, 16) == joseph_numba.ROWS_PER_BLOCK
+
+
 def test_cases_cover_the_kernel_paths():
     """The geometries above reach the shared-row path, the one-row path and z-principal rays."""
     rays, _ = _case("noarc_span3")
