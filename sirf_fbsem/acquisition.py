@@ -65,6 +65,40 @@ class Acquisition:
         )
 
 
+def crop_to_support(values: np.ndarray, image: ImageGeometry, margin_voxels: int = 3
+                    ) -> tuple[np.ndarray, ImageGeometry]:
+    """``values`` (Z, Y, X) and ``image`` cut by the same number of x/y voxels on every side, to the
+    smallest image whose cylindrical FOV (:meth:`ImageGeometry.fov_radius_mm`, where the projectors
+    trace) holds every non-zero voxel with ``margin_voxels`` to spare.
+
+    Line integrals through the crop equal those through the whole image: the voxels dropped are 0,
+    the kept ones keep their centres, and the rays' new end points (on the smaller cylinder) lie
+    beyond the reach of Joseph's interpolation and of Siddon's end voxels from any non-zero voxel.
+    A brain mu-map on SIRF's 285 x 285 mMR image shrinks to about a third of the voxels, and its
+    projection takes about a third of the time. Images with an x/y origin shift are returned whole.
+    """
+    if abs(image.origin_mm[1]) > 0.05 or abs(image.origin_mm[2]) > 0.05:
+        return values, image
+    support = np.asarray(values != 0).any(axis=0)
+    if not support.any():
+        return values, image
+    nz, ny, nx = image.shape
+    _, y, x = image.centred_coordinates_mm()
+    jy, jx = np.nonzero(support)
+    voxel = max(image.voxel_size_mm[1], image.voxel_size_mm[2])
+    need = float(np.sqrt(y[jy] ** 2 + x[jx] ** 2).max()) + margin_voxels * voxel
+    best = 0
+    for k in range(1, min(ny, nx) // 2):
+        crop = ImageGeometry((nz, ny - 2 * k, nx - 2 * k), image.voxel_size_mm, image.origin_mm)
+        if crop.fov_radius_mm() < need:
+            break
+        best = k
+    if best == 0:
+        return values, image
+    crop = ImageGeometry((nz, ny - 2 * best, nx - 2 * best), image.voxel_size_mm, image.origin_mm)
+    return values[:, best:ny - best, best:nx - best], crop
+
+
 def attenuation_factors(
     mu_map_per_cm: np.ndarray, image: ImageGeometry, geometry: SinogramGeometry, device: str = "cpu",
     ray_tracing: str = "joseph", num_tangential_LORs: int = 1,
@@ -73,14 +107,16 @@ def attenuation_factors(
 
     ``ray_tracing`` and ``num_tangential_LORs`` as :class:`EmbeddedAcquisitionModel`'s; SIRF
     projects the mu-map with its acquisition model's projector, which ``"siddon"`` (or
-    ``"auto"`` on the CPU) with that model's tangential LORs reproduces. Joseph (the default:
-    about 3x faster) differs from it by 0.1-1 % in the correction factors 1/att (relative L2 on
-    SIRF's brain and thorax examples; docs/sirf.md).
+    ``"auto"`` on the CPU) with that model's tangential LORs reproduces. Joseph (the default here,
+    as in simulation: about 3x faster) differs from it by 0.1-1 % in the correction factors 1/att
+    (relative L2 on SIRF's brain and thorax examples; docs/sirf.md). The map is projected on its
+    crop to its support (:func:`crop_to_support`: the same line integrals, a fraction of the time).
     """
+    mu, image = crop_to_support(np.asarray(mu_map_per_cm, dtype=np.float32), image)
     model = EmbeddedAcquisitionModel(geometry, image, device=device, ray_tracing=ray_tracing,
                                      num_tangential_LORs=num_tangential_LORs)
     with torch.no_grad():
-        line_mm = model.direct(torch.as_tensor(np.asarray(mu_map_per_cm, dtype=np.float32)))
+        line_mm = model.direct(torch.from_numpy(np.ascontiguousarray(mu)))
         line_mm = line_mm * image.voxel_size_mm[2]  # pixel units -> mm
     return torch.exp(-0.1 * line_mm).cpu().numpy().astype(np.float32)
 
@@ -127,6 +163,7 @@ def load_acquisition(
     negative: str = "error",
     progress: bool = True,
     backend: str = "embedded",
+    ray_tracing: str = "auto",
 ) -> Acquisition:
     """Read prompts and optional terms.
 
@@ -147,6 +184,8 @@ def load_acquisition(
         backend: "sirf" histograms mMR listmode with SIRF's ``ListmodeToSinograms`` and takes
             SIRF's randoms estimate from the delayeds; "embedded" (default) the package's own
             histogrammer (the same bins; tests/io/test_listmode.py) and fan-sum ML randoms.
+        ray_tracing: how the mu-map is projected (:func:`attenuation_factors`); "auto" (default)
+            is Siddon on the CPU, as SIRF projects it.
     """
     if negative not in ("error", "zero"):
         raise ValueError(f"negative must be 'error' or 'zero', got {negative!r}")
@@ -207,7 +246,7 @@ def load_acquisition(
         mumap.check_mu_units(mu, mu_map)
         if mu_geom != img:
             mu = mumap.resample_to(mu, mu_geom, img, geom.scanner)
-        att = attenuation_factors(mu, img, geom)
+        att = attenuation_factors(mu, img, geom, ray_tracing=ray_tracing)
         mult = att if mult is None else mult * att
         meta["mu_map"] = str(mu_map)
     if additive is not None:

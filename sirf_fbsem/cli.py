@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-tracing", choices=["joseph", "siddon", "auto"], default=None,
                    help="embedded projector: auto (default: siddon where it runs, i.e. on the CPU, else "
                         "joseph), siddon (SIRF's ray-tracing matrix row for row: SIRF's image; CPU only) or "
-                        "joseph (interpolating; CPU or GPU, faster, within ~0.5%% of SIRF on smooth images)")
+                        "joseph (interpolating; CPU or GPU, faster, within ~0.5%% of SIRF on smooth images); "
+                        "the --mu-map is projected the same way")
     r.add_argument("--no-progress", action="store_true")
 
     add_simulate_arguments(sub.add_parser("simulate", help="simulate training data"))
@@ -269,6 +270,7 @@ def _reconstruct_one(args: argparse.Namespace, input_path: Path, output: Path, d
         negative=args.negative,
         progress=progress,
         backend=args.backend,
+        ray_tracing=args.ray_tracing or "auto",
     )
     # an FBSEM model reconstructs on the grid it was trained on (its CNN is resolution dependent);
     # OSEM, MLEM and --override-geometry on the scanner's default image, as SIRF's create_uniform_image

@@ -240,3 +240,29 @@ def test_attenuation_factors_equal_sirfs(pet, example, tmp_path):
     assert sirfs.min() < 0.5, "the example's map should attenuate"
     rel, _ = _agreement(-np.log(ours), -np.log(sirfs))
     assert rel <= 1e-4, rel
+
+
+def test_load_acquisition_attenuation_equals_sirfs(pet, tmp_path):
+    """``sirf-fbsem reconstruct --mu-map`` (through ``load_acquisition``, default ray tracing) corrects
+    for attenuation as SIRF's ray-tracing model with one tangential LOR, the CLI's model."""
+    from sirf_fbsem.acquisition import load_acquisition
+    from sirf_fbsem.io.mumap import read_mu_map
+
+    folder = PET_EXAMPLES / "brain"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    pet.AcquisitionData.set_storage_scheme("memory")
+    sinogram = tmp_path / "prompts.hs"
+    acq = pet.AcquisitionData(str(folder / "template_sinogram.hs")).get_uniform_copy(1.0)
+    acq.write(str(sinogram))
+    mu_map = folder / "attenuation.hv"
+    am = pet.AcquisitionModelUsingRayTracingMatrix()
+    am.set_num_tangential_LORs(1)
+    asm = pet.AcquisitionSensitivityModel(pet.ImageData(str(mu_map)), am)
+    asm.set_up(acq)
+    sirfs = np.asarray(asm.forward(acq).as_array(), dtype=np.float64)
+    mu_geometry, _ = read_mu_map(mu_map)
+    ours = load_acquisition(sinogram, mu_map=mu_map, image=mu_geometry, progress=False).multiplicative
+    assert sirfs.min() < 0.5
+    rel, _ = _agreement(-np.log(np.asarray(ours, dtype=np.float64)), -np.log(sirfs))
+    assert rel <= 1e-4, rel
