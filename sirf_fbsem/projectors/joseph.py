@@ -79,18 +79,8 @@ def _tables(rays: RayTable) -> tuple:
         np.asarray(rays.voxel_size, dtype=np.float64),
         np.asarray(rays.first_voxel, dtype=np.float64),
         float(rays.fov_radius_mm),
-        *_nb.row_blocks(rays.m, rays.tan_theta, rays.axial_sampling, rays.num_axial_rays, rays.voxel_size[0],
-                        _nb.rows_per_block(rays.image_shape[1], rays.image_shape[2])),
+        *_nb.row_blocks(rays.m, rays.tan_theta, rays.axial_sampling, rays.num_axial_rays, rays.voxel_size[0]),
     )
-
-
-def _pad_flat(x: np.ndarray) -> np.ndarray:
-    """(B, Z, Y, X) -> (B, P) with PAD zero voxels on every side of every axis."""
-    p = _nb.PAD
-    b, nz, ny, nx = x.shape
-    out = np.zeros((b, nz + 2 * p, ny + 2 * p, nx + 2 * p), dtype=x.dtype)
-    out[:, p : p + nz, p : p + ny, p : p + nx] = x
-    return out.reshape(b, -1)
 
 
 def joseph_forward(image: torch.Tensor, rays: RayTable, backend: str = "auto") -> torch.Tensor:
@@ -101,7 +91,7 @@ def joseph_forward(image: torch.Tensor, rays: RayTable, backend: str = "auto") -
         return _jt.forward(image, rays)
     x = image.cpu().contiguous().numpy()
     out = np.empty((x.shape[0],) + rays.sinogram_shape, dtype=x.dtype)
-    _nb.forward_kernel(_pad_flat(x), out, *_tables(rays), _nb.num_threads())
+    _nb.forward_kernel(_nb.pad_image(x), out, *_tables(rays), _nb.num_threads())
     return torch.from_numpy(out).to(image.device)
 
 

@@ -1,7 +1,8 @@
 """Joseph forward and back projection on the CPU (numba), for :mod:`.joseph`.
 
 Both kernels take a *padded* image: ``PAD`` zero voxels added on each side of every
-axis, flattened to ``(B, P)`` with ``P = (nz+4)(ny+4)(nx+4)``. The per-ray set-up
+axis, flattened to ``(B, P)`` with ``P = (ny+4)(nx+4)(nz+4)`` in **(y, x, z) order, z
+fastest** (:func:`layout_strides`, :func:`pad_image`; why below). The per-ray set-up
 (:func:`ray_setup`) limits the samples to where the bilinear corners fall inside
 the padded array, so the inner loops need no bounds checks.
 
@@ -16,17 +17,29 @@ same axial sampling and ``m`` a whole number of voxels apart (the axial position
 of one segment when ``vz`` divides the axial sampling, as for the default image)
 cross every transaxial principal plane at the same in-plane point and at z
 positions a whole number of planes apart. The kernels take such rows in blocks
-(:func:`row_blocks`): per (view, tangential position, plane) the indices and the
-four bilinear weights are computed once and applied to every row of the block,
-each shifted by its own plane offset; each row keeps its own plane range (from
-the same set-up as :func:`ray_setup`). This turns the inner loop into four loads
-and a blend per sample, and keeps a block's working set (a few planes) in cache.
-Rays whose principal axis is z are traced one by one.
+(:func:`row_blocks`, up to a whole segment): per (view, tangential position, plane)
+the indices and the bilinear weights are computed once for the block; each row keeps
+its own plane range (from the same set-up as :func:`ray_setup`).
 
-Work items are (row block, view) pairs taken block-major (:func:`_work_item`), dealt
-round-robin to the threads. Adjoint: item ``i`` scatters into padded image buffer
-``i mod C`` (one per thread: no atomics, no races), and :func:`reduce_buffers` sums
-them and removes the padding.
+Column kernels: when a block's rows are consecutive z voxels (span > 1 with the
+default image, as the mMR's span 11) and z is interpolated, row a samples plane k at
+``g2 C(i2 + a) + f2 C(i2 + a + 1)``, where ``C(z)`` is the in-plane interpolation in
+slice z, so the ``C`` of the block's rows are computed once for all of them
+(:func:`_cols4`): two loads per row and plane instead of four. With z fastest in
+memory the ``C`` of consecutive rows lie next to each other, so each loop is a
+contiguous vector load, blend and store; the rows sampling plane k are one run
+(:func:`_window`). Other blocks (span 1, images whose ``vz`` does not divide the axial
+sampling) take the per-row kernels (:func:`_rows_fwd4`), which give the same sums;
+rays whose principal axis is z are traced one by one.
+
+Work items are (view, tile of :data:`TILE` tangential positions, row block) triples,
+block fastest (:func:`_work_item`), dealt round-robin to the threads: with z fastest a
+block spans the whole image, so neighbouring items must share the band of the image
+that one view's tile of rays crosses to keep it in cache. Layout, column kernels and
+work order together: 3.8x / 2.7x forward / back against 0.8.1's kernels on SIRF's
+127 x 285 x 285 mMR image (docs/benchmarks.md).
+Adjoint: item ``i`` scatters into padded image buffer ``i mod C`` (one per thread: no
+atomics, no races), and :func:`reduce_buffers` sums them and removes the padding.
 """
 from __future__ import annotations
 
@@ -36,8 +49,8 @@ import numba
 import numpy as np
 from numba import int64, njit, prange, uint64
 
-__all__ = ["PAD", "CONST_TOL", "SNAP_TOL", "ray_setup", "row_blocks", "rows_per_block", "forward_kernel", "adjoint_kernel",
-           "reduce_buffers", "num_threads"]
+__all__ = ["PAD", "CONST_TOL", "SNAP_TOL", "ROWS_PER_BLOCK", "ray_setup", "row_blocks", "layout_strides", "pad_image",
+           "forward_kernel", "adjoint_kernel", "reduce_buffers", "num_threads"]
 
 #: zero voxels added on each side of every image axis
 PAD = 2
@@ -45,21 +58,30 @@ PAD = 2
 CONST_TOL = 1e-12
 #: a constant secondary coordinate this close to a voxel centre is put on it (weight 0 to the next)
 SNAP_TOL = 1e-9
-#: most rows per block (larger: less index work per sample, larger working set)
-ROWS_PER_BLOCK = 32
-#: fewest rows per block
-MIN_ROWS_PER_BLOCK = 8
-#: bytes of padded z slices a block may span (its slab of the image, kept in cache while the
-#: threads take it through every view); measured on the mMR, 2-core AMD EPYC with a 32 MB L3:
-#: 8 rows at 285 x 285 (2.0x faster than 32), 16-32 rows at 172 x 172 equal
-SLAB_BYTES = 5 << 19
+#: most rows per block: a whole segment of the mMR (127 rows), which shares the per-plane set-up
+#: among most rows (measured on the mMR span 11, 2-core AMD EPYC: see docs/benchmarks.md)
+ROWS_PER_BLOCK = 128
+#: tangential positions per work item (8 to 32 equal on the mMR at 285 x 285, 64 slower)
+TILE = 16
 
 
-def rows_per_block(ny: int, nx: int, itemsize: int = 4) -> int:
-    """Rows per block for an image of ``ny x nx`` voxels per slice: :data:`SLAB_BYTES` of padded slices,
-    between :data:`MIN_ROWS_PER_BLOCK` and :data:`ROWS_PER_BLOCK`."""
-    slice_bytes = (ny + 2 * PAD) * (nx + 2 * PAD) * itemsize
-    return int(min(ROWS_PER_BLOCK, max(MIN_ROWS_PER_BLOCK, SLAB_BYTES // slice_bytes)))
+def layout_strides(nz: int, ny: int, nx: int) -> tuple[int, int, int]:
+    """Strides (z, y, x) of the padded flat image of an ``nz x ny x nx`` image: (y, x, z) order, z fastest."""
+    sx = nz + 2 * PAD
+    return 1, sx * (nx + 2 * PAD), sx
+
+
+def pad_image(x: np.ndarray) -> np.ndarray:
+    """(B, Z, Y, X) -> (B, P): ``PAD`` zero voxels on every side of every axis, in the layout of
+    :func:`layout_strides` (a copy)."""
+    p = PAD
+    b, nz, ny, nx = x.shape
+    out = np.zeros((b, ny + 2 * p, nx + 2 * p, nz + 2 * p), dtype=x.dtype)
+    out[:, p : p + ny, p : p + nx, p : p + nz] = x.transpose(0, 2, 3, 1)
+    return out.reshape(b, -1)
+
+
+_layout = njit(cache=True)(layout_strides)
 
 
 # --------------------------------------------------------------------------- set-up
@@ -251,9 +273,7 @@ def row_blocks(m: np.ndarray, tan_theta: np.ndarray, samp: np.ndarray, n_ax: np.
 @njit(cache=True)
 def _strides(p, nz, ny, nx):
     """Strides (principal, q1, q2) and the offset of voxel (0,0,0) in the padded flat image."""
-    sx = 1
-    sy = nx + 2 * PAD
-    sz = sy * (ny + 2 * PAD)
+    sz, sy, sx = _layout(nz, ny, nx)
     base = PAD * (sx + sy + sz)
     if p == 2:
         return sx, sy, sz, base
@@ -401,15 +421,180 @@ def _rows_adj2(buf, val, kmin, kmax, klo, khi, zo, off, sp, s1, A1, B1):
                 buf[j + u1] += c1 * y
 
 
+# --------------------------------------------------------------------------- a block of consecutive rows, by columns
+
+
 @njit(cache=True)
-def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov):
-    """Forward projection of rows r0..r0+nr-1 of view v (all tangential positions)."""
+def _window(klo, khi, nr, B2):
+    """Whether the per-row plane ranges of a block allow the column kernels, and how to track them.
+
+    Row a of a block whose rows are consecutive z voxels has ``A2 + a`` as its z coordinate, so its
+    plane range moves monotonically with a: both ends non-increasing in a when ``B2 > 0``,
+    non-decreasing when ``B2 < 0``, equal when ``B2 == 0``. Then the rows sampling plane k are one
+    run ``lo(k)..hi(k)`` that :func:`_advance` tracks in O(1) per plane. Returns
+    ``(e0, e1, direction)``: the non-empty rows ``e0..e1`` and -1 / +1 (non-increasing /
+    non-decreasing ends, 0 counts as either); ``e0 = -1`` when the ranges are not of that form.
+    """
+    e0 = -1
+    e1 = -1
+    for a in range(nr):
+        if klo[a] <= khi[a]:
+            if e0 < 0:
+                e0 = a
+            elif e1 != a - 1:
+                return -1, -1, 0  # a gap: the non-empty rows are not one run
+            e1 = a
+    if e0 < 0:
+        return -1, -1, 0
+    direction = 1 if B2 < 0.0 else -1
+    for a in range(e0 + 1, e1 + 1):
+        if direction * (klo[a] - klo[a - 1]) < 0 or direction * (khi[a] - khi[a - 1]) < 0:
+            return -1, -1, 0
+    return e0, e1, direction
+
+
+@njit(cache=True)
+def _advance(k, lo, hi, e0, e1, direction, klo, khi):
+    """The run ``lo..hi`` of rows sampling plane k, from the run at plane k - 1 (see :func:`_window`).
+
+    Start from :func:`_run_before`.
+    """
+    if direction < 0:
+        while lo > e0 and klo[lo - 1] <= k:
+            lo -= 1
+        while hi >= lo and khi[hi] < k:
+            hi -= 1
+    else:
+        while hi < e1 and klo[hi + 1] <= k:
+            hi += 1
+        while lo <= hi and khi[lo] < k:
+            lo += 1
+    return lo, hi
+
+
+@njit(cache=True)
+def _run_before(e0, e1, direction):
+    """The (empty) run of rows before the first plane, for :func:`_advance`."""
+    if direction < 0:
+        return e1 + 1, e1
+    return e0, e0 - 1
+
+
+@njit(cache=True)
+def _split(w, cast):
+    """``(i, 1 - f, f)``: the voxel below the continuous index ``w`` and its two linear weights (type ``cast``)."""
+    i = np.floor(w)
+    f = cast(w - i)
+    return int64(i), cast(1.0) - f, f
+
+
+@njit(cache=True)
+def _cols4(image, rows, col, forward, kmin, kmax, klo, khi, e0, e1, direction, base, sp, s1, A1, B1, A2, B2):
+    """:func:`_rows_fwd4` (``forward``: ``rows += samples of image``) or :func:`_rows_adj4`
+    (``image += rows x weights``) for rows one z voxel apart (q2 = z, contiguous), by columns.
+
+    Forward: row a's sample at plane k is ``g2 C(i2 + a) + f2 C(i2 + a + 1)`` with ``C(z)`` the
+    in-plane (q1) interpolation in slice z, and row a + 1 needs ``C(i2 + a + 1)`` again: the columns
+    of the run of rows are interpolated once into ``col`` (length >= rows + 1), two loads per row
+    instead of four. Adjoint: slice ``i2 + a`` gets ``col[a] = g2 rows[a] + f2 rows[a - 1]``, spread
+    over its two q1 corners, one corner per loop. Every loop is contiguous and vectorises.
+    """
+    cast = image.dtype.type
+    u1 = uint64(s1)
+    lo, hi = _run_before(e0, e1, direction)
+    for k in range(kmin, kmax + 1):
+        lo, hi = _advance(k, lo, hi, e0, e1, direction, klo, khi)
+        if lo > hi:
+            continue
+        i1, g1, f1 = _split(A1 + k * B1, cast)
+        i2, g2, f2 = _split(A2 + k * B2, cast)
+        j0 = base + k * sp + i1 * s1 + i2
+        if forward:
+            for a in range(lo, hi + 2):
+                j = uint64(j0 + a)
+                col[uint64(a)] = g1 * image[j] + f1 * image[j + u1]
+            for a in range(lo, hi + 1):
+                rows[uint64(a)] += g2 * col[uint64(a)] + f2 * col[uint64(a + 1)]
+        else:
+            col[uint64(lo)] = g2 * rows[uint64(lo)]
+            for a in range(lo + 1, hi + 1):
+                col[uint64(a)] = f2 * rows[uint64(a - 1)] + g2 * rows[uint64(a)]
+            col[uint64(hi + 1)] = f2 * rows[uint64(hi)]
+            for a in range(lo, hi + 2):
+                image[uint64(j0 + a)] += g1 * col[uint64(a)]
+            for a in range(lo, hi + 2):
+                image[uint64(j0 + a) + u1] += f1 * col[uint64(a)]
+
+
+@njit(cache=True)
+def _cols2(image, rows, forward, klo, khi, e0, e1, off, sp, s1, A1, B1):
+    """:func:`_rows_fwd2` / :func:`_rows_adj2` for rows one z voxel apart whose z is constant on a voxel
+    centre (offset in ``off``): one plane range for all of them, contiguous loops (adjoint: one
+    corner per loop)."""
+    cast = image.dtype.type
+    u1 = uint64(s1)
+    for k in range(klo[e0], khi[e0] + 1):
+        i1, g1, f1 = _split(A1 + k * B1, cast)
+        j0 = off + k * sp + i1 * s1
+        if forward:
+            for a in range(e0, e1 + 1):
+                j = uint64(j0 + a)
+                rows[uint64(a)] += g1 * image[j] + f1 * image[j + u1]
+        else:
+            for a in range(e0, e1 + 1):
+                image[uint64(j0 + a)] += g1 * rows[uint64(a)]
+            for a in range(e0, e1 + 1):
+                image[uint64(j0 + a) + u1] += f1 * rows[uint64(a)]
+
+
+@njit(cache=True)
+def _columns(image, rows, col, forward, two, kmin, kmax, klo, khi, e0, e1, direction, base, sp, s1, s2, A1, B1, A2, B2):
+    """The column kernel for one batch item: forward (``rows += samples``) or adjoint (``image += ...``),
+    two corners (z constant on ``A2``) or four."""
+    if two:
+        _cols2(image, rows, forward, klo, khi, e0, e1, base + int64(A2) * s2, sp, s1, A1, B1)
+    else:
+        _cols4(image, rows, col, forward, kmin, kmax, klo, khi, e0, e1, direction, base, sp, s1, A1, B1, A2, B2)
+
+
+@njit(cache=True)
+def _consecutive(zo, nr):
+    """Whether the rows of a block are consecutive z voxels (offsets 0, 1, 2, ... with z fastest)."""
+    for a in range(nr):
+        if zo[a] != a:
+            return False
+    return nr > 1
+
+
+@njit(cache=True)
+def _column_run(klo, khi, nr, B2, two, s2, consecutive):
+    """``(e0, e1, direction)`` of :func:`_window` when the column kernels apply to this block and ray, else e0 = -1.
+
+    They apply to blocks of consecutive rows whose second secondary axis is z (stride 1); for the
+    two-corner case every non-empty row must share one plane range.
+    """
+    if not consecutive or s2 != 1:
+        return -1, -1, 0
+    e0, e1, direction = _window(klo, khi, nr, B2)
+    if e0 >= 0 and two:
+        for a in range(e0 + 1, e1 + 1):
+            if klo[a] != klo[e0] or khi[a] != khi[e0]:
+                return -1, -1, 0
+    return e0, e1, direction
+
+
+@njit(cache=True)
+def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, columns, t0, t1):
+    """Forward projection of rows r0..r0+nr-1 of view v (all tangential positions).
+
+    ``columns``: use the column kernels (:func:`_cols4`) where the block allows them."""
     nb = img.shape[0]
-    N = s.shape[0]
+    consecutive = columns and _consecutive(zo, nr)
     nz, ny, nx = shape[0], shape[1], shape[2]
     vz, vy, vx = vox[0], vox[1], vox[2]
     z0, y0, x0 = first[0], first[1], first[2]
     acc = np.zeros((nb, nr), dtype=img.dtype)
+    col = np.empty(nr + 1, dtype=img.dtype)
     klo = np.empty(nr, np.int64)
     khi = np.empty(nr, np.int64)
     one = np.zeros(1, dtype=img.dtype)  # one row, for rays traced one by one
@@ -417,7 +602,7 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
     kh1 = np.zeros(1, np.int64)
     zo1 = np.zeros(1, np.int64)
     n = n_ax[r0]
-    for t in range(N):
+    for t in range(t0, t1):
         acc[:] = 0.0
         tt = tan_theta[r0, t]
         p, n_p, k_lo0, k_hi0, A1, B1, tp, B2, step = _setup_inplane(
@@ -450,6 +635,12 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
             if kmin > kmax:
                 continue
             sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
+            e0, e1, direction = _column_run(klo, khi, nr, Bg, two, s2, consecutive)
+            if e0 >= 0:
+                for b in range(nb):
+                    _columns(img[b], acc[b], col, True, two, kmin, kmax, klo, khi, e0, e1, direction, base, sp, s1, s2,
+                             Af, Bf, Ag, Bg)
+                continue
             for b in range(nb):
                 if two:
                     _rows_fwd2(img[b], acc[b], kmin, kmax, klo, khi, zo, base + int64(Ag) * s2, sp, s1, Af, Bf)
@@ -462,14 +653,15 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
 
 
 @njit(cache=True)
-def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov):
-    """Scatter rows r0..r0+nr-1 of view v of ``sino`` into ``buf`` (B, P)."""
+def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, columns, t0, t1):
+    """Scatter rows r0..r0+nr-1 of view v of ``sino`` into ``buf`` (B, P); ``columns`` as in :func:`_fwd_block`."""
     nb = sino.shape[0]
-    N = s.shape[0]
+    consecutive = columns and _consecutive(zo, nr)
     nz, ny, nx = shape[0], shape[1], shape[2]
     vz, vy, vx = vox[0], vox[1], vox[2]
     z0, y0, x0 = first[0], first[1], first[2]
     val = np.zeros((nb, nr), dtype=buf.dtype)
+    col = np.empty(nr + 1, dtype=buf.dtype)
     klo = np.empty(nr, np.int64)
     khi = np.empty(nr, np.int64)
     one = np.zeros(1, dtype=buf.dtype)  # one row, for rays traced one by one
@@ -477,7 +669,7 @@ def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp
     kh1 = np.zeros(1, np.int64)
     zo1 = np.zeros(1, np.int64)
     n = n_ax[r0]
-    for t in range(N):
+    for t in range(t0, t1):
         tt = tan_theta[r0, t]
         p, n_p, k_lo0, k_hi0, A1, B1, tp, B2, step = _setup_inplane(
             cos_phi[v], sin_phi[v], s[t], tt, fov, nz, ny, nx, vz, vy, vx, z0, y0, x0
@@ -517,6 +709,12 @@ def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp
             if kmin > kmax:
                 continue
             sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
+            e0, e1, direction = _column_run(klo, khi, nr, Bg, two, s2, consecutive)
+            if e0 >= 0:
+                for b in range(nb):
+                    _columns(buf[b], val[b], col, False, two, kmin, kmax, klo, khi, e0, e1, direction, base, sp, s1, s2,
+                             Af, Bf, Ag, Bg)
+                continue
             for b in range(nb):
                 if two:
                     _rows_adj2(buf[b], val[b], kmin, kmax, klo, khi, zo, base + int64(Ag) * s2, sp, s1, Af, Bf)
@@ -524,64 +722,63 @@ def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp
                     _rows_adj4(buf[b], val[b], kmin, kmax, klo, khi, zo, base, sp, s1, s2, Af, Bf, Ag, Bg)
 
 
-@njit(cache=True)
-def _zoffsets(zo, dz, r0, nr, sz):
-    for a in range(nr):
-        zo[a] = dz[r0 + a] * sz
-
-
 # --------------------------------------------------------------------------- kernels
 
 
 @njit(cache=True)
-def _work_item(item, V, blk_start, blk_len, dz, sz):
-    """``(view, first row, rows, row z offsets)`` of a work item.
+def _work_item(item, n_blocks, N, tile, blk_start, blk_len, dz):
+    """``(view, first row, rows, row z offsets, first and end tangential position)`` of a work item.
 
-    Items are (row block, view) pairs, block-major, so that consecutive items (and the threads,
-    which take every T-th item) trace the same rows (one z slab of the image) through neighbouring
-    views; the slab stays in cache, where view-major order swept the whole image per view (SIRF's
-    285 x 285 x 127 mMR image, 41 MB, does not fit a 32 MB L3; see :data:`SLAB_BYTES`)."""
-    g = item // V
+    Items are (view, tangential tile, row block) triples, block fastest: consecutive items (and the
+    threads, which take every T-th item) trace the rays of one view and ``tile`` neighbouring
+    tangential positions through every segment, which all cross the same band of the image, so that
+    band stays in cache (with z fastest every block spans the whole image)."""
+    g = item % n_blocks
+    rest = item // n_blocks
+    n_tiles = (N + tile - 1) // tile
+    t0 = (rest % n_tiles) * tile
     r0 = blk_start[g]
     nr = blk_len[g]
-    zo = np.empty(nr, np.int64)
-    _zoffsets(zo, dz, r0, nr, sz)
-    return item % V, r0, nr, zo
+    return rest // n_tiles, r0, nr, dz[r0 : r0 + nr], t0, min(t0 + tile, N)
 
 
 @njit(parallel=True, cache=True)
 def forward_kernel(img, out, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, blk_start, blk_len, dz,
-                   n_threads):
+                   n_threads, columns=True):
     """``out[b, r, v, t]`` = line integral (mm) of ``img[b]`` (padded, flat) along ray (r, v, t).
 
-    ``out`` (B, S, V, N) is overwritten. Work items are (row block, view) pairs, block-major
-    (:func:`_work_item`); thread ``th`` of ``n_threads`` takes items ``th, th + n_threads, ...``.
+    ``out`` (B, S, V, N) is overwritten. Work items are (view, tangential tile, row block)
+    triples (:func:`_work_item`); thread ``th`` of ``n_threads`` takes items ``th, th + n_threads, ...``.
+    ``columns=False`` takes the per-row kernels everywhere (for tests: same sums).
     """
     V = cos_phi.shape[0]
-    n_items = V * blk_start.shape[0]
-    sz = (shape[2] + 2 * PAD) * (shape[1] + 2 * PAD)
+    N = s.shape[0]
+    n_items = V * ((N + TILE - 1) // TILE) * blk_start.shape[0]
     n_threads = max(1, min(n_threads, n_items))
     for th in prange(n_threads):
         for item in range(th, n_items, n_threads):
-            v, r0, nr, zo = _work_item(item, V, blk_start, blk_len, dz, sz)
-            _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov)
+            v, r0, nr, zo, t0, t1 = _work_item(item, blk_start.shape[0], N, TILE, blk_start, blk_len, dz)
+            _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov,
+                       columns, t0, t1)
 
 
 @njit(parallel=True, cache=True)
-def adjoint_kernel(sino, bufs, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, blk_start, blk_len, dz):
+def adjoint_kernel(sino, bufs, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, blk_start, blk_len, dz,
+                   columns=True):
     """Scatter ``sino`` (B, S, V, N) into ``bufs`` (C, B, P), zeroed: items ``c, c + C, ...`` into ``bufs[c]``.
 
     Items as in :func:`forward_kernel`; the fixed item-to-buffer assignment keeps the result
     independent of thread timing.
     """
     V = cos_phi.shape[0]
-    sz = (shape[2] + 2 * PAD) * (shape[1] + 2 * PAD)
     n_chunks = bufs.shape[0]
-    n_items = V * blk_start.shape[0]
+    N = s.shape[0]
+    n_items = V * ((N + TILE - 1) // TILE) * blk_start.shape[0]
     for c in prange(n_chunks):
         for item in range(c, n_items, n_chunks):
-            v, r0, nr, zo = _work_item(item, V, blk_start, blk_len, dz, sz)
-            _adj_block(sino, bufs[c], v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov)
+            v, r0, nr, zo, t0, t1 = _work_item(item, blk_start.shape[0], N, TILE, blk_start, blk_len, dz)
+            _adj_block(sino, bufs[c], v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov,
+                       columns, t0, t1)
 
 
 @njit(parallel=True, cache=True)
@@ -589,17 +786,17 @@ def reduce_buffers(bufs, out):
     """``out[b, z, y, x]`` = sum over c of ``bufs[c, b]`` at the unpadded voxel (z, y, x)."""
     n_chunks, nb = bufs.shape[0], bufs.shape[1]
     nz, ny, nx = out.shape[1], out.shape[2], out.shape[3]
-    sy = nx + 2 * PAD
-    sz = sy * (ny + 2 * PAD)
+    sz, sy, sx = _layout(nz, ny, nx)
+    base = PAD * (sz + sy + sx)
     for zb in prange(nz * nb):
         b = zb // nz
         z = zb % nz
         for y in range(ny):
-            off = (z + PAD) * sz + (y + PAD) * sy + PAD
+            off = base + z * sz + y * sy
             for x in range(nx):
-                acc = bufs[0, b, off + x]
+                acc = bufs[0, b, off + x * sx]
                 for c in range(1, n_chunks):
-                    acc += bufs[c, b, off + x]
+                    acc += bufs[c, b, off + x * sx]
                 out[b, z, y, x] = acc
 
 

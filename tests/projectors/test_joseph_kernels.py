@@ -5,6 +5,7 @@ uniform cylinder, the sinusoid of a point source, STIR's 1/4-1/2-1/4 axial sprea
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -54,13 +55,18 @@ def _case(name: str):
         g = SinogramGeometry.from_span(SMALL, span=3, max_ring_diff=4)
         im = ImageGeometry((11, 30, 41), (2.5, 3.0, 2.2), origin_mm=(1.3, -4.0, 2.5))
         return make_ray_table(g, im), g
+    if name == "mmr_span11_rings":  # the mMR's span 11 on 20 of its rings, coarse: segments of consecutive rows
+        scanner = dataclasses.replace(scanner_preset("Siemens_mMR"), num_rings=20)
+        g = SinogramGeometry.from_span(scanner, span=11, max_ring_diff=16, view_mash_factor=9)
+        im = g.default_image()
+        return make_ray_table(g, ImageGeometry((im.shape[0], 48, 48), (im.voxel_size_mm[0], 8.0, 8.0))), g
     if name == "steep":  # principal axis z for the largest ring differences
         g = SinogramGeometry.from_span(STEEP, span=1, max_ring_diff=15, view_mash_factor=2)
         return make_ray_table(g, g.default_image()), g
     raise KeyError(name)
 
 
-CASES = ["noarc_span3", "arc_span3", "view_subset", "span1_thick", "no_fov", "odd_image", "steep"]
+CASES = ["noarc_span3", "arc_span3", "view_subset", "span1_thick", "no_fov", "odd_image", "steep", "mmr_span11_rings"]
 
 
 @pytest.fixture
@@ -102,47 +108,69 @@ def test_numba_and_torch_agree(case, gen):
     assert float((an - at).abs().max()) / float(an.abs().max()) < 1e-6
 
 
+def _numba_projections(rays, x: np.ndarray, y: np.ndarray, max_rows: int = joseph_numba.ROWS_PER_BLOCK,
+                       columns: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Forward of x and adjoint of y by the numba kernels, with a given block size and kernel choice."""
+    from sirf_fbsem.projectors.joseph import _tables
+
+    nz, ny, nx = rays.image_shape
+    p = joseph_numba.PAD
+    tables = _tables(rays)[:-3] + joseph_numba.row_blocks(
+        rays.m, rays.tan_theta, rays.axial_sampling, rays.num_axial_rays, rays.voxel_size[0], max_rows)
+    assert tables[-2].max() <= max_rows
+    out = np.empty(x.shape[:1] + rays.sinogram_shape, dtype=x.dtype)
+    joseph_numba.forward_kernel(joseph_numba.pad_image(x), out, *tables, 2, columns)
+    bufs = np.zeros((2, y.shape[0], (nz + 2 * p) * (ny + 2 * p) * (nx + 2 * p)), dtype=y.dtype)
+    joseph_numba.adjoint_kernel(y, bufs, *tables, columns)
+    img = np.empty(y.shape[:1] + (nz, ny, nx), dtype=y.dtype)
+    joseph_numba.reduce_buffers(bufs, img)
+    return out, img
+
+
 @pytest.mark.parametrize("case", ["noarc_span3", "span1_thick", "steep"])
 def test_row_blocks_are_a_work_split_only(case, gen):
-    """Blocks of 1, 3 or 32 rows (the work split, chosen by image size) give the same projections."""
-    from sirf_fbsem.projectors.joseph import _pad_flat, _tables
-
+    """Blocks of 1, 3 or 128 rows give the same projections (1 row: the per-row kernels only)."""
     rays, _ = _case(case)
     x = _rand((1,) + tuple(rays.image_shape), gen).numpy()
     y = _rand((1,) + rays.sinogram_shape, gen).numpy()
-    nz, ny, nx = rays.image_shape
-    p = joseph_numba.PAD
-    fwd, adj = [], []
-    for max_rows in (1, 3, 32):
-        tables = _tables(rays)[:-3] + joseph_numba.row_blocks(
-            rays.m, rays.tan_theta, rays.axial_sampling, rays.num_axial_rays, rays.voxel_size[0], max_rows)
-        assert tables[-2].max() <= max_rows
-        out = np.empty((1,) + rays.sinogram_shape)
-        joseph_numba.forward_kernel(_pad_flat(x), out, *tables, 2)
-        bufs = np.zeros((2, 1, (nz + 2 * p) * (ny + 2 * p) * (nx + 2 * p)))
-        joseph_numba.adjoint_kernel(y, bufs, *tables)
-        img = np.empty((1, nz, ny, nx))
-        joseph_numba.reduce_buffers(bufs, img)
-        fwd.append(out)
-        adj.append(img)
+    fwd, adj = zip(*(_numba_projections(rays, x, y, max_rows) for max_rows in (1, 3, 128)))
     assert fwd[0].max() > 0 and adj[0].max() > 0
     for f, a in zip(fwd[1:], adj[1:]):
         np.testing.assert_allclose(f, fwd[0], rtol=1e-12, atol=0)
         np.testing.assert_allclose(a, adj[0], rtol=1e-12, atol=1e-12 * float(adj[0].max()))
 
 
-def test_rows_per_block_keeps_the_slab_in_its_budget():
-    """A block's slab of padded slices stays within SLAB_BYTES unless the minimum rows exceed it;
-    larger slices never get more rows."""
-    last = None
-    for n in (16, 64, 128, 172, 256, 285, 344, 512):
-        rows = joseph_numba.rows_per_block(n, n)
-        assert joseph_numba.MIN_ROWS_PER_BLOCK <= rows <= joseph_numba.ROWS_PER_BLOCK
-        slab = rows * (n + 2 * joseph_numba.PAD) ** 2 * 4
-        assert slab <= joseph_numba.SLAB_BYTES or rows == joseph_numba.MIN_ROWS_PER_BLOCK
-        assert last is None or rows <= last
-        last = rows
-    assert joseph_numba.rows_per_block(16, 16) == joseph_numba.ROWS_PER_BLOCK
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", ["noarc_span3", "arc_span3", "view_subset", "no_fov", "mmr_span11_rings"])
+def test_column_kernels_equal_the_per_row_kernels(case, dtype, gen):
+    """The column kernels (blocks of consecutive rows, z fastest) give the per-row kernels' sums, in
+    oblique segments (a run of rows that grows and shrinks plane by plane) and in segment 0, over
+    a batch of two; the cases do take the column path (the float32 sums are grouped differently)."""
+    rays, _ = _case(case)
+    x = _rand((2,) + tuple(rays.image_shape), gen).numpy().astype(dtype)
+    y = _rand((2,) + rays.sinogram_shape, gen).numpy().astype(dtype)
+    f_col, a_col = _numba_projections(rays, x, y, columns=True)
+    f_row, a_row = _numba_projections(rays, x, y, columns=False)
+    tol = 1e-12 if dtype == np.float64 else 2e-6
+    assert f_row.max() > 0 and a_row.max() > 0
+    assert np.abs(f_col - f_row).max() <= tol * f_row.max()
+    assert np.abs(a_col - a_row).max() <= tol * a_row.max()
+    if dtype == np.float32:
+        assert np.abs(f_col - f_row).max() > 0 and np.abs(a_col - a_row).max() > 0
+
+
+def test_pad_image_puts_z_fastest():
+    """The padded flat image holds voxel (z, y, x) at base + z sz + y sy + x sx, zeros elsewhere."""
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float64).reshape(2, 3, 4, 5) + 1.0
+    flat = joseph_numba.pad_image(x)
+    sz, sy, sx = joseph_numba.layout_strides(3, 4, 5)
+    assert sz == 1
+    p = joseph_numba.PAD
+    base = p * (sz + sy + sx)
+    for b, z, y_, x_ in [(0, 0, 0, 0), (1, 2, 3, 4), (0, 1, 2, 3), (1, 0, 3, 1)]:
+        assert flat[b, base + z * sz + y_ * sy + x_ * sx] == x[b, z, y_, x_]
+    assert flat.shape == (2, (3 + 2 * p) * (4 + 2 * p) * (5 + 2 * p))
+    assert flat.sum() == x.sum()
 
 
 def test_cases_cover_the_kernel_paths():
