@@ -87,16 +87,13 @@ def crop_to_support(values: np.ndarray, image: ImageGeometry, margin_voxels: int
     jy, jx = np.nonzero(support)
     voxel = max(image.voxel_size_mm[1], image.voxel_size_mm[2])
     need = float(np.sqrt(y[jy] ** 2 + x[jx] ** 2).max()) + margin_voxels * voxel
-    best = 0
+    best, best_image = 0, image
     for k in range(1, min(ny, nx) // 2):
         crop = ImageGeometry((nz, ny - 2 * k, nx - 2 * k), image.voxel_size_mm, image.origin_mm)
         if crop.fov_radius_mm() < need:
             break
-        best = k
-    if best == 0:
-        return values, image
-    crop = ImageGeometry((nz, ny - 2 * best, nx - 2 * best), image.voxel_size_mm, image.origin_mm)
-    return values[:, best:ny - best, best:nx - best], crop
+        best, best_image = k, crop
+    return values[:, best:ny - best, best:nx - best], best_image
 
 
 def attenuation_factors(

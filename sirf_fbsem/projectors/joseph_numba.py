@@ -584,7 +584,25 @@ def _column_run(klo, khi, nr, B2, two, s2, consecutive):
 
 
 @njit(cache=True)
-def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, columns, t0, t1):
+def _scratch(nb, max_rows, like):
+    """A thread's work arrays for blocks of up to ``max_rows`` rows (dtype of ``like``), allocated once
+    per kernel call: (row values (nb x rows, flat), columns (rows + 1), first and last plane per row, and the
+    one-row versions of the row values, planes and z offset for rays traced one by one)."""
+    return (np.zeros(nb * max_rows, dtype=like.dtype), np.zeros(max_rows + 1, dtype=like.dtype),
+            np.zeros(max_rows, np.int64), np.zeros(max_rows, np.int64), np.zeros(1, dtype=like.dtype),
+            np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64))
+
+
+@njit(cache=True)
+def _for_rows(scratch, nb, nr):
+    """The parts of :func:`_scratch` for a block of ``nr`` rows (contiguous: the loops vectorise)."""
+    rows, col, klo, khi, one, kl1, kh1, zo1 = scratch
+    return rows[: nb * nr].reshape((nb, nr)), col[: nr + 1], klo[:nr], khi[:nr], one, kl1, kh1, zo1
+
+
+@njit(cache=True)
+def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, columns, t0, t1,
+               scratch):
     """Forward projection of rows r0..r0+nr-1 of view v (all tangential positions).
 
     ``columns``: use the column kernels (:func:`_cols4`) where the block allows them."""
@@ -593,14 +611,8 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
     nz, ny, nx = shape[0], shape[1], shape[2]
     vz, vy, vx = vox[0], vox[1], vox[2]
     z0, y0, x0 = first[0], first[1], first[2]
-    acc = np.zeros((nb, nr), dtype=img.dtype)
-    col = np.empty(nr + 1, dtype=img.dtype)
-    klo = np.empty(nr, np.int64)
-    khi = np.empty(nr, np.int64)
-    one = np.zeros(1, dtype=img.dtype)  # one row, for rays traced one by one
-    kl1 = np.zeros(1, np.int64)
-    kh1 = np.zeros(1, np.int64)
-    zo1 = np.zeros(1, np.int64)
+    rows, col, klo, khi, one, kl1, kh1, zo1 = _for_rows(scratch, nb, nr)
+    acc = rows
     n = n_ax[r0]
     for t in range(t0, t1):
         acc[:] = 0.0
@@ -653,21 +665,16 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
 
 
 @njit(cache=True)
-def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, columns, t0, t1):
+def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, columns, t0, t1,
+               scratch):
     """Scatter rows r0..r0+nr-1 of view v of ``sino`` into ``buf`` (B, P); ``columns`` as in :func:`_fwd_block`."""
     nb = sino.shape[0]
     consecutive = columns and _consecutive(zo, nr)
     nz, ny, nx = shape[0], shape[1], shape[2]
     vz, vy, vx = vox[0], vox[1], vox[2]
     z0, y0, x0 = first[0], first[1], first[2]
-    val = np.zeros((nb, nr), dtype=buf.dtype)
-    col = np.empty(nr + 1, dtype=buf.dtype)
-    klo = np.empty(nr, np.int64)
-    khi = np.empty(nr, np.int64)
-    one = np.zeros(1, dtype=buf.dtype)  # one row, for rays traced one by one
-    kl1 = np.zeros(1, np.int64)
-    kh1 = np.zeros(1, np.int64)
-    zo1 = np.zeros(1, np.int64)
+    rows, col, klo, khi, one, kl1, kh1, zo1 = _for_rows(scratch, nb, nr)
+    val = rows
     n = n_ax[r0]
     for t in range(t0, t1):
         tt = tan_theta[r0, t]
@@ -756,10 +763,11 @@ def forward_kernel(img, out, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shap
     n_items = V * ((N + TILE - 1) // TILE) * blk_start.shape[0]
     n_threads = max(1, min(n_threads, n_items))
     for th in prange(n_threads):
+        scratch = _scratch(img.shape[0], blk_len.max(), img)
         for item in range(th, n_items, n_threads):
             v, r0, nr, zo, t0, t1 = _work_item(item, blk_start.shape[0], N, TILE, blk_start, blk_len, dz)
             _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov,
-                       columns, t0, t1)
+                       columns, t0, t1, scratch)
 
 
 @njit(parallel=True, cache=True)
@@ -775,10 +783,11 @@ def adjoint_kernel(sino, bufs, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, sh
     N = s.shape[0]
     n_items = V * ((N + TILE - 1) // TILE) * blk_start.shape[0]
     for c in prange(n_chunks):
+        scratch = _scratch(sino.shape[0], blk_len.max(), bufs)
         for item in range(c, n_items, n_chunks):
             v, r0, nr, zo, t0, t1 = _work_item(item, blk_start.shape[0], N, TILE, blk_start, blk_len, dz)
             _adj_block(sino, bufs[c], v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov,
-                       columns, t0, t1)
+                       columns, t0, t1, scratch)
 
 
 @njit(parallel=True, cache=True)
