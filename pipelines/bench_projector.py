@@ -80,8 +80,15 @@ def _cylinder(im, torch):
 
 
 def _sync(torch, device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _cuda_backend() -> str:
+    """Which kernels the default CUDA path ran: numba's CUDA kernels, or torch after they failed."""
+    from sirf_fbsem.projectors import joseph
+
+    return "torch (CUDA kernels failed)" if joseph._cuda_kernels_failed else "numba-cuda"
 
 
 def run_sirf_point(image: str, quick: bool) -> dict:
@@ -140,7 +147,9 @@ def run_point(device: str, image: str, quick: bool) -> dict:
     torch.set_grad_enabled(False)
     sino = _geometry(quick)
     im = _image(sino, image)
-    dev = torch.device(device)
+    # "cuda": the default CUDA path (numba CUDA kernels); "cuda-torch": the vectorised torch kernels
+    dev = torch.device("cuda" if device.startswith("cuda") else device)
+    backend = "torch" if device == "cuda-torch" else "auto"
 
     # JIT / kernel warm-up on a tiny geometry (numba: compile or load from its cache)
     from sirf_fbsem.geometry import SinogramGeometry, scanner_preset
@@ -149,8 +158,8 @@ def run_point(device: str, image: str, quick: bool) -> dict:
     tiny_rays = make_ray_table(tiny, tiny.default_image(), views=[0, 1])
     t0 = time.perf_counter()
     xt = torch.ones((1,) + tiny.default_image().shape, dtype=torch.float32, device=dev)
-    yt = joseph_forward(xt, tiny_rays)
-    joseph_adjoint(yt, tiny_rays)
+    yt = joseph_forward(xt, tiny_rays, backend=backend)
+    joseph_adjoint(yt, tiny_rays, backend=backend)
     _sync(torch, device)
     jit_s = time.perf_counter() - t0
 
@@ -159,15 +168,15 @@ def run_point(device: str, image: str, quick: bool) -> dict:
     rays_s = time.perf_counter() - t0
     x, radius = _cylinder(im, torch)
     x = x.to(dev)
-    if device == "cuda":
+    if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _sync(torch, device)
     t0, c0 = time.perf_counter(), time.process_time()
-    y = joseph_forward(x, rays)
+    y = joseph_forward(x, rays, backend=backend)
     _sync(torch, device)
     fwd_s, fwd_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
-    b = joseph_adjoint(y, rays)
+    b = joseph_adjoint(y, rays, backend=backend)
     _sync(torch, device)
     back_s, back_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     rec = {
@@ -178,8 +187,8 @@ def run_point(device: str, image: str, quick: bool) -> dict:
         "image_shape": list(im.shape),
         "voxel_size_mm": list(im.voxel_size_mm),
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "backend": "numba" if device == "cpu" else "torch",
+        "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "backend": {"cpu": "numba", "cuda": _cuda_backend(), "cuda-torch": "torch"}[device],
         "dtype": "float32",
         "threads": numba.get_num_threads() if device == "cpu" else None,
         "import_s": round(t_import, 3),
@@ -197,7 +206,7 @@ def run_point(device: str, image: str, quick: bool) -> dict:
         "backprojection_sum": float(b.double().sum()),
         "load_average_after": list(os.getloadavg()),  # 1, 5, 15 min: other work on the machine
     }
-    if device == "cuda":
+    if dev.type == "cuda":
         rec["cuda_max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return rec
 
@@ -333,8 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", default=None, help="comma-separated: 'default' and/or n (n x n x nz); default: default,172")
     ap.add_argument("--devices", default="cpu,cuda",
-                    help="comma-separated subset of cpu,cuda,siddon (cuda skipped if absent; siddon: the "
-                         "embedded ray_tracing='siddon' mode on the CPU)")
+                    help="comma-separated subset of cpu,cuda,cuda-torch,siddon (cuda: the default CUDA path, "
+                         "numba CUDA kernels; cuda-torch: the vectorised torch kernels; both skipped without "
+                         "a GPU; siddon: the embedded ray_tracing='siddon' mode on the CPU)")
     ap.add_argument("--quick", action="store_true", help="small test scanner (smoke test); images default to default,31")
     ap.add_argument("--threads", type=int, default=None, help="numba threads (default: numba's, all cores)")
     ap.add_argument("--stir-reference", type=Path, default=DEFAULT_STIR_REFERENCE)
@@ -347,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     images = (args.images or ("default,31" if args.quick else "default,172")).split(",")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     for d in devices:
-        if d not in ("cpu", "cuda", "sirf", "siddon"):
-            ap.error(f"--devices: expected cpu, cuda and/or siddon (the embedded Siddon mode, CPU), got {d!r}")
+        if d not in ("cpu", "cuda", "cuda-torch", "sirf", "siddon"):
+            ap.error(f"--devices: expected cpu, cuda, cuda-torch and/or siddon (the embedded Siddon mode, CPU), "
+                     f"got {d!r}")
     if args.sirf and "sirf" not in devices:
         devices.append("sirf")
 
@@ -363,9 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             import sirf.STIR  # noqa: F401
         except ImportError:
             ap.error("--sirf needs sirf.STIR, which does not import here")
-    if "cuda" in devices and not torch.cuda.is_available():
+    if any(d.startswith("cuda") for d in devices) and not torch.cuda.is_available():
         print("CUDA not available: skipping the cuda points", file=sys.stderr)
-        devices = [d for d in devices if d != "cuda"]
+        devices = [d for d in devices if not d.startswith("cuda")]
     stir = {} if args.quick else _stir_reference(args.stir_reference)
     if not args.quick and not stir:
         print(f"no STIR reference at {args.stir_reference}: no comparison", file=sys.stderr)

@@ -321,13 +321,31 @@ def _table(results: list[dict], key: str, stages: list[int]) -> str:
     return "\n".join(rows)
 
 
+def _print_tables(results: list[dict], stages: list[int], summary: dict) -> None:
+    if any(r["device"] == "cpu" for r in results):
+        print("\nCPU peak RSS (MiB) of one training step, fresh process per point:")
+        print(_table([r for r in results if r["device"] == "cpu"], "peak_rss_mb", stages))
+    if any("tensor_peak_mb" in r for r in results):
+        print("\nCPU peak live tensor bytes (MiB, MemTracker):")
+        print(_table([r for r in results if r["device"] == "cpu"], "tensor_peak_mb", stages))
+    if any(r["device"].startswith("cuda") for r in results):
+        print("\nCUDA peak allocated (MiB):")
+        print(_table([r for r in results if r["device"].startswith("cuda")], "cuda_peak_allocated_mb", stages))
+    if summary:
+        print("\nsequential / end-to-end at the largest K:")
+        for key, v in summary.items():
+            print(f"  {key}: {json.dumps(v)}")
+
+
 def _plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("peak_rss_mb", "CPU peak RSS (MiB)", "cpu")]
+    keys = []
+    if any(r["device"] == "cpu" and r.get("status") == "ok" for r in results):
+        keys.append(("peak_rss_mb", "CPU peak RSS (MiB)", "cpu"))
     if any("tensor_peak_mb" in r for r in results):
         keys.append(("tensor_peak_mb", "CPU peak live tensors (MiB)", "cpu"))
     if any(r["device"].startswith("cuda") and r.get("status") == "ok" for r in results):
@@ -401,8 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.replot:
         path = args.output or RESULTS / f"bench_training_memory{suffix}.json"
         data = json.loads(path.read_text())
+        # a run cut short (a time limit on a lent GPU) has its points but no summary yet
+        data["summary"] = summarise(data["results"])
+        tmp = path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+        _print_tables(data["results"], sorted({r["stages"] for r in data["results"]}), data["summary"])
         _plot(data["results"], path.with_suffix(".png"), _title(data["problem"], data.get("malloc_mmap_threshold")))
-        print(f"wrote {path.with_suffix('.png')}")
+        print(f"wrote {path} (summary) and {path.with_suffix('.png')}")
         return 0
     stages = args.stages or ([1, 2, 4] if problem == "quick" else list(DEFAULT_STAGES))
     if args.devices is None:
@@ -468,19 +492,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"{device} {mode:<13} K={k:<3} {res['status']} {res.get('error', '')}", flush=True)
                 save()
-    print("\nCPU peak RSS (MiB) of one training step, fresh process per point:")
-    print(_table([r for r in results if r["device"] == "cpu"], "peak_rss_mb", stages))
-    if any("tensor_peak_mb" in r for r in results):
-        print("\nCPU peak live tensor bytes (MiB, MemTracker):")
-        print(_table([r for r in results if r["device"] == "cpu"], "tensor_peak_mb", stages))
-    if any(r["device"].startswith("cuda") for r in results):
-        print("\nCUDA peak allocated (MiB):")
-        print(_table([r for r in results if r["device"].startswith("cuda")], "cuda_peak_allocated_mb", stages))
     summary = summarise(results)
-    if summary:
-        print("\nsequential / end-to-end at the largest K:")
-        for key, v in summary.items():
-            print(f"  {key}: {json.dumps(v)}")
+    _print_tables(results, stages, summary)
     meta["summary"] = summary
     save()
     png = out_json.with_suffix(".png")

@@ -7,7 +7,7 @@ import argparse
 import math
 from typing import Callable
 
-__all__ = ["bounded_int", "finite_float", "voxel_shape"]
+__all__ = ["bounded_int", "finite_float", "torch_device", "voxel_shape"]
 
 
 def bounded_int(lo: int, hi: int | None = None) -> Callable[[str], int]:
@@ -60,3 +60,25 @@ def voxel_shape(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(f"expected Z,Y,X: three positive integers (voxels), e.g. 32,64,64 "
                                          f"(or one, 32 for 32,32,32), got {text!r}")
     return (values[0], values[1], values[2])
+
+
+def torch_device(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` for a CUDA device that this torch can use, so that
+    ``--device cuda`` on a machine without one is a usage error before any data are read."""
+    import re
+
+    import torch
+
+    m = re.fullmatch(r"cuda(?::(\d+))?", text)
+    if text == "cpu":
+        return text
+    if m is None:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise argparse.ArgumentTypeError(f"{text!r} is not available here ({why}, torch {torch.__version__}); "
+                                         f"use --device cpu")
+    index, count = int(m.group(1) or 0), torch.cuda.device_count()
+    if index >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s), numbered from 0")
+    return text

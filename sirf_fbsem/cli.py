@@ -32,7 +32,7 @@ from .errors import (
     SirfFbsemError,
 )
 from .acquisition import estimated_image_geometry, input_format, load_acquisition
-from .argtypes import bounded_int, finite_float, voxel_shape
+from .argtypes import bounded_int, finite_float, torch_device, voxel_shape
 from .batch import BatchItem, expand_inputs, plan_outputs, run_batch
 from .distributed import init_distributed, local_device, shutdown
 from .evaluation import add_evaluate_arguments, run_evaluate
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write a DICOM PET series into this new or empty directory (batch: DIR/<input stem>/)")
     r.add_argument("--preview", type=Path, help="also write a PNG montage (batch: a directory, DIR/<input stem>.png)")
     r.add_argument("--patient-position", default="HFS", choices=["HFS", "HFP", "FFS", "FFP"])
-    r.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    r.add_argument("--device", type=torch_device, default="cpu", help="cpu or cuda[:N]")
     add_backend_argument(r)
     r.add_argument("--ray-tracing", choices=["joseph", "siddon", "auto"], default=None,
                    help="embedded projector: auto (default: siddon where it runs, i.e. on the CPU, else "

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__, metrics
+from .argtypes import torch_device
 from .autograd import em_update
 from .geometry import ImageGeometry, SinogramGeometry, image_geometry_from_dict, sinogram_geometry_from_dict
 from .io.atomic import atomic_path
@@ -975,7 +976,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bowsher", type=int, nargs="+", default=list(d.bowsher_neighbours), metavar="B",
                         help="add MR-guided MAP-EM (Bowsher prior, needs the samples' anatomical image) with this "
                         "grid of neighbours kept per voxel (of 8 in 2D, 26 in 3D), e.g. --bowsher 2 3 4 5")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu or cuda[:N]")
     add_backend_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -209,6 +209,33 @@ def test_options_that_do_not_apply_are_errors_naming_the_option(scan: Path, tmp_
         assert not (tmp_path / "o.nii.gz").exists()
 
 
+@pytest.mark.parametrize("command", ["reconstruct", "train", "evaluate"])
+def test_a_device_this_machine_lacks_is_a_usage_error_before_any_work(scan: Path, tmp_path: Path, capsys,
+                                                                      monkeypatch, command):
+    """``--device cuda`` without a usable GPU, an unknown device and a GPU index past the last one are
+    usage errors naming --device (before this, reconstruct read the scan and then failed inside torch,
+    reported as a bug in sirf_fbsem)."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    rest = {"reconstruct": [str(scan), "--output", "o.nii.gz"], "train": ["data", "--output", "m.pt"],
+            "evaluate": ["--data", "t", "--model", f"seq={MODEL}", "--out", "e"]}[command]
+    def refused(device: str, why: str) -> None:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, *rest, "--device", device])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "--device" in err and why in err and "Traceback" not in err, (device, err)
+
+    refused("gpu", "expected cpu, cuda or cuda:N")
+    refused("cuda:x", "expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        refused("cuda", "use --device cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    refused("cuda:1", "has 1 CUDA device(s)")
+    assert not list(tmp_path.glob("*.nii.gz")) and not list(tmp_path.glob("*.pt"))
+
+
 @pytest.mark.parametrize("extra, flag", [(["--model", str(MODEL), "--iterations", "50"], "--iterations"),
                                          (["--span", "4"], "--span"), (["--iterations", "1e9"], "--iterations")])
 def test_options_that_were_silently_ignored_or_ran_for_ever_are_refused(scan: Path, tmp_path: Path, extra, flag):

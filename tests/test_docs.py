@@ -78,7 +78,12 @@ def test_every_result_and_study_file_is_cited_by_a_document():
     assert not orphans, f"cited by no document (delete them or cite them): {orphans}"
 
 
-def test_shown_sirf_fbsem_commands_are_accepted_by_the_parser():
+def test_shown_sirf_fbsem_commands_are_accepted_by_the_parser(monkeypatch):
+    import torch
+
+    # as on the GPU machine a shown ``--device cuda`` command is meant for (the flag checks for one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     parser = build_parser()
     seen = 0
     for doc, cmd in _shown_commands():

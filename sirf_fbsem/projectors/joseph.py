@@ -26,12 +26,16 @@ vectorises and maps onto GPU threads; the interpolation makes it smooth in the
 LOR coordinates (no aliasing spikes for rays along voxel rows); and the same
 weights serve the forward and the adjoint, so the pair is an exact transpose.
 
-Backends: ``"numba"`` (CPU, :mod:`.joseph_numba`) and ``"torch"`` (any device,
-:mod:`.joseph_torch`, the CUDA path) trace identical planes with identical
-weights; ``"auto"`` picks numba for CPU tensors and torch otherwise. No autograd
+Backends: ``"numba"`` (CPU, :mod:`.joseph_numba`), ``"cuda"`` (numba CUDA kernels, one
+thread per ray, :mod:`.joseph_cuda`) and ``"torch"`` (vectorised torch on any device,
+:mod:`.joseph_torch`) trace identical planes with identical weights; ``"auto"`` picks numba
+for CPU tensors and, for CUDA tensors, the CUDA kernels where numba finds a GPU, else torch
+(also, with a warning, if the CUDA kernels fail to compile or launch). No autograd
 here: inputs are detached; the autograd layer calls these under ``no_grad``.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -43,18 +47,83 @@ from .rays import RayTable
 __all__ = ["joseph_forward", "joseph_adjoint", "BACKENDS"]
 
 #: accepted values of ``backend``
-BACKENDS = ("auto", "numba", "torch")
+BACKENDS = ("auto", "numba", "torch", "cuda")
 
 #: per-thread adjoint buffers are limited to this many bytes in all (fewer chunks than threads beyond it)
 _ADJOINT_BUFFER_BYTES = 2 << 30
 
 
+#: why "auto" no longer uses the CUDA kernels in this process (empty: they have not failed)
+_cuda_kernels_failed: list[str] = []
+
+
 def _pick(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend 'cuda' projects CUDA tensors, got a tensor on {device}")
     if backend == "auto":
-        return "numba" if device.type == "cpu" else "torch"
+        if device.type == "cpu":
+            return "numba"
+        return "auto-cuda" if device.type == "cuda" and not _cuda_kernels_failed and _numba_sees_a_gpu() else "torch"
     return backend
+
+
+def _numba_sees_a_gpu() -> bool:
+    from numba import cuda
+
+    return bool(cuda.is_available())
+
+
+def _run_cuda(kind: str, fn, fallback, *args) -> torch.Tensor:
+    """``fn(*args)`` (the CUDA kernels) under ``kind`` "cuda", or under "auto-cuda" with ``fallback`` (torch)
+    if the kernels cannot run here (compilation or launch fails): a warning says why, once per process."""
+    if kind == "cuda":
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as err:  # numba's compile/driver errors have no common base class
+        _cuda_kernels_failed.append(f"{type(err).__name__}: {err}")
+        warnings.warn(f"Joseph's CUDA kernels failed ({_cuda_kernels_failed[-1]}); projecting with the vectorised "
+                      f"torch kernels instead (same numbers, slower)", RuntimeWarning, stacklevel=3)
+        return fallback(*args)
+
+
+def _cuda_call(kernel_name: str, data: torch.Tensor, target: torch.Tensor, rays: RayTable) -> None:
+    """Run a :mod:`.joseph_cuda` kernel on torch CUDA tensors, on torch's current stream of their device."""
+    from numba import cuda
+
+    from . import joseph_cuda as _jc
+
+    dev = data.device
+    with cuda.gpus[dev.index if dev.index is not None else torch.cuda.current_device()]:
+        stream = cuda.external_stream(torch.cuda.current_stream(dev).cuda_stream)
+        table = _jc.tables(rays, lambda a: cuda.to_device(a, stream=stream))
+        kernel = getattr(_jc, kernel_name)
+        _jc.launch(kernel, cuda.as_cuda_array(data), cuda.as_cuda_array(target), table, stream)
+
+
+def _cuda_forward(image: torch.Tensor, rays: RayTable) -> torch.Tensor:
+    from . import joseph_cuda as _jc
+
+    nb, p = image.shape[0], _nb.PAD
+    ny2, nx2, nz2 = _jc.padded_shape(tuple(rays.image_shape))
+    padded = torch.zeros((nb, ny2, nx2, nz2), dtype=image.dtype, device=image.device)
+    padded[:, p:ny2 - p, p:nx2 - p, p:nz2 - p] = image.permute(0, 2, 3, 1)
+    out = torch.empty((nb,) + tuple(rays.sinogram_shape), dtype=image.dtype, device=image.device)
+    _cuda_call("forward_kernel", padded.view(nb, -1), out, rays)
+    return out
+
+
+def _cuda_adjoint(sino: torch.Tensor, rays: RayTable) -> torch.Tensor:
+    from . import joseph_cuda as _jc
+
+    nb, p = sino.shape[0], _nb.PAD
+    nz, ny, nx = (int(n) for n in rays.image_shape)
+    ny2, nx2, nz2 = _jc.padded_shape((nz, ny, nx))
+    buf = torch.zeros((nb, ny2 * nx2 * nz2), dtype=sino.dtype, device=sino.device)
+    _cuda_call("adjoint_kernel", sino.contiguous(), buf, rays)
+    return buf.view(nb, ny2, nx2, nz2)[:, p:p + ny, p:p + nx, p:p + nz].permute(0, 3, 1, 2).contiguous()
 
 
 def _check(t: torch.Tensor, name: str, shape: tuple[int, ...], what: str) -> None:
@@ -87,8 +156,11 @@ def joseph_forward(image: torch.Tensor, rays: RayTable, backend: str = "auto") -
     """Line integrals (mm x activity) of ``image`` (B, Z, Y, X) along ``rays``: (B, S, V, N), same dtype/device."""
     _check(image, "image", tuple(rays.image_shape), "Z, Y, X of the ray table")
     image = image.detach()
-    if _pick(backend, image.device) == "torch":
+    kind = _pick(backend, image.device)
+    if kind == "torch":
         return _jt.forward(image, rays)
+    if kind in ("cuda", "auto-cuda"):
+        return _run_cuda(kind, _cuda_forward, _jt.forward, image.contiguous(), rays)
     x = image.cpu().contiguous().numpy()
     out = np.empty((x.shape[0],) + rays.sinogram_shape, dtype=x.dtype)
     _nb.forward_kernel(_nb.pad_image(x), out, *_tables(rays), _nb.num_threads())
@@ -99,8 +171,11 @@ def joseph_adjoint(sino: torch.Tensor, rays: RayTable, backend: str = "auto") ->
     """Exact transpose of :func:`joseph_forward`: sinogram (B, S, V, N) -> image (B, Z, Y, X), same dtype/device."""
     _check(sino, "sino", tuple(rays.sinogram_shape), "S, V, N of the ray table")
     sino = sino.detach()
-    if _pick(backend, sino.device) == "torch":
+    kind = _pick(backend, sino.device)
+    if kind == "torch":
         return _jt.adjoint(sino, rays)
+    if kind in ("cuda", "auto-cuda"):
+        return _run_cuda(kind, _cuda_adjoint, _jt.adjoint, sino.contiguous(), rays)
     y = sino.cpu().contiguous().numpy()
     nb = y.shape[0]
     nz, ny, nx = rays.image_shape

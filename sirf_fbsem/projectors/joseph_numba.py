@@ -48,9 +48,10 @@ import math
 import numba
 import numpy as np
 from numba import int64, njit, prange, uint64
+from numba.extending import overload
 
 __all__ = ["PAD", "CONST_TOL", "SNAP_TOL", "ROWS_PER_BLOCK", "ray_setup", "row_blocks", "layout_strides", "pad_image",
-           "forward_kernel", "adjoint_kernel", "reduce_buffers", "num_threads"]
+           "forward_kernel", "adjoint_kernel", "reduce_buffers", "num_threads", "plane_sample"]
 
 #: zero voxels added on each side of every image axis
 PAD = 2
@@ -84,6 +85,78 @@ def pad_image(x: np.ndarray) -> np.ndarray:
 _layout = njit(cache=True)(layout_strides)
 
 
+def _ffloor(x):
+    """``floor(x)`` as a float (``inf`` stays ``inf``), for the CPU and the CUDA target alike: the ray
+    set-up is compiled for both (:mod:`.joseph_cuda`), and numba's CUDA target has no ``np.floor`` on
+    scalars, while ``math.floor`` returns an integer, which overflows on the set-up's unbounded values."""
+    return np.floor(x)
+
+
+def _fceil(x):
+    """``ceil(x)`` as a float, as :func:`_ffloor`."""
+    return np.ceil(x)
+
+
+def _min2(a, b):
+    """``min(a, b)``: the builtin on the CPU; on the CUDA target, where numba fails to type the builtin
+    in these CPU functions compiled as device functions, Python's rule (``a`` unless ``b < a``)."""
+    return min(a, b)
+
+
+def _max2(a, b):
+    """``max(a, b)``, as :func:`_min2` (``a`` unless ``b > a``)."""
+    return max(a, b)
+
+
+@overload(_min2, target="cpu")
+def _min2_cpu(a, b):
+    return lambda a, b: min(a, b)
+
+
+@overload(_max2, target="cpu")
+def _max2_cpu(a, b):
+    return lambda a, b: max(a, b)
+
+
+@overload(_ffloor, target="cpu")
+def _ffloor_cpu(x):
+    return lambda x: np.floor(x)
+
+
+@overload(_fceil, target="cpu")
+def _fceil_cpu(x):
+    return lambda x: np.ceil(x)
+
+
+def _libdevice_floor(x):
+    from numba.cuda import libdevice
+
+    return lambda x: libdevice.floor(x)
+
+
+def _libdevice_ceil(x):
+    from numba.cuda import libdevice
+
+    return lambda x: libdevice.ceil(x)
+
+
+def _python_min(a, b):
+    return lambda a, b: b if b < a else a
+
+
+def _python_max(a, b):
+    return lambda a, b: b if b > a else a
+
+
+try:
+    overload(_ffloor, target="cuda")(_libdevice_floor)
+    overload(_fceil, target="cuda")(_libdevice_ceil)
+    overload(_min2, target="cuda")(_python_min)
+    overload(_max2, target="cuda")(_python_max)
+except Exception:  # a numba without a CUDA target: the CPU kernels do not need these
+    pass
+
+
 # --------------------------------------------------------------------------- set-up
 
 
@@ -93,7 +166,7 @@ def _clip_axis(A, B, n, n_p, k_lo, k_hi):
     if abs(B) * n_p < CONST_TOL:
         B = 0.0
     if B == 0.0:
-        r = np.floor(A + 0.5)
+        r = _ffloor(A + 0.5)
         if abs(A - r) < SNAP_TOL:
             A = r
         if A <= -1.0 or A >= n:
@@ -101,8 +174,8 @@ def _clip_axis(A, B, n, n_p, k_lo, k_hi):
         return A, B, k_lo, k_hi
     ka = (-1.0 - A) / B
     kb = (n - A) / B
-    k_lo = max(k_lo, np.ceil(min(ka, kb)))
-    k_hi = min(k_hi, np.floor(max(ka, kb)))
+    k_lo = _max2(k_lo, _fceil(_min2(ka, kb)))
+    k_hi = _min2(k_hi, _ffloor(_max2(ka, kb)))
     return A, B, k_lo, k_hi
 
 
@@ -116,9 +189,9 @@ def _end_voxel_exit(u, direction, s, cphi, sphi, x0, y0, vx, vy):
     out = math.inf
     for P, d, o, v in ((s * cphi, sphi, x0, vx), (s * sphi, -cphi, y0, vy)):
         if abs(d) > 1e-9:
-            i = np.floor((P + u * d - o) / v + 0.5)
+            i = _ffloor((P + u * d - o) / v + 0.5)
             boundary = o + (i + 0.5 * direction * (1.0 if d > 0 else -1.0)) * v
-            out = min(out, (boundary - P) / (d * direction))
+            out = _min2(out, (boundary - P) / (d * direction))
     return direction * out
 
 
@@ -148,7 +221,7 @@ def _fov_range(u_lo, u_hi, Pp, dp, op, vp, n_p):
     if u_hi < math.inf:
         wa = (Pp + u_lo * dp - op) / vp
         wb = (Pp + u_hi * dp - op) / vp
-        return max(np.ceil(min(wa, wb)), 0.0), min(np.floor(max(wa, wb)), n_p - 1.0)
+        return _max2(_fceil(_min2(wa, wb)), 0.0), _min2(_ffloor(_max2(wa, wb)), n_p - 1.0)
     return 0.0, n_p - 1.0
 
 
@@ -325,6 +398,22 @@ def _block_ranges(klo, khi, r0, nr, m, dzi, tp, tt, B2, n_p, k_lo0, k_hi0, nz, v
     return kmin, kmax, A2ref, B2ref
 
 
+@njit(cache=True, inline="always")
+def plane_sample(k, base, sp, s1, s2, A1, B1, A2, B2):
+    """Plane k of a ray: ``(idx, c00, c10, c01, c11)``, the flat padded index of corner (0, 0) and the
+    bilinear weights (float64) of corners (0,0), (1,0), (0,1), (1,1) at offsets 0, s1, s2, s1 + s2.
+    Shared by the per-row CPU kernels and the CUDA kernels (:mod:`.joseph_cuda`)."""
+    w1 = A1 + k * B1
+    w2 = A2 + k * B2
+    i1 = _ffloor(w1)
+    i2 = _ffloor(w2)
+    f1 = w1 - i1
+    f2 = w2 - i2
+    g1 = 1.0 - f1
+    g2 = 1.0 - f2
+    return base + k * sp + int64(i1) * s1 + int64(i2) * s2, g1 * g2, f1 * g2, g1 * f2, f1 * f2
+
+
 @njit(cache=True)
 def _rows_fwd4(img, acc, kmin, kmax, klo, khi, zo, base, sp, s1, s2, A1, B1, A2, B2):
     """acc[a] += bilinear samples of img (1D, padded) for the rows of a block, planes kmin..kmax."""
@@ -333,19 +422,11 @@ def _rows_fwd4(img, acc, kmin, kmax, klo, khi, zo, base, sp, s1, s2, A1, B1, A2,
     u2 = uint64(s2)
     u12 = uint64(s1 + s2)
     for k in range(kmin, kmax + 1):
-        w1 = A1 + k * B1
-        w2 = A2 + k * B2
-        i1 = np.floor(w1)
-        i2 = np.floor(w2)
-        f1 = w1 - i1
-        f2 = w2 - i2
-        g1 = 1.0 - f1
-        g2 = 1.0 - f2
-        c00 = cast(g1 * g2)
-        c10 = cast(f1 * g2)
-        c01 = cast(g1 * f2)
-        c11 = cast(f1 * f2)
-        idx = base + k * sp + int64(i1) * s1 + int64(i2) * s2
+        idx, w00, w10, w01, w11 = plane_sample(k, base, sp, s1, s2, A1, B1, A2, B2)
+        c00 = cast(w00)
+        c10 = cast(w10)
+        c01 = cast(w01)
+        c11 = cast(w11)
         for a in range(acc.shape[0]):
             if klo[a] <= k and k <= khi[a]:
                 j = uint64(idx + zo[a])
@@ -378,19 +459,11 @@ def _rows_adj4(buf, val, kmin, kmax, klo, khi, zo, base, sp, s1, s2, A1, B1, A2,
     u2 = uint64(s2)
     u12 = uint64(s1 + s2)
     for k in range(kmin, kmax + 1):
-        w1 = A1 + k * B1
-        w2 = A2 + k * B2
-        i1 = np.floor(w1)
-        i2 = np.floor(w2)
-        f1 = w1 - i1
-        f2 = w2 - i2
-        g1 = 1.0 - f1
-        g2 = 1.0 - f2
-        c00 = cast(g1 * g2)
-        c10 = cast(f1 * g2)
-        c01 = cast(g1 * f2)
-        c11 = cast(f1 * f2)
-        idx = base + k * sp + int64(i1) * s1 + int64(i2) * s2
+        idx, w00, w10, w01, w11 = plane_sample(k, base, sp, s1, s2, A1, B1, A2, B2)
+        c00 = cast(w00)
+        c10 = cast(w10)
+        c01 = cast(w01)
+        c11 = cast(w11)
         for a in range(val.shape[0]):
             if klo[a] <= k and k <= khi[a]:
                 j = uint64(idx + zo[a])
@@ -496,8 +569,9 @@ def _cols4(image, rows, col, forward, kmin, kmax, klo, khi, e0, e1, direction, b
     Forward: row a's sample at plane k is ``g2 C(i2 + a) + f2 C(i2 + a + 1)`` with ``C(z)`` the
     in-plane (q1) interpolation in slice z, and row a + 1 needs ``C(i2 + a + 1)`` again: the columns
     of the run of rows are interpolated once into ``col`` (length >= rows + 1), two loads per row
-    instead of four. Adjoint: slice ``i2 + a`` gets ``col[a] = g2 rows[a] + f2 rows[a - 1]``, spread
-    over its two q1 corners, one corner per loop. Every loop is contiguous and vectorises.
+    instead of four. Adjoint: slice ``i2 + a`` gets ``g2 rows[a] + f2 rows[a - 1]``, spread over its
+    two q1 corners, one corner per loop (computed in each loop rather than stored in ``col`` first:
+    6 % faster, same sums). Every loop is contiguous and vectorises.
     """
     cast = image.dtype.type
     u1 = uint64(s1)
@@ -516,14 +590,18 @@ def _cols4(image, rows, col, forward, kmin, kmax, klo, khi, e0, e1, direction, b
             for a in range(lo, hi + 1):
                 rows[uint64(a)] += g2 * col[uint64(a)] + f2 * col[uint64(a + 1)]
         else:
-            col[uint64(lo)] = g2 * rows[uint64(lo)]
+            # slice i2 + a gets f2 rows[a - 1] + g2 rows[a] (rows outside lo..hi: 0), spread over its two
+            # q1 corners, one corner per loop; the run's two ends apart, so that the loops are contiguous
+            first = g2 * rows[uint64(lo)]
+            last = f2 * rows[uint64(hi)]
+            image[uint64(j0 + lo)] += g1 * first
+            image[uint64(j0 + lo) + u1] += f1 * first
             for a in range(lo + 1, hi + 1):
-                col[uint64(a)] = f2 * rows[uint64(a - 1)] + g2 * rows[uint64(a)]
-            col[uint64(hi + 1)] = f2 * rows[uint64(hi)]
-            for a in range(lo, hi + 2):
-                image[uint64(j0 + a)] += g1 * col[uint64(a)]
-            for a in range(lo, hi + 2):
-                image[uint64(j0 + a) + u1] += f1 * col[uint64(a)]
+                image[uint64(j0 + a)] += g1 * (f2 * rows[uint64(a - 1)] + g2 * rows[uint64(a)])
+            for a in range(lo + 1, hi + 1):
+                image[uint64(j0 + a) + u1] += f1 * (f2 * rows[uint64(a - 1)] + g2 * rows[uint64(a)])
+            image[uint64(j0 + hi + 1)] += g1 * last
+            image[uint64(j0 + hi + 1) + u1] += f1 * last
 
 
 @njit(cache=True)

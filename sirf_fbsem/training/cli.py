@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..argtypes import bounded_int, finite_float, voxel_shape
+from ..argtypes import bounded_int, finite_float, torch_device, voxel_shape
 from ..distributed import DistContext, elastic_restart_count, init_distributed, local_device, shutdown
 from ..errors import InputError
 from ..geometry import image_geometry_from_dict, sinogram_geometry_from_dict
@@ -72,7 +72,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "published 2D studies did with --loss mse)")
     parser.add_argument("--all-stages-loss", action="store_true",
                         help="end_to_end/checkpointed: sum the loss over every stage's output")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="cpu or cuda[:N] (default cpu)")
     add_backend_argument(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run whose checkpoints are in --out")
     parser.add_argument("--dims", type=int, choices=(2, 3), default=3,

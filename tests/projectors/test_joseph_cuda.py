@@ -1,0 +1,53 @@
+"""Joseph's CUDA kernels (sirf_fbsem.projectors.joseph_cuda) give the CPU kernels' numbers.
+
+Everywhere: the kernels run in numba's CUDA simulator (a fresh process with NUMBA_ENABLE_CUDASIM=1,
+tests/projectors/cuda_sim_worker.py) on the kernel tests' geometries, cut to 2 views, batches of 2,
+float64 and float32, against the numba CPU kernels. Where a GPU is: the compiled kernels on it
+against the CPU, on the same geometries at full size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sirf_fbsem.projectors.joseph import joseph_adjoint, joseph_forward
+
+from test_joseph_kernels import _case
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+#: sub-rays (span 1), principal axis z, an image off the scanner's grid, arc-corrected bins with no LOR (NaN)
+SIM_CASES = ["span1_thick", "steep", "odd_image", "arc_span3"]
+
+
+def test_cuda_kernels_in_the_simulator_equal_the_cpu_kernels():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(HERE / "cuda_sim_worker.py"), *SIM_CASES], capture_output=True,
+                          text=True, timeout=900, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in results] == SIM_CASES
+    for r in results:
+        assert r["forward_rel_f64"] < 1e-12 and r["adjoint_rel_f64"] < 1e-12, r
+        assert r["forward_rel_f32"] < 2e-6 and r["adjoint_rel_f32"] < 2e-6, r
+        assert r["adjoint_mismatch_f64"] < 1e-12 and r["adjoint_mismatch_f32"] < 1e-5, r
+        assert r["forward_batch_items_differ_f64"] and r["forward_sum_f64"] > 0, r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("case", SIM_CASES + ["mmr_span11_rings"])
+def test_cuda_kernels_on_the_gpu_equal_the_cpu_kernels(case):
+    rays, _ = _case(case)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand((2,) + tuple(rays.image_shape), generator=g)
+    y = torch.rand((2,) + tuple(rays.sinogram_shape), generator=g)
+    for fn, arg in ((joseph_forward, x), (joseph_adjoint, y)):
+        ref = fn(arg, rays, backend="numba")
+        got = fn(arg.cuda(), rays, backend="cuda").cpu()
+        assert float((got - ref).norm() / ref.norm()) < 2e-6, (case, fn.__name__)
