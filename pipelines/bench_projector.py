@@ -88,7 +88,7 @@ def _cuda_backend() -> str:
     """Which kernels the default CUDA path ran: numba's CUDA kernels, or torch after they failed."""
     from sirf_fbsem.projectors import joseph
 
-    return "torch (CUDA kernels failed)" if joseph._cuda_kernels_failed else "numba-cuda"
+    return "torch (CUDA kernels failed)" if joseph.cuda_kernel_failures() else "numba-cuda"
 
 
 def run_sirf_point(image: str, quick: bool) -> dict:

@@ -42,9 +42,14 @@ import torch
 
 from . import joseph_numba as _nb
 from . import joseph_torch as _jt
+
+try:  # numba's CUDA target (built in, or the numba-cuda package); without it, no CUDA kernels
+    from . import joseph_cuda as _jc
+except ImportError:  # pragma: no cover - every numba this package supports has one
+    _jc = None
 from .rays import RayTable
 
-__all__ = ["joseph_forward", "joseph_adjoint", "BACKENDS"]
+__all__ = ["joseph_forward", "joseph_adjoint", "BACKENDS", "cuda_kernel_failures"]
 
 #: accepted values of ``backend``
 BACKENDS = ("auto", "numba", "torch", "cuda")
@@ -62,6 +67,8 @@ def _pick(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' projects CUDA tensors, got a tensor on {device}")
+    if backend == "cuda" and _jc is None:
+        raise ValueError("backend 'cuda' needs numba's CUDA target, which this numba lacks; use backend 'torch'")
     if backend == "auto":
         if device.type == "cpu":
             return "numba"
@@ -69,10 +76,13 @@ def _pick(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _numba_sees_a_gpu() -> bool:
-    from numba import cuda
+def cuda_kernel_failures() -> tuple[str, ...]:
+    """Why ``backend="auto"`` stopped using the CUDA kernels in this process (empty: it has not)."""
+    return tuple(_cuda_kernels_failed)
 
-    return bool(cuda.is_available())
+
+def _numba_sees_a_gpu() -> bool:
+    return _jc is not None and bool(_jc.cuda.is_available())
 
 
 def _run_cuda(kind: str, fn, fallback, *args) -> torch.Tensor:
@@ -91,10 +101,9 @@ def _run_cuda(kind: str, fn, fallback, *args) -> torch.Tensor:
 
 def _cuda_call(kernel_name: str, data: torch.Tensor, target: torch.Tensor, rays: RayTable) -> None:
     """Run a :mod:`.joseph_cuda` kernel on torch CUDA tensors, on torch's current stream of their device."""
-    from numba import cuda
-
-    from . import joseph_cuda as _jc
-
+    if _jc is None:
+        raise RuntimeError("this numba has no CUDA target: Joseph's CUDA kernels cannot run (backend 'torch' can)")
+    cuda = _jc.cuda
     dev = data.device
     with cuda.gpus[dev.index if dev.index is not None else torch.cuda.current_device()]:
         stream = cuda.external_stream(torch.cuda.current_stream(dev).cuda_stream)
@@ -104,8 +113,6 @@ def _cuda_call(kernel_name: str, data: torch.Tensor, target: torch.Tensor, rays:
 
 
 def _cuda_forward(image: torch.Tensor, rays: RayTable) -> torch.Tensor:
-    from . import joseph_cuda as _jc
-
     nb, p = image.shape[0], _nb.PAD
     ny2, nx2, nz2 = _jc.padded_shape(tuple(rays.image_shape))
     padded = torch.zeros((nb, ny2, nx2, nz2), dtype=image.dtype, device=image.device)
@@ -116,8 +123,6 @@ def _cuda_forward(image: torch.Tensor, rays: RayTable) -> torch.Tensor:
 
 
 def _cuda_adjoint(sino: torch.Tensor, rays: RayTable) -> torch.Tensor:
-    from . import joseph_cuda as _jc
-
     nb, p = sino.shape[0], _nb.PAD
     nz, ny, nx = (int(n) for n in rays.image_shape)
     ny2, nx2, nz2 = _jc.padded_shape((nz, ny, nx))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import config, cuda
 
-from .joseph_numba import PAD, _strides, layout_strides, plane_sample, ray_setup
+from .joseph_numba import PAD, axis_strides, layout_strides, plane_sample, ray_setup
 
 __all__ = ["THREADS_PER_BLOCK", "forward_kernel", "adjoint_kernel", "launch", "simulated"]
 
@@ -74,7 +74,7 @@ def forward_kernel(img, out, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, dims
                                                        vox, first, fov)
         if k_lo > k_hi:
             continue
-        sp, s1, s2, base = _strides(p, dims[0], dims[1], dims[2])
+        sp, s1, s2, base = axis_strides(p, dims[0], dims[1], dims[2])
         for k in range(k_lo, k_hi + 1):
             idx, c00, c10, c01, c11 = plane_sample(k, base, sp, s1, s2, A1, B1, A2, B2)
             acc += c00 * img[b, idx] + c10 * img[b, idx + s1] + c01 * img[b, idx + s2] + c11 * img[b, idx + s1 + s2]
@@ -94,7 +94,7 @@ def adjoint_kernel(sino, buf, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, dim
         if k_lo > k_hi:
             continue
         val = sino[b, r, v, t] * step / n
-        sp, s1, s2, base = _strides(p, dims[0], dims[1], dims[2])
+        sp, s1, s2, base = axis_strides(p, dims[0], dims[1], dims[2])
         for k in range(k_lo, k_hi + 1):
             idx, c00, c10, c01, c11 = plane_sample(k, base, sp, s1, s2, A1, B1, A2, B2)
             cuda.atomic.add(buf, (b, idx), c00 * val)

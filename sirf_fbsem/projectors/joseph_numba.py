@@ -51,7 +51,7 @@ from numba import int64, njit, prange, uint64
 from numba.extending import overload
 
 __all__ = ["PAD", "CONST_TOL", "SNAP_TOL", "ROWS_PER_BLOCK", "ray_setup", "row_blocks", "layout_strides", "pad_image",
-           "forward_kernel", "adjoint_kernel", "reduce_buffers", "num_threads", "plane_sample"]
+           "forward_kernel", "adjoint_kernel", "reduce_buffers", "num_threads", "plane_sample", "axis_strides"]
 
 #: zero voxels added on each side of every image axis
 PAD = 2
@@ -344,7 +344,7 @@ def row_blocks(m: np.ndarray, tan_theta: np.ndarray, samp: np.ndarray, n_ax: np.
 
 
 @njit(cache=True)
-def _strides(p, nz, ny, nx):
+def axis_strides(p, nz, ny, nx):
     """Strides (principal, q1, q2) and the offset of voxel (0,0,0) in the padded flat image."""
     sz, sy, sx = _layout(nz, ny, nx)
     base = PAD * (sx + sy + sz)
@@ -363,7 +363,7 @@ def _on_grid(A, B):
 @njit(cache=True)
 def _prepare(p, A1, B1, A2, B2, nz, ny, nx):
     """Strides, and whether the two-corner loop applies (swapping q1/q2 so that q2 is the constant one)."""
-    sp, s1, s2, base = _strides(p, nz, ny, nx)
+    sp, s1, s2, base = axis_strides(p, nz, ny, nx)
     if _on_grid(A1, B1) and not _on_grid(A2, B2):
         A1, B1, A2, B2 = A2, B2, A1, B1
         s1, s2 = s2, s1

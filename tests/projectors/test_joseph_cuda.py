@@ -51,3 +51,26 @@ def test_cuda_kernels_on_the_gpu_equal_the_cpu_kernels(case):
         ref = fn(arg, rays, backend="numba")
         got = fn(arg.cuda(), rays, backend="cuda").cpu()
         assert float((got - ref).norm() / ref.norm()) < 2e-6, (case, fn.__name__)
+
+
+def test_auto_falls_back_to_torch_with_a_warning_when_the_cuda_kernels_fail(monkeypatch):
+    """Where the CUDA kernels cannot compile or launch, ``auto`` projects with torch (same numbers), says
+    why once, and does not try the kernels again in this process; ``backend="cuda"`` raises instead."""
+    from sirf_fbsem.projectors import joseph
+
+    monkeypatch.setattr(joseph, "_cuda_kernels_failed", [])
+    monkeypatch.setattr(joseph, "_numba_sees_a_gpu", lambda: True)
+    cuda = torch.device("cuda")
+    assert joseph._pick("auto", cuda) == "auto-cuda" and joseph._pick("auto", torch.device("cpu")) == "numba"
+
+    def broken(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    with pytest.warns(RuntimeWarning, match="no kernel image"):
+        out = joseph._run_cuda("auto-cuda", broken, lambda a: a + 1, 1)
+    assert out == 2 and joseph.cuda_kernel_failures()
+    assert joseph._pick("auto", cuda) == "torch"  # not tried again
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        joseph._run_cuda("cuda", broken, lambda a: a + 1, 1)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        joseph._pick("cuda", torch.device("cpu"))
