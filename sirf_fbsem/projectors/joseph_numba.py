@@ -679,6 +679,25 @@ def _for_rows(scratch, nb, nr):
 
 
 @njit(cache=True)
+def _block_sub_ray(klo, khi, r0, nr, m, dzi, tp, tt, B2, p, n_p, k_lo0, k_hi0, A1, B1, shape, vz, z0, consecutive):
+    """One sub-ray of a block's rows, the part the forward and the adjoint share: the per-row plane
+    ranges (into ``klo``, ``khi``) and their union ``kmin..kmax`` (empty: ``kmin > kmax``), the
+    strides and coordinates of :func:`_prepare`, and the run of :func:`_column_run` (``e0 < 0``:
+    the per-row kernels)."""
+    nz, ny, nx = shape[0], shape[1], shape[2]
+    kmin, kmax = 1, 0
+    if k_lo0 <= k_hi0:
+        kmin, kmax, A2, B2r = _block_ranges(klo, khi, r0, nr, m, dzi, tp, tt, B2, n_p, k_lo0, k_hi0, nz, vz, z0)
+    else:
+        A2, B2r = 0.0, B2
+    sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
+    e0, e1, direction = -1, -1, 0
+    if kmin <= kmax:
+        e0, e1, direction = _column_run(klo, khi, nr, Bg, two, s2, consecutive)
+    return kmin, kmax, sp, s1, s2, base, Af, Bf, Ag, Bg, two, e0, e1, direction
+
+
+@njit(cache=True)
 def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp, n_ax, shape, vox, first, fov, columns, t0, t1,
                scratch):
     """Forward projection of rows r0..r0+nr-1 of view v (all tangential positions).
@@ -719,13 +738,10 @@ def _fwd_block(img, out, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp,
                             _rows_fwd4(img[b], one, k_lo, k_hi, kl1, kh1, zo1, base, sp, s1, s2, a1, b1, a2, b2)
                         acc[b, a] += one[0]
                 continue
-            if k_lo0 > k_hi0:
-                continue
-            kmin, kmax, A2, B2r = _block_ranges(klo, khi, r0, nr, m, dzi, tp, tt, B2, n_p, k_lo0, k_hi0, nz, vz, z0)
+            kmin, kmax, sp, s1, s2, base, Af, Bf, Ag, Bg, two, e0, e1, direction = _block_sub_ray(
+                klo, khi, r0, nr, m, dzi, tp, tt, B2, p, n_p, k_lo0, k_hi0, A1, B1, shape, vz, z0, consecutive)
             if kmin > kmax:
                 continue
-            sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
-            e0, e1, direction = _column_run(klo, khi, nr, Bg, two, s2, consecutive)
             if e0 >= 0:
                 for b in range(nb):
                     _columns(img[b], acc[b], col, True, two, kmin, kmax, klo, khi, e0, e1, direction, base, sp, s1, s2,
@@ -788,13 +804,10 @@ def _adj_block(sino, buf, v, r0, nr, zo, cos_phi, sin_phi, s, m, tan_theta, samp
                         else:
                             _rows_adj4(buf[b], one, k_lo, k_hi, kl1, kh1, zo1, base, sp, s1, s2, a1, b1, a2, b2)
                 continue
-            if k_lo0 > k_hi0:
-                continue
-            kmin, kmax, A2, B2r = _block_ranges(klo, khi, r0, nr, m, dzi, tp, tt, B2, n_p, k_lo0, k_hi0, nz, vz, z0)
+            kmin, kmax, sp, s1, s2, base, Af, Bf, Ag, Bg, two, e0, e1, direction = _block_sub_ray(
+                klo, khi, r0, nr, m, dzi, tp, tt, B2, p, n_p, k_lo0, k_hi0, A1, B1, shape, vz, z0, consecutive)
             if kmin > kmax:
                 continue
-            sp, s1, s2, base, Af, Bf, Ag, Bg, two = _prepare(p, A1, B1, A2, B2r, nz, ny, nx)
-            e0, e1, direction = _column_run(klo, khi, nr, Bg, two, s2, consecutive)
             if e0 >= 0:
                 for b in range(nb):
                     _columns(buf[b], val[b], col, False, two, kmin, kmax, klo, khi, e0, e1, direction, base, sp, s1, s2,
