@@ -74,3 +74,20 @@ def test_auto_falls_back_to_torch_with_a_warning_when_the_cuda_kernels_fail(monk
         joseph._run_cuda("cuda", broken, lambda a: a + 1, 1)
     with pytest.raises(ValueError, match="CUDA tensors"):
         joseph._pick("cuda", torch.device("cpu"))
+
+
+def test_row_stack_is_put_back_only_where_numpy_lacks_it():
+    """numba-cuda compiles no kernel under numpy >= 2.5 without np.row_stack (NVIDIA/numba-cuda#907)."""
+    import types
+
+    import numpy as np
+    from sirf_fbsem.projectors.joseph_cuda import restore_row_stack
+
+    without = types.SimpleNamespace(vstack=np.vstack)
+    assert restore_row_stack(without) is True
+    assert without.row_stack is np.vstack
+    np.testing.assert_array_equal(without.row_stack(([1, 2], [3, 4])), [[1, 2], [3, 4]])
+    own = object()
+    with_own = types.SimpleNamespace(vstack=np.vstack, row_stack=own)
+    assert restore_row_stack(with_own) is False and with_own.row_stack is own
+    assert hasattr(np, "row_stack")  # importing the kernels' module leaves this numpy with it
