@@ -209,7 +209,7 @@ def test_options_that_do_not_apply_are_errors_naming_the_option(scan: Path, tmp_
         assert not (tmp_path / "o.nii.gz").exists()
 
 
-@pytest.mark.parametrize("command", ["reconstruct", "train", "evaluate"])
+@pytest.mark.parametrize("command", ["reconstruct", "train", "evaluate", "simulate"])
 def test_a_device_this_machine_lacks_is_a_usage_error_before_any_work(scan: Path, tmp_path: Path, capsys,
                                                                       monkeypatch, command):
     """``--device cuda`` without a usable GPU, an unknown device and a GPU index past the last one are
@@ -219,7 +219,8 @@ def test_a_device_this_machine_lacks_is_a_usage_error_before_any_work(scan: Path
 
     monkeypatch.chdir(tmp_path)
     rest = {"reconstruct": [str(scan), "--output", "o.nii.gz"], "train": ["data", "--output", "m.pt"],
-            "evaluate": ["--data", "t", "--model", f"seq={MODEL}", "--out", "e"]}[command]
+            "evaluate": ["--data", "t", "--model", f"seq={MODEL}", "--out", "e"],
+            "simulate": ["--out", "s", "--num-samples", "1"]}[command]
     def refused(device: str, why: str) -> None:
         with pytest.raises(SystemExit) as exit_:
             main([command, *rest, "--device", device])
@@ -233,7 +234,7 @@ def test_a_device_this_machine_lacks_is_a_usage_error_before_any_work(scan: Path
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     refused("cuda:1", "has 1 CUDA device(s)")
-    assert not list(tmp_path.glob("*.nii.gz")) and not list(tmp_path.glob("*.pt"))
+    assert not list(tmp_path.glob("*.nii.gz")) and not list(tmp_path.glob("*.pt")) and not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("extra, flag", [(["--model", str(MODEL), "--iterations", "50"], "--iterations"),

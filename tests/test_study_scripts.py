@@ -128,6 +128,44 @@ def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_lev
     assert [_flag(c, "--model") for c in calls] == [f"FBSEM sequential={bundled}"]
 
 
+def test_gpu_mmr3d_script_trains_k42_on_the_gpu_and_confirms_on_a_fresh_seed(tmp_path, monkeypatch):
+    """pipelines/gpu_mmr3d.sh: K = 42, samples held on the GPU, MNI152 templates from the carried file,
+    a resumable run in OUT/run, tuning seed 2001, a confirmation seed (3002) unlike the K = 21 model's."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the parser checks --device cuda
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    script = REPO / "pipelines" / "gpu_mmr3d.sh"
+    templates = tmp_path / "mni152.npz"
+    env = {"WORK": str(tmp_path / "scratch"), "PYTHON": sys.executable, "MNI152_TEMPLATES": str(templates)}
+    proc, calls = _run(tmp_path, "train", script=script, env_extra=env)
+    assert proc.returncode == 2 and "MNI152 templates" in proc.stderr and not calls  # refused before any work
+    templates.write_bytes(b"")
+    out = tmp_path / "work"
+    proc, calls = _run(tmp_path, "train", script=script, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [c[0] for c in calls] == ["simulate", "train"]
+    sim, tr = calls
+    assert (_flag(sim, "--seed"), _flag(sim, "--num-stages"), _flag(sim, "--device")) == ("1001", "42", "cuda")
+    assert _flag(sim, "--mni152-templates") == str(templates) and _flag(sim, "--phantom") == "mixed"
+    assert _flag(sim, "--out") == str(tmp_path / "scratch" / "train")
+    assert (_flag(tr, "--preload"), _flag(tr, "--device"), _flag(tr, "--out")) == ("device", "cuda", str(out / "run"))
+    assert "--patch-size" in tr and "--resume" not in tr
+    (out / "run" / "checkpoints").mkdir()
+    proc, calls = _run(tmp_path, "train", script=script, env_extra=env)
+    assert proc.returncode == 0 and "--resume" in calls[-1]  # a second call continues the run
+    proc, calls = _run(tmp_path, "evaluate", script=script, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [c[0] for c in calls] == ["simulate", "simulate", "evaluate"]
+    seeds = {Path(_flag(c, "--out")).name: _flag(c, "--seed") for c in calls[:2]}
+    assert seeds == {"tune": "2001", "confirm": "3002"}
+    ev = calls[-1]
+    assert _flag(ev, "--model") == f"FBSEM sequential={out / 'run' / 'model.pt'}" and _flag(ev, "--out") == str(out / "eval")
+    assert _flag(ev, "--osem-iterations") == _flag(ev, "--map-iterations") == "16"
+    betas = ev[ev.index("--betas") + 1:ev.index("--fwhm-mm")]
+    assert betas[0] == "0.001" and betas[-1] == "0.3" and _flag(ev, "--device") == "cuda"
+
+
 def _findings_table():
     import importlib.util
 

@@ -9,13 +9,14 @@ import math
 import time
 from pathlib import Path
 
-from ..argtypes import bounded_int, finite_float
+from ..argtypes import bounded_int, finite_float, torch_device
+from ..errors import InputError
 from ..geometry import SCANNER_PRESETS, GeometryError, ImageGeometry, SinogramGeometry, scanner_preset
 from ..io.outputs import check_run_directory
 from ..projectors.factory import add_backend_argument, check_backend
 from .acquisition import AcquisitionParameters, single_slice_geometry
 from .dataset import MANIFEST_NAME, SimulationConfig, simulate_dataset
-from .phantoms import PHANTOM_KINDS
+from .phantoms import PHANTOM_KINDS, read_mni152_templates
 
 __all__ = ["add_simulate_arguments", "run_simulate", "geometry_from_args", "config_from_args", "DEFAULT_SPAN"]
 
@@ -79,7 +80,11 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--detector-gap-period", type=bounded_int(0), default=d_acq.detector_gap_period, help="every k-th detector dead (0: none)"
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed: sample i uses (seed, i)")
-    parser.add_argument("--device", default="cpu", help="torch device of the projector, e.g. cpu or cuda")
+    parser.add_argument("--device", type=torch_device, default="cpu", help="torch device of the projector, e.g. cpu or cuda")
+    parser.add_argument("--mni152-templates", type=Path, default=None, metavar="FILE.npz",
+                        help="MNI152 templates to read instead of nilearn's (the same phantoms; for machines without "
+                        "nilearn), written by: python -c 'from sirf_fbsem.simulation.phantoms import "
+                        "save_mni152_templates as s; s(\"FILE.npz\")'")
     add_backend_argument(parser)
     parser.add_argument("--no-resume", dest="resume", action="store_false", help="replace an existing dataset in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -128,6 +133,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         acquisition=acquisition,
         psf_fwhm_mm=args.psf_fwhm_mm,
         count_levels=args.counts if len(args.counts) > 1 else (),
+        mni152_templates=None if args.mni152_templates is None else str(args.mni152_templates),
     )
 
 
@@ -137,6 +143,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     check_backend(args.backend)
     sino, image = geometry_from_args(args)
     config = config_from_args(args)
+    if config.mni152_templates is not None:
+        if not Path(config.mni152_templates).is_file():
+            raise InputError(f"--mni152-templates {config.mni152_templates!r}: no such file")
+        if config.phantom == "procedural":
+            raise InputError("--mni152-templates applies to --phantom mni152 or mixed; --phantom is procedural")
+        read_mni152_templates(config.mni152_templates)  # checked before any sample
     # float32 per sample: prompts, factors, additive, sensitivities (one per subset) and the
     # truth, start image and K targets (an upper bound: the factors may be stored once)
     per_sample = 4 * (3 * math.prod(sino.shape)

@@ -108,6 +108,9 @@ class SimulationConfig:
             has ``count_levels[i % len(count_levels)]``); empty: ``acquisition.counts`` for all.
         phantom_parameters: ranges the phantoms are drawn from.
         psf_fwhm_mm: image-space PSF of the model (None: none); used for the data and the targets.
+        mni152_templates: a file of the MNI152 templates (:func:`.phantoms.save_mni152_templates`) to read
+            instead of nilearn's; not a setting of the data (the same templates give the same phantoms),
+            so not in the manifest.
     """
 
     num_subsets: int = 4
@@ -117,6 +120,7 @@ class SimulationConfig:
     phantom_parameters: PhantomParameters = field(default_factory=PhantomParameters)
     psf_fwhm_mm: float | tuple[float, float, float] | None = None
     count_levels: tuple[float, ...] = ()
+    mni152_templates: str | None = None
 
     def __post_init__(self) -> None:
         if int(self.num_subsets) != self.num_subsets or self.num_subsets < 1:
@@ -173,7 +177,8 @@ def simulate_sample(model: AcquisitionModel, config: SimulationConfig, seed: int
     if model.num_subsets != config.num_subsets:
         raise ValueError(f"the model has {model.num_subsets} subsets; the config asks for {config.num_subsets}")
     phantom_rng, acquisition_rng = _generators(seed, index)
-    phantom = make_phantom(config.phantom_of(index), model.image_geometry, phantom_rng, config.phantom_parameters)
+    phantom = make_phantom(config.phantom_of(index), model.image_geometry, phantom_rng, config.phantom_parameters,
+                           config.mni152_templates)
     acq = simulate_acquisition(phantom, model, config.acquisition_of(index), acquisition_rng)
     sample_model = acq.acquisition_model(model)
     targets = osem_targets(sample_model, acq.noise_free, config.num_stages)

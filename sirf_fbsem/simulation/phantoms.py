@@ -39,13 +39,17 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from ..errors import InputError
 from ..geometry import ImageGeometry
+from ..io.atomic import atomic_path
 
 __all__ = [
     "Tissue",
@@ -55,6 +59,9 @@ __all__ = [
     "procedural_phantom",
     "mni152_phantom",
     "make_phantom",
+    "save_mni152_templates",
+    "read_mni152_templates",
+    "MNI152_FILE_KEYS",
     "PHANTOM_KINDS",
     "MU_WATER_PER_CM",
 ]
@@ -651,19 +658,61 @@ def _dilate(mask, radius_mm: float, voxel_mm: float):
     return (F.conv3d(m, ball[None, None], padding=r)[0, 0] > 0.5).numpy()
 
 
-@functools.lru_cache(maxsize=2)
-def _load_mni152(resolution_mm: int) -> _MNITemplates:
+#: the arrays of a templates file (:func:`save_mni152_templates`)
+MNI152_FILE_KEYS = ("gm", "wm", "t1", "affine")
+
+
+def _nilearn_mni152(resolution_mm: int) -> dict[str, np.ndarray]:
+    """nilearn's MNI152 grey matter, white matter and T1 templates (float32, (i, j, k)) and their affine."""
     try:
         from nilearn import datasets
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "mni152_phantom needs nilearn (the MNI152 templates): pip install sirf_fbsem[phantoms]"
+            "mni152_phantom needs nilearn (the MNI152 templates): pip install sirf_fbsem[phantoms], or a "
+            "templates file written by save_mni152_templates (simulate --mni152-templates FILE)"
         ) from err
     gm_img = datasets.load_mni152_gm_template(resolution=resolution_mm)
-    wm = np.asarray(datasets.load_mni152_wm_template(resolution=resolution_mm).dataobj, dtype=np.float32)
-    t1 = np.asarray(datasets.load_mni152_template(resolution=resolution_mm).dataobj, dtype=np.float32)
-    gm = np.asarray(gm_img.dataobj, dtype=np.float32)
-    affine = np.asarray(gm_img.affine, dtype=np.float64)
+    return {
+        "gm": np.asarray(gm_img.dataobj, dtype=np.float32),
+        "wm": np.asarray(datasets.load_mni152_wm_template(resolution=resolution_mm).dataobj, dtype=np.float32),
+        "t1": np.asarray(datasets.load_mni152_template(resolution=resolution_mm).dataobj, dtype=np.float32),
+        "affine": np.asarray(gm_img.affine, dtype=np.float64),
+    }
+
+
+def save_mni152_templates(path: str | os.PathLike, resolution_mm: int = 2) -> Path:
+    """Write nilearn's MNI152 templates (what :func:`mni152_phantom` reads) to ``path`` (.npz), for machines
+    without nilearn (``simulate --mni152-templates``); the phantoms made from it are the same."""
+    raw = _nilearn_mni152(int(resolution_mm))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **raw)
+    return path
+
+
+def read_mni152_templates(path: str) -> dict[str, np.ndarray]:
+    """The arrays of a templates file (:func:`save_mni152_templates`), checked (:class:`InputError` naming the file)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = {k: np.asarray(z[k]) for k in MNI152_FILE_KEYS if k in z.files}
+    except (OSError, ValueError) as err:
+        raise InputError(f"MNI152 templates file {path!r} cannot be read: {err}") from None
+    missing = [k for k in MNI152_FILE_KEYS if k not in raw]
+    if missing:
+        raise InputError(f"MNI152 templates file {path!r} lacks {missing}; expected the arrays {MNI152_FILE_KEYS} "
+                         f"(written by save_mni152_templates)")
+    shape = raw["gm"].shape
+    if raw["gm"].ndim != 3 or raw["wm"].shape != shape or raw["t1"].shape != shape or raw["affine"].shape != (4, 4):
+        raise InputError(f"MNI152 templates file {path!r}: gm, wm, t1 must be 3D of one shape and affine 4 x 4; got "
+                         f"{raw['gm'].shape}, {raw['wm'].shape}, {raw['t1'].shape}, {raw['affine'].shape}")
+    return {k: v.astype(np.float64 if k == "affine" else np.float32) for k, v in raw.items()}
+
+
+@functools.lru_cache(maxsize=2)
+def _load_mni152(resolution_mm: int, templates_file: str | None = None) -> _MNITemplates:
+    raw = _nilearn_mni152(resolution_mm) if templates_file is None else read_mni152_templates(templates_file)
+    gm, wm, t1, affine = raw["gm"], raw["wm"], raw["t1"], raw["affine"]
     gm, wm = np.clip(gm, 0, 1), np.clip(wm, 0, 1)
     vox = float(abs(affine[0, 0]))
     intracranial = (t1 > 0.02) | (gm + wm > 0.3)
@@ -750,6 +799,7 @@ def mni152_phantom(
     rng: RandomLike = None,
     params: PhantomParameters = PhantomParameters(),
     resolution_mm: int = 2,
+    templates_file: str | os.PathLike | None = None,
 ) -> Phantom:
     """A phantom from nilearn's MNI152 grey/white matter templates under a random affine deformation.
 
@@ -760,9 +810,10 @@ def mni152_phantom(
     :func:`procedural_phantom`), scaled by 1 +- ``size_variation`` per axis, sheared
     slightly, shrunk to fit 90% of the field-of-view radius, and shifted so that the
     image's axial middle lies at a random level (:attr:`PhantomParameters.slice_level`).
-    Needs nilearn: ``pip install sirf_fbsem[phantoms]``.
+    Needs nilearn (``pip install sirf_fbsem[phantoms]``), or ``templates_file``: the same templates
+    written by :func:`save_mni152_templates` (then ``resolution_mm`` is the file's).
     """
-    tpl = _load_mni152(int(resolution_mm))
+    tpl = _load_mni152(int(resolution_mm), None if templates_file is None else str(templates_file))
     rng = _rng(rng)
     geom = image_geometry
     sv = params.size_variation
@@ -792,11 +843,12 @@ def mni152_phantom(
 
 
 def make_phantom(
-    kind: str, image_geometry: ImageGeometry, rng: RandomLike = None, params: PhantomParameters = PhantomParameters()
+    kind: str, image_geometry: ImageGeometry, rng: RandomLike = None, params: PhantomParameters = PhantomParameters(),
+    mni152_templates: str | os.PathLike | None = None,
 ) -> Phantom:
-    """``procedural_phantom`` or ``mni152_phantom`` by name."""
+    """``procedural_phantom`` or ``mni152_phantom`` (from ``mni152_templates`` if given) by name."""
     if kind == "procedural":
         return procedural_phantom(image_geometry, rng, params)
     if kind == "mni152":
-        return mni152_phantom(image_geometry, rng, params)
+        return mni152_phantom(image_geometry, rng, params, templates_file=mni152_templates)
     raise ValueError(f"phantom kind must be one of {PHANTOM_KINDS}, got {kind!r}")

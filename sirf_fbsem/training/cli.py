@@ -31,6 +31,7 @@ from ..model.regularisers import RegulariserConfig
 from ..projectors.base import PROJECTION_UNITS
 from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
 from ..simulation.dataset import SHARED_SETTINGS, FBSEMSampleDataset, open_datasets
+from .resident import PRELOAD_CHOICES, ResidentDataset
 from .stage_targets import IMAGE_UNITS, TARGET_KINDS, StageTargets, TargetRule
 from .trainers import LOSSES, MODES, TrainConfig, train, with_terms_factory
 
@@ -98,6 +99,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "each patch; no projection per step) instead of whole images")
     parser.add_argument("--patches-per-sample", type=bounded_int(1, 100000), default=None, metavar="N",
                         help="with --patch-size: patches per sample and step (default 8)")
+    parser.add_argument("--preload", choices=PRELOAD_CHOICES, default="none",
+                        help="read every sample once and hold it in RAM ('cpu') or on --device ('device'; e.g. a "
+                        "GPU's memory) instead of reading it from disk at each use (default none); refused before "
+                        "loading if the samples do not fit")
 
 
 def check_train_options(args: argparse.Namespace) -> None:
@@ -187,6 +192,8 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     base = make_acquisition_model(
         args.backend, sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=device
     )
+    if args.preload != "none":
+        dataset = ResidentDataset(dataset, "cpu" if args.preload == "cpu" else device, progress=config.progress)
     data = dataset if rule.is_default else StageTargets(dataset, rule, num_stages)
     result = train(
         net, data, args.mode, config, with_terms_factory(base), args.out, resume=resume, distributed=ctx,

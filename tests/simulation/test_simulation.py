@@ -33,6 +33,7 @@ from sirf_fbsem.simulation import (
     simulate_dataset,
     single_slice_geometry,
 )
+from sirf_fbsem.errors import InputError
 from sirf_fbsem.samples import Sample
 from sirf_fbsem.simulation import dataset as dataset_module
 from sirf_fbsem.simulation import phantoms as phantoms_module
@@ -169,6 +170,51 @@ def test_mni152_without_nilearn_names_the_extra(monkeypatch, geom2d):
     with pytest.raises(ImportError, match=r"pip install sirf_fbsem\[phantoms\]"):
         phantoms_module.mni152_phantom(geom2d[1], 0)
     phantoms_module._load_mni152.cache_clear()
+
+
+def test_mni152_templates_file_gives_nilearns_phantoms(tmp_path, geom2d, monkeypatch):
+    """``simulate --mni152-templates``: the templates written to a file make the same phantoms and samples,
+    where nilearn is absent (a GPU node)."""
+    pytest.importorskip("nilearn")
+    path = phantoms_module.save_mni152_templates(tmp_path / "mni152.npz")
+    assert path.stat().st_size < 8e6
+    ref = phantoms_module.mni152_phantom(geom2d[1], 7)
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    got = phantoms_module.mni152_phantom(geom2d[1], 7, templates_file=path)
+    for name in ("activity", "mu_map", "anatomical", "labels", "lesion_mask"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+    # the command line: the same data set as with nilearn, and the manifest does not name the file
+    monkeypatch.undo()
+    common = ["--num-samples", "1", "--2d", "--counts", "1e4", "--num-stages", "1", "--num-subsets", "1",
+              "--phantom", "mni152", "--seed", "4"]
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    assert run_simulate(parser.parse_args(["--out", str(tmp_path / "a"), *common, "--no-progress"])) == 0
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    assert run_simulate(parser.parse_args(["--out", str(tmp_path / "b"), *common, "--no-progress",
+                                           "--mni152-templates", str(path)])) == 0
+    a = torch.load(tmp_path / "a" / "sample_00000.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "sample_00000.pt", weights_only=True)
+    for k in ("prompts", "targets", "phantom", "mu_map"):
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "a" / "manifest.json").read_text() == (tmp_path / "b" / "manifest.json").read_text()
+
+
+def test_a_bad_mni152_templates_file_is_refused_before_any_sample(tmp_path, geom2d):
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, gm=np.zeros((4, 4, 4), np.float32), affine=np.eye(4))
+    for path, why in ((tmp_path / "none.npz", "no such file"), (bad, r"lacks \['wm', 't1'\]")):
+        args = parser.parse_args(["--out", str(tmp_path / "o"), "--num-samples", "1", "--2d", "--phantom", "mixed",
+                                  "--mni152-templates", str(path)])
+        with pytest.raises(InputError, match=f"{path}.*{why}" if path == bad else why):
+            run_simulate(args)
+        assert not (tmp_path / "o").exists()
+    args = parser.parse_args(["--out", str(tmp_path / "o"), "--num-samples", "1", "--2d", "--mni152-templates",
+                              str(bad)])
+    with pytest.raises(InputError, match="--phantom is procedural"):
+        run_simulate(args)
 
 
 def test_phantom_parameters_validated():

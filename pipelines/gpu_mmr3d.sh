@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The 3D mMR study (pipelines/mmr_3d.sh) with K = 42 stages on a CUDA GPU, in time-limited steps that
+# resume: each run simulates the training set again (deterministic from its seed), continues the
+# training run from its checkpoints, and leaves the run in OUT/run.
+#
+#   bash pipelines/gpu_mmr3d.sh OUT train      simulate the training set, train (resuming OUT/run or
+#                                              .gpu_carry/run); at most TRAIN_S seconds of training
+#   bash pipelines/gpu_mmr3d.sh OUT evaluate   simulate the tuning and a fresh confirmation set, score
+#                                              the finished model against the baselines (widened grids)
+#
+# Setting: docs/studies/mmr_3d.md, with K = 42 (6 iterations of 7 subsets: the targets' floor reaches
+# standard-count OSEM's, estimated), 24 training samples (20 % validation) at 1e6/3e7/3e8 prompts,
+# 12 epochs per stage of 8 patches of 32^3 per sample (the best epoch on validation kept), samples
+# held on the GPU (train --preload device).
+# Confirmation seed 3002: the K = 21 model's confirmation set (3001) was seen before K = 42 was chosen.
+# Measured on an H200 (2026-12-04): one sequential training step 0.40 s, a full mMR span-11
+# projection 0.11 s forward, 0.06 s back (docs/benchmarks.md). A sample is about 1.3 GB (24: 31 GB
+# of GPU memory and of disk under WORK).
+#
+# Carried from the host (gitignored): .gpu_carry/mni152.npz, nilearn's MNI152 templates for the
+# MNI152-based phantoms on a machine without nilearn (sirf_fbsem.simulation.phantoms.save_mni152_templates);
+# optionally .gpu_carry/run, the run of an earlier call to resume.
+# Needs python3 with a CUDA torch, numba (CUDA target), numpy, nibabel, tqdm, matplotlib; sirf_fbsem from
+# this checkout. Environment: DEVICE (cuda), WORK (/tmp/mmr3d_gpu), TRAIN_S (420), SIM_S (300), and
+# mmr_3d.sh's settings (STAGES, TRAIN_SAMPLES, EPOCHS, ...).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: bash pipelines/gpu_mmr3d.sh OUT [train|evaluate]}
+STEP=${2:-train}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export SIRF_FBSEM=${SIRF_FBSEM:-$PY -m sirf_fbsem}
+export STAGES=${STAGES:-42} TRAIN_SAMPLES=${TRAIN_SAMPLES:-24} EPOCHS=${EPOCHS:-12} DEVICE=${DEVICE:-cuda}
+export PRELOAD=${PRELOAD:-device} CONFIRM_SEED=${CONFIRM_SEED:-3002} RUN=$OUT/run EVAL_OUT=$OUT/eval
+export OSEM_ITERATIONS=${OSEM_ITERATIONS:-16} MAP_ITERATIONS=${MAP_ITERATIONS:-16}
+export BETAS=${BETAS:-0.001 0.003 0.01 0.03 0.1 0.3}
+export MNI152_TEMPLATES=${MNI152_TEMPLATES:-$PWD/.gpu_carry/mni152.npz}
+WORK=${WORK:-/tmp/mmr3d_gpu}
+LOG="$OUT/gpu_mmr3d.log"
+step() { echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
+
+if [ ! -f "$MNI152_TEMPLATES" ]; then
+    echo "gpu_mmr3d.sh: MNI152 templates $MNI152_TEMPLATES missing: write them where nilearn is installed" >&2
+    exit 2
+fi
+step "device"
+{ nvidia-smi -L 2>/dev/null; "$PY" -c 'import torch; print("torch", torch.__version__, torch.cuda.is_available())'; } \
+    2>&1 | tee -a "$LOG"
+
+case "$STEP" in
+    train)
+        if [ ! -d "$RUN" ] && [ -d .gpu_carry/run ]; then cp -r .gpu_carry/run "$RUN"; fi
+        step "simulate the training set ($TRAIN_SAMPLES samples, K = $STAGES)"
+        T0=$SECONDS
+        timeout "${SIM_S:-300}" bash pipelines/mmr_3d.sh "$WORK" simulate_train 2>&1 | tee -a "$LOG"
+        echo "simulate: rc ${PIPESTATUS[0]}, $((SECONDS - T0)) s" | tee -a "$LOG"
+        step "train (sequential, K = $STAGES, at most ${TRAIN_S:-420} s)"
+        T0=$SECONDS
+        timeout "${TRAIN_S:-420}" bash pipelines/mmr_3d.sh "$WORK" train 2>&1 | tr '\r' '\n' | grep -v -E "%\||^\s*$" \
+            | tee -a "$LOG"
+        echo "train: rc ${PIPESTATUS[0]}, $((SECONDS - T0)) s; stages done:" \
+            "$(ls "$RUN"/checkpoints/stage_*.pt 2>/dev/null | wc -l)" | tee -a "$LOG"
+        ;;
+    evaluate)
+        MODEL_FILE=${MODEL:-$RUN/model.pt}
+        [ -f "$MODEL_FILE" ] || MODEL_FILE=.gpu_carry/run/model.pt
+        if [ ! -f "$MODEL_FILE" ]; then echo "gpu_mmr3d.sh: no trained model (run the train step)" >&2; exit 2; fi
+        export MODEL=$MODEL_FILE
+        rm -rf "$WORK/train"  # this script's own training samples: the disk holds one set at a time
+        step "simulate the tuning and confirmation sets"
+        timeout "${SIM_S:-300}" bash pipelines/mmr_3d.sh "$WORK" simulate_eval 2>&1 | tee -a "$LOG"
+        step "evaluate $MODEL"
+        timeout "${EVAL_S:-300}" bash pipelines/mmr_3d.sh "$WORK" evaluate 2>&1 | tr '\r' '\n' \
+            | grep -v -E "%\||^\s*$" | tee -a "$LOG"
+        ;;
+    *) echo "unknown step $STEP (train|evaluate)" >&2; exit 2 ;;
+esac
+step "done"
