@@ -4,7 +4,7 @@
 # training run from its checkpoints, and leaves the run in OUT/run.
 #
 #   bash pipelines/gpu_mmr3d.sh OUT train      simulate the training set, train (resuming OUT/run or
-#                                              .gpu_carry/run); at most TRAIN_S seconds of training
+#                                              .gpu_carry/run) until BUDGET_S is spent
 #   bash pipelines/gpu_mmr3d.sh OUT evaluate   simulate the tuning and a fresh confirmation set, score
 #                                              the finished model against the baselines (widened grids)
 #
@@ -21,7 +21,8 @@
 # MNI152-based phantoms on a machine without nilearn (sirf_fbsem.simulation.phantoms.save_mni152_templates);
 # optionally .gpu_carry/run, the run of an earlier call to resume.
 # Needs python3 with a CUDA torch, numba (CUDA target), numpy, nibabel, tqdm, matplotlib; sirf_fbsem from
-# this checkout. Environment: DEVICE (cuda), WORK (/tmp/mmr3d_gpu), TRAIN_S (420), SIM_S (300), and
+# this checkout. Environment: DEVICE (cuda), WORK (/tmp/mmr3d_gpu), BUDGET_S (570: the seconds this
+# call may take; simulation may take all but the last minute, training or evaluation the rest), and
 # mmr_3d.sh's settings (STAGES, TRAIN_SAMPLES, EPOCHS, ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,11 @@ export BETAS=${BETAS:-0.001 0.003 0.01 0.03 0.1 0.3}
 export MNI152_TEMPLATES=${MNI152_TEMPLATES:-$PWD/.gpu_carry/mni152.npz}
 WORK=${WORK:-/tmp/mmr3d_gpu}
 LOG="$OUT/gpu_mmr3d.log"
+BUDGET_S=${BUDGET_S:-570}
+left() { echo $((BUDGET_S - SECONDS - 10)); }  # seconds left for the next step
+need() {  # need SECONDS WHAT: stop this call when fewer seconds are left (timeout 0 would mean no limit)
+    [ "$(left)" -ge "$1" ] || { echo "only $(left) s left: no $2 in this call" | tee -a "$LOG"; exit 1; }
+}
 step() { echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
 
 if [ ! -f "$MNI152_TEMPLATES" ]; then
@@ -52,13 +58,17 @@ step "device"
 case "$STEP" in
     train)
         if [ ! -d "$RUN" ] && [ -d .gpu_carry/run ]; then cp -r .gpu_carry/run "$RUN"; fi
+        need 90 simulation
         step "simulate the training set ($TRAIN_SAMPLES samples, K = $STAGES)"
         T0=$SECONDS
-        timeout "${SIM_S:-300}" bash pipelines/mmr_3d.sh "$WORK" simulate_train 2>&1 | tee -a "$LOG"
-        echo "simulate: rc ${PIPESTATUS[0]}, $((SECONDS - T0)) s" | tee -a "$LOG"
-        step "train (sequential, K = $STAGES, at most ${TRAIN_S:-420} s)"
+        timeout $(($(left) - 50)) bash pipelines/mmr_3d.sh "$WORK" simulate_train 2>&1 | tee -a "$LOG"
+        rc=${PIPESTATUS[0]}
+        echo "simulate: rc $rc, $((SECONDS - T0)) s" | tee -a "$LOG"
+        [ "$rc" = 0 ] || { echo "the training set is incomplete: no training in this call" | tee -a "$LOG"; exit 1; }
+        need 30 training
+        step "train (sequential, K = $STAGES, at most $(left) s)"
         T0=$SECONDS
-        timeout "${TRAIN_S:-420}" bash pipelines/mmr_3d.sh "$WORK" train 2>&1 | tr '\r' '\n' | grep -v -E "%\||^\s*$" \
+        timeout "$(left)" bash pipelines/mmr_3d.sh "$WORK" train 2>&1 | tr '\r' '\n' | grep -v -E "%\||^\s*$" \
             | tee -a "$LOG"
         echo "train: rc ${PIPESTATUS[0]}, $((SECONDS - T0)) s; stages done:" \
             "$(ls "$RUN"/checkpoints/stage_*.pt 2>/dev/null | wc -l)" | tee -a "$LOG"
@@ -69,10 +79,14 @@ case "$STEP" in
         if [ ! -f "$MODEL_FILE" ]; then echo "gpu_mmr3d.sh: no trained model (run the train step)" >&2; exit 2; fi
         export MODEL=$MODEL_FILE
         rm -rf "$WORK/train"  # this script's own training samples: the disk holds one set at a time
+        need 90 simulation
         step "simulate the tuning and confirmation sets"
-        timeout "${SIM_S:-300}" bash pipelines/mmr_3d.sh "$WORK" simulate_eval 2>&1 | tee -a "$LOG"
-        step "evaluate $MODEL"
-        timeout "${EVAL_S:-300}" bash pipelines/mmr_3d.sh "$WORK" evaluate 2>&1 | tr '\r' '\n' \
+        timeout $(($(left) - 50)) bash pipelines/mmr_3d.sh "$WORK" simulate_eval 2>&1 | tee -a "$LOG"
+        rc=${PIPESTATUS[0]}
+        [ "$rc" = 0 ] || { echo "the evaluation sets are incomplete (rc $rc): no evaluation in this call" | tee -a "$LOG"; exit 1; }
+        need 30 evaluation
+        step "evaluate $MODEL (at most $(left) s)"
+        timeout "$(left)" bash pipelines/mmr_3d.sh "$WORK" evaluate 2>&1 | tr '\r' '\n' \
             | grep -v -E "%\||^\s*$" | tee -a "$LOG"
         ;;
     *) echo "unknown step $STEP (train|evaluate)" >&2; exit 2 ;;

@@ -23,7 +23,9 @@
 # PET+MR sequential FBSEM are also trained at K = 36 (the smallest K at which the earlier 2D
 # study, on other phantoms, beat the baselines):
 # the same training phantoms and noise (same seed) with 36 stages of targets, scored on the same
-# tuning and confirmation sets, once.
+# tuning and confirmation sets, once. PET-only sequential FBSEM is also trained at K = 36 on the
+# MNI152 training phantoms (seed 1101, 36 stages of targets), for the K = 36 generalisation rows:
+# scored once on each confirmation set.
 set -euo pipefail
 WORK=${1:?usage: paper_findings_2d.sh WORK_DIR [simulate|train|tune|confirm|all]}
 STEP=${2:-all}
@@ -53,6 +55,7 @@ K12=(seq_osem seq_truth e2e e2e_shared greedy seq_block seq_osem_pm seq_osem_mni
 CONFIGS+=(
     "seq_osem_k36|train36_proc|--mode sequential --targets osem"
     "seq_osem_pm_k36|train36_proc|--mode sequential --targets osem --anatomical"
+    "seq_osem_mni_k36|train36_mni|--mode sequential --targets osem"
 )
 
 simulate() {
@@ -65,6 +68,7 @@ simulate() {
     done
     # the procedural training set again, with 36 stages of targets (same seed: same phantoms and noise)
     $SF simulate --out "$WORK/data/train36_proc" --num-samples 20 --seed 1100 --phantom procedural "${GEOM36[@]}" --no-progress
+    $SF simulate --out "$WORK/data/train36_mni" --num-samples 20 --seed 1101 --phantom mni152 "${GEOM36[@]}" --no-progress
 }
 
 train() {
@@ -113,7 +117,7 @@ score() {
 
 # the confirmation runs: scored once, after every choice is frozen
 confirm() {
-    local proc mni proc36 pm36
+    local proc mni proc36 pm36 mni36
     proc=$(models "${K12[@]}")
     mni=$(models seq_osem seq_truth seq_osem_mni seq_truth_mni)
     # shellcheck disable=SC2086  # --model NAME=PATH words
@@ -130,6 +134,12 @@ confirm() {
     pm36=$(models seq_osem_pm_k36)
     # shellcheck disable=SC2086
     score paper_findings_2d_k36_pm_proc proc "${BOWSHER[@]}" $pm36
+    # K = 36 trained on MNI152 phantoms: on MNI152 (its kind) and on procedural phantoms
+    mni36=$(models seq_osem_mni_k36)
+    # shellcheck disable=SC2086
+    score paper_findings_2d_k36_mni_on_mni mni $mni36
+    # shellcheck disable=SC2086
+    score paper_findings_2d_k36_mni_on_proc proc $mni36
 }
 
 case "$STEP" in

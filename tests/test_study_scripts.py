@@ -68,29 +68,36 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
     trains = [c for c in calls if c[0] == "train"]
     evals = [c for c in calls if c[0] == "evaluate"]
     # training, tuning and confirmation sets per phantom kind: six sets, six distinct base seeds;
-    # the seventh is the procedural training set again (same seed) with 36 stages of targets
-    assert len(sims) == 7 and len({_flag(c, "--seed") for c in sims}) == 6
+    # the seventh and eighth are the training sets again (same seeds) with 36 stages of targets
+    assert len(sims) == 8 and len({_flag(c, "--seed") for c in sims}) == 6
     by_out = {Path(_flag(c, "--out")).name: c for c in sims}
-    assert _flag(by_out["train36_proc"], "--seed") == _flag(by_out["train_proc"], "--seed")
-    assert _flag(by_out["train36_proc"], "--num-stages") == "36" and _flag(by_out["train_proc"], "--num-stages") == "12"
+    for kind in ("proc", "mni"):
+        assert _flag(by_out[f"train36_{kind}"], "--seed") == _flag(by_out[f"train_{kind}"], "--seed")
+        assert _flag(by_out[f"train36_{kind}"], "--phantom") == _flag(by_out[f"train_{kind}"], "--phantom")
+        assert _flag(by_out[f"train36_{kind}"], "--num-stages") == "36"
+        assert _flag(by_out[f"train_{kind}"], "--num-stages") == "12"
     roles = {role: {_flag(c, "--seed") for n, c in by_out.items() if n.startswith(role)}
              for role in ("train", "tune", "confirm")}
     assert not (roles["train"] & roles["tune"] or roles["train"] & roles["confirm"] or roles["tune"] & roles["confirm"])
     # every configuration once per training seed, each into its own directory
-    assert len(trains) == 2 * 11 and len({_flag(c, "--out") for c in trains}) == 22
+    assert len(trains) == 2 * 12 and len({_flag(c, "--out") for c in trains}) == 24
     assert {_flag(c, "--seed") for c in trains} == {"0", "1"}
-    assert all(_flag(c, "--data").endswith("train36_proc") == ("_k36_" in _flag(c, "--out")) for c in trains)
-    # two tuning runs (no --tune-data, no models), then five confirmation runs (with --tune-data):
-    # K = 12 on both phantom kinds, K = 36 PET-only on both, K = 36 PET+MR (with the Bowsher grid)
+    assert all(("train36" in _flag(c, "--data")) == ("_k36_" in _flag(c, "--out")) for c in trains)
+    assert all(_flag(c, "--data").endswith("train36_mni") == ("_mni_k36_" in _flag(c, "--out")) for c in trains)
+    # two tuning runs (no --tune-data, no models), then seven confirmation runs (with --tune-data):
+    # K = 12 on both phantom kinds, K = 36 PET-only on both, K = 36 PET+MR (with the Bowsher grid),
+    # K = 36 trained on MNI152 phantoms on both
     tune, confirm = evals[:2], evals[2:]
-    assert len(confirm) == 5 and all("--tune-data" not in c and "--model" not in c for c in tune)
-    proc_run, mni_run, proc36, mni36, pm36 = confirm
+    assert len(confirm) == 7 and all("--tune-data" not in c and "--model" not in c for c in tune)
+    proc_run, mni_run, proc36, mni36, pm36, mni36_mni, mni36_proc = confirm
     assert proc_run.count("--model") == 18 and mni_run.count("--model") == 8
-    assert [c.count("--model") for c in (proc36, mni36, pm36)] == [2, 2, 2]
+    assert [c.count("--model") for c in (proc36, mni36, pm36, mni36_mni, mni36_proc)] == [2, 2, 2, 2, 2]
     models36 = {run[i + 1].split("=")[0] for run in (proc36, mni36, pm36) for i, a in enumerate(run) if a == "--model"}
     assert models36 == {"seq_osem_k36", "seq_osem_pm_k36"} and "--bowsher" in pm36
+    assert {run[i + 1].split("=")[0] for run in (mni36_mni, mni36_proc) for i, a in enumerate(run)
+            if a == "--model"} == {"seq_osem_mni_k36"}
     for run in confirm:
-        kind = "mni" if run in (mni_run, mni36) else "proc"
+        kind = "mni" if run in (mni_run, mni36, mni36_mni) else "proc"
         assert _flag(run, "--data").endswith(f"confirm_{kind}") and _flag(run, "--tune-data").endswith(f"tune_{kind}")
     # a second run trains and confirms nothing again
     proc, calls = _run(tmp_path, "all")
