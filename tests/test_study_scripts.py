@@ -197,3 +197,55 @@ def test_findings_verdicts_follow_the_rules_fixed_before_scoring():
     assert t.judge(1 - m / 2, 1 + m / 2, "a=b") == "reproduced"
     assert t.judge(1 + 1.5 * m, 1 + 3 * m, "a=b") == "not reproduced"
     assert t.judge(1 - m / 2, 1 + 2 * m, "a=b") == "inconclusive"
+
+
+def _evaluate_json(seed: int, net: str, net_nrmse: list[float], base_shift: float = 0.0) -> dict:
+    """A minimal ``evaluate`` JSON: three baselines and one learned method (2 seeds) on 4 phantoms."""
+    def rows(values):
+        return [{"index": i, "nrmse": v, "ssim": 1.0 - v} for i, v in enumerate(values)]
+
+    base = [0.30, 0.32, 0.28, 0.31]
+    methods = {m: {"per_sample": rows([b * f * (1 + base_shift) for b in base]),
+                   "mean": {"nrmse": 0.3 * f, "ssim": 0.7}} for m, f in (("osem", 1.2), ("osem_filtered", 1.0),
+                                                                          ("map_em", 1.05))}
+    spread = {m: {"num_seeds": 2, "mean": 0.25, "std": 0.01} for m in ("nrmse", "ssim")}
+    methods[net] = {"per_sample": rows(net_nrmse), "seeds": {}, "spread_over_seeds": spread}
+    return {"count_levels": {"2e+05": {"sample_indices": [0, 1, 2, 3], "methods": methods}},
+            "phantom_sets": {"scored": {"seeds": [seed]}}}
+
+
+def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("k36_domains", REPO / "pipelines" / "paper_findings_k36_domains.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    own = [0.25, 0.27, 0.24, 0.26]
+    files = {"proc-on-proc": _evaluate_json(3100, "seq_osem_k36", own),
+             "mni-on-proc": _evaluate_json(3100, "seq_osem_mni_k36", [v * 1.1 for v in own]),
+             "mni-on-mni": _evaluate_json(3101, "seq_osem_mni_k36", own),
+             "proc-on-mni": _evaluate_json(3101, "seq_osem_k36", [v * 0.9 for v in own])}
+    argv = []
+    for name, content in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+        argv += [f"--{name}", str(tmp_path / f"{name}.json")]
+    out = tmp_path / "t.json"
+    assert mod.main([*argv, "--out", str(out)]) == 0
+    proc, mni = json.loads(out.read_text())["tables"]
+    r = proc["ratios"]["trained on MNI152 / trained on procedural: nrmse"]
+    assert r["estimate"] == pytest.approx(1.1) and r["verdict"] == "worse"  # every phantom 10 % worse
+    r = mni["ratios"]["trained on procedural / trained on MNI152: nrmse"]
+    assert r["estimate"] == pytest.approx(0.9) and r["verdict"] == "better"
+    f = mni["ratios"]["trained on procedural / osem_filtered: nrmse"]
+    assert f["estimate"] == pytest.approx(0.9 * sum(own) / sum([0.30, 0.32, 0.28, 0.31]))
+    # other data under one set (baselines that differ) or another phantom set: no pairing
+    files["mni-on-proc"] = _evaluate_json(3100, "seq_osem_mni_k36", own, base_shift=1e-3)
+    (tmp_path / "mni-on-proc.json").write_text(json.dumps(files["mni-on-proc"]))
+    with pytest.raises(ValueError, match=r"procedural confirmation set \(.*mni-on-proc.json\): the baselines differ"):
+        mod.main([*argv, "--out", str(out)])
+    files["mni-on-proc"] = _evaluate_json(3999, "seq_osem_mni_k36", own)
+    (tmp_path / "mni-on-proc.json").write_text(json.dumps(files["mni-on-proc"]))
+    with pytest.raises(ValueError, match="different phantom sets"):
+        mod.main([*argv, "--out", str(out)])
