@@ -25,7 +25,8 @@
 # the same training phantoms and noise (same seed) with 36 stages of targets, scored on the same
 # tuning and confirmation sets, once. PET-only sequential FBSEM is also trained at K = 36 on the
 # MNI152 training phantoms (seed 1101, 36 stages of targets), for the K = 36 generalisation rows:
-# scored once on each confirmation set.
+# scored once on each confirmation set; and with fixed targets on the same set, for findings 1 and 2
+# at K = 36 (pipelines/paper_findings_k36_domains.py pairs the runs' phantoms).
 set -euo pipefail
 WORK=${1:?usage: paper_findings_2d.sh WORK_DIR [simulate|train|tune|confirm|all]}
 STEP=${2:-all}
@@ -56,6 +57,7 @@ CONFIGS+=(
     "seq_osem_k36|train36_proc|--mode sequential --targets osem"
     "seq_osem_pm_k36|train36_proc|--mode sequential --targets osem --anatomical"
     "seq_osem_mni_k36|train36_mni|--mode sequential --targets osem"
+    "seq_truth_mni_k36|train36_mni|--mode sequential --targets truth"
 )
 
 simulate() {
@@ -117,7 +119,7 @@ score() {
 
 # the confirmation runs: scored once, after every choice is frozen
 confirm() {
-    local proc mni proc36 pm36 mni36
+    local proc mni proc36 pm36 mni36 truth36
     proc=$(models "${K12[@]}")
     mni=$(models seq_osem seq_truth seq_osem_mni seq_truth_mni)
     # shellcheck disable=SC2086  # --model NAME=PATH words
@@ -140,6 +142,11 @@ confirm() {
     score paper_findings_2d_k36_mni_on_mni mni $mni36
     # shellcheck disable=SC2086
     score paper_findings_2d_k36_mni_on_proc proc $mni36
+    truth36=$(models seq_truth_mni_k36)
+    # shellcheck disable=SC2086
+    score paper_findings_2d_k36_truth_mni_on_mni mni $truth36
+    # shellcheck disable=SC2086
+    score paper_findings_2d_k36_truth_mni_on_proc proc $truth36
 }
 
 case "$STEP" in

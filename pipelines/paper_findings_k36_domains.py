@@ -8,8 +8,13 @@ interval over the confirmation phantoms. The pairing is only valid when both run
 phantoms with the same data: the script checks that the runs' baselines agree phantom by phantom
 (``--tolerance``) and refuses otherwise.
 
+With the runs of the fixed-target networks trained on MNI152 phantoms (``--truth-mni-on-mni``,
+``--truth-mni-on-proc``), it also gives findings 1 and 2 at K = 36 for that training set (paired
+across runs in the same way), with the verdict rules of ``paper_findings_table.py``.
+
     python pipelines/paper_findings_k36_domains.py --proc-on-proc A.json --proc-on-mni B.json \\
-        --mni-on-mni C.json --mni-on-proc D.json --out pipelines/results/paper_findings_2d_k36_domains.json
+        --mni-on-mni C.json --mni-on-proc D.json [--truth-mni-on-mni E.json --truth-mni-on-proc F.json] \\
+        --out pipelines/results/paper_findings_2d_k36_domains.json
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from paper_findings_table import judge  # the sibling script's verdict rules (fixed before scoring)
 from sirf_fbsem.study_statistics import paired_ratio_interval, verdict
 
 METRICS = (("nrmse", True), ("ssim", False))
@@ -99,6 +105,27 @@ def domain_table(own: dict[str, Any], other: dict[str, Any], kind: str, other_ki
     return out
 
 
+def _mean_over_seeds(level: dict[str, Any], method: str, metric: str) -> str:
+    if metric.endswith("_seed_std"):
+        return f"{float(np.mean(_per_sample(level, method, metric))):.4f}"
+    s = level["methods"][method]["spread_over_seeds"][metric]
+    return f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def finding_row(finding: str, setting: str, run_a: dict[str, Any], run_b: dict[str, Any], metric: str,
+                tolerance: float, files: str = "") -> dict[str, Any]:
+    """Finding row ``a / b`` (a: iteration-dependent targets, run ``run_a``; b: fixed targets, ``run_b``)
+    on one confirmation set, paired across the two runs; expected "a<b" (the paper's finding)."""
+    check_same_phantoms(run_a, run_b, tolerance, f"{setting}{files}")
+    la, lb = _level(run_a), _level(run_b)
+    a, b = _network(la), _network(lb)
+    iv = paired_ratio_interval(_per_sample(la, a, metric), _per_sample(lb, b, metric))
+    return {"finding": finding, "setting": setting, "a": a, "b": b, "metric": metric,
+            "a_mean_std": _mean_over_seeds(la, a, metric), "b_mean_std": _mean_over_seeds(lb, b, metric),
+            **iv.to_json(), "expected": "a<b",
+            "verdict": judge(iv.low, iv.high, "a<b", lower_is_better=metric != "ssim")}
+
+
 def markdown(tables: list[dict[str, Any]]) -> str:
     lines = ["| confirmation set | a / b | metric | ratio [95 % CI] | verdict |", "|---|---|---|---|---|"]
     for t in tables:
@@ -113,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for flag in ("--proc-on-proc", "--proc-on-mni", "--mni-on-mni", "--mni-on-proc"):
         p.add_argument(flag, type=Path, required=True, help="evaluate JSON of that confirmation run")
+    for flag in ("--truth-mni-on-mni", "--truth-mni-on-proc"):
+        p.add_argument(flag, type=Path, default=None, help="evaluate JSON of the fixed-target networks trained "
+                       "on MNI152 phantoms on that confirmation set (findings 1 and 2)")
     p.add_argument("--tolerance", type=float, default=1e-6, help="largest relative difference of the baselines' "
                    "per-phantom NRMSE between two runs on one set (default 1e-6)")
     p.add_argument("--out", type=Path, required=True, help="output JSON")
@@ -123,10 +153,26 @@ def main(argv: list[str] | None = None) -> int:
                            f" ({args.proc_on_proc}, {args.mni_on_proc})"),
               domain_table(runs["mni_on_mni"], runs["proc_on_mni"], "MNI152", "procedural", args.tolerance,
                            f" ({args.mni_on_mni}, {args.proc_on_mni})")]
+    findings = []
+    if (args.truth_mni_on_mni is None) != (args.truth_mni_on_proc is None):
+        p.error("--truth-mni-on-mni and --truth-mni-on-proc go together")
+    if args.truth_mni_on_mni is not None:
+        truth_mni = json.loads(args.truth_mni_on_mni.read_text())
+        truth_proc = json.loads(args.truth_mni_on_proc.read_text())
+        M, P = "MNI152 confirmation; trained on MNI152; K = 36", "procedural confirmation; trained on MNI152; K = 36"
+        fm, fp = f" ({args.mni_on_mni}, {args.truth_mni_on_mni})", f" ({args.mni_on_proc}, {args.truth_mni_on_proc})"
+        findings = [
+            finding_row("1 consistency", M, runs["mni_on_mni"], truth_mni, "nrmse_seed_std", args.tolerance, fm),
+            finding_row("2 generalisation", P, runs["mni_on_proc"], truth_proc, "nrmse", args.tolerance, fp),
+            finding_row("2 (in-domain, for reference)", M, runs["mni_on_mni"], truth_mni, "nrmse", args.tolerance, fm),
+        ]
     result = {"written_by": "pipelines/paper_findings_k36_domains.py",
-              "sources": {k: str(getattr(args, k)) for k in runs}, "tables": tables}
+              "sources": {k: str(getattr(args, k)) for k in runs}, "tables": tables, "findings": findings}
     args.out.write_text(json.dumps(result, indent=1))
     print(markdown(tables))
+    for r in findings:
+        print(f"| {r['finding']} | {r['setting']} | {r['a']} / {r['b']} | {r['metric']} | {r['a_mean_std']} | "
+              f"{r['b_mean_std']} | {r['estimate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | {r['verdict']} |")
     print(f"wrote {args.out}")
     return 0
 

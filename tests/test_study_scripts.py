@@ -80,24 +80,26 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
              for role in ("train", "tune", "confirm")}
     assert not (roles["train"] & roles["tune"] or roles["train"] & roles["confirm"] or roles["tune"] & roles["confirm"])
     # every configuration once per training seed, each into its own directory
-    assert len(trains) == 2 * 12 and len({_flag(c, "--out") for c in trains}) == 24
+    assert len(trains) == 2 * 13 and len({_flag(c, "--out") for c in trains}) == 26
     assert {_flag(c, "--seed") for c in trains} == {"0", "1"}
     assert all(("train36" in _flag(c, "--data")) == ("_k36_" in _flag(c, "--out")) for c in trains)
     assert all(_flag(c, "--data").endswith("train36_mni") == ("_mni_k36_" in _flag(c, "--out")) for c in trains)
     # two tuning runs (no --tune-data, no models), then seven confirmation runs (with --tune-data):
     # K = 12 on both phantom kinds, K = 36 PET-only on both, K = 36 PET+MR (with the Bowsher grid),
-    # K = 36 trained on MNI152 phantoms on both
+    # K = 36 trained on MNI152 phantoms on both, with iteration-dependent and with fixed targets
     tune, confirm = evals[:2], evals[2:]
-    assert len(confirm) == 7 and all("--tune-data" not in c and "--model" not in c for c in tune)
-    proc_run, mni_run, proc36, mni36, pm36, mni36_mni, mni36_proc = confirm
+    assert len(confirm) == 9 and all("--tune-data" not in c and "--model" not in c for c in tune)
+    proc_run, mni_run, proc36, mni36, pm36, mni36_mni, mni36_proc, truth36_mni, truth36_proc = confirm
     assert proc_run.count("--model") == 18 and mni_run.count("--model") == 8
-    assert [c.count("--model") for c in (proc36, mni36, pm36, mni36_mni, mni36_proc)] == [2, 2, 2, 2, 2]
+    assert [c.count("--model") for c in confirm[2:]] == [2] * 7
+    assert {run[i + 1].split("=")[0] for run in (truth36_mni, truth36_proc) for i, a in enumerate(run)
+            if a == "--model"} == {"seq_truth_mni_k36"}
     models36 = {run[i + 1].split("=")[0] for run in (proc36, mni36, pm36) for i, a in enumerate(run) if a == "--model"}
     assert models36 == {"seq_osem_k36", "seq_osem_pm_k36"} and "--bowsher" in pm36
     assert {run[i + 1].split("=")[0] for run in (mni36_mni, mni36_proc) for i, a in enumerate(run)
             if a == "--model"} == {"seq_osem_mni_k36"}
     for run in confirm:
-        kind = "mni" if run in (mni_run, mni36, mni36_mni) else "proc"
+        kind = "mni" if run in (mni_run, mni36, mni36_mni, truth36_mni) else "proc"
         assert _flag(run, "--data").endswith(f"confirm_{kind}") and _flag(run, "--tune-data").endswith(f"tune_{kind}")
     # a second run trains and confirms nothing again
     proc, calls = _run(tmp_path, "all")
@@ -202,7 +204,7 @@ def test_findings_verdicts_follow_the_rules_fixed_before_scoring():
 def _evaluate_json(seed: int, net: str, net_nrmse: list[float], base_shift: float = 0.0) -> dict:
     """A minimal ``evaluate`` JSON: three baselines and one learned method (2 seeds) on 4 phantoms."""
     def rows(values):
-        return [{"index": i, "nrmse": v, "ssim": 1.0 - v} for i, v in enumerate(values)]
+        return [{"index": i, "nrmse": v, "ssim": 1.0 - v, "nrmse_seed_std": v / 100} for i, v in enumerate(values)]
 
     base = [0.30, 0.32, 0.28, 0.31]
     methods = {m: {"per_sample": rows([b * f * (1 + base_shift) for b in base]),
@@ -214,11 +216,12 @@ def _evaluate_json(seed: int, net: str, net_nrmse: list[float], base_shift: floa
             "phantom_sets": {"scored": {"seeds": [seed]}}}
 
 
-def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path):
+def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeypatch):
     import importlib.util
 
     import pytest
 
+    monkeypatch.syspath_prepend(str(REPO / "pipelines"))  # it reads the verdict rules of paper_findings_table.py
     spec = importlib.util.spec_from_file_location("k36_domains", REPO / "pipelines" / "paper_findings_k36_domains.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -240,6 +243,19 @@ def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path):
     assert r["estimate"] == pytest.approx(0.9) and r["verdict"] == "better"
     f = mni["ratios"]["trained on procedural / osem_filtered: nrmse"]
     assert f["estimate"] == pytest.approx(0.9 * sum(own) / sum([0.30, 0.32, 0.28, 0.31]))
+    assert json.loads(out.read_text())["findings"] == []
+    # findings 1 and 2 with the fixed-target runs: iteration-dependent targets 5 % better on MNI152,
+    # 20 % worse on procedural phantoms (and so 20 % more spread over seeds there: nrmse_seed_std = nrmse / 100)
+    truth = {"truth-mni-on-mni": _evaluate_json(3101, "seq_truth_mni_k36", [v / 0.95 for v in own]),
+             "truth-mni-on-proc": _evaluate_json(3100, "seq_truth_mni_k36", [v * 1.1 / 1.2 for v in own])}
+    for name, content in truth.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    extra = [a for name in truth for a in (f"--{name}", str(tmp_path / f"{name}.json"))]
+    assert mod.main([*argv, *extra, "--out", str(out)]) == 0
+    consistency, general, in_domain = json.loads(out.read_text())["findings"]
+    assert consistency["metric"] == "nrmse_seed_std" and consistency["estimate"] == pytest.approx(0.95)
+    assert consistency["verdict"] == in_domain["verdict"] == "reproduced"
+    assert general["estimate"] == pytest.approx(1.2) and general["verdict"] == "not reproduced"
     # other data under one set (baselines that differ) or another phantom set: no pairing
     files["mni-on-proc"] = _evaluate_json(3100, "seq_osem_mni_k36", own, base_shift=1e-3)
     (tmp_path / "mni-on-proc.json").write_text(json.dumps(files["mni-on-proc"]))
