@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from paper_findings_table import judge  # the sibling script's verdict rules (fixed before scoring)
+from paper_findings_table import _mean_std, judge  # the sibling script's verdict rules and mean ± std format
 from sirf_fbsem.study_statistics import paired_ratio_interval, verdict
 
 METRICS = (("nrmse", True), ("ssim", False))
@@ -105,13 +105,6 @@ def domain_table(own: dict[str, Any], other: dict[str, Any], kind: str, other_ki
     return out
 
 
-def _mean_over_seeds(level: dict[str, Any], method: str, metric: str) -> str:
-    if metric.endswith("_seed_std"):
-        return f"{float(np.mean(_per_sample(level, method, metric))):.4f}"
-    s = level["methods"][method]["spread_over_seeds"][metric]
-    return f"{s['mean']:.4f} ± {s['std']:.4f}"
-
-
 def finding_row(finding: str, setting: str, run_a: dict[str, Any], run_b: dict[str, Any], metric: str,
                 tolerance: float, files: str = "") -> dict[str, Any]:
     """Finding row ``a / b`` (a: iteration-dependent targets, run ``run_a``; b: fixed targets, ``run_b``)
@@ -121,7 +114,7 @@ def finding_row(finding: str, setting: str, run_a: dict[str, Any], run_b: dict[s
     a, b = _network(la), _network(lb)
     iv = paired_ratio_interval(_per_sample(la, a, metric), _per_sample(lb, b, metric))
     return {"finding": finding, "setting": setting, "a": a, "b": b, "metric": metric,
-            "a_mean_std": _mean_over_seeds(la, a, metric), "b_mean_std": _mean_over_seeds(lb, b, metric),
+            "a_mean_std": _mean_std(la["methods"][a], metric), "b_mean_std": _mean_std(lb["methods"][b], metric),
             **iv.to_json(), "expected": "a<b",
             "verdict": judge(iv.low, iv.high, "a<b", lower_is_better=metric != "ssim")}
 

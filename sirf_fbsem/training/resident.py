@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -101,6 +101,3 @@ class ResidentDataset(Sequence[Sample]):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         return self._samples[index]
-
-    def __iter__(self) -> Iterator[Sample]:
-        return iter(self._samples)
