@@ -4,7 +4,7 @@
 # training seeds per learned method, baselines tuned on the tuning set, the confirmation set
 # scored once. Every step is a sirf-fbsem command; each is skipped when its output exists.
 #
-#   bash pipelines/paper_findings_2d.sh WORK_DIR [simulate|train|tune|confirm|all]
+#   bash pipelines/paper_findings_2d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|all]
 #
 # Setting: one ring of the Siemens mMR (1 direct sinogram, 252 views x 344 bins), image
 # 1 x 128 x 128 of 2.086 mm, 2e5 prompts per slice (the low-count level of mmr_2d.md), 20 % randoms
@@ -26,7 +26,12 @@
 # tuning and confirmation sets, once. PET-only sequential FBSEM is also trained at K = 36 on the
 # MNI152 training phantoms (seed 1101, 36 stages of targets), for the K = 36 generalisation rows:
 # scored once on each confirmation set; and with fixed targets on the same set, for findings 1 and 2
-# at K = 36 (pipelines/paper_findings_k36_domains.py pairs the runs' phantoms).
+# at K = 36 (pipelines/paper_findings_k36_domains.py pairs the runs' phantoms). On the procedural
+# training set K = 36 also has fixed targets (findings 1 and 2) and end-to-end training with
+# iteration-dependent and with one shared network (findings 3 and 4).
+# Finding 3 with more data: at K = 12 one shared network beat iteration-dependent ones, perhaps
+# because each of 12 networks saw only 16 training inputs; e2e_n60 / e2e_shared_n60 are the same K = 12
+# end-to-end configurations on 60 new procedural phantoms (seed 1102; 48 train, 12 validate).
 set -euo pipefail
 WORK=${1:?usage: paper_findings_2d.sh WORK_DIR [simulate|train|tune|confirm|all]}
 STEP=${2:-all}
@@ -58,6 +63,11 @@ CONFIGS+=(
     "seq_osem_pm_k36|train36_proc|--mode sequential --targets osem --anatomical"
     "seq_osem_mni_k36|train36_mni|--mode sequential --targets osem"
     "seq_truth_mni_k36|train36_mni|--mode sequential --targets truth"
+    "seq_truth_k36|train36_proc|--mode sequential --targets truth"
+    "e2e_k36|train36_proc|--mode end_to_end --targets osem"
+    "e2e_shared_k36|train36_proc|--mode end_to_end --shared --targets osem"
+    "e2e_n60|train60_proc|--mode end_to_end --targets osem"
+    "e2e_shared_n60|train60_proc|--mode end_to_end --shared --targets osem"
 )
 
 simulate() {
@@ -71,13 +81,16 @@ simulate() {
     # the procedural training set again, with 36 stages of targets (same seed: same phantoms and noise)
     $SF simulate --out "$WORK/data/train36_proc" --num-samples 20 --seed 1100 --phantom procedural "${GEOM36[@]}" --no-progress
     $SF simulate --out "$WORK/data/train36_mni" --num-samples 20 --seed 1101 --phantom mni152 "${GEOM36[@]}" --no-progress
+    # finding 3 with three times the training phantoms (a new seed): 48 training inputs per network
+    $SF simulate --out "$WORK/data/train60_proc" --num-samples 60 --seed 1102 --phantom procedural "${GEOM[@]}" --no-progress
 }
 
-train() {
+train() {  # train [NAME...]: every configuration, or the ones named
     local cfg name data args seed out resume
     for seed in $SEEDS; do
         for cfg in "${CONFIGS[@]}"; do
             IFS='|' read -r name data args <<< "$cfg"
+            [ $# -eq 0 ] || [[ " $* " == *" $name "* ]] || continue
             out="$WORK/runs/${name}_s$seed"
             [ -f "$out/model.pt" ] && continue
             resume=()
@@ -107,51 +120,46 @@ tune() {
         "${GRIDS[@]}" --no-progress --overwrite
 }
 
-# score NAME KIND ARGS...: one confirmation run on confirm_KIND with the baselines tuned on tune_KIND
-# (skipped once NAME.json exists: each configuration is scored once)
+# score NAME KIND "CONFIGS" ARGS...: one confirmation run of the configurations' models on confirm_KIND,
+# with the baselines tuned on tune_KIND (skipped once NAME.json exists: each configuration is scored
+# once; the models are looked up only then, so a run can be scored before later configurations train)
 score() {
-    local name=$1 kind=$2
-    shift 2
+    local name=$1 kind=$2 configs=$3 models_args
+    shift 3
     [ -f "$WORK/results/$name.json" ] && return 0
+    # shellcheck disable=SC2086  # CONFIGS are words
+    models_args=$(models $configs)
+    # shellcheck disable=SC2086  # --model NAME=PATH words
     $SF evaluate --data "$WORK/data/confirm_$kind" --tune-data "$WORK/data/tune_$kind" --out "$WORK/results" \
-        --name "$name" "${GRIDS[@]}" --no-progress "$@"
+        --name "$name" "${GRIDS[@]}" --no-progress "$@" $models_args
 }
 
 # the confirmation runs: scored once, after every choice is frozen
 confirm() {
-    local proc mni proc36 pm36 mni36 truth36
-    proc=$(models "${K12[@]}")
-    mni=$(models seq_osem seq_truth seq_osem_mni seq_truth_mni)
-    # shellcheck disable=SC2086  # --model NAME=PATH words
-    score paper_findings_2d_proc proc "${BOWSHER[@]}" $proc
-    # shellcheck disable=SC2086
-    score paper_findings_2d_mni mni $mni
-    # K = 36: PET-only (both phantom kinds), then PET+MR against MR-guided MAP-EM; each run is
-    # scored once its own models exist
-    proc36=$(models seq_osem_k36)
-    # shellcheck disable=SC2086
-    score paper_findings_2d_k36_proc proc $proc36
-    # shellcheck disable=SC2086
-    score paper_findings_2d_k36_mni mni $proc36
-    pm36=$(models seq_osem_pm_k36)
-    # shellcheck disable=SC2086
-    score paper_findings_2d_k36_pm_proc proc "${BOWSHER[@]}" $pm36
-    # K = 36 trained on MNI152 phantoms: on MNI152 (its kind) and on procedural phantoms
-    mni36=$(models seq_osem_mni_k36)
-    # shellcheck disable=SC2086
-    score paper_findings_2d_k36_mni_on_mni mni $mni36
-    # shellcheck disable=SC2086
-    score paper_findings_2d_k36_mni_on_proc proc $mni36
-    truth36=$(models seq_truth_mni_k36)
-    # shellcheck disable=SC2086
-    score paper_findings_2d_k36_truth_mni_on_mni mni $truth36
-    # shellcheck disable=SC2086
-    score paper_findings_2d_k36_truth_mni_on_proc proc $truth36
+    score paper_findings_2d_proc proc "${K12[*]}" "${BOWSHER[@]}"
+    score paper_findings_2d_mni mni "seq_osem seq_truth seq_osem_mni seq_truth_mni"
+    # K = 36: PET-only (both phantom kinds), then PET+MR against MR-guided MAP-EM
+    score paper_findings_2d_k36_proc proc seq_osem_k36
+    score paper_findings_2d_k36_mni mni seq_osem_k36
+    score paper_findings_2d_k36_pm_proc proc seq_osem_pm_k36 "${BOWSHER[@]}"
+    # K = 36 trained on MNI152 phantoms: on MNI152 (its kind) and on procedural phantoms, with
+    # iteration-dependent and with fixed targets
+    score paper_findings_2d_k36_mni_on_mni mni seq_osem_mni_k36
+    score paper_findings_2d_k36_mni_on_proc proc seq_osem_mni_k36
+    score paper_findings_2d_k36_truth_mni_on_mni mni seq_truth_mni_k36
+    score paper_findings_2d_k36_truth_mni_on_proc proc seq_truth_mni_k36
+    # K = 36 with fixed targets on the procedural training set (findings 1 and 2), and end-to-end
+    # with iteration-dependent and with one shared network (findings 3 and 4)
+    score paper_findings_2d_k36_truth_proc_on_proc proc seq_truth_k36
+    score paper_findings_2d_k36_truth_proc_on_mni mni seq_truth_k36
+    score paper_findings_2d_k36_e2e_proc proc "e2e_k36 e2e_shared_k36"
+    # K = 12 end-to-end with 60 training phantoms: does finding 3 turn with more data per network?
+    score paper_findings_2d_n60_e2e_proc proc "e2e_n60 e2e_shared_n60"
 }
 
 case "$STEP" in
     simulate) simulate ;;
-    train) train ;;
+    train) shift 2; train "$@" ;;
     tune) tune ;;
     confirm) confirm ;;
     all) simulate; train; tune; confirm ;;

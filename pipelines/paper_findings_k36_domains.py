@@ -1,19 +1,26 @@
-"""Cross-domain table of the 2D K = 36 study: PET-only sequential FBSEM trained on procedural or on
-MNI152 phantoms, each scored once on both confirmation sets (docs/studies/paper_findings.md).
+"""The K = 36 tables of the 2D study (docs/studies/paper_findings.md): PET-only FBSEM trained on
+procedural or on MNI152 phantoms across phantom kinds, and the paper's findings 1 to 4 at K = 36.
 
-Reads the four confirmation runs of ``pipelines/paper_findings_2d.sh`` (``evaluate`` JSON files)
-and writes, per confirmation set: each model's NRMSE and SSIM (mean ± std over its training seeds)
-and the paired ratio "trained on the other kind / trained on this kind" with a bootstrap 95 %
-interval over the confirmation phantoms. The pairing is only valid when both runs scored the same
-phantoms with the same data: the script checks that the runs' baselines agree phantom by phantom
-(``--tolerance``) and refuses otherwise.
+Reads the confirmation runs of ``pipelines/paper_findings_2d.sh`` (``evaluate`` JSON files). Each
+configuration was scored once, in its own run, so most comparisons pair two runs: that is only
+valid when both scored the same phantoms with the same data. The script checks that the runs'
+baselines agree phantom by phantom (``--tolerance``) and refuses otherwise.
 
-With the runs of the fixed-target networks trained on MNI152 phantoms (``--truth-mni-on-mni``,
-``--truth-mni-on-proc``), it also gives findings 1 and 2 at K = 36 for that training set (paired
-across runs in the same way), with the verdict rules of ``paper_findings_table.py``.
+- Cross-domain (the four required runs): per confirmation set, each model's NRMSE and SSIM (mean ±
+  std over its training seeds) and the paired ratio "trained on the other kind / trained on this
+  kind" with a bootstrap 95 % interval over the confirmation phantoms.
+- Findings 1 and 2 with the fixed-target networks (``--truth-mni-on-mni`` / ``--truth-mni-on-proc``
+  for the MNI152 training set, ``--truth-proc-on-proc`` / ``--truth-proc-on-mni`` for the
+  procedural one).
+- Findings 3 and 4 with the end-to-end run (``--e2e-proc``: ``e2e_k36`` and ``e2e_shared_k36`` on the
+  procedural confirmation set): iteration-dependent against one shared network, and sequential
+  (``--proc-on-proc``) against end-to-end.
+
+Verdicts follow the rules of ``paper_findings_table.py``, fixed before any confirmation run.
 
     python pipelines/paper_findings_k36_domains.py --proc-on-proc A.json --proc-on-mni B.json \\
         --mni-on-mni C.json --mni-on-proc D.json [--truth-mni-on-mni E.json --truth-mni-on-proc F.json] \\
+        [--truth-proc-on-proc G.json --truth-proc-on-mni H.json] [--e2e-proc I.json] \\
         --out pipelines/results/paper_findings_2d_k36_domains.json
 """
 from __future__ import annotations
@@ -39,9 +46,14 @@ def _level(result: dict[str, Any]) -> dict[str, Any]:
     return next(iter(levels.values()))
 
 
-def _network(level: dict[str, Any]) -> str:
-    """The name of the run's learned method (the one with per-seed results)."""
+def _network(level: dict[str, Any], name: str | None = None) -> str:
+    """The name of the run's learned method (the one with per-seed results), or ``name`` when the run
+    has it among several."""
     names = [k for k, v in level["methods"].items() if "seeds" in v]
+    if name is not None:
+        if name not in names:
+            raise ValueError(f"expected a learned method {name!r} with seeds, got {names}")
+        return name
     if len(names) != 1:
         raise ValueError(f"expected one learned method with seeds, got {names}")
     return names[0]
@@ -106,17 +118,19 @@ def domain_table(own: dict[str, Any], other: dict[str, Any], kind: str, other_ki
 
 
 def finding_row(finding: str, setting: str, run_a: dict[str, Any], run_b: dict[str, Any], metric: str,
-                tolerance: float, files: str = "") -> dict[str, Any]:
-    """Finding row ``a / b`` (a: iteration-dependent targets, run ``run_a``; b: fixed targets, ``run_b``)
-    on one confirmation set, paired across the two runs; expected "a<b" (the paper's finding)."""
+                tolerance: float, files: str = "", expected: str = "a<b", a: str | None = None,
+                b: str | None = None) -> dict[str, Any]:
+    """Finding row ``a / b`` on one confirmation set: learned method ``a`` of run ``run_a`` (its only one
+    unless named) against ``b`` of ``run_b``, paired phantom by phantom (the two runs may be one);
+    ``expected`` is what the paper found ("a<b": a better; "a=b": no notable difference)."""
     check_same_phantoms(run_a, run_b, tolerance, f"{setting}{files}")
     la, lb = _level(run_a), _level(run_b)
-    a, b = _network(la), _network(lb)
+    a, b = _network(la, a), _network(lb, b)
     iv = paired_ratio_interval(_per_sample(la, a, metric), _per_sample(lb, b, metric))
     return {"finding": finding, "setting": setting, "a": a, "b": b, "metric": metric,
             "a_mean_std": _mean_std(la["methods"][a], metric), "b_mean_std": _mean_std(lb["methods"][b], metric),
-            **iv.to_json(), "expected": "a<b",
-            "verdict": judge(iv.low, iv.high, "a<b", lower_is_better=metric != "ssim")}
+            **iv.to_json(), "expected": expected,
+            "verdict": judge(iv.low, iv.high, expected, lower_is_better=metric != "ssim")}
 
 
 def markdown(tables: list[dict[str, Any]]) -> str:
@@ -136,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--truth-mni-on-mni", "--truth-mni-on-proc"):
         p.add_argument(flag, type=Path, default=None, help="evaluate JSON of the fixed-target networks trained "
                        "on MNI152 phantoms on that confirmation set (findings 1 and 2)")
+    for flag in ("--truth-proc-on-proc", "--truth-proc-on-mni"):
+        p.add_argument(flag, type=Path, default=None, help="evaluate JSON of the fixed-target networks trained "
+                       "on procedural phantoms on that confirmation set (findings 1 and 2)")
+    p.add_argument("--e2e-proc", type=Path, default=None, help="evaluate JSON of the end-to-end networks "
+                   "(e2e_k36 and e2e_shared_k36) on the procedural confirmation set (findings 3 and 4)")
     p.add_argument("--tolerance", type=float, default=1e-6, help="largest relative difference of the baselines' "
                    "per-phantom NRMSE between two runs on one set (default 1e-6)")
     p.add_argument("--out", type=Path, required=True, help="output JSON")
@@ -146,21 +165,41 @@ def main(argv: list[str] | None = None) -> int:
                            f" ({args.proc_on_proc}, {args.mni_on_proc})"),
               domain_table(runs["mni_on_mni"], runs["proc_on_mni"], "MNI152", "procedural", args.tolerance,
                            f" ({args.mni_on_mni}, {args.proc_on_mni})")]
+    for a, b in (("truth_mni_on_mni", "truth_mni_on_proc"), ("truth_proc_on_proc", "truth_proc_on_mni")):
+        if (getattr(args, a) is None) != (getattr(args, b) is None):
+            p.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} go together")
+    extra = {k: json.loads(getattr(args, k).read_text()) for k in ("truth_mni_on_mni", "truth_mni_on_proc",
+                                                                  "truth_proc_on_proc", "truth_proc_on_mni", "e2e_proc")
+             if getattr(args, k) is not None}
     findings = []
-    if (args.truth_mni_on_mni is None) != (args.truth_mni_on_proc is None):
-        p.error("--truth-mni-on-mni and --truth-mni-on-proc go together")
-    if args.truth_mni_on_mni is not None:
-        truth_mni = json.loads(args.truth_mni_on_mni.read_text())
-        truth_proc = json.loads(args.truth_mni_on_proc.read_text())
-        M, P = "MNI152 confirmation; trained on MNI152; K = 36", "procedural confirmation; trained on MNI152; K = 36"
-        fm, fp = f" ({args.mni_on_mni}, {args.truth_mni_on_mni})", f" ({args.mni_on_proc}, {args.truth_mni_on_proc})"
-        findings = [
-            finding_row("1 consistency", M, runs["mni_on_mni"], truth_mni, "nrmse_seed_std", args.tolerance, fm),
-            finding_row("2 generalisation", P, runs["mni_on_proc"], truth_proc, "nrmse", args.tolerance, fp),
-            finding_row("2 (in-domain, for reference)", M, runs["mni_on_mni"], truth_mni, "nrmse", args.tolerance, fm),
+
+    def pair(x: str, y: str) -> str:
+        return f" ({getattr(args, x)}, {getattr(args, y)})"
+
+    for kind, k in (("MNI152", "mni"), ("procedural", "proc")):  # training set: findings 1 and 2
+        if f"truth_{k}_on_{k}" not in extra:
+            continue
+        other, o = ("procedural", "proc") if k == "mni" else ("MNI152", "mni")
+        own_set, other_set = (f"{c} confirmation; trained on {kind}; K = 36" for c in (kind, other))
+        on_own, on_other = runs[f"{k}_on_{k}"], runs[f"{k}_on_{o}"]
+        truth_own, truth_other = extra[f"truth_{k}_on_{k}"], extra[f"truth_{k}_on_{o}"]
+        f_own, f_other = pair(f"{k}_on_{k}", f"truth_{k}_on_{k}"), pair(f"{k}_on_{o}", f"truth_{k}_on_{o}")
+        findings += [
+            finding_row("1 consistency", own_set, on_own, truth_own, "nrmse_seed_std", args.tolerance, f_own),
+            finding_row("2 generalisation", other_set, on_other, truth_other, "nrmse", args.tolerance, f_other),
+            finding_row("2 (in-domain, for reference)", own_set, on_own, truth_own, "nrmse", args.tolerance, f_own),
         ]
+    if "e2e_proc" in extra:
+        P, e2e = "procedural confirmation; trained on procedural; K = 36", extra["e2e_proc"]
+        f3, f4 = f" ({args.e2e_proc})", pair("proc_on_proc", "e2e_proc")
+        findings += [
+            finding_row("3 iteration-dependent vs shared", P, e2e, e2e, metric, args.tolerance, f3,
+                        a="e2e_k36", b="e2e_shared_k36") for metric in ("nrmse", "ssim")]
+        findings += [
+            finding_row("4 sequential vs end-to-end", P, runs["proc_on_proc"], e2e, metric, args.tolerance, f4,
+                        expected="a=b", b="e2e_k36") for metric in ("nrmse", "ssim")]
     result = {"written_by": "pipelines/paper_findings_k36_domains.py",
-              "sources": {k: str(getattr(args, k)) for k in runs}, "tables": tables, "findings": findings}
+              "sources": {k: str(getattr(args, k)) for k in [*runs, *extra]}, "tables": tables, "findings": findings}
     args.out.write_text(json.dumps(result, indent=1))
     print(markdown(tables))
     for r in findings:

@@ -5,7 +5,7 @@ to JSON, with a figure of every learned method's NRMSE per training seed.
 
     python pipelines/paper_findings_table.py --proc RESULTS/paper_findings_2d_proc.json \\
         --mni RESULTS/paper_findings_2d_mni.json --memory pipelines/results/bench_training_memory_tensors.json \\
-        --out pipelines/results/paper_findings_2d
+        [--n60 RESULTS/paper_findings_2d_n60_e2e_proc.json] --out pipelines/results/paper_findings_2d
 
 Every figure is read from the JSON that ``sirf-fbsem evaluate`` wrote (``summary.*.learned_intervals``,
 ``seed_spread_intervals``, ``ratio_intervals`` and each method's ``spread_over_seeds``); this script
@@ -119,6 +119,14 @@ def rows(proc: dict[str, Any], mni: dict[str, Any]) -> list[Row]:
     return out
 
 
+def more_data_rows(result: dict[str, Any]) -> list[Row]:
+    """Finding 3 again with 60 training phantoms (``e2e_n60`` / ``e2e_shared_n60``, K = 12, procedural
+    confirmation set): does one shared network still win when each of the 12 networks sees 48 inputs?"""
+    setting = "procedural confirmation; 60 training phantoms (48 train)"
+    return [row("3 iteration-dependent vs shared", setting, result, "learned_intervals", "e2e_n60", "e2e_shared_n60",
+                metric, "a<b") for metric in ("nrmse", "ssim")]
+
+
 def memory_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
     """Sequential / end-to-end peak tensor memory at every K where both were measured (no fit)."""
     by = {(r["mode"], r["stages"]): r for r in bench["results"] if r.get("status") == "ok" and r["device"] == "cpu"}
@@ -174,16 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--proc", type=Path, required=True, help="evaluate JSON on the procedural confirmation set")
     ap.add_argument("--mni", type=Path, required=True, help="evaluate JSON on the MNI152 confirmation set")
     ap.add_argument("--memory", type=Path, required=True, help="bench_training_memory.py JSON (--tensor-memory)")
+    ap.add_argument("--n60", type=Path, default=None, help="evaluate JSON of e2e_n60 and e2e_shared_n60 on the "
+                    "procedural confirmation set (finding 3 with 60 training phantoms)")
     ap.add_argument("--out", type=Path, required=True, help="output stem: STEM.json, STEM.png")
     args = ap.parse_args(argv)
     proc, mni = (json.loads(p.read_text()) for p in (args.proc, args.mni))
-    for name, result in (("--proc", proc), ("--mni", mni)):
-        if not result.get("phantom_sets", {}).get("confirmation"):
+    n60 = json.loads(args.n60.read_text()) if args.n60 is not None else None
+    for name, result in (("--proc", proc), ("--mni", mni), ("--n60", n60)):
+        if result is not None and not result.get("phantom_sets", {}).get("confirmation"):
             ap.error(f"{name}: {getattr(args, name[2:])} was not scored as a confirmation set (no --tune-data)")
-    table = rows(proc, mni)
+    table = rows(proc, mni) + (more_data_rows(n60) if n60 is not None else [])
     memory = memory_rows(json.loads(args.memory.read_text()))
-    out = {"equivalence_margin": EQUIVALENCE_MARGIN, "sources": {"proc": str(args.proc), "mni": str(args.mni),
-                                                                 "memory": str(args.memory)},
+    sources = {"proc": str(args.proc), "mni": str(args.mni), "memory": str(args.memory)}
+    if args.n60 is not None:
+        sources["n60"] = str(args.n60)
+    out = {"equivalence_margin": EQUIVALENCE_MARGIN, "sources": sources,
            "findings": [asdict(r) for r in table], "memory_measured": memory}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")

@@ -68,8 +68,9 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
     trains = [c for c in calls if c[0] == "train"]
     evals = [c for c in calls if c[0] == "evaluate"]
     # training, tuning and confirmation sets per phantom kind: six sets, six distinct base seeds;
-    # the seventh and eighth are the training sets again (same seeds) with 36 stages of targets
-    assert len(sims) == 8 and len({_flag(c, "--seed") for c in sims}) == 6
+    # the seventh and eighth are the training sets again (same seeds) with 36 stages of targets; the
+    # ninth a larger procedural training set on a seed of its own
+    assert len(sims) == 9 and len({_flag(c, "--seed") for c in sims}) == 7
     by_out = {Path(_flag(c, "--out")).name: c for c in sims}
     for kind in ("proc", "mni"):
         assert _flag(by_out[f"train36_{kind}"], "--seed") == _flag(by_out[f"train_{kind}"], "--seed")
@@ -80,18 +81,26 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
              for role in ("train", "tune", "confirm")}
     assert not (roles["train"] & roles["tune"] or roles["train"] & roles["confirm"] or roles["tune"] & roles["confirm"])
     # every configuration once per training seed, each into its own directory
-    assert len(trains) == 2 * 13 and len({_flag(c, "--out") for c in trains}) == 26
+    assert len(trains) == 2 * 18 and len({_flag(c, "--out") for c in trains}) == 36
+    assert all(_flag(c, "--data").endswith("train60_proc") == ("_n60_" in _flag(c, "--out")) for c in trains)
     assert {_flag(c, "--seed") for c in trains} == {"0", "1"}
     assert all(("train36" in _flag(c, "--data")) == ("_k36_" in _flag(c, "--out")) for c in trains)
     assert all(_flag(c, "--data").endswith("train36_mni") == ("_mni_k36_" in _flag(c, "--out")) for c in trains)
-    # two tuning runs (no --tune-data, no models), then seven confirmation runs (with --tune-data):
+    # two tuning runs (no --tune-data, no models), then twelve confirmation runs (with --tune-data):
     # K = 12 on both phantom kinds, K = 36 PET-only on both, K = 36 PET+MR (with the Bowsher grid),
-    # K = 36 trained on MNI152 phantoms on both, with iteration-dependent and with fixed targets
+    # K = 36 trained on MNI152 phantoms on both, with iteration-dependent and with fixed targets,
+    # K = 36 fixed targets trained on procedural phantoms on both, K = 36 end-to-end (two networks),
+    # K = 12 end-to-end trained on 60 phantoms (two networks)
     tune, confirm = evals[:2], evals[2:]
-    assert len(confirm) == 9 and all("--tune-data" not in c and "--model" not in c for c in tune)
-    proc_run, mni_run, proc36, mni36, pm36, mni36_mni, mni36_proc, truth36_mni, truth36_proc = confirm
+    assert len(confirm) == 13 and all("--tune-data" not in c and "--model" not in c for c in tune)
+    (proc_run, mni_run, proc36, mni36, pm36, mni36_mni, mni36_proc, truth36_mni, truth36_proc,
+     truthp_proc, truthp_mni, e2e36, e2e60) = confirm
     assert proc_run.count("--model") == 18 and mni_run.count("--model") == 8
-    assert [c.count("--model") for c in confirm[2:]] == [2] * 7
+    assert [c.count("--model") for c in confirm[2:]] == [2] * 9 + [4, 4]
+    assert {e2e60[i + 1].split("=")[0] for i, a in enumerate(e2e60) if a == "--model"} == {"e2e_n60", "e2e_shared_n60"}
+    assert {run[i + 1].split("=")[0] for run in (truthp_proc, truthp_mni) for i, a in enumerate(run)
+            if a == "--model"} == {"seq_truth_k36"}
+    assert {e2e36[i + 1].split("=")[0] for i, a in enumerate(e2e36) if a == "--model"} == {"e2e_k36", "e2e_shared_k36"}
     assert {run[i + 1].split("=")[0] for run in (truth36_mni, truth36_proc) for i, a in enumerate(run)
             if a == "--model"} == {"seq_truth_mni_k36"}
     models36 = {run[i + 1].split("=")[0] for run in (proc36, mni36, pm36) for i, a in enumerate(run) if a == "--model"}
@@ -99,7 +108,7 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
     assert {run[i + 1].split("=")[0] for run in (mni36_mni, mni36_proc) for i, a in enumerate(run)
             if a == "--model"} == {"seq_osem_mni_k36"}
     for run in confirm:
-        kind = "mni" if run in (mni_run, mni36, mni36_mni, truth36_mni) else "proc"
+        kind = "mni" if run in (mni_run, mni36, mni36_mni, truth36_mni, truthp_mni) else "proc"
         assert _flag(run, "--data").endswith(f"confirm_{kind}") and _flag(run, "--tune-data").endswith(f"tune_{kind}")
     # a second run trains and confirms nothing again
     proc, calls = _run(tmp_path, "all")
@@ -112,6 +121,38 @@ def test_paper_findings_confirmation_refuses_missing_runs(tmp_path):
     proc, calls = _run(tmp_path, "confirm")
     assert proc.returncode != 0 and "model.pt is missing: run the train step first" in proc.stderr
     assert not calls  # nothing scored
+
+
+def test_paper_findings_trains_named_configurations_and_scores_each_run_once_its_models_exist(tmp_path):
+    """``train NAME...`` trains only those configurations; ``confirm`` skips the runs already scored and
+    scores a new one as soon as its own models exist, while a run whose models are missing stops it."""
+    log = tmp_path / "calls.jsonl"
+    stand_in = tmp_path / "sf.py"
+    stand_in.write_text(f"LOG = {str(log)!r}\n" + STAND_IN)
+    env = {**os.environ, "SIRF_FBSEM": f"{shlex.quote(sys.executable)} {shlex.quote(str(stand_in))}",
+           "SEEDS": "0 1", "PYTHONPATH": str(REPO)}
+    work = tmp_path / "work"
+    run = subprocess.run(["bash", str(SCRIPT), str(work), "train", "seq_truth_k36", "e2e_k36"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    trains = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(Path(_flag(c, "--out")).name for c in trains) == ["e2e_k36_s0", "e2e_k36_s1", "seq_truth_k36_s0",
+                                                                    "seq_truth_k36_s1"]
+    # every earlier run already scored: only the new procedural fixed-target runs are scored, then the
+    # end-to-end run stops the step because e2e_shared_k36 has not been trained
+    results = work / "results"
+    results.mkdir()
+    for name in ("proc", "mni", "k36_proc", "k36_mni", "k36_pm_proc", "k36_mni_on_mni", "k36_mni_on_proc",
+                 "k36_truth_mni_on_mni", "k36_truth_mni_on_proc"):
+        (results / f"paper_findings_2d_{name}.json").write_text("{}")
+    log.unlink()
+    run = subprocess.run(["bash", str(SCRIPT), str(work), "confirm"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0 and "e2e_shared_k36_s0/model.pt is missing" in run.stderr
+    evals = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [_flag(c, "--name") for c in evals] == ["paper_findings_2d_k36_truth_proc_on_proc",
+                                                   "paper_findings_2d_k36_truth_proc_on_mni"]
+    assert not (results / "paper_findings_2d_k36_e2e_proc.json").exists()
 
 
 def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_levels(tmp_path):
@@ -201,8 +242,27 @@ def test_findings_verdicts_follow_the_rules_fixed_before_scoring():
     assert t.judge(1 - m / 2, 1 + 2 * m, "a=b") == "inconclusive"
 
 
-def _evaluate_json(seed: int, net: str, net_nrmse: list[float], base_shift: float = 0.0) -> dict:
-    """A minimal ``evaluate`` JSON: three baselines and one learned method (2 seeds) on 4 phantoms."""
+def test_findings_table_is_rebuilt_from_the_recorded_confirmation_runs(tmp_path):
+    """pipelines/results/paper_findings_2d.json follows from the recorded evaluate runs it names: the
+    same rows and verdicts, the K = 12 runs' and the 60-phantom end-to-end run's (finding 3 with more data)."""
+    t = _findings_table()
+    recorded = json.loads((REPO / "pipelines" / "results" / "paper_findings_2d.json").read_text())
+    sources = recorded["sources"]
+    assert set(sources) == {"proc", "mni", "memory", "n60"}
+    argv = [a for key in ("proc", "mni", "memory", "n60") for a in (f"--{key}", str(REPO / sources[key]))]
+    assert t.main([*argv, "--out", str(tmp_path / "table")]) == 0
+    rebuilt = json.loads((tmp_path / "table.json").read_text())
+    assert rebuilt["findings"] == recorded["findings"] and rebuilt["memory_measured"] == recorded["memory_measured"]
+    more = [r for r in rebuilt["findings"] if "60 training phantoms" in r["setting"]]
+    assert [(r["a"], r["b"], r["metric"]) for r in more] == [("e2e_n60", "e2e_shared_n60", "nrmse"),
+                                                            ("e2e_n60", "e2e_shared_n60", "ssim")]
+    assert all(r["verdict"] == t.judge(r["low"], r["high"], "a<b", r["metric"] != "ssim") for r in more)
+
+
+def _evaluate_json(seed: int, net: str, net_nrmse: list[float], base_shift: float = 0.0,
+                   more_nets: dict[str, list[float]] | None = None) -> dict:
+    """A minimal ``evaluate`` JSON: three baselines and one learned method (2 seeds), or more
+    (``more_nets``), on 4 phantoms."""
     def rows(values):
         return [{"index": i, "nrmse": v, "ssim": 1.0 - v, "nrmse_seed_std": v / 100} for i, v in enumerate(values)]
 
@@ -211,7 +271,8 @@ def _evaluate_json(seed: int, net: str, net_nrmse: list[float], base_shift: floa
                    "mean": {"nrmse": 0.3 * f, "ssim": 0.7}} for m, f in (("osem", 1.2), ("osem_filtered", 1.0),
                                                                           ("map_em", 1.05))}
     spread = {m: {"num_seeds": 2, "mean": 0.25, "std": 0.01} for m in ("nrmse", "ssim")}
-    methods[net] = {"per_sample": rows(net_nrmse), "seeds": {}, "spread_over_seeds": spread}
+    for name, values in {net: net_nrmse, **(more_nets or {})}.items():
+        methods[name] = {"per_sample": rows(values), "seeds": {}, "spread_over_seeds": spread}
     return {"count_levels": {"2e+05": {"sample_indices": [0, 1, 2, 3], "methods": methods}},
             "phantom_sets": {"scored": {"seeds": [seed]}}}
 
@@ -256,6 +317,36 @@ def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeyp
     assert consistency["metric"] == "nrmse_seed_std" and consistency["estimate"] == pytest.approx(0.95)
     assert consistency["verdict"] == in_domain["verdict"] == "reproduced"
     assert general["estimate"] == pytest.approx(1.2) and general["verdict"] == "not reproduced"
+    # the procedural training set's fixed targets (findings 1 and 2 the other way round) and the
+    # end-to-end run with two networks (findings 3 and 4, paired within and across runs)
+    more = {"truth-proc-on-proc": _evaluate_json(3100, "seq_truth_k36", [v / 0.9 for v in own]),
+            "truth-proc-on-mni": _evaluate_json(3101, "seq_truth_k36", [v * 0.9 for v in own]),
+            "e2e-proc": _evaluate_json(3100, "e2e_k36", [v * 1.02 for v in own],
+                                       more_nets={"e2e_shared_k36": [v * 1.02 / 0.97 for v in own]})}
+    for name, content in more.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    extra += [a for name in more for a in (f"--{name}", str(tmp_path / f"{name}.json"))]
+    assert mod.main([*argv, *extra, "--out", str(out)]) == 0
+    findings = json.loads(out.read_text())["findings"]
+    assert [(f["finding"], f["metric"]) for f in findings[3:]] == [
+        ("1 consistency", "nrmse_seed_std"), ("2 generalisation", "nrmse"), ("2 (in-domain, for reference)", "nrmse"),
+        ("3 iteration-dependent vs shared", "nrmse"), ("3 iteration-dependent vs shared", "ssim"),
+        ("4 sequential vs end-to-end", "nrmse"), ("4 sequential vs end-to-end", "ssim")]
+    c1, g2, d2, n3, s3, n4, s4 = findings[3:]
+    assert c1["estimate"] == pytest.approx(0.9) and c1["verdict"] == "reproduced"
+    assert g2["estimate"] == pytest.approx(0.9 / 0.9) and g2["verdict"] == "inconclusive"  # equal on every phantom
+    assert (n3["a"], n3["b"], n3["estimate"], n3["verdict"]) == ("e2e_k36", "e2e_shared_k36", pytest.approx(0.97),
+                                                                  "reproduced")
+    assert (n4["a"], n4["b"], n4["expected"]) == ("seq_osem_k36", "e2e_k36", "a=b")
+    assert n4["estimate"] == pytest.approx(1 / 1.02) and n4["verdict"] == "reproduced"  # inside 1 +- 0.05
+    assert s3["metric"] == s4["metric"] == "ssim" and d2["estimate"] == pytest.approx(0.9)
+    with pytest.raises(SystemExit):  # one of a pair alone
+        mod.main([*argv, "--truth-proc-on-proc", str(tmp_path / "truth-proc-on-proc.json"), "--out", str(out)])
+    # the end-to-end run on other data than the sequential run: no pairing for finding 4
+    (tmp_path / "e2e-proc.json").write_text(json.dumps(_evaluate_json(3100, "e2e_k36", own, base_shift=1e-3,
+                                                                      more_nets={"e2e_shared_k36": own})))
+    with pytest.raises(ValueError, match=r"e2e-proc.json\): the baselines differ"):
+        mod.main([*argv, *extra, "--out", str(out)])
     # other data under one set (baselines that differ) or another phantom set: no pairing
     files["mni-on-proc"] = _evaluate_json(3100, "seq_osem_mni_k36", own, base_shift=1e-3)
     (tmp_path / "mni-on-proc.json").write_text(json.dumps(files["mni-on-proc"]))
