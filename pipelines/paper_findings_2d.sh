@@ -28,7 +28,8 @@
 # scored once on each confirmation set; and with fixed targets on the same set, for findings 1 and 2
 # at K = 36 (pipelines/paper_findings_k36_domains.py pairs the runs' phantoms). On the procedural
 # training set K = 36 also has fixed targets (findings 1 and 2) and end-to-end training with
-# iteration-dependent and with one shared network (findings 3 and 4).
+# iteration-dependent and with one shared network (findings 3 and 4), greedy training and the
+# block-wise regulariser.
 # Finding 3 with more data: at K = 12 one shared network beat iteration-dependent ones, perhaps
 # because each of 12 networks saw only 16 training inputs; e2e_n60 / e2e_shared_n60 are the same K = 12
 # end-to-end configurations on 60 new procedural phantoms (seed 1102; 48 train, 12 validate).
@@ -66,6 +67,8 @@ CONFIGS+=(
     "seq_truth_k36|train36_proc|--mode sequential --targets truth"
     "e2e_k36|train36_proc|--mode end_to_end --targets osem"
     "e2e_shared_k36|train36_proc|--mode end_to_end --shared --targets osem"
+    "greedy_k36|train36_proc|--mode greedy --targets osem"
+    "seq_block_k36|train36_proc|--mode sequential --targets osem --block-size 1,64,64"
     "e2e_n60|train60_proc|--mode end_to_end --targets osem"
     "e2e_shared_n60|train60_proc|--mode end_to_end --shared --targets osem"
 )
@@ -153,6 +156,8 @@ confirm() {
     score paper_findings_2d_k36_truth_proc_on_proc proc seq_truth_k36
     score paper_findings_2d_k36_truth_proc_on_mni mni seq_truth_k36
     score paper_findings_2d_k36_e2e_proc proc "e2e_k36 e2e_shared_k36"
+    # K = 36 greedy training and the block-wise regulariser (compared with the two runs above)
+    score paper_findings_2d_k36_schemes_proc proc "greedy_k36 seq_block_k36"
     # K = 12 end-to-end with 60 training phantoms: does finding 3 turn with more data per network?
     score paper_findings_2d_n60_e2e_proc proc "e2e_n60 e2e_shared_n60"
 }

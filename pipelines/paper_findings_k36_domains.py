@@ -15,12 +15,14 @@ baselines agree phantom by phantom (``--tolerance``) and refuses otherwise.
 - Findings 3 and 4 with the end-to-end run (``--e2e-proc``: ``e2e_k36`` and ``e2e_shared_k36`` on the
   procedural confirmation set): iteration-dependent against one shared network, and sequential
   (``--proc-on-proc``) against end-to-end.
+- Greedy training and the block-wise regulariser (``--schemes-proc``: ``greedy_k36`` and
+  ``seq_block_k36`` on the procedural confirmation set), against sequential and end-to-end.
 
 Verdicts follow the rules of ``paper_findings_table.py``, fixed before any confirmation run.
 
     python pipelines/paper_findings_k36_domains.py --proc-on-proc A.json --proc-on-mni B.json \\
         --mni-on-mni C.json --mni-on-proc D.json [--truth-mni-on-mni E.json --truth-mni-on-proc F.json] \\
-        [--truth-proc-on-proc G.json --truth-proc-on-mni H.json] [--e2e-proc I.json] \\
+        [--truth-proc-on-proc G.json --truth-proc-on-mni H.json] [--e2e-proc I.json [--schemes-proc J.json]] \\
         --out pipelines/results/paper_findings_2d_k36_domains.json
 """
 from __future__ import annotations
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                        "on procedural phantoms on that confirmation set (findings 1 and 2)")
     p.add_argument("--e2e-proc", type=Path, default=None, help="evaluate JSON of the end-to-end networks "
                    "(e2e_k36 and e2e_shared_k36) on the procedural confirmation set (findings 3 and 4)")
+    p.add_argument("--schemes-proc", type=Path, default=None, help="evaluate JSON of greedy_k36 and seq_block_k36 on "
+                   "the procedural confirmation set (with --e2e-proc)")
     p.add_argument("--tolerance", type=float, default=1e-6, help="largest relative difference of the baselines' "
                    "per-phantom NRMSE between two runs on one set (default 1e-6)")
     p.add_argument("--out", type=Path, required=True, help="output JSON")
@@ -169,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         if (getattr(args, a) is None) != (getattr(args, b) is None):
             p.error(f"--{a.replace('_', '-')} and --{b.replace('_', '-')} go together")
     extra = {k: json.loads(getattr(args, k).read_text()) for k in ("truth_mni_on_mni", "truth_mni_on_proc",
-                                                                  "truth_proc_on_proc", "truth_proc_on_mni", "e2e_proc")
+                                                                  "truth_proc_on_proc", "truth_proc_on_mni", "e2e_proc",
+                                                                  "schemes_proc")
              if getattr(args, k) is not None}
+    if "schemes_proc" in extra and "e2e_proc" not in extra:
+        p.error("--schemes-proc needs --e2e-proc (greedy training is also compared with end-to-end)")
     findings = []
 
     def pair(x: str, y: str) -> str:
@@ -198,6 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         findings += [
             finding_row("4 sequential vs end-to-end", P, runs["proc_on_proc"], e2e, metric, args.tolerance, f4,
                         expected="a=b", b="e2e_k36") for metric in ("nrmse", "ssim")]
+    if "schemes_proc" in extra:
+        P, sch = "procedural confirmation; trained on procedural; K = 36", extra["schemes_proc"]
+        f_seq, f_e2e = pair("proc_on_proc", "schemes_proc"), pair("e2e_proc", "schemes_proc")
+        findings += [
+            finding_row("greedy vs sequential", P, runs["proc_on_proc"], sch, "nrmse", args.tolerance, f_seq,
+                        expected="a=b", b="greedy_k36"),
+            finding_row("greedy vs end-to-end", P, extra["e2e_proc"], sch, "nrmse", args.tolerance, f_e2e,
+                        expected="a=b", a="e2e_k36", b="greedy_k36"),
+            finding_row("block-wise regulariser", P, runs["proc_on_proc"], sch, "nrmse", args.tolerance, f_seq,
+                        expected="a=b", b="seq_block_k36"),
+        ]
     result = {"written_by": "pipelines/paper_findings_k36_domains.py",
               "sources": {k: str(getattr(args, k)) for k in [*runs, *extra]}, "tables": tables, "findings": findings}
     args.out.write_text(json.dumps(result, indent=1))

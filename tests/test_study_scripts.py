@@ -81,7 +81,7 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
              for role in ("train", "tune", "confirm")}
     assert not (roles["train"] & roles["tune"] or roles["train"] & roles["confirm"] or roles["tune"] & roles["confirm"])
     # every configuration once per training seed, each into its own directory
-    assert len(trains) == 2 * 18 and len({_flag(c, "--out") for c in trains}) == 36
+    assert len(trains) == 2 * 20 and len({_flag(c, "--out") for c in trains}) == 40
     assert all(_flag(c, "--data").endswith("train60_proc") == ("_n60_" in _flag(c, "--out")) for c in trains)
     assert {_flag(c, "--seed") for c in trains} == {"0", "1"}
     assert all(("train36" in _flag(c, "--data")) == ("_k36_" in _flag(c, "--out")) for c in trains)
@@ -90,13 +90,15 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
     # K = 12 on both phantom kinds, K = 36 PET-only on both, K = 36 PET+MR (with the Bowsher grid),
     # K = 36 trained on MNI152 phantoms on both, with iteration-dependent and with fixed targets,
     # K = 36 fixed targets trained on procedural phantoms on both, K = 36 end-to-end (two networks),
-    # K = 12 end-to-end trained on 60 phantoms (two networks)
+    # K = 36 greedy and block-wise (two networks), K = 12 end-to-end trained on 60 phantoms (two networks)
     tune, confirm = evals[:2], evals[2:]
-    assert len(confirm) == 13 and all("--tune-data" not in c and "--model" not in c for c in tune)
+    assert len(confirm) == 14 and all("--tune-data" not in c and "--model" not in c for c in tune)
     (proc_run, mni_run, proc36, mni36, pm36, mni36_mni, mni36_proc, truth36_mni, truth36_proc,
-     truthp_proc, truthp_mni, e2e36, e2e60) = confirm
+     truthp_proc, truthp_mni, e2e36, schemes36, e2e60) = confirm
     assert proc_run.count("--model") == 18 and mni_run.count("--model") == 8
-    assert [c.count("--model") for c in confirm[2:]] == [2] * 9 + [4, 4]
+    assert [c.count("--model") for c in confirm[2:]] == [2] * 9 + [4, 4, 4]
+    assert {schemes36[i + 1].split("=")[0] for i, a in enumerate(schemes36) if a == "--model"} == {"greedy_k36",
+                                                                                                  "seq_block_k36"}
     assert {e2e60[i + 1].split("=")[0] for i, a in enumerate(e2e60) if a == "--model"} == {"e2e_n60", "e2e_shared_n60"}
     assert {run[i + 1].split("=")[0] for run in (truthp_proc, truthp_mni) for i, a in enumerate(run)
             if a == "--model"} == {"seq_truth_k36"}
@@ -342,6 +344,20 @@ def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeyp
     assert s3["metric"] == s4["metric"] == "ssim" and d2["estimate"] == pytest.approx(0.9)
     with pytest.raises(SystemExit):  # one of a pair alone
         mod.main([*argv, "--truth-proc-on-proc", str(tmp_path / "truth-proc-on-proc.json"), "--out", str(out)])
+    # greedy training and the block-wise regulariser, against sequential and end-to-end
+    schemes = tmp_path / "schemes-proc.json"
+    schemes.write_text(json.dumps(_evaluate_json(3100, "greedy_k36", [v * 1.1 for v in own],
+                                                 more_nets={"seq_block_k36": [v * 1.01 for v in own]})))
+    assert mod.main([*argv, *extra, "--schemes-proc", str(schemes), "--out", str(out)]) == 0
+    greedy_seq, greedy_e2e, block = json.loads(out.read_text())["findings"][-3:]
+    assert (greedy_seq["a"], greedy_seq["b"], greedy_seq["estimate"]) == ("seq_osem_k36", "greedy_k36",
+                                                                          pytest.approx(1 / 1.1))
+    assert greedy_seq["verdict"] == "not reproduced"  # 9 % apart: outside the 5 % band
+    assert (greedy_e2e["a"], greedy_e2e["estimate"]) == ("e2e_k36", pytest.approx(1.02 / 1.1))
+    assert (block["b"], block["estimate"], block["verdict"]) == ("seq_block_k36", pytest.approx(1 / 1.01), "reproduced")
+    e2e_args = extra[extra.index("--e2e-proc"):extra.index("--e2e-proc") + 2]
+    with pytest.raises(SystemExit):  # greedy is also compared with end-to-end: --e2e-proc is needed
+        mod.main([*argv, *[a for a in extra if a not in e2e_args], "--schemes-proc", str(schemes), "--out", str(out)])
     # the end-to-end run on other data than the sequential run: no pairing for finding 4
     (tmp_path / "e2e-proc.json").write_text(json.dumps(_evaluate_json(3100, "e2e_k36", own, base_shift=1e-3,
                                                                       more_nets={"e2e_shared_k36": own})))
