@@ -34,7 +34,7 @@
 # because each of 12 networks saw only 16 training inputs; e2e_n60 / e2e_shared_n60 are the same K = 12
 # end-to-end configurations on 60 new procedural phantoms (seed 1102; 48 train, 12 validate).
 set -euo pipefail
-WORK=${1:?usage: paper_findings_2d.sh WORK_DIR [simulate|train|tune|confirm|all]}
+WORK=${1:?usage: paper_findings_2d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|all]}
 STEP=${2:-all}
 SF=${SIRF_FBSEM:-sirf-fbsem}
 SEEDS=${SEEDS:-"0 1 2"}
@@ -89,7 +89,11 @@ simulate() {
 }
 
 train() {  # train [NAME...]: every configuration, or the ones named
-    local cfg name data args seed out resume
+    local cfg name data args seed out resume known=" "
+    for cfg in "${CONFIGS[@]}"; do known+="${cfg%%|*} "; done
+    for name in "$@"; do
+        [[ "$known" == *" $name "* ]] || { echo "paper_findings_2d.sh train: unknown configuration '$name' (known:$known)" >&2; exit 2; }
+    done
     for seed in $SEEDS; do
         for cfg in "${CONFIGS[@]}"; do
             IFS='|' read -r name data args <<< "$cfg"

@@ -134,6 +134,11 @@ def test_paper_findings_trains_named_configurations_and_scores_each_run_once_its
     env = {**os.environ, "SIRF_FBSEM": f"{shlex.quote(sys.executable)} {shlex.quote(str(stand_in))}",
            "SEEDS": "0 1", "PYTHONPATH": str(REPO)}
     work = tmp_path / "work"
+    run = subprocess.run(["bash", str(SCRIPT), str(work), "train", "seq_truth_k36", "e2e_k63"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2 and "unknown configuration 'e2e_k63'" in run.stderr and "e2e_k36" in run.stderr
+    assert not log.exists()  # a misspelt name is refused before any run
+    work = tmp_path / "work"
     run = subprocess.run(["bash", str(SCRIPT), str(work), "train", "seq_truth_k36", "e2e_k36"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
