@@ -18,7 +18,8 @@ baselines agree phantom by phantom (``--tolerance``) and refuses otherwise.
 - Greedy training and the block-wise regulariser (``--schemes-proc``: ``greedy_k36`` and
   ``seq_block_k36`` on the procedural confirmation set), against sequential and end-to-end.
 
-Verdicts follow the rules of ``paper_findings_table.py``, fixed before any confirmation run.
+Verdicts follow the rules of ``paper_findings_table.py``, fixed before any confirmation run. Next to the
+JSON it draws every learned method's NRMSE per training seed on each confirmation set (same stem, ``.png``).
 
     python pipelines/paper_findings_k36_domains.py --proc-on-proc A.json --proc-on-mni B.json \\
         --mni-on-mni C.json --mni-on-proc D.json [--truth-mni-on-mni E.json --truth-mni-on-proc F.json] \\
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from paper_findings_table import _mean_std, judge  # the sibling script's verdict rules and mean ± std format
+from paper_findings_table import _mean_std, judge, plot_runs  # the sibling script's rules, format and figure
 from sirf_fbsem.study_statistics import paired_ratio_interval, verdict
 
 METRICS = (("nrmse", True), ("ssim", False))
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                    "the procedural confirmation set (with --e2e-proc)")
     p.add_argument("--tolerance", type=float, default=1e-6, help="largest relative difference of the baselines' "
                    "per-phantom NRMSE between two runs on one set (default 1e-6)")
-    p.add_argument("--out", type=Path, required=True, help="output JSON")
+    p.add_argument("--out", type=Path, required=True, help="output JSON (and the figure: same stem, .png)")
     args = p.parse_args(argv)
     runs = {k: json.loads(getattr(args, k).read_text()) for k in ("proc_on_proc", "proc_on_mni", "mni_on_mni",
                                                                   "mni_on_proc")}
@@ -219,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"written_by": "pipelines/paper_findings_k36_domains.py",
               "sources": {k: str(getattr(args, k)) for k in [*runs, *extra]}, "tables": tables, "findings": findings}
     args.out.write_text(json.dumps(result, indent=1))
+    plot_runs([("procedural confirmation set", [runs["proc_on_proc"], runs["mni_on_proc"]]
+                + [extra[k] for k in ("truth_proc_on_proc", "truth_mni_on_proc", "e2e_proc", "schemes_proc") if k in extra]),
+               ("MNI152 confirmation set", [runs["mni_on_mni"], runs["proc_on_mni"]]
+                + [extra[k] for k in ("truth_mni_on_mni", "truth_proc_on_mni") if k in extra])],
+              "FBSEM-Net 2D (mMR ring, 2e5 counts, K = 36): each dot one training seed, bar mean ± std",
+              args.out.with_suffix(".png"))
     print(markdown(tables))
     for r in findings:
         print(f"| {r['finding']} | {r['setting']} | {r['a']} / {r['b']} | {r['metric']} | {r['a_mean_std']} | "

@@ -47,6 +47,11 @@ def _level(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return summary, result["count_levels"][key]["methods"]
 
 
+def _methods(result: dict[str, Any]) -> dict[str, Any]:
+    (level,) = result["count_levels"].values()  # one count level per study
+    return level["methods"]
+
+
 def _mean_std(method: dict[str, Any], metric: str) -> str:
     if metric.endswith("_seed_std"):  # a spread: mean over phantoms of the per-phantom std over seeds
         vals = [r[metric] for r in method["per_sample"]]
@@ -151,30 +156,37 @@ def markdown(table: list[Row], memory: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(proc: dict[str, Any], mni: dict[str, Any], path: Path) -> None:
+def plot_runs(panels: list[tuple[str, list[dict[str, Any]]]], title: str, path: Path) -> None:
+    """One panel per confirmation set: every learned method of the panel's runs, one dot per training
+    seed and a bar for mean ± std, with the first run's baselines as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    for ax, (title, result) in zip(axes, (("procedural confirmation set", proc), ("MNI152 confirmation set", mni))):
-        _, methods = _level(result)
-        names = [n for n, m in methods.items() if "seeds" in m]
-        for i, n in enumerate(names):
-            vals = list(methods[n]["seeds"].values())
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), constrained_layout=True, squeeze=False)
+    for ax, (panel_title, results) in zip(axes[0], panels):
+        learned = [(n, m) for result in results for n, m in _methods(result).items() if "seeds" in m]
+        for i, (n, m) in enumerate(learned):
+            vals = list(m["seeds"].values())
             ax.scatter([i] * len(vals), [v["nrmse"] for v in vals], color="C0", s=14)
-            ax.errorbar(i, methods[n]["spread_over_seeds"]["nrmse"]["mean"],
-                        yerr=methods[n]["spread_over_seeds"]["nrmse"]["std"], fmt="_", color="k", capsize=4)
+            ax.errorbar(i, m["spread_over_seeds"]["nrmse"]["mean"], yerr=m["spread_over_seeds"]["nrmse"]["std"],
+                        fmt="_", color="k", capsize=4)
+        methods = _methods(results[0])
         for j, base in enumerate(b for b in ("osem", "osem_filtered", "map_em", "map_em_bowsher") if b in methods):
             ax.axhline(methods[base]["mean"]["nrmse"], ls="--", lw=0.8, color=f"C{j + 1}", label=base)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+        ax.set_xticks(range(len(learned)), [n for n, _ in learned], rotation=35, ha="right")
         ax.set_ylabel("mean NRMSE over phantoms")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.legend(fontsize=7)
-    fig.suptitle("FBSEM-Net 2D (mMR ring, 2e5 counts, K = 12): each dot one training seed, bar mean ± std")
+    fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(proc: dict[str, Any], mni: dict[str, Any], path: Path) -> None:
+    plot_runs([("procedural confirmation set", [proc]), ("MNI152 confirmation set", [mni])],
+              "FBSEM-Net 2D (mMR ring, 2e5 counts, K = 12): each dot one training seed, bar mean ± std", path)
 
 
 def main(argv: list[str] | None = None) -> int:

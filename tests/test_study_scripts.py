@@ -304,6 +304,7 @@ def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeyp
         argv += [f"--{name}", str(tmp_path / f"{name}.json")]
     out = tmp_path / "t.json"
     assert mod.main([*argv, "--out", str(out)]) == 0
+    assert out.with_suffix(".png").stat().st_size > 0  # the figure of NRMSE per seed
     proc, mni = json.loads(out.read_text())["tables"]
     r = proc["ratios"]["trained on MNI152 / trained on procedural: nrmse"]
     assert r["estimate"] == pytest.approx(1.1) and r["verdict"] == "worse"  # every phantom 10 % worse
