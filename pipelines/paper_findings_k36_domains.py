@@ -36,17 +36,11 @@ from typing import Any
 import numpy as np
 
 from paper_findings_table import _mean_std, judge, plot_runs  # the sibling script's rules, format and figure
+from paper_findings_table import count_level as _level
 from sirf_fbsem.study_statistics import paired_ratio_interval, verdict
 
 METRICS = (("nrmse", True), ("ssim", False))
 BASELINES = ("osem", "osem_filtered", "map_em")
-
-
-def _level(result: dict[str, Any]) -> dict[str, Any]:
-    levels = result["count_levels"]
-    if len(levels) != 1:
-        raise ValueError(f"expected one count level, got {sorted(levels)}")
-    return next(iter(levels.values()))
 
 
 def _network(level: dict[str, Any], name: str | None = None) -> str:
@@ -197,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             finding_row("2 generalisation", other_set, on_other, truth_other, "nrmse", args.tolerance, f_other),
             finding_row("2 (in-domain, for reference)", own_set, on_own, truth_own, "nrmse", args.tolerance, f_own),
         ]
+    P = "procedural confirmation; trained on procedural; K = 36"  # findings 3, 4, greedy and block-wise
     if "e2e_proc" in extra:
-        P, e2e = "procedural confirmation; trained on procedural; K = 36", extra["e2e_proc"]
+        e2e = extra["e2e_proc"]
         f3, f4 = f" ({args.e2e_proc})", pair("proc_on_proc", "e2e_proc")
         findings += [
             finding_row("3 iteration-dependent vs shared", P, e2e, e2e, metric, args.tolerance, f3,
@@ -207,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             finding_row("4 sequential vs end-to-end", P, runs["proc_on_proc"], e2e, metric, args.tolerance, f4,
                         expected="a=b", b="e2e_k36") for metric in ("nrmse", "ssim")]
     if "schemes_proc" in extra:
-        P, sch = "procedural confirmation; trained on procedural; K = 36", extra["schemes_proc"]
+        sch = extra["schemes_proc"]
         f_seq, f_e2e = pair("proc_on_proc", "schemes_proc"), pair("e2e_proc", "schemes_proc")
         findings += [
             finding_row("greedy vs sequential", P, runs["proc_on_proc"], sch, "nrmse", args.tolerance, f_seq,

@@ -47,9 +47,12 @@ def _level(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return summary, result["count_levels"][key]["methods"]
 
 
-def _methods(result: dict[str, Any]) -> dict[str, Any]:
-    (level,) = result["count_levels"].values()  # one count level per study
-    return level["methods"]
+def count_level(result: dict[str, Any]) -> dict[str, Any]:
+    """The one count level of an ``evaluate`` JSON (every study here has one); ValueError otherwise."""
+    levels = result["count_levels"]
+    if len(levels) != 1:
+        raise ValueError(f"expected one count level, got {sorted(levels)}")
+    return next(iter(levels.values()))
 
 
 def _mean_std(method: dict[str, Any], metric: str) -> str:
@@ -166,13 +169,14 @@ def plot_runs(panels: list[tuple[str, list[dict[str, Any]]]], title: str, path: 
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), constrained_layout=True, squeeze=False)
     for ax, (panel_title, results) in zip(axes[0], panels):
-        learned = [(n, m) for result in results for n, m in _methods(result).items() if "seeds" in m]
+        learned = [(n, m) for result in results for n, m in count_level(result)["methods"].items()
+                   if "seeds" in m]
         for i, (n, m) in enumerate(learned):
             vals = list(m["seeds"].values())
             ax.scatter([i] * len(vals), [v["nrmse"] for v in vals], color="C0", s=14)
             ax.errorbar(i, m["spread_over_seeds"]["nrmse"]["mean"], yerr=m["spread_over_seeds"]["nrmse"]["std"],
                         fmt="_", color="k", capsize=4)
-        methods = _methods(results[0])
+        methods = count_level(results[0])["methods"]
         for j, base in enumerate(b for b in ("osem", "osem_filtered", "map_em", "map_em_bowsher") if b in methods):
             ax.axhline(methods[base]["mean"]["nrmse"], ls="--", lw=0.8, color=f"C{j + 1}", label=base)
         ax.set_xticks(range(len(learned)), [n for n, _ in learned], rotation=35, ha="right")

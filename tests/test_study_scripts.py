@@ -38,14 +38,15 @@ elif argv[0] == "evaluate":
 
 
 def _run(tmp_path: Path, step: str, seeds: str = "0 1", script: Path = SCRIPT,
-         env_extra: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+         env_extra: dict[str, str] | None = None,
+         step_args: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     log = tmp_path / "calls.jsonl"
     stand_in = tmp_path / "sf.py"
     stand_in.write_text(f"LOG = {str(log)!r}\n" + STAND_IN)
     env = {**os.environ, "SIRF_FBSEM": f"{shlex.quote(sys.executable)} {shlex.quote(str(stand_in))}",
            "SEEDS": seeds, "PYTHONPATH": str(REPO), **(env_extra or {})}
     before = len(log.read_text().splitlines()) if log.exists() else 0
-    proc = subprocess.run(["bash", str(script), str(tmp_path / "work"), step], capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "work"), step, *step_args], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
     calls = [json.loads(line) for line in log.read_text().splitlines()[before:]] if log.exists() else []
     parser = build_parser()
@@ -128,35 +129,22 @@ def test_paper_findings_confirmation_refuses_missing_runs(tmp_path):
 def test_paper_findings_trains_named_configurations_and_scores_each_run_once_its_models_exist(tmp_path):
     """``train NAME...`` trains only those configurations; ``confirm`` skips the runs already scored and
     scores a new one as soon as its own models exist, while a run whose models are missing stops it."""
-    log = tmp_path / "calls.jsonl"
-    stand_in = tmp_path / "sf.py"
-    stand_in.write_text(f"LOG = {str(log)!r}\n" + STAND_IN)
-    env = {**os.environ, "SIRF_FBSEM": f"{shlex.quote(sys.executable)} {shlex.quote(str(stand_in))}",
-           "SEEDS": "0 1", "PYTHONPATH": str(REPO)}
-    work = tmp_path / "work"
-    run = subprocess.run(["bash", str(SCRIPT), str(work), "train", "seq_truth_k36", "e2e_k63"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    run, calls = _run(tmp_path, "train", step_args=("seq_truth_k36", "e2e_k63"))
     assert run.returncode == 2 and "unknown configuration 'e2e_k63'" in run.stderr and "e2e_k36" in run.stderr
-    assert not log.exists()  # a misspelt name is refused before any run
-    work = tmp_path / "work"
-    run = subprocess.run(["bash", str(SCRIPT), str(work), "train", "seq_truth_k36", "e2e_k36"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    assert not calls  # a misspelt name is refused before any run
+    run, trains = _run(tmp_path, "train", step_args=("seq_truth_k36", "e2e_k36"))
     assert run.returncode == 0, run.stderr
-    trains = [json.loads(line) for line in log.read_text().splitlines()]
     assert sorted(Path(_flag(c, "--out")).name for c in trains) == ["e2e_k36_s0", "e2e_k36_s1", "seq_truth_k36_s0",
                                                                     "seq_truth_k36_s1"]
     # every earlier run already scored: only the new procedural fixed-target runs are scored, then the
     # end-to-end run stops the step because e2e_shared_k36 has not been trained
-    results = work / "results"
+    results = tmp_path / "work" / "results"
     results.mkdir()
     for name in ("proc", "mni", "k36_proc", "k36_mni", "k36_pm_proc", "k36_mni_on_mni", "k36_mni_on_proc",
                  "k36_truth_mni_on_mni", "k36_truth_mni_on_proc"):
         (results / f"paper_findings_2d_{name}.json").write_text("{}")
-    log.unlink()
-    run = subprocess.run(["bash", str(SCRIPT), str(work), "confirm"], env=env, capture_output=True, text=True,
-                         timeout=600)
+    run, evals = _run(tmp_path, "confirm")
     assert run.returncode != 0 and "e2e_shared_k36_s0/model.pt is missing" in run.stderr
-    evals = [json.loads(line) for line in log.read_text().splitlines()]
     assert [_flag(c, "--name") for c in evals] == ["paper_findings_2d_k36_truth_proc_on_proc",
                                                    "paper_findings_2d_k36_truth_proc_on_mni"]
     assert not (results / "paper_findings_2d_k36_e2e_proc.json").exists()
