@@ -33,6 +33,9 @@
 # Finding 3 with more data: at K = 12 one shared network beat iteration-dependent ones, perhaps
 # because each of 12 networks saw only 16 training inputs; e2e_n60 / e2e_shared_n60 are the same K = 12
 # end-to-end configurations on 60 new procedural phantoms (seed 1102; 48 train, 12 validate).
+# With the MR image at K = 36: fixed targets, end-to-end and one shared network on the procedural
+# training set, and iteration-dependent and fixed targets on the MNI152 one (findings 1 to 4 for
+# PET+MR); PET-only end-to-end and one shared network on the MNI152 training set (findings 3 and 4).
 set -euo pipefail
 WORK=${1:?usage: paper_findings_2d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|all]}
 STEP=${2:-all}
@@ -71,6 +74,13 @@ CONFIGS+=(
     "seq_block_k36|train36_proc|--mode sequential --targets osem --block-size 1,64,64"
     "e2e_n60|train60_proc|--mode end_to_end --targets osem"
     "e2e_shared_n60|train60_proc|--mode end_to_end --shared --targets osem"
+    "seq_truth_pm_k36|train36_proc|--mode sequential --targets truth --anatomical"
+    "e2e_pm_k36|train36_proc|--mode end_to_end --targets osem --anatomical"
+    "e2e_shared_pm_k36|train36_proc|--mode end_to_end --shared --targets osem --anatomical"
+    "e2e_mni_k36|train36_mni|--mode end_to_end --targets osem"
+    "e2e_shared_mni_k36|train36_mni|--mode end_to_end --shared --targets osem"
+    "seq_osem_pm_mni_k36|train36_mni|--mode sequential --targets osem --anatomical"
+    "seq_truth_pm_mni_k36|train36_mni|--mode sequential --targets truth --anatomical"
 )
 
 simulate() {
@@ -164,6 +174,14 @@ confirm() {
     score paper_findings_2d_k36_schemes_proc proc "greedy_k36 seq_block_k36"
     # K = 12 end-to-end with 60 training phantoms: does finding 3 turn with more data per network?
     score paper_findings_2d_n60_e2e_proc proc "e2e_n60 e2e_shared_n60"
+    # K = 36 with the MR image (findings 1 to 4; MR-guided MAP-EM tuned alongside) and PET-only end-to-end
+    # on the MNI152 training set (findings 3 and 4; pipelines/paper_findings_k36_pm_mni.py pairs the runs)
+    score paper_findings_2d_k36_truth_pm_proc proc seq_truth_pm_k36 "${BOWSHER[@]}"
+    score paper_findings_2d_k36_e2e_pm_proc proc "e2e_pm_k36 e2e_shared_pm_k36" "${BOWSHER[@]}"
+    score paper_findings_2d_k36_e2e_mni mni "e2e_mni_k36 e2e_shared_mni_k36"
+    score paper_findings_2d_k36_pm_on_mni mni "seq_osem_pm_k36 seq_truth_pm_k36" "${BOWSHER[@]}"
+    score paper_findings_2d_k36_pm_mni_on_mni mni "seq_osem_pm_mni_k36 seq_truth_pm_mni_k36" "${BOWSHER[@]}"
+    score paper_findings_2d_k36_pm_mni_on_proc proc "seq_osem_pm_mni_k36 seq_truth_pm_mni_k36" "${BOWSHER[@]}"
 }
 
 case "$STEP" in

@@ -130,6 +130,12 @@ def finding_row(finding: str, setting: str, run_a: dict[str, Any], run_b: dict[s
             "verdict": judge(iv.low, iv.high, expected, lower_is_better=metric != "ssim")}
 
 
+def finding_markdown(r: dict[str, Any]) -> str:
+    """One finding row (``finding_row``) as a line of the doc's Markdown tables."""
+    return (f"| {r['finding']} | {r['setting']} | {r['a']} / {r['b']} | {r['metric']} | {r['a_mean_std']} | "
+            f"{r['b_mean_std']} | {r['estimate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | {r['verdict']} |")
+
+
 def markdown(tables: list[dict[str, Any]]) -> str:
     lines = ["| confirmation set | a / b | metric | ratio [95 % CI] | verdict |", "|---|---|---|---|---|"]
     for t in tables:
@@ -223,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
               args.out.with_suffix(".png"))
     print(markdown(tables))
     for r in findings:
-        print(f"| {r['finding']} | {r['setting']} | {r['a']} / {r['b']} | {r['metric']} | {r['a_mean_std']} | "
-              f"{r['b_mean_std']} | {r['estimate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | {r['verdict']} |")
+        print(finding_markdown(r))
     print(f"wrote {args.out}")
     return 0
 

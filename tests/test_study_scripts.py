@@ -82,7 +82,7 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
              for role in ("train", "tune", "confirm")}
     assert not (roles["train"] & roles["tune"] or roles["train"] & roles["confirm"] or roles["tune"] & roles["confirm"])
     # every configuration once per training seed, each into its own directory
-    assert len(trains) == 2 * 20 and len({_flag(c, "--out") for c in trains}) == 40
+    assert len(trains) == 2 * 27 and len({_flag(c, "--out") for c in trains}) == 54
     assert all(_flag(c, "--data").endswith("train60_proc") == ("_n60_" in _flag(c, "--out")) for c in trains)
     assert {_flag(c, "--seed") for c in trains} == {"0", "1"}
     assert all(("train36" in _flag(c, "--data")) == ("_k36_" in _flag(c, "--out")) for c in trains)
@@ -91,13 +91,28 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
     # K = 12 on both phantom kinds, K = 36 PET-only on both, K = 36 PET+MR (with the Bowsher grid),
     # K = 36 trained on MNI152 phantoms on both, with iteration-dependent and with fixed targets,
     # K = 36 fixed targets trained on procedural phantoms on both, K = 36 end-to-end (two networks),
-    # K = 36 greedy and block-wise (two networks), K = 12 end-to-end trained on 60 phantoms (two networks)
+    # K = 36 greedy and block-wise (two networks), K = 12 end-to-end trained on 60 phantoms (two networks),
+    # then K = 36 with the MR image (fixed targets; end-to-end; trained on procedural phantoms on MNI152;
+    # trained on MNI152 on both) and PET-only end-to-end trained on MNI152 phantoms
     tune, confirm = evals[:2], evals[2:]
-    assert len(confirm) == 14 and all("--tune-data" not in c and "--model" not in c for c in tune)
+    assert len(confirm) == 20 and all("--tune-data" not in c and "--model" not in c for c in tune)
     (proc_run, mni_run, proc36, mni36, pm36, mni36_mni, mni36_proc, truth36_mni, truth36_proc,
-     truthp_proc, truthp_mni, e2e36, schemes36, e2e60) = confirm
+     truthp_proc, truthp_mni, e2e36, schemes36, e2e60, truth_pm, e2e_pm, e2e_mni, pm_on_mni, pm_mni_on_mni,
+     pm_mni_on_proc) = confirm
     assert proc_run.count("--model") == 18 and mni_run.count("--model") == 8
-    assert [c.count("--model") for c in confirm[2:]] == [2] * 9 + [4, 4, 4]
+    assert [c.count("--model") for c in confirm[2:]] == [2] * 9 + [4, 4, 4] + [2, 4, 4, 4, 4, 4]
+
+    def nets(*runs):
+        return {run[i + 1].split("=")[0] for run in runs for i, a in enumerate(run) if a == "--model"}
+
+    assert nets(truth_pm) == {"seq_truth_pm_k36"} and nets(e2e_pm) == {"e2e_pm_k36", "e2e_shared_pm_k36"}
+    assert nets(e2e_mni) == {"e2e_mni_k36", "e2e_shared_mni_k36"}
+    assert nets(pm_on_mni) == {"seq_osem_pm_k36", "seq_truth_pm_k36"}
+    assert nets(pm_mni_on_mni, pm_mni_on_proc) == {"seq_osem_pm_mni_k36", "seq_truth_pm_mni_k36"}
+    # every PET+MR run is scored against MR-guided MAP-EM, tuned on the same kind of phantoms
+    assert all(("--bowsher" in run) == ("_pm" in str(nets(run))) for run in confirm[2:])
+    pm_trains = [c for c in trains if "_pm_" in _flag(c, "--out")]
+    assert len(pm_trains) == 2 * 7 and all("--anatomical" in c for c in pm_trains)
     assert {schemes36[i + 1].split("=")[0] for i, a in enumerate(schemes36) if a == "--model"} == {"greedy_k36",
                                                                                                   "seq_block_k36"}
     assert {e2e60[i + 1].split("=")[0] for i, a in enumerate(e2e60) if a == "--model"} == {"e2e_n60", "e2e_shared_n60"}
@@ -111,7 +126,8 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
     assert {run[i + 1].split("=")[0] for run in (mni36_mni, mni36_proc) for i, a in enumerate(run)
             if a == "--model"} == {"seq_osem_mni_k36"}
     for run in confirm:
-        kind = "mni" if run in (mni_run, mni36, mni36_mni, truth36_mni, truthp_mni) else "proc"
+        kind = "mni" if run in (mni_run, mni36, mni36_mni, truth36_mni, truthp_mni, e2e_mni, pm_on_mni,
+                                pm_mni_on_mni) else "proc"
         assert _flag(run, "--data").endswith(f"confirm_{kind}") and _flag(run, "--tune-data").endswith(f"tune_{kind}")
     # a second run trains and confirms nothing again
     proc, calls = _run(tmp_path, "all")
@@ -264,23 +280,18 @@ def _evaluate_json(seed: int, net: str, net_nrmse: list[float], base_shift: floa
     base = [0.30, 0.32, 0.28, 0.31]
     methods = {m: {"per_sample": rows([b * f * (1 + base_shift) for b in base]),
                    "mean": {"nrmse": 0.3 * f, "ssim": 0.7}} for m, f in (("osem", 1.2), ("osem_filtered", 1.0),
-                                                                          ("map_em", 1.05))}
+                                                                          ("map_em", 1.05), ("map_em_bowsher", 0.9))}
     spread = {m: {"num_seeds": 2, "mean": 0.25, "std": 0.01} for m in ("nrmse", "ssim")}
     for name, values in {net: net_nrmse, **(more_nets or {})}.items():
         methods[name] = {"per_sample": rows(values), "seeds": {}, "spread_over_seeds": spread}
     return {"count_levels": {"2e+05": {"sample_indices": [0, 1, 2, 3], "methods": methods}},
-            "phantom_sets": {"scored": {"seeds": [seed]}}}
+            "phantom_sets": {"scored": {"seeds": [seed]}, "confirmation": True}}
 
 
 def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeypatch):
-    import importlib.util
-
     import pytest
 
-    monkeypatch.syspath_prepend(str(REPO / "pipelines"))  # it reads the verdict rules of paper_findings_table.py
-    spec = importlib.util.spec_from_file_location("k36_domains", REPO / "pipelines" / "paper_findings_k36_domains.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _pipeline_module("paper_findings_k36_domains", monkeypatch)
     own = [0.25, 0.27, 0.24, 0.26]
     files = {"proc-on-proc": _evaluate_json(3100, "seq_osem_k36", own),
              "mni-on-proc": _evaluate_json(3100, "seq_osem_mni_k36", [v * 1.1 for v in own]),
@@ -366,3 +377,104 @@ def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeyp
     (tmp_path / "mni-on-proc.json").write_text(json.dumps(files["mni-on-proc"]))
     with pytest.raises(ValueError, match="different phantom sets"):
         mod.main([*argv, "--out", str(out)])
+
+
+def _pipeline_module(name: str, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "pipelines"))  # the scripts import their siblings' rules
+    spec = importlib.util.spec_from_file_location(name, REPO / "pipelines" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, mod)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_k36_pm_mni_findings_pair_runs_and_refuse_a_run_without_its_partner(tmp_path, monkeypatch, capsys):
+    """Findings 1 to 4 with the MR image and findings 3 and 4 on the MNI152 training set: each
+    comparison pairs its runs phantom by phantom, takes its verdict by the rules, and the networks are
+    set against the tuned baselines of their own run (MR-guided MAP-EM for PET+MR)."""
+    import pytest
+
+    mod = _pipeline_module("paper_findings_k36_pm_mni", monkeypatch)
+    own = [0.25, 0.27, 0.24, 0.26]
+    files = {"pm-proc": _evaluate_json(3100, "seq_osem_pm_k36", own),
+             "truth-pm-proc": _evaluate_json(3100, "seq_truth_pm_k36", [v / 0.9 for v in own]),
+             "e2e-pm-proc": _evaluate_json(3100, "e2e_pm_k36", [v * 1.02 for v in own],
+                                           more_nets={"e2e_shared_pm_k36": [v * 1.02 / 0.97 for v in own]}),
+             "mni-on-mni": _evaluate_json(3101, "seq_osem_mni_k36", own),
+             "e2e-mni": _evaluate_json(3101, "e2e_mni_k36", [v * 1.1 for v in own],
+                                       more_nets={"e2e_shared_mni_k36": [v * 1.1 / 1.03 for v in own]}),
+             "pm-on-mni": _evaluate_json(3101, "seq_osem_pm_k36", own,
+                                         more_nets={"seq_truth_pm_k36": [v * 1.25 for v in own]})}
+
+    def argv(which):
+        out = []
+        for name in which:
+            (tmp_path / f"{name}.json").write_text(json.dumps(files[name]))
+            out += [f"--{name}", str(tmp_path / f"{name}.json")]
+        return out
+
+    out = tmp_path / "t.json"
+    assert mod.main([*argv(files), "--out", str(out)]) == 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    result = json.loads(out.read_text())
+    rows = {(r["finding"], r["setting"].split(";")[0], r["metric"]): r for r in result["findings"]}
+    assert len(rows) == len(result["findings"]) == 11  # without the MNI152-trained PET+MR runs: 11 of 16 rows
+    P, M = "procedural confirmation", "MNI152 confirmation"
+    consistency = rows[("1 consistency", P, "nrmse_seed_std")]
+    assert (consistency["a"], consistency["b"]) == ("seq_osem_pm_k36", "seq_truth_pm_k36")
+    assert consistency["estimate"] == pytest.approx(0.9) and consistency["verdict"] == "reproduced"
+    general = rows[("2 generalisation", M, "nrmse")]
+    assert general["estimate"] == pytest.approx(0.8) and general["verdict"] == "reproduced"
+    assert "trained on procedural; PET+MR" in general["setting"]
+    pm3, pm4 = rows[("3 iteration-dependent vs shared", P, "nrmse")], rows[("4 sequential vs end-to-end", P, "nrmse")]
+    assert (pm3["a"], pm3["b"], pm3["estimate"], pm3["verdict"]) == ("e2e_pm_k36", "e2e_shared_pm_k36",
+                                                                      pytest.approx(0.97), "reproduced")
+    assert pm4["estimate"] == pytest.approx(1 / 1.02) and pm4["verdict"] == "reproduced"  # inside 1 +- 0.05
+    m3, m4 = rows[("3 iteration-dependent vs shared", M, "nrmse")], rows[("4 sequential vs end-to-end", M, "nrmse")]
+    assert (m3["a"], m3["estimate"], m3["verdict"]) == ("e2e_mni_k36", pytest.approx(1.03), "not reproduced")
+    assert (m4["a"], m4["b"], m4["expected"]) == ("seq_osem_mni_k36", "e2e_mni_k36", "a=b")
+    assert m4["estimate"] == pytest.approx(1 / 1.1) and m4["verdict"] == "not reproduced"  # 9 % better: outside 5 %
+    assert "PET-only" in m4["setting"] and "PET+MR" in pm4["setting"]
+    # against the baselines of the same run: MR-guided MAP-EM for the PET+MR networks, the PET-only ones otherwise
+    against = {(r["confirmation_set"], r["a"], r["b"], r["metric"]): r for r in result["against_baselines"]}
+    r = against[("procedural", "seq_osem_pm_k36", "map_em_bowsher", "nrmse")]
+    assert r["estimate"] == pytest.approx(sum(own) / (0.9 * sum([0.30, 0.32, 0.28, 0.31]))) and r["verdict"] == "better"
+    assert {b for (_, a, b, _) in against if a == "e2e_mni_k36"} == {"osem_filtered", "map_em"}
+    assert {b for (_, a, b, _) in against if "_pm" in a} == {"map_em_bowsher"}
+    # a run whose partner is missing takes part in no comparison: refused, naming the partner
+    with pytest.raises(SystemExit):
+        mod.main([*argv(["truth-pm-proc", "mni-on-mni", "e2e-mni"]), "--out", str(out)])
+    assert "--truth-pm-proc" in capsys.readouterr().err
+    # the wrong run under a flag (other networks), or a run not scored as a confirmation set
+    with pytest.raises(SystemExit):
+        mod.main([*argv(["mni-on-mni"]), "--e2e-mni", str(tmp_path / "pm-proc.json"), "--out", str(out)])
+    assert "expected ['e2e_mni_k36', 'e2e_shared_mni_k36']" in capsys.readouterr().err
+    files["e2e-mni"]["phantom_sets"]["confirmation"] = False
+    with pytest.raises(SystemExit):
+        mod.main([*argv(["mni-on-mni", "e2e-mni"]), "--out", str(out)])
+    assert "not scored as a confirmation set" in capsys.readouterr().err
+    files["e2e-mni"]["phantom_sets"]["confirmation"] = True
+    # other data under one set: no pairing, whether the runs are compared with each other or not
+    files["e2e-mni"] = _evaluate_json(3101, "e2e_mni_k36", own, base_shift=1e-3, more_nets={"e2e_shared_mni_k36": own})
+    with pytest.raises(ValueError, match=r"e2e-mni.json\): the baselines differ"):
+        mod.main([*argv(["mni-on-mni", "e2e-mni"]), "--out", str(out)])
+    files["e2e-mni"] = _evaluate_json(3101, "e2e_mni_k36", own, more_nets={"e2e_shared_mni_k36": own})
+    files["pm-on-mni"] = _evaluate_json(3999, "seq_osem_pm_k36", own, more_nets={"seq_truth_pm_k36": own})
+    with pytest.raises(ValueError, match=r"MNI152 confirmation set \(.*pm-on-mni.json\): .*different phantom sets"):
+        mod.main([*argv(["pm-on-mni", "mni-on-mni", "e2e-mni"]), "--out", str(out)])
+
+
+def test_k36_pm_mni_findings_are_rebuilt_from_the_recorded_confirmation_runs(tmp_path, monkeypatch):
+    """pipelines/results/paper_findings_2d_k36_pm_mni.json follows from the recorded evaluate runs it
+    names: every finding row and every comparison with the baselines, with its verdict."""
+    mod = _pipeline_module("paper_findings_k36_pm_mni", monkeypatch)
+    recorded = json.loads((REPO / "pipelines" / "results" / "paper_findings_2d_k36_pm_mni.json").read_text())
+    assert set(recorded["sources"]) == set(mod.RUNS)  # every run of the study was given
+    argv = [a for flag, path in recorded["sources"].items() for a in (f"--{flag}", str(REPO / path))]
+    out = tmp_path / "rebuilt.json"
+    assert mod.main([*argv, "--out", str(out)]) == 0
+    rebuilt = json.loads(out.read_text())
+    assert rebuilt["findings"] == recorded["findings"] and rebuilt["against_baselines"] == recorded["against_baselines"]
+    assert len(rebuilt["findings"]) == sum(len(c.metrics) for c in mod.COMPARISONS)  # no comparison left out
