@@ -62,6 +62,23 @@ def _flag(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
+def _models(*runs: list[str]) -> set[str]:
+    """The configuration names of every ``--model NAME=PATH`` of the evaluate commands ``runs``."""
+    return {run[i + 1].split("=")[0] for run in runs for i, a in enumerate(run) if a == "--model"}
+
+
+def _pipeline_module(name: str, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "pipelines"))  # the scripts import their siblings' rules
+    spec = importlib.util.spec_from_file_location(name, REPO / "pipelines" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, mod)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(mod)
+    return mod
+
+
+
 def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resumes(tmp_path):
     proc, calls = _run(tmp_path, "all")
     assert proc.returncode == 0, proc.stderr
@@ -102,29 +119,21 @@ def test_paper_findings_script_issues_valid_commands_on_disjoint_sets_and_resume
     assert proc_run.count("--model") == 18 and mni_run.count("--model") == 8
     assert [c.count("--model") for c in confirm[2:]] == [2] * 9 + [4, 4, 4] + [2, 4, 4, 4, 4, 4]
 
-    def nets(*runs):
-        return {run[i + 1].split("=")[0] for run in runs for i, a in enumerate(run) if a == "--model"}
-
-    assert nets(truth_pm) == {"seq_truth_pm_k36"} and nets(e2e_pm) == {"e2e_pm_k36", "e2e_shared_pm_k36"}
-    assert nets(e2e_mni) == {"e2e_mni_k36", "e2e_shared_mni_k36"}
-    assert nets(pm_on_mni) == {"seq_osem_pm_k36", "seq_truth_pm_k36"}
-    assert nets(pm_mni_on_mni, pm_mni_on_proc) == {"seq_osem_pm_mni_k36", "seq_truth_pm_mni_k36"}
+    assert _models(truth_pm) == {"seq_truth_pm_k36"} and _models(e2e_pm) == {"e2e_pm_k36", "e2e_shared_pm_k36"}
+    assert _models(e2e_mni) == {"e2e_mni_k36", "e2e_shared_mni_k36"}
+    assert _models(pm_on_mni) == {"seq_osem_pm_k36", "seq_truth_pm_k36"}
+    assert _models(pm_mni_on_mni, pm_mni_on_proc) == {"seq_osem_pm_mni_k36", "seq_truth_pm_mni_k36"}
     # every PET+MR run is scored against MR-guided MAP-EM, tuned on the same kind of phantoms
-    assert all(("--bowsher" in run) == ("_pm" in str(nets(run))) for run in confirm[2:])
+    assert all(("--bowsher" in run) == ("_pm" in str(_models(run))) for run in confirm[2:])
     pm_trains = [c for c in trains if "_pm_" in _flag(c, "--out")]
     assert len(pm_trains) == 2 * 7 and all("--anatomical" in c for c in pm_trains)
-    assert {schemes36[i + 1].split("=")[0] for i, a in enumerate(schemes36) if a == "--model"} == {"greedy_k36",
-                                                                                                  "seq_block_k36"}
-    assert {e2e60[i + 1].split("=")[0] for i, a in enumerate(e2e60) if a == "--model"} == {"e2e_n60", "e2e_shared_n60"}
-    assert {run[i + 1].split("=")[0] for run in (truthp_proc, truthp_mni) for i, a in enumerate(run)
-            if a == "--model"} == {"seq_truth_k36"}
-    assert {e2e36[i + 1].split("=")[0] for i, a in enumerate(e2e36) if a == "--model"} == {"e2e_k36", "e2e_shared_k36"}
-    assert {run[i + 1].split("=")[0] for run in (truth36_mni, truth36_proc) for i, a in enumerate(run)
-            if a == "--model"} == {"seq_truth_mni_k36"}
-    models36 = {run[i + 1].split("=")[0] for run in (proc36, mni36, pm36) for i, a in enumerate(run) if a == "--model"}
-    assert models36 == {"seq_osem_k36", "seq_osem_pm_k36"} and "--bowsher" in pm36
-    assert {run[i + 1].split("=")[0] for run in (mni36_mni, mni36_proc) for i, a in enumerate(run)
-            if a == "--model"} == {"seq_osem_mni_k36"}
+    assert _models(schemes36) == {"greedy_k36", "seq_block_k36"}
+    assert _models(e2e60) == {"e2e_n60", "e2e_shared_n60"}
+    assert _models(truthp_proc, truthp_mni) == {"seq_truth_k36"}
+    assert _models(e2e36) == {"e2e_k36", "e2e_shared_k36"}
+    assert _models(truth36_mni, truth36_proc) == {"seq_truth_mni_k36"}
+    assert _models(proc36, mni36, pm36) == {"seq_osem_k36", "seq_osem_pm_k36"} and "--bowsher" in pm36
+    assert _models(mni36_mni, mni36_proc) == {"seq_osem_mni_k36"}
     for run in confirm:
         kind = "mni" if run in (mni_run, mni36, mni36_mni, truth36_mni, truthp_mni, e2e_mni, pm_on_mni,
                                 pm_mni_on_mni) else "proc"
@@ -227,18 +236,8 @@ def test_gpu_mmr3d_script_trains_k42_on_the_gpu_and_confirms_on_a_fresh_seed(tmp
     assert betas[0] == "0.001" and betas[-1] == "0.3" and _flag(ev, "--device") == "cuda"
 
 
-def _findings_table():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("paper_findings_table", REPO / "pipelines" / "paper_findings_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_findings_verdicts_follow_the_rules_fixed_before_scoring():
-    t = _findings_table()
+def test_findings_verdicts_follow_the_rules_fixed_before_scoring(monkeypatch):
+    t = _pipeline_module("paper_findings_table", monkeypatch)
     m = t.EQUIVALENCE_MARGIN
     # a direction claim (a below b): the whole interval below 1, above 1, or straddling it
     assert t.judge(0.90, 0.98, "a<b") == "reproduced"
@@ -253,10 +252,10 @@ def test_findings_verdicts_follow_the_rules_fixed_before_scoring():
     assert t.judge(1 - m / 2, 1 + 2 * m, "a=b") == "inconclusive"
 
 
-def test_findings_table_is_rebuilt_from_the_recorded_confirmation_runs(tmp_path):
+def test_findings_table_is_rebuilt_from_the_recorded_confirmation_runs(tmp_path, monkeypatch):
     """pipelines/results/paper_findings_2d.json follows from the recorded evaluate runs it names: the
     same rows and verdicts, the K = 12 runs' and the 60-phantom end-to-end run's (finding 3 with more data)."""
-    t = _findings_table()
+    t = _pipeline_module("paper_findings_table", monkeypatch)
     recorded = json.loads((REPO / "pipelines" / "results" / "paper_findings_2d.json").read_text())
     sources = recorded["sources"]
     assert set(sources) == {"proc", "mni", "memory", "n60"}
@@ -377,17 +376,6 @@ def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeyp
     (tmp_path / "mni-on-proc.json").write_text(json.dumps(files["mni-on-proc"]))
     with pytest.raises(ValueError, match="different phantom sets"):
         mod.main([*argv, "--out", str(out)])
-
-
-def _pipeline_module(name: str, monkeypatch):
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(REPO / "pipelines"))  # the scripts import their siblings' rules
-    spec = importlib.util.spec_from_file_location(name, REPO / "pipelines" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, mod)  # dataclasses look their module up while it loads
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_k36_pm_mni_findings_pair_runs_and_refuse_a_run_without_its_partner(tmp_path, monkeypatch, capsys):
