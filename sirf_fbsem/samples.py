@@ -158,6 +158,10 @@ class Batch:
     def collate(cls, samples: Sequence[Sample], device: str | torch.device = "cpu") -> "Batch":
         """Stack ``samples`` onto ``device``.
 
+        A batch of one sample already on ``device`` shares its tensors' memory (``unsqueeze(0)``:
+        no copy, which for a 3D mMR sample saves copying 1.3 GB per use); the package never writes
+        into a batch's tensors.
+
         Raises:
             ValueError: no samples.
             SampleError: an item that is not a :class:`Sample`.
@@ -171,7 +175,10 @@ class Batch:
         fields: dict[str, torch.Tensor | None] = {}
         for name in BATCH_FIELDS:
             values = [getattr(s, name) for s in samples]
-            fields[name] = None if any(v is None for v in values) else torch.stack(values).to(device)
+            if any(v is None for v in values):
+                fields[name] = None
+            else:
+                fields[name] = (values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)).to(device)
         return cls(**fields)  # type: ignore[arg-type]
 
     @property

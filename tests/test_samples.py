@@ -73,3 +73,18 @@ def test_batch_stacks_fields_every_sample_has(problem):
         Batch.collate([samples[0].to_dict()])
     with pytest.raises(ValueError, match="empty"):
         Batch.collate([])
+
+
+def test_a_batch_of_one_shares_its_samples_memory_and_a_larger_batch_copies(problem):
+    """One sample on the batch's device: views (no 1.3 GB copy per use of a 3D sample); several: a stack."""
+    _, samples = problem
+    one = Batch.collate(samples[:1])
+    two = Batch.collate(samples[:2])
+    for name in BATCH_FIELDS:
+        v = getattr(samples[0], name)
+        if v is None:
+            continue
+        assert getattr(one, name).shape == (1,) + tuple(v.shape), name
+        assert getattr(one, name).data_ptr() == v.data_ptr(), name
+        assert getattr(two, name).data_ptr() != v.data_ptr(), name
+        torch.testing.assert_close(getattr(two, name)[0], v, rtol=0, atol=0)

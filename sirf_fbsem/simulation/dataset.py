@@ -356,6 +356,10 @@ def _expected_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
 def load_sample(path: str | os.PathLike, manifest: dict | None = None) -> Sample:
     """Load one sample file (``weights_only=True``) and check its keys, and its shapes against ``manifest``.
 
+    The file is memory-mapped (``torch.load(mmap=True)``, copy-on-write): its tensors are read from
+    disk when used, so a training stage that needs one of a 3D sample's 42 targets does not read
+    the other 41.
+
     Raises:
         DatasetError: naming the file: missing, unreadable, a key missing or unknown, a shape or dtype off.
     """
@@ -363,7 +367,7 @@ def load_sample(path: str | os.PathLike, manifest: dict | None = None) -> Sample
     if not path.is_file():
         raise DatasetError(f"sample file {str(path)!r} is missing")
     try:
-        sample = torch.load(path, map_location="cpu", weights_only=True)
+        sample = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises several types for corrupt/unsafe files
         raise DatasetError(f"sample file {str(path)!r} cannot be loaded: {type(err).__name__}: {err}") from None
     if not isinstance(sample, dict):

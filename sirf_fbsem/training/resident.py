@@ -1,9 +1,10 @@
 """Training data held in memory: every sample read once and kept in RAM or on the training device.
 
-Sequential training reads each sample several times per stage (the stage cache, the patch terms,
-validation after every epoch): K stages x (2 + epochs) reads. A 3D mMR sample is about 1.2 GB
-(three span-11 sinograms of 837 x 252 x 344 float32, plus the targets and sensitivities), so at
-K = 42 reading from disk dominates a GPU run; held on the GPU, a read is free. ``train --preload``.
+Sequential training reads each sample at least once per stage: K reads with patches (the stage
+terms, from which validation and the next stage's inputs are computed), K stages x (2 + epochs)
+without. A 3D mMR sample is about 1.3 GB (three span-11 sinograms of 837 x 252 x 344 float32, plus
+the targets and sensitivities), so at K = 42 reading from disk dominates a GPU run; held on the GPU,
+a read is free. ``train --preload``.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class ResidentDataset(Sequence[Sample]):
         moved = {}
         for name, value in vars(sample).items():
             if isinstance(value, torch.Tensor):
-                moved[name] = value.to(self.device)
+                moved[name] = value.to(self.device, copy=True)  # in memory, not mapped from its file
         return sample.replace(**moved)
 
     def __len__(self) -> int:

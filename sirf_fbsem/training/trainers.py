@@ -42,7 +42,11 @@ sub-update, sensitivity, per-sample scales) and its target are computed once per
 sample when the stage begins (kept like the stage cache: on disk in
 ``out_dir/cache/stage_NNN/patch_terms`` or in memory), and every step minimises the exact MSE
 of the stage's output on ``patches_per_sample`` random regions per sample, drawn from
-(seed, stage, epoch, sample). Validation stays the whole-volume stage loss.
+(seed, stage, epoch, sample). The validation samples' terms are computed in the same pass, so
+the validation loss (still the whole-volume stage loss) costs one CNN pass per sample and epoch,
+with no sample read and no projection; and when a stage is done its outputs, the next stage's
+inputs, are computed from its terms in the same way (:meth:`FBSEMStage.output_on` equals the
+stage's forward pass). A stage then reads and projects each sample once.
 
 Any mode can run the CNNs block by block (``TrainConfig.block_shape``,
 :mod:`sirf_fbsem.model.blockwise`): memory of a block, same outputs.
@@ -937,10 +941,20 @@ class _SequentialTrainer(_Trainer):
         mine = shard_items(len(self.dataset), self.dist.rank, self.dist.world_size)
         for i in tqdm(mine, desc=f"cache stage {stage + 1}", leave=False,
                       disable=not (self.config.progress and self.dist.is_main)):
-            batch = Batch.collate([self.dataset[i]], self.config.device)
-            model = self.factory(batch)
-            x_in = self._stage_inputs(stage, [i], batch, model)
-            out = self.net(x_in, batch.prompts, model, stages=[stage], **_net_inputs(self.net, batch))[0]
+            payload = self._stored_terms(stage, i)
+            if payload is not None:  # the stage's terms are at hand: no read, no projection
+                out = self.net.stages[stage].output_on(terms_from_payload(payload, self.config.device)[0])[0]
+            else:
+                batch = Batch.collate([self.dataset[i]], self.config.device)
+                model = self.factory(batch)
+                x_in = self._stage_inputs(stage, [i], batch, model)
+                kw = _net_inputs(self.net, batch)
+                if self.config.patch_shape is not None:  # as from stored terms: the same numbers either way
+                    terms = self.net.stage_terms(stage, x_in, batch.prompts, model, kw["sensitivities"],
+                                                 kw["anatomical"])
+                    out = self.net.stages[stage].output_on(terms)[0]
+                else:
+                    out = self.net(x_in, batch.prompts, model, stages=[stage], **kw)[0]
             if self.config.cache == "memory":
                 store[i] = out.detach().clone()
             else:
@@ -964,23 +978,43 @@ class _SequentialTrainer(_Trainer):
     def _patch_dir(self, stage: int) -> Path:
         return self.cache_dir / f"stage_{stage:03d}" / "patch_terms"
 
+    def _terms_samples(self) -> list[int]:
+        """The samples whose stage terms are computed: training (patch steps) and validation (losses)."""
+        return sorted(self.train_idx + self.val_idx)
+
     def _patch_terms_complete(self, stage: int) -> bool:
         if self.config.cache == "memory":
-            return len(self._patch_terms.get(stage, {})) == len(self.train_idx)
-        return (self._patch_dir(stage) / "complete.json").is_file()
+            return len(self._patch_terms.get(stage, {})) == len(self._terms_samples())
+        marker = self._patch_dir(stage) / "complete.json"
+        # a run begun before validation terms were kept marked the training samples only
+        return marker.is_file() and json.loads(marker.read_text()).get("num_samples") == len(self._terms_samples())
+
+    def _stored_terms(self, stage: int, i: int) -> dict[str, torch.Tensor] | None:
+        """Sample ``i``'s terms of ``stage`` (:func:`terms_payload`) where they are kept, else None."""
+        if self.config.patch_shape is None:
+            return None
+        if self.config.cache == "memory":
+            return self._patch_terms.get(stage, {}).get(i)
+        path = self._patch_dir(stage) / f"sample_{i:06d}.pt"  # written atomically: complete when present
+        return safe_torch_load(path, "cached patch terms") if path.is_file() else None
 
     @torch.no_grad()
     def _fill_patch_terms(self, stage: int) -> None:
-        """Per training sample: the terms of ``stage`` on its input and its target (:func:`terms_payload`),
-        computed once (the stage's parameters do not enter them), on disk or in memory like the stage cache.
+        """Per training and validation sample: the terms of ``stage`` on its input and its target
+        (:func:`terms_payload`), computed once (the stage's parameters do not enter them), on disk or in
+        memory like the stage cache. On disk, samples whose terms are there already (an interrupted
+        fill) are not computed again.
 
-        Distributed: each rank computes its shard of the training samples; as :meth:`_fill_cache`."""
+        Distributed: each rank computes its shard of the samples; as :meth:`_fill_cache`."""
         if self._patch_terms_complete(stage):
             return
         self._patch_terms.pop(stage - 1, None)  # the previous stage's terms are no longer needed
         store: dict[int, dict[str, torch.Tensor]] = {}
-        mine = [self.train_idx[j] for j in shard_items(len(self.train_idx), self.dist.rank, self.dist.world_size)]
-        for i in tqdm(mine, desc=f"patch terms stage {stage + 1}", leave=False,
+        samples = self._terms_samples()
+        mine = [samples[j] for j in shard_items(len(samples), self.dist.rank, self.dist.world_size)]
+        if self.config.cache == "disk":
+            mine = [i for i in mine if not (self._patch_dir(stage) / f"sample_{i:06d}.pt").is_file()]
+        for i in tqdm(mine, desc=f"stage terms {stage + 1}", leave=False,
                       disable=not (self.config.progress and self.dist.is_main)):
             batch = Batch.collate([self.dataset[i]], self.config.device)
             _check_targets(self.net, batch)
@@ -1004,7 +1038,7 @@ class _SequentialTrainer(_Trainer):
         self.dist.barrier()  # every shard is on disk
         if self.dist.is_main:
             with atomic_path(self._patch_dir(stage) / "complete.json") as tmp:
-                tmp.write_text(json.dumps({"stage": stage, "num_samples": len(self.train_idx)}))
+                tmp.write_text(json.dumps({"stage": stage, "num_samples": len(samples)}))
         self.dist.barrier()
 
     def _patch_step(self, stage: FBSEMStage, k: int, epoch: int, sh: _Shard) -> float:
@@ -1029,9 +1063,23 @@ class _SequentialTrainer(_Trainer):
 
     @torch.no_grad()
     def _stage_val_loss(self, stage: int) -> float | None:
+        """The whole-volume stage loss (:func:`stage_loss`) averaged over the validation samples; from
+        the stage terms (one CNN pass per sample) when patch training keeps them."""
         if not self.val_idx:
             return None
         total, n = 0.0, 0
+        if self.config.patch_shape is not None:
+            st = self.net.stages[stage]
+            for i in self._local_val():
+                payload = self._stored_terms(stage, i)
+                if payload is None:
+                    raise RuntimeError(f"the terms of stage {stage + 1} for validation sample {i} are missing")
+                terms, target, _ = terms_from_payload(payload, self.config.device)
+                scale = payload["loss_scale"].reshape(1) if self.config.loss == "scaled_mse" else None
+                total += float(stage_loss(st.output_on(terms), target, scale))
+                n += 1
+            total, n = self.dist.all_reduce_sum([total, n])
+            return total / n
         for idx, batch in self._batches(self._local_val()):
             model = self.factory(batch)
             x_in = self._stage_inputs(stage, idx, batch, model)
@@ -1100,7 +1148,10 @@ class _SequentialTrainer(_Trainer):
                 if state["complete"]:
                     break
             bar.close()
-            if cfg.patch_shape is not None:  # the stage's patch terms are no longer needed
+            if cfg.patch_shape is not None:
+                if k + 1 < self.net.num_stages:
+                    self._fill_cache(k)  # the next stage's inputs, from this stage's terms
+                # the stage's terms are no longer needed
                 self._patch_terms.pop(k, None)
                 if cfg.cache == "disk" and not cfg.keep_cache and self.dist.is_main:
                     shutil.rmtree(self._patch_dir(k), ignore_errors=True)

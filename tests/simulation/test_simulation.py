@@ -455,6 +455,24 @@ def test_dataset_errors_name_the_file(tmp_path, geom2d, geom3d):
         FBSEMSampleDataset(d, sinogram_geometry=geom3d[0])
 
 
+def test_truncated_sample_files_are_refused_when_loaded_and_a_good_one_reads_in_full(tmp_path, geom2d):
+    """Samples are memory-mapped: a file cut anywhere is refused by name when loaded (not a crash when a tensor
+    is first touched), and the tensors of a whole file equal what was saved."""
+    sino, image = geom2d
+    d = tmp_path / "ds"
+    simulate_dataset(d, 2, sino, image, _config(), seed=1, progress=False)
+    saved = torch.load(d / "sample_00000.pt", weights_only=True)
+    loaded = FBSEMSampleDataset(d)[0]
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(loaded, key), value), key
+    whole = (d / "sample_00001.pt").read_bytes()
+    for cut in (len(whole) // 3, len(whole) - 100, len(whole) - 1):
+        (d / "sample_00001.pt").write_bytes(whole[:cut])
+        with pytest.raises(DatasetError, match="sample_00001.pt.*cannot be loaded"):
+            FBSEMSampleDataset(d)[1]
+
+
 def test_resume_false_replaces(tmp_path, geom2d):
     sino, image = geom2d
     d = tmp_path / "ds"

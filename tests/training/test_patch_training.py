@@ -15,7 +15,7 @@ from sirf_fbsem.model.fbsem import FBSEMStage
 from sirf_fbsem.samples import Batch
 from sirf_fbsem.training import CheckpointMismatchError, TrainConfig, train, with_terms_factory
 from sirf_fbsem.training.patches import draw_patches, patch_training_step
-from sirf_fbsem.training.trainers import _initial, _net_inputs
+from sirf_fbsem.training.trainers import _initial, _net_inputs, sample_scales, stage_loss
 from tiny_problems import perturb, small_net, tiny_samples
 
 
@@ -156,26 +156,69 @@ def test_patch_training_lowers_every_stages_validation_loss(problem, tmp_path):
     assert logged["patch_shape"] == [1, 12, 12] and logged["patches_per_sample"] == 3
 
 
+class _CountingSamples(list):
+    """The samples, counting the reads of each (what a dataset on disk pays per read)."""
+
+    def __init__(self, samples):
+        super().__init__(samples)
+        self.reads = [0] * len(samples)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("cache,loss", [("disk", "scaled_mse"), ("memory", "mse")])
+def test_patch_training_reads_each_sample_once_per_stage_and_validates_on_whole_volumes(problem, tmp_path, cache,
+                                                                                         loss):
+    """With patches, a stage reads and projects every sample once (its terms; the validation losses and the
+    next stage's inputs come from them), and the validation loss is still the whole-volume stage loss: the
+    kept weights of each stage (its best epoch) give, through the network's own forward pass from the start
+    image, the lowest validation loss the run logged for that stage."""
+    base, samples = problem
+    data = _CountingSamples(samples)
+    factory = with_terms_factory(base)
+    result = train(small_net(num_stages=2, num_subsets=2), data, "sequential", _config(cache=cache, loss=loss),
+                   factory, tmp_path)
+    assert result.completed and result.val_indices
+    assert data.reads == [2] * len(samples)  # 2 stages
+    val = Batch.collate([samples[i] for i in result.val_indices], "cpu")
+    model = factory(val)
+    with torch.no_grad():
+        outs = result.net(_initial(val, model), val.prompts, model, return_all=True, **_net_inputs(result.net, val))
+    scales = sample_scales(val.targets) if loss == "scaled_mse" else None
+    for k in range(2):
+        logged = min(r["val_loss"] for r in result.history if r["stage"] == k)
+        assert logged == pytest.approx(float(stage_loss(outs[k], val.targets[:, k], scales)), rel=1e-5)
+
+
 class _Interrupt(RuntimeError):
     pass
+
+
+def _reference_and_crashed_run(problem, tmp_path, cfg, crash_at_step):
+    """A completed reference run in tmp_path/ref, and the same run in tmp_path/run stopped by a crash at the
+    step ``crash_at_step`` (counted over the run); returns (reference result, samples, model factory)."""
+    base, samples = problem
+    factory = with_terms_factory(base)
+    reference = train(small_net(num_stages=2, num_subsets=2), samples, "sequential", cfg, factory, tmp_path / "ref")
+
+    def crash(event):
+        if event.kind == "step" and event.step == crash_at_step:
+            raise _Interrupt("simulated crash")
+
+    with pytest.raises(_Interrupt):
+        train(small_net(num_stages=2, num_subsets=2), samples, "sequential", cfg, factory, tmp_path / "run",
+              callbacks=[crash])
+    return reference, samples, factory
 
 
 @pytest.mark.parametrize("cache,resume_blocks", [("disk", None), ("memory", None), ("disk", (1, 7, 9))])
 def test_patch_training_resumed_after_interruption_ends_with_the_same_weights(problem, tmp_path, cache, resume_blocks):
     """Same weights bitwise; resumed with another block shape (allowed: it changes memory, not results),
     the same to rounding."""
-    base, samples = problem
-    factory = with_terms_factory(base)
     cfg = _config(epochs=2, cache=cache)
-    reference = train(small_net(num_stages=2, num_subsets=2), samples, "sequential", cfg, factory, tmp_path / "ref")
-
-    def crash(event):  # stage 2, epoch 1, second of three steps
-        if event.kind == "step" and event.step == 8:
-            raise _Interrupt("simulated crash")
-
-    with pytest.raises(_Interrupt):
-        train(small_net(num_stages=2, num_subsets=2), samples, "sequential", cfg, factory, tmp_path / "run",
-              callbacks=[crash])
+    reference, samples, factory = _reference_and_crashed_run(problem, tmp_path, cfg, 8)  # stage 2, epoch 1, step 2
     resumed = train(small_net(num_stages=2, num_subsets=2, seed=99), samples, "sequential",
                     _config(epochs=2, cache=cache, block_shape=resume_blocks), factory, tmp_path / "run", resume=True)
     assert resumed.completed
@@ -186,6 +229,23 @@ def test_patch_training_resumed_after_interruption_ends_with_the_same_weights(pr
     else:
         assert all(torch.allclose(ref[key], new[key], rtol=1e-5, atol=1e-7) for key in ref)
         assert new_val == pytest.approx(ref_val, rel=1e-5)
+
+
+def test_patch_training_resumes_a_run_whose_terms_lack_the_validation_samples(problem, tmp_path):
+    """A run interrupted under sirf_fbsem <= 0.8.4 kept the terms of its training samples only (and marked them
+    complete): resumed, the validation samples' terms are computed and the run ends with the same weights."""
+    cfg = _config(epochs=2)
+    reference, samples, factory = _reference_and_crashed_run(problem, tmp_path, cfg, 2)  # stage 1, epoch 1, step 2
+    terms = tmp_path / "run" / "cache" / "stage_000" / "patch_terms"
+    for i in reference.val_indices:
+        (terms / f"sample_{i:06d}.pt").unlink()
+    (terms / "complete.json").write_text(json.dumps({"stage": 0, "num_samples": len(reference.train_indices)}))
+    resumed = train(small_net(num_stages=2, num_subsets=2), samples, "sequential", cfg, factory, tmp_path / "run",
+                    resume=True)
+    assert resumed.completed
+    ref, new = reference.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(ref[key], new[key]) for key in ref)
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in reference.history]
 
 
 def test_patch_settings_are_in_the_run_signature_only_when_set(problem, tmp_path):
