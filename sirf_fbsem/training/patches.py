@@ -129,16 +129,28 @@ def terms_payload(
 ) -> dict[str, torch.Tensor]:
     """A plain dict of tensors (``torch.save``-able, loadable with ``weights_only``) of one sample's terms
     (batch of one), its target (1, Z, Y, X), its FOV box (3, 2) int64 and, for the ``scaled_mse``
-    loss, its scale ``c`` (``loss_scale``, a scalar tensor)."""
+    loss, its scale ``c`` (``loss_scale``, a scalar tensor).
+
+    Every tensor owns just its elements: the target is one of a sample's K targets and the
+    sensitivity one of its subsets', views of larger tensors that ``torch.save`` would write whole
+    (a 3D mMR payload: 424 MB instead of 33 MB at K = 42)."""
     box = terms.fov_box()
-    out = {"target": target, "fov_box": torch.tensor([[b.start, b.stop] for b in box], dtype=torch.int64)}
+    out = {"target": _compact(target),
+           "fov_box": torch.tensor([[b.start, b.stop] for b in box], dtype=torch.int64)}
     if loss_scale is not None:
         out["loss_scale"] = torch.as_tensor(loss_scale, dtype=torch.float64).reshape(())
     for name in ("x", "x_em", "sensitivity", "scale", "unit", "anatomical", "anatomical_scale"):
         value = getattr(terms, name)
         if value is not None:
-            out[name] = value
+            out[name] = _compact(value)
     return out
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is contiguous and its storage holds nothing else, else a compact copy."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def terms_from_payload(

@@ -14,7 +14,7 @@ from sirf_fbsem.model import FBSEMNet, RegulariserConfig, ResidualCNN, StageTerm
 from sirf_fbsem.model.fbsem import FBSEMStage
 from sirf_fbsem.samples import Batch
 from sirf_fbsem.training import CheckpointMismatchError, TrainConfig, train, with_terms_factory
-from sirf_fbsem.training.patches import draw_patches, patch_training_step
+from sirf_fbsem.training.patches import draw_patches, patch_training_step, terms_payload
 from sirf_fbsem.training.trainers import _initial, _net_inputs, sample_scales, stage_loss
 from tiny_problems import perturb, small_net, tiny_samples
 
@@ -113,6 +113,27 @@ def test_patches_are_reproducible_inside_the_image_and_centred_in_the_fov_box():
         assert all(0 <= s.start and s.stop <= n for s, n in zip(region, (8, 32, 40)))
         centre_z = region[0].start + 2
         assert 2 <= centre_z <= 5 or region[0].start in (0, 4)  # centred in the box unless pushed inside
+
+
+def test_stage_terms_payload_holds_only_its_own_elements(problem, tmp_path):
+    """The target is one of K and the sensitivity one of the subsets': the payload (written per sample and stage,
+    read at every step) must not carry the whole tensors they are views of."""
+    base, samples = problem
+    net = small_net(num_stages=2, num_subsets=2)
+    batch = Batch.collate(samples[:1], "cpu")
+    model = with_terms_factory(base)(batch)
+    kw = _net_inputs(net, batch)
+    with torch.no_grad():
+        terms = net.stage_terms(1, _initial(batch, model), batch.prompts, model, kw["sensitivities"], None)
+    payload = terms_payload(terms, batch.targets[:, 1], sample_scales(batch.targets)[0])
+    own = 0
+    for name, t in payload.items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+        own += t.numel() * t.element_size()
+    torch.testing.assert_close(payload["target"], batch.targets[:, 1], rtol=0, atol=0)
+    torch.testing.assert_close(payload["sensitivity"][0], batch.sensitivity[0, 1], rtol=0, atol=0)
+    torch.save(payload, tmp_path / "terms.pt")
+    assert (tmp_path / "terms.pt").stat().st_size < own + 64 * 1024
 
 
 def test_patch_training_step_averages_the_patch_losses():
