@@ -10,9 +10,11 @@
 # count levels 1e6 (a 10-s frame, as the bundled listmode), 3e7 (low) and 3e8 (standard) prompts,
 # cycled by sample index; phantoms MNI152-based and procedural (--phantom mixed).
 # Seeds: training 1001, tuning 2001, confirmation 3001 (disjoint).
-# Sizes and times (2 CPU cores, measured under load): ~1.1 GB and ~3 min CPU per sample;
-# training ~9 min per stage with 8 samples (stage setup ~4 min, 50 s per epoch), so 21 stages
-# take about 3 h (estimated): run it where a GPU is lent, or let it resume over several runs.
+# Sizes and times (2 CPU cores, measured 2026-12-05, sirf_fbsem 0.8.5, K = 42, 24 samples):
+# ~1.3 GB and ~70 s wall per sample (24 in 29 min); training ~4.7 min per stage (setup: the
+# previous stage's outputs and this stage's terms, ~1.5 min; 17 s per epoch of 19 samples),
+# so K = 42 takes about 3.3 h (estimated from the first stages): on a GPU when one is lent,
+# or over several runs, each resuming where the last stopped.
 #
 # Settings (environment; defaults: the bundled model's study):
 #   STAGES (21)        K: stages, and noise-free OSEM sub-iterates simulated as targets
@@ -75,8 +77,10 @@ train() {
 # the grids (2 CPU cores: ~9 s per full iteration of this geometry): 0.03 was the 2D studies' MAP-EM
 # beta at a similar count per voxel (2e5 counts on 128 x 128); edges are flagged in the JSON
 evaluate() {
+    local resume=()
+    [ -d "$EVAL_OUT/mmr_3d.partial" ] && resume=(--resume)  # a stopped evaluation continues
     $SF evaluate --data "$WORK/confirm" --tune-data "$WORK/tune" --model "FBSEM sequential=$MODEL" \
-        --out "$EVAL_OUT" --name mmr_3d --osem-iterations "${OSEM_ITERATIONS:-8}" \
+        --out "$EVAL_OUT" --name mmr_3d "${resume[@]}" --osem-iterations "${OSEM_ITERATIONS:-8}" \
         --map-iterations "${MAP_ITERATIONS:-8}" --betas ${BETAS:-0.003 0.01 0.03 0.1} --fwhm-mm 0 2 4 6 8 10 12 \
         --device "$DEVICE" --overwrite
 }

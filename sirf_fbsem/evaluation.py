@@ -89,6 +89,7 @@ from .samples import Sample
 from .simulation.dataset import open_datasets
 from .study_sets import PhantomSet, check_disjoint, phantom_set_of_manifests, phantom_set_of_model
 from .study_statistics import paired_ratio_interval, seed_spread, verdict
+from .evaluation_store import PartialResults, weights_digest
 
 __all__ = [
     "EvaluationConfig",
@@ -102,6 +103,7 @@ __all__ = [
     "evaluation_masks",
     "image_metrics",
     "evaluate_methods",
+    "evaluation_signature",
     "save_evaluation_montage",
     "write_json",
     "load_samples",
@@ -521,38 +523,52 @@ def _targets_nrmse(prepared: Sequence[_Prepared]) -> list[float]:
     return [float(v) for v in np.mean([[p.nrmse(t) for t in p.sample.targets] for p in prepared], axis=0)]
 
 
+def _sample_grids(p: _Prepared, config: EvaluationConfig, vox: Sequence[float], bar: tqdm) -> dict[str, np.ndarray]:
+    """NRMSE grids of one tuning phantom: osem (iters), filtered (iters, fwhm), map (betas, iters) and, with a
+    Bowsher grid, bowsher (B, betas, iters)."""
+    grids = {"osem": np.zeros(config.osem_iterations),
+             "filtered": np.zeros((config.osem_iterations, len(config.filter_fwhm_mm))),
+             "map": np.zeros((len(config.map_betas), config.map_iterations))}
+    its = osem_iterates(p.model, p.prompts, config.osem_iterations).cpu()
+    for it in range(config.osem_iterations):
+        grids["osem"][it] = p.nrmse(its[it])
+        for j, f in enumerate(config.filter_fwhm_mm):
+            grids["filtered"][it, j] = p.nrmse(gaussian_filter(its[it], f, vox))
+    bar.update(1)
+    for j, b in enumerate(config.map_betas):
+        its_b = map_em(p.model, p.prompts, b, config.map_iterations, vox, return_iterates=True).cpu()
+        grids["map"][j] = [p.nrmse(x) for x in its_b]
+        bar.update(1)
+    if config.bowsher_neighbours:
+        grids["bowsher"] = np.zeros((len(config.bowsher_neighbours), len(config.map_betas), config.map_iterations))
+    for jb, nb in enumerate(config.bowsher_neighbours):
+        for j, b in enumerate(config.map_betas):
+            its_b = map_em(p.model, p.prompts, b, config.map_iterations, vox, return_iterates=True,
+                           anatomical=p.anatomical, bowsher_neighbours=nb).cpu()
+            grids["bowsher"][jb, j] = [p.nrmse(x) for x in its_b]
+            bar.update(1)
+    return grids
+
+
 def _baseline_grids(
-    prepared: Sequence[_Prepared], base: AcquisitionModel, config: EvaluationConfig, bar: tqdm
+    prepared: Sequence[_Prepared], base: AcquisitionModel, config: EvaluationConfig, bar: tqdm,
+    partial: PartialResults | None = None, level: str = "",
 ) -> dict[str, np.ndarray]:
     """NRMSE grids over samples: osem (n_samples, iters), filtered (n_samples, iters, fwhm), map (n_samples,
-    betas, iters) and, with a Bowsher grid, bowsher (n_samples, B, betas, iters)."""
+    betas, iters) and, with a Bowsher grid, bowsher (n_samples, B, betas, iters); each phantom's taken from
+    ``partial`` when a stopped run stored it, and stored there when computed."""
     vox = base.image_geometry.voxel_size_mm
-    n = len(prepared)
-    osem_g = np.zeros((n, config.osem_iterations))
-    filt_g = np.zeros((n, config.osem_iterations, len(config.filter_fwhm_mm)))
-    map_g = np.zeros((n, len(config.map_betas), config.map_iterations))
-    bow_g = np.zeros((n, len(config.bowsher_neighbours), len(config.map_betas), config.map_iterations))
+    per_sample = []
     for i, p in enumerate(prepared):
-        its = osem_iterates(p.model, p.prompts, config.osem_iterations).cpu()
-        for it in range(config.osem_iterations):
-            osem_g[i, it] = p.nrmse(its[it])
-            for j, f in enumerate(config.filter_fwhm_mm):
-                filt_g[i, it, j] = p.nrmse(gaussian_filter(its[it], f, vox))
-        bar.update(1)
-        for j, b in enumerate(config.map_betas):
-            its_b = map_em(p.model, p.prompts, b, config.map_iterations, vox, return_iterates=True).cpu()
-            map_g[i, j] = [p.nrmse(x) for x in its_b]
-            bar.update(1)
-        for jb, nb in enumerate(config.bowsher_neighbours):
-            for j, b in enumerate(config.map_betas):
-                its_b = map_em(p.model, p.prompts, b, config.map_iterations, vox, return_iterates=True,
-                               anatomical=p.anatomical, bowsher_neighbours=nb).cpu()
-                bow_g[i, jb, j] = [p.nrmse(x) for x in its_b]
-                bar.update(1)
-    grids = {"osem": osem_g, "filtered": filt_g, "map": map_g}
-    if config.bowsher_neighbours:
-        grids["bowsher"] = bow_g
-    return grids
+        grids = partial.grid(level, i) if partial is not None else None
+        if grids is None:
+            grids = _sample_grids(p, config, vox, bar)
+            if partial is not None:
+                partial.save_grid(level, i, grids)
+        else:
+            bar.update(1 + len(config.map_betas) * (1 + len(config.bowsher_neighbours)))
+        per_sample.append(grids)
+    return {k: np.stack([g[k] for g in per_sample]) for k in per_sample[0]}
 
 
 def _select(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[str, dict[str, Any]]:
@@ -698,6 +714,7 @@ def evaluate_methods(
     tuning_samples: Sequence[Sample] | None = None,
     progress: bool = True,
     seed_groups: Mapping[str, Sequence[str]] | None = None,
+    partial: PartialResults | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Score every method on ``samples`` (:class:`~sirf_fbsem.samples.Sample`, every field set), per count level.
 
@@ -720,6 +737,9 @@ def evaluate_methods(
         tuning_samples: samples (same count levels) on which hyperparameters are chosen;
             None: chosen on ``samples`` (reported as such).
         progress: tqdm bars.
+        partial: where each finished phantom's grids and metrics are kept, and taken from when a
+            stopped run stored them (:class:`~sirf_fbsem.evaluation_store.PartialResults`, opened with
+            :func:`evaluation_signature` of the same arguments); None: nothing kept.
     Returns:
         (results dict, plain JSON), and per count level the images of the first sample
         ``{"truth": (Z,Y,X), method: (Z,Y,X), ...}`` for a montage.
@@ -741,18 +761,27 @@ def evaluate_methods(
         tune = [_Prepared(s, base, config) for s in tune_groups[key]] if tuning_samples else prepared
         total = len(tune) * (1 + n_map) + len(prepared) * (len(baselines) + len(nets))
         with tqdm(total=total, desc=f"evaluate {key} counts", unit="recon", disable=not progress) as bar:
-            grids = _baseline_grids(tune, base, config, bar)
+            grids = _baseline_grids(tune, base, config, bar, partial, key)
             chosen = _select(grids, config)
             rows: dict[str, list[dict[str, Any]]] = {m: [] for m in (*baselines, *nets, "truth")}
             osem_curves = []
             for i, p in enumerate(prepared):
-                recon, curve = _reconstruct_sample(p, chosen, nets, config, vox, device, bar)
+                stored = partial.scored(key, i) if partial is not None else None
+                if stored is None:
+                    recon, curve = _reconstruct_sample(p, chosen, nets, config, vox, device, bar)
+                    sample_rows = {name: {"index": p.index, **image_metrics(x, p.truth, p.masks),
+                                          "num_hot_lesions": len(p.masks.lesions)} for name, x in recon.items()}
+                    first = {name: _np(x) for name, x in recon.items()} if i == 0 else None
+                    if partial is not None:
+                        partial.save_scored(key, i, sample_rows, curve, first)
+                else:
+                    sample_rows, curve, first = stored
+                    bar.update(len(baselines) + len(nets))
                 osem_curves.append(curve)
-                for name, x in recon.items():
-                    rows[name].append({"index": p.index, **image_metrics(x, p.truth, p.masks),
-                                       "num_hot_lesions": len(p.masks.lesions)})
+                for name, row in sample_rows.items():
+                    rows[name].append(row)
                 if i == 0:
-                    images[key] = {name: _np(x) for name, x in recon.items()}
+                    images[key] = first
         methods = _method_entries(rows, chosen, seed_groups)
         levels[key] = {
             "counts": float(group[0].counts),
@@ -783,6 +812,24 @@ def evaluate_methods(
         "summary": _summary(levels, _learned_methods(nets, seed_groups or {}), baselines),
     }
     return result, images
+
+
+def evaluation_signature(
+    samples: Sequence[Sample], networks: Mapping[str, FBSEMNet], base_model: AcquisitionModel,
+    config: EvaluationConfig, tuning_samples: Sequence[Sample] | None = None,
+) -> dict[str, Any]:
+    """What the results of :func:`evaluate_methods` with these arguments depend on, for a stopped run's
+    :class:`~sirf_fbsem.evaluation_store.PartialResults`: the grids, the networks' weights (digests),
+    the scored and tuning phantoms (seed, index, counts, in order), the sinogram shape and image
+    geometry, the subsets and the package version."""
+    def phantoms(group: Sequence[Sample] | None) -> list[list[Any]] | None:
+        return None if group is None else [[s.seed, s.index, s.counts] for s in group]
+
+    return {"config": config.to_dict(), "networks": {n: weights_digest(net) for n, net in networks.items()},
+            "scored": phantoms(samples), "tuning": phantoms(tuning_samples),
+            "sinogram_shape": list(base_model.sinogram_shape), "image": base_model.image_geometry.describe(),
+            "num_subsets": base_model.num_subsets if config.num_subsets is None else config.num_subsets,
+            "version": __version__}
 
 
 def _learned_methods(nets: Mapping[str, Any], seed_groups: Mapping[str, Sequence[str]]) -> list[str]:
@@ -965,6 +1012,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="evaluate", help="output file stem: NAME.json, NAME.png (default evaluate)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace NAME.json/NAME.png of an earlier evaluate run (never files it did not write)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a stopped run from OUT/NAME.partial (each finished phantom is kept there "
+                        "until NAME.json and NAME.png are written); same data, models and grids")
     parser.add_argument("--max-samples", type=int, default=None, help="use at most this many samples per directory")
     parser.add_argument("--osem-iterations", type=int, default=d.osem_iterations, help="full OSEM iterations")
     parser.add_argument("--subsets", type=int, default=None, help="OSEM / MAP-EM subsets (default: the data's)")
@@ -1083,8 +1133,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     phantom_sets = _checked_phantom_sets(args, data_sets, tune_sets, training_sets)
     samples = samples_of(data_sets, args.max_samples)
     tuning = samples_of(tune_sets, args.max_samples) if tune_sets is not None else None
+    partial = PartialResults.open(out / f"{args.name}.partial",
+                                  evaluation_signature(samples, networks, base, config, tuning), args.resume)
     result, images = evaluate_methods(samples, networks, base, config, tuning, progress=not args.no_progress,
-                                      seed_groups=seed_groups)
+                                      seed_groups=seed_groups, partial=partial)
     result["data"] = [str(d) for d in args.data]
     result["tune_data"] = [str(d) for d in args.tune_data] if args.tune_data else None
     result["model_files"] = model_files
@@ -1095,6 +1147,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     result["seconds"] = time.perf_counter() - t0
     json_path = write_json(out / f"{args.name}.json", result)
     png_path = save_evaluation_montage(out / f"{args.name}.png", images, result, title=f"{image.describe()}")
+    partial.remove()
     for key, entry in result["summary"].items():
         line = ", ".join(f"{m} {v:.4f}" for m, v in entry["nrmse"].items() if v is not None and "@" not in m)
         print(f"{key} counts: NRMSE {line}")

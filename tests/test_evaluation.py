@@ -399,3 +399,82 @@ def test_evaluate_cli_rejects_a_malformed_model_flag(data, tmp_path):
     _, _, _, dirs = data
     with pytest.raises(SystemExit):
         cli(["evaluate", "--data", str(dirs["test"][0]), "--model", "no_equals_sign", "--out", str(tmp_path)])
+
+
+def _without_seconds(value):
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if k != "seconds"}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+class _Stop(RuntimeError):
+    pass
+
+
+def test_a_stopped_evaluate_resumes_from_its_finished_phantoms_to_the_same_results(data, tmp_path, monkeypatch, capsys):
+    """Stopped by an error during the third network reconstruction: the tuning grids and two scored phantoms are
+    kept in OUT/NAME.partial; a rerun without --resume is refused (naming --resume), with other grids refused
+    (naming what differs), and with --resume computes only what was missing, writes the JSON an uninterrupted run
+    writes (but for times) and removes the partial results."""
+    import sirf_fbsem.evaluation as ev
+
+    _, sino, image, dirs = data
+    model = _tiny_model(tmp_path, sino, image)
+    args = ["evaluate", "--data", *map(str, dirs["test"]), "--tune-data", *map(str, dirs["tune"]),
+            "--model", f"fbsem_tiny={model}", "--osem-iterations", "2", "--map-iterations", "2",
+            "--betas", "0", "0.1", "--fwhm-mm", "0", "6", "--no-progress"]
+    assert cli([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "evaluate.json").read_text())
+    assert not (tmp_path / "whole" / "evaluate.partial").exists()
+
+    calls = {"grids": 0, "networks": 0}
+    sample_grids, run_network = ev._sample_grids, ev._run_network
+
+    def counted_grids(*a, **k):
+        calls["grids"] += 1
+        return sample_grids(*a, **k)
+
+    def failing_network(*a, **k):
+        calls["networks"] += 1
+        if calls["networks"] == 3:
+            raise _Stop("stopped")
+        return run_network(*a, **k)
+
+    monkeypatch.setattr(ev, "_sample_grids", counted_grids)
+    monkeypatch.setattr(ev, "_run_network", failing_network)
+    out = tmp_path / "res"
+    assert cli([*args, "--out", str(out)]) != 0  # the error is reported, the finished phantoms kept
+    partial = out / "evaluate.partial"
+    assert not (out / "evaluate.json").exists()
+    assert len(list(partial.glob("grid_*.npz"))) == 2 and len(list(partial.glob("scored_*.json"))) == 2
+    kept = sorted(p.name for p in partial.iterdir())
+
+    capsys.readouterr()
+    assert cli([*args, "--out", str(out)]) != 0
+    assert "--resume" in capsys.readouterr().err
+    assert cli([*args, "--out", str(out), "--resume", "--betas", "0", "1"]) != 0
+    err = capsys.readouterr().err
+    assert "--resume" in err and "config" in err
+    assert sorted(p.name for p in partial.iterdir()) == kept  # refused runs touch nothing
+
+    calls.update(grids=0, networks=0)
+    monkeypatch.setattr(ev, "_run_network", run_network)
+    assert cli([*args, "--out", str(out), "--resume"]) == 0
+    assert calls["grids"] == 0  # both levels' tuning grids were kept
+    resumed = json.loads((out / "evaluate.json").read_text())
+    assert _without_seconds(resumed) == _without_seconds(whole)
+    assert not partial.exists()
+
+
+def test_evaluate_leaves_alone_a_partial_directory_it_did_not_write(data, tmp_path, capsys):
+    _, sino, image, dirs = data
+    foreign = tmp_path / "res" / "evaluate.partial"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    rc = cli(["evaluate", "--data", str(dirs["test"][0]), "--tune-data", str(dirs["tune"][0]),
+              "--out", str(tmp_path / "res"), "--osem-iterations", "1", "--no-progress", "--resume"])
+    assert rc != 0 and "not written by sirf-fbsem evaluate" in capsys.readouterr().err
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "res" / "evaluate.json").exists()

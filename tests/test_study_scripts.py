@@ -195,7 +195,10 @@ def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_lev
     bundled = str(REPO / "test_data" / "fbsem_mmr_model.pt")
     proc, calls = _run(tmp_path, "evaluate", script=script, env_extra={"MODEL": bundled})
     assert proc.returncode == 0, proc.stderr
-    assert [_flag(c, "--model") for c in calls] == [f"FBSEM sequential={bundled}"]
+    assert [_flag(c, "--model") for c in calls] == [f"FBSEM sequential={bundled}"] and "--resume" not in calls[0]
+    (tmp_path / "work" / "eval" / "mmr_3d.partial").mkdir(parents=True)  # a stopped evaluation continues
+    proc, calls = _run(tmp_path, "evaluate", script=script, env_extra={"MODEL": bundled})
+    assert proc.returncode == 0 and "--resume" in calls[0]
 
 
 def test_gpu_mmr3d_script_trains_k42_on_the_gpu_and_confirms_on_a_fresh_seed(tmp_path, monkeypatch):
