@@ -2,8 +2,10 @@
 # The 3D Siemens mMR study: simulate, train FBSEM-Net sequentially (fully unrolled, K = 21),
 # evaluate on fresh phantoms. Every step is a sirf-fbsem command; each resumes where it stopped.
 #
-#   bash pipelines/mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all]
-#   (simulate_train: the training set only; simulate_eval: the tuning and confirmation sets only)
+#   bash pipelines/mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor]
+#   (simulate_train: the training set only; simulate_eval: the tuning and confirmation sets only;
+#   floor: on the tuning set alone, the iteration-dependent targets' error against the truth at each
+#   stage up to FLOOR_STAGES, beside the best baselines: how many stages K the targets need)
 #
 # Setting (docs/studies/mmr_3d.md): mMR span 11 (837 sinograms x 252 views x 344 bins), image
 # 127 x 128 x 128 of 2.03125 x 2.08626 x 2.08626 mm, 7 subsets, K = 21 stages (3 full iterations);
@@ -27,8 +29,9 @@
 #   OSEM_ITERATIONS (8), MAP_ITERATIONS (8), BETAS ("0.003 0.01 0.03 0.1"): the baselines' grids
 #   EVAL_OUT ($WORK/eval) where evaluate writes
 #   SCANNER (Siemens_mMR), SPAN (11), IMAGE_SHAPE (127,128,128): a smaller setting for a dry run
+#   FLOOR_STAGES (112) the floor step's targets per tuning phantom; PYTHON (python3) runs pipelines/targets_floor.py
 set -euo pipefail
-WORK=${1:?usage: mmr_3d.sh WORK_DIR [simulate|train|evaluate|all]}
+WORK=${1:?usage: mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor]}
 STEP=${2:-all}
 SF=${SIRF_FBSEM:-sirf-fbsem}
 STAGES=${STAGES:-21}
@@ -85,6 +88,23 @@ evaluate() {
         --device "$DEVICE" --overwrite
 }
 
+# The targets' floor, to choose K on the tuning set (seed 2001; no model, no confirmation set): a
+# network that matched its stage-k target exactly would keep that target's error, so K must be
+# large enough for the noise-free sub-iterate to beat the best baseline. The baselines' grids are
+# chosen on these same phantoms (recorded in the JSON as tuned on the scored set).
+floor() {
+    local k=${FLOOR_STAGES:-112} resume=()
+    local dir="$WORK/tune_k$k"
+    $SF simulate --out "$dir" --num-samples "$TUNE_SAMPLES" --seed 2001 --scanner "${SCANNER:-Siemens_mMR}" \
+        --span "${SPAN:-11}" --image-shape "${IMAGE_SHAPE:-127,128,128}" --num-subsets 7 --num-stages "$k" \
+        "${EVAL_COUNTS[@]}" --device "$DEVICE" "${TEMPLATES[@]}"
+    [ -d "$EVAL_OUT/floor_k$k.partial" ] && resume=(--resume)
+    $SF evaluate --data "$dir" --out "$EVAL_OUT" --name "floor_k$k" "${resume[@]}" \
+        --osem-iterations "${OSEM_ITERATIONS:-16}" --map-iterations "${MAP_ITERATIONS:-16}" \
+        --betas ${BETAS:-0.001 0.003 0.01} --device "$DEVICE" --overwrite
+    "${PYTHON:-python3}" "$(dirname "$0")/targets_floor.py" "$EVAL_OUT/floor_k$k.json" --out "$EVAL_OUT/targets_floor_k$k"
+}
+
 case "$STEP" in
     simulate) simulate_train; simulate_eval ;;
     simulate_train) simulate_train ;;
@@ -92,5 +112,6 @@ case "$STEP" in
     train) train ;;
     evaluate) evaluate ;;
     all) simulate_train; simulate_eval; train; evaluate ;;
-    *) echo "unknown step $STEP (simulate|simulate_train|simulate_eval|train|evaluate|all)" >&2; exit 2 ;;
+    floor) floor ;;
+    *) echo "unknown step $STEP (simulate|simulate_train|simulate_eval|train|evaluate|all|floor)" >&2; exit 2 ;;
 esac

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sirf_fbsem.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,9 @@ elif argv[0] == "train":
     (out / "model.pt").write_bytes(b"")
 elif argv[0] == "evaluate":
     name = argv[argv.index("--name") + 1] if "--name" in argv else "evaluate"
-    (out / f"{name}.json").write_text("{}")
+    level = {"targets_nrmse_by_stage": [0.5, 0.3, 0.2], "methods": {"osem": {"mean": {"nrmse": 0.25}}}}
+    (out / f"{name}.json").write_text(json.dumps({"count_levels": {"3e+07": level}}) if name.startswith("floor")
+                                      else "{}")
 """
 
 
@@ -201,8 +204,27 @@ def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_lev
     assert proc.returncode == 0 and "--resume" in calls[0]
 
 
-def test_gpu_mmr3d_script_trains_k42_on_the_gpu_and_confirms_on_a_fresh_seed(tmp_path, monkeypatch):
-    """pipelines/gpu_mmr3d.sh: K = 42, samples held on the GPU, MNI152 templates from the carried file,
+def test_mmr_3d_floor_step_works_on_the_tuning_phantoms_alone(tmp_path):
+    """pipelines/mmr_3d.sh floor: K is chosen on the tuning set (seed 2001, the evaluation's count
+    levels) with FLOOR_STAGES noise-free targets, no model and no confirmation set; a stopped
+    evaluation resumes."""
+    script = REPO / "pipelines" / "mmr_3d.sh"
+    proc, calls = _run(tmp_path, "floor", script=script, env_extra={"FLOOR_STAGES": "63", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    assert [c[0] for c in calls] == ["simulate", "evaluate"]
+    sim, ev = calls
+    assert (_flag(sim, "--seed"), _flag(sim, "--num-stages"), _flag(sim, "--counts")) == ("2001", "63", "3e7,3e8")
+    assert _flag(ev, "--data") == _flag(sim, "--out") and "--tune-data" not in ev and "--model" not in ev
+    assert _flag(ev, "--name") == "floor_k63" and "--resume" not in ev
+    report = json.loads((tmp_path / "work" / "eval" / "targets_floor_k63.json").read_text())  # the K needed
+    assert report["levels"][0]["stages_needed"]["1"] == 3
+    (tmp_path / "work" / "eval" / "floor_k63.partial").mkdir(parents=True)
+    proc, calls = _run(tmp_path, "floor", script=script, env_extra={"FLOOR_STAGES": "63", "PYTHON": sys.executable})
+    assert proc.returncode == 0 and "--resume" in calls[-1]
+
+
+def test_gpu_mmr3d_script_trains_k63_on_the_gpu_and_confirms_on_a_fresh_seed(tmp_path, monkeypatch):
+    """pipelines/gpu_mmr3d.sh: K = 63 (chosen on the tuning set), samples held on the GPU, MNI152 templates from the carried file,
     a resumable run in OUT/run, tuning seed 2001, a confirmation seed (3002) unlike the K = 21 model's."""
     import torch
 
@@ -219,7 +241,7 @@ def test_gpu_mmr3d_script_trains_k42_on_the_gpu_and_confirms_on_a_fresh_seed(tmp
     assert proc.returncode == 0, proc.stderr
     assert [c[0] for c in calls] == ["simulate", "train"]
     sim, tr = calls
-    assert (_flag(sim, "--seed"), _flag(sim, "--num-stages"), _flag(sim, "--device")) == ("1001", "42", "cuda")
+    assert (_flag(sim, "--seed"), _flag(sim, "--num-stages"), _flag(sim, "--device")) == ("1001", "63", "cuda")
     assert _flag(sim, "--mni152-templates") == str(templates) and _flag(sim, "--phantom") == "mixed"
     assert _flag(sim, "--out") == str(tmp_path / "scratch" / "train")
     assert (_flag(tr, "--preload"), _flag(tr, "--device"), _flag(tr, "--out")) == ("device", "cuda", str(out / "run"))
@@ -469,3 +491,35 @@ def test_k36_pm_mni_findings_are_rebuilt_from_the_recorded_confirmation_runs(tmp
     rebuilt = json.loads(out.read_text())
     assert rebuilt["findings"] == recorded["findings"] and rebuilt["against_baselines"] == recorded["against_baselines"]
     assert len(rebuilt["findings"]) == sum(len(c.metrics) for c in mod.COMPARISONS)  # no comparison left out
+
+
+def test_targets_floor_reports_the_first_k_below_each_fraction_of_the_best_baseline(tmp_path, monkeypatch):
+    """pipelines/targets_floor.py: floor(K) = 1/K against baselines of known NRMSE; the smallest K
+    below f x best is the first integer above 1 / (f x best), and the best is the lowest mean."""
+    import math
+
+    t = _pipeline_module("targets_floor", monkeypatch)
+    floor = [1.0 / k for k in range(1, 41)]
+
+    def level(best: float) -> dict:
+        return {"targets_nrmse_by_stage": floor,
+                "methods": {"osem": {"mean": {"nrmse": best * 1.5}},
+                            "osem_filtered": {"mean": {"nrmse": best}, "hyperparameters": {"iterations": 3}},
+                            "truth": {"mean": {"nrmse": 0.0}}}}
+
+    result = {"count_levels": {"3e+07": level(0.13), "3e+08": level(0.031)}, "setting": {"image": "test"}}
+    src = tmp_path / "floor.json"
+    src.write_text(json.dumps(result))
+    assert t.main([str(src), "--out", str(tmp_path / "out" / "floor"), "--fractions", "1", "0.8"]) == 0
+    got = json.loads((tmp_path / "out" / "floor.json").read_text())["levels"]
+    assert [lv["best_method"] for lv in got] == ["osem_filtered", "osem_filtered"]  # not the truth row
+    for lv, best in zip(got, (0.13, 0.031)):
+        for f in (1.0, 0.8):
+            k = lv["stages_needed"][f"{f:g}"]
+            expected = math.floor(1 / (f * best)) + 1
+            assert k == (expected if expected <= 40 else None)
+    assert (tmp_path / "out" / "floor.png").stat().st_size > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"count_levels": {"3e+07": {"targets_nrmse_by_stage": floor, "methods": {}}}}))
+    with pytest.raises(SystemExit, match="bad.json"):
+        t.main([str(bad), "--out", str(tmp_path / "x")])
