@@ -69,8 +69,16 @@ def save_plot(path: Path, levels: Sequence[LevelFloor], title: str) -> None:
         ax.plot(ks, lv.floor_by_stage, color=colour, label=f"{lv.counts} counts: noise-free target k (floor)")
         ax.axhline(lv.best_nrmse, color=colour, ls="--",
                    label=f"{lv.counts} counts: best baseline ({lv.best_method}) {lv.best_nrmse:.3f}")
-    ax.set_xlabel("stages K (OSEM sub-iterations)")
-    ax.set_ylabel("NRMSE inside the head (mean over tuning phantoms)")
+    finish_plot(fig, ax, path, title, "stages K (OSEM sub-iterations)",
+                "NRMSE inside the head (mean over tuning phantoms)")
+
+
+def finish_plot(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    """Label, title, grid and legend ``ax``; save ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -478,3 +478,40 @@ def test_evaluate_leaves_alone_a_partial_directory_it_did_not_write(data, tmp_pa
     assert rc != 0 and "not written by sirf-fbsem evaluate" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     assert not (tmp_path / "res" / "evaluate.json").exists()
+
+
+def test_stage_gap_script_agrees_with_evaluate_on_the_last_stage_and_the_targets(data, tmp_path, monkeypatch):
+    """pipelines/stage_gap.py runs the model stage by stage; its last stage's NRMSE and its targets'
+    NRMSE by stage are what ``sirf-fbsem evaluate`` reports for the same model and samples."""
+    import importlib.util
+    from pathlib import Path
+
+    _, sino, image, dirs = data
+    torch.manual_seed(0)
+    net = FBSEMNet(2, 4, RegulariserConfig(dims=2, channels=4, layers=2), beta_init=0.05)
+    model_path = save_model(tmp_path / "m.pt", net, {"sinogram_geometry": sino, "image_geometry": image,
+                                                     "training_mode": "untrained"})
+    rc = cli(["evaluate", "--data", str(dirs["test"][0]), "--model", f"tiny={model_path}", "--out",
+              str(tmp_path / "ev"), "--osem-iterations", "1", "--map-iterations", "1", "--betas", "0.1",
+              "--fwhm-mm", "0", "--no-progress"])
+    assert rc == 0
+    level = next(iter(json.loads((tmp_path / "ev" / "evaluate.json").read_text())["count_levels"].values()))
+    spec = importlib.util.spec_from_file_location("stage_gap", Path(__file__).resolve().parents[1] / "pipelines"
+                                                  / "stage_gap.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "pipelines"))  # its sibling's helpers
+    monkeypatch.setitem(__import__("sys").modules, "stage_gap", mod)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--data", str(dirs["test"][0]), "--model", str(model_path), "--out", str(tmp_path / "gap")]) == 0
+    gap = json.loads((tmp_path / "gap.json").read_text())
+    mean = gap["mean_by_stage"]
+    assert mean["output_vs_truth"][-1] == pytest.approx(level["methods"]["tiny"]["mean"]["nrmse"], rel=1e-5)
+    assert mean["target_vs_truth"] == pytest.approx(level["targets_nrmse_by_stage"], rel=1e-9)
+    assert len(gap["samples"]) == 2 and all(v > 0 for v in mean["output_vs_target"])
+    assert (tmp_path / "gap.png").stat().st_size > 0
+    # a model with more stages than the data's targets is refused, naming the sample and the flag
+    big = save_model(tmp_path / "big.pt", FBSEMNet(3, 4, RegulariserConfig(dims=2, channels=4, layers=2)),
+                     {"sinogram_geometry": sino, "image_geometry": image, "training_mode": "untrained"})
+    with pytest.raises(ValueError, match="--num-stages >= 3"):
+        mod.main(["--data", str(dirs["test"][0]), "--model", str(big), "--out", str(tmp_path / "gap2")])
+    assert not (tmp_path / "gap2.json").exists()

@@ -1,0 +1,117 @@
+"""Where a trained FBSEM model loses to its targets: per stage, its output's error beside its target's.
+
+Stage k of a model trained with iteration-dependent targets is fitted to the k-th noise-free OSEM
+sub-iterate, so ``NRMSE(target_k, truth)`` is the floor under ``NRMSE(x_k, truth)`` (both inside
+the head, as ``sirf-fbsem evaluate`` scores them). The ratio ``NRMSE(x_k) / NRMSE(target_k)``
+by stage shows whether the model falls behind its targets from the first stage or more and more
+as the stages go. Run it on tuning data only (the data must hold at least K targets).
+
+    python pipelines/stage_gap.py --data WORK/tune --model test_data/fbsem_mmr_model.pt \\
+        --out pipelines/results/stage_gap_mmr3d
+
+Writes OUT.json (per sample and mean by stage: the output's and the target's NRMSE against the
+truth, and the output's NRMSE against the target) and OUT.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sirf_fbsem import metrics
+from sirf_fbsem.evaluation import EvaluationConfig, evaluation_masks
+from sirf_fbsem.geometry import image_geometry_from_dict, sinogram_geometry_from_dict
+from sirf_fbsem.model.io import load_model
+from sirf_fbsem.projectors.factory import make_acquisition_model
+from sirf_fbsem.recon.engine import FBSEMUpdate, IterativeReconstruction
+from sirf_fbsem.simulation.dataset import open_datasets
+from targets_floor import finish_plot  # a sibling: pipelines/ is on sys.path when run as a script
+
+
+@dataclass(frozen=True)
+class SampleGap:
+    """One sample: per stage k (entry k - 1), NRMSE inside the head."""
+
+    index: int
+    counts: float
+    output_vs_truth: list[float]
+    target_vs_truth: list[float]
+    output_vs_target: list[float]
+
+
+@torch.no_grad()
+def sample_gap(net, base, sample, image, config: EvaluationConfig) -> SampleGap:
+    """Run ``net`` stage by stage on ``sample`` (the reconstruction engine's start image and updates,
+    as ``evaluate`` runs it) and score every stage's output and target."""
+    if len(sample.targets) < net.num_stages:
+        raise ValueError(f"sample {sample.index} holds {len(sample.targets)} targets; the model has "
+                         f"{net.num_stages} stages (simulate with --num-stages >= {net.num_stages})")
+    masks = evaluation_masks(sample, image, config.mask_dilation_voxels, config.min_lesion_voxels)
+    model = base.with_terms(sample.multiplicative, sample.additive)
+    sens = sample.sensitivity if sample.sensitivity is not None and sample.sensitivity.shape[0] == net.num_subsets \
+        else None
+    recon = IterativeReconstruction(model, sample.prompts, FBSEMUpdate(net, sensitivities=sens), None)
+    out, tgt, diff = [], [], []
+    for k in range(net.num_stages):
+        x = recon.update()
+        out.append(metrics.nrmse(x, sample.phantom, masks.head))
+        tgt.append(metrics.nrmse(sample.targets[k], sample.phantom, masks.head))
+        diff.append(metrics.nrmse(x, sample.targets[k], masks.head))
+    return SampleGap(-1 if sample.index is None else int(sample.index),
+                     float("nan") if sample.counts is None else float(sample.counts), out, tgt, diff)
+
+
+def save_plot(path: Path, gaps: Sequence[SampleGap], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = np.arange(1, len(gaps[0].output_vs_truth) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, g in enumerate(gaps):
+        ax.plot(ks, g.output_vs_truth, color=f"C{i}", label=f"sample {g.index} ({g.counts:.3g}): model")
+        ax.plot(ks, g.target_vs_truth, color=f"C{i}", ls="--", label=f"sample {g.index}: its targets")
+    finish_plot(fig, ax, path, title, "stage k", "NRMSE against the truth, inside the head")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="a dataset written by 'sirf-fbsem simulate' (tuning set)")
+    p.add_argument("--model", type=Path, required=True, help="a trained model file")
+    p.add_argument("--out", type=Path, required=True, help="output stem: OUT.json and OUT.png")
+    p.add_argument("--max-samples", type=int, default=None)
+    args = p.parse_args(argv)
+    ds = open_datasets([args.data])[0]
+    sino = sinogram_geometry_from_dict(ds.manifest["sinogram_geometry"])
+    image = image_geometry_from_dict(ds.manifest["image_geometry"])
+    net, _ = load_model(args.model, expected_sinogram_geometry=sino, expected_image_geometry=image)
+    net.eval()
+    base = make_acquisition_model("embedded", sino, image, num_subsets=net.num_subsets,
+                                  psf_fwhm_mm=ds.manifest.get("psf_fwhm_mm"))
+    n = len(ds) if args.max_samples is None else min(len(ds), args.max_samples)
+    gaps = [sample_gap(net, base, ds[i], image, EvaluationConfig()) for i in tqdm(range(n), desc="samples")]
+    mean = {f: np.mean([getattr(g, f) for g in gaps], axis=0).tolist()
+            for f in ("output_vs_truth", "target_vs_truth", "output_vs_target")}
+    mean["ratio"] = (np.array(mean["output_vs_truth"]) / np.array(mean["target_vs_truth"])).tolist()
+    payload = {"data": str(args.data), "model": str(args.model), "num_stages": net.num_stages,
+               "definitions": __doc__.split("\n\n")[1], "mean_by_stage": mean, "samples": [asdict(g) for g in gaps]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    save_plot(Path(f"{args.out}.png"), gaps, f"{args.model.name} on {args.data.name}: {image.describe()}")
+    for k in sorted({1, 3, 7, 14, 21, net.num_stages}):
+        if k <= net.num_stages:
+            print(f"stage {k}: model {mean['output_vs_truth'][k - 1]:.4f}, target {mean['target_vs_truth'][k - 1]:.4f}"
+                  f" (ratio {mean['ratio'][k - 1]:.3f}), model vs target {mean['output_vs_target'][k - 1]:.4f}")
+    print(f"wrote {args.out}.json and {args.out}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
