@@ -25,11 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sirf_fbsem import metrics
-from sirf_fbsem.evaluation import EvaluationConfig, evaluation_masks
+from sirf_fbsem.evaluation import EvaluationConfig, evaluation_masks, network_stages
 from sirf_fbsem.geometry import image_geometry_from_dict, sinogram_geometry_from_dict
 from sirf_fbsem.model.io import load_model
 from sirf_fbsem.projectors.factory import make_acquisition_model
-from sirf_fbsem.recon.engine import FBSEMUpdate, IterativeReconstruction
 from sirf_fbsem.simulation.dataset import open_datasets
 from targets_floor import finish_plot  # a sibling: pipelines/ is on sys.path when run as a script
 
@@ -47,19 +46,16 @@ class SampleGap:
 
 @torch.no_grad()
 def sample_gap(net, base, sample, image, config: EvaluationConfig) -> SampleGap:
-    """Run ``net`` stage by stage on ``sample`` (the reconstruction engine's start image and updates,
-    as ``evaluate`` runs it) and score every stage's output and target."""
+    """Run ``net`` stage by stage on ``sample`` (:func:`sirf_fbsem.evaluation.network_stages`: as
+    ``evaluate`` runs it) and score every stage's output and target."""
     if len(sample.targets) < net.num_stages:
         raise ValueError(f"sample {sample.index} holds {len(sample.targets)} targets; the model has "
                          f"{net.num_stages} stages (simulate with --num-stages >= {net.num_stages})")
     masks = evaluation_masks(sample, image, config.mask_dilation_voxels, config.min_lesion_voxels)
     model = base.with_terms(sample.multiplicative, sample.additive)
-    sens = sample.sensitivity if sample.sensitivity is not None and sample.sensitivity.shape[0] == net.num_subsets \
-        else None
-    recon = IterativeReconstruction(model, sample.prompts, FBSEMUpdate(net, sensitivities=sens), None)
+    anatomical = None if sample.anatomical is None else torch.as_tensor(sample.anatomical)
     out, tgt, diff = [], [], []
-    for k in range(net.num_stages):
-        x = recon.update()
+    for k, x in enumerate(network_stages(net, model, sample.prompts, sample, anatomical)):
         out.append(metrics.nrmse(x, sample.phantom, masks.head))
         tgt.append(metrics.nrmse(sample.targets[k], sample.phantom, masks.head))
         diff.append(metrics.nrmse(x, sample.targets[k], masks.head))

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Iterator, Sequence
 
 from .errors import (
@@ -382,28 +383,64 @@ def in_cli_terms(message: str, command: str) -> str:
     return message
 
 
+# Packages whose Python code runs inside native callbacks: llvmlite calls back into Python (through
+# ctypes) while numba compiles or loads a cached kernel, and ctypes drops an exception raised there
+# ("Exception ignored on calling ctypes callback function") with LLVM left half-way: the process
+# then dies of SIGSEGV instead of cleaning up. A signal that lands in their code is held until it
+# has returned.
+_UNINTERRUPTIBLE_PACKAGES = frozenset({"numba", "llvmlite"})
+_RETRY_S = 0.05  # how soon a held signal is looked at again (SIGALRM), in seconds
+
+
+def _in_uninterruptible_code(frame: FrameType | None) -> bool:
+    """Whether any frame on the stack from ``frame`` belongs to :data:`_UNINTERRUPTIBLE_PACKAGES`."""
+    while frame is not None:
+        module = frame.f_globals.get("__name__") or ""
+        if module.partition(".")[0] in _UNINTERRUPTIBLE_PACKAGES:
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread, so that ``finally``
     blocks and the atomic writers remove what was half-written; a second signal during that
-    clean-up is not caught again (SIGINT then raises ``KeyboardInterrupt``)."""
+    clean-up is not caught again (SIGINT then raises ``KeyboardInterrupt``).
+
+    A signal that arrives while numba's compiler is on the stack is held (see
+    :data:`_UNINTERRUPTIBLE_PACKAGES`) and raised at the first look (every ``_RETRY_S`` seconds,
+    by SIGALRM) that finds the compiler gone.
+    """
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    held: list[int] = []
 
-    def handler(signum: int, frame: object) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if _in_uninterruptible_code(frame):
+            held[:] = [signum]
+            signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+            return
+        held.clear()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Interrupted(signum)
 
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in old:
-        signal.signal(s, handler)
+    def look_again(signum: int, frame: FrameType | None) -> None:
+        if held:
+            handler(held[0], frame)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGALRM, look_again)
     try:
         yield
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in old.items():
             signal.signal(s, h)
 

@@ -65,7 +65,7 @@ import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ from .model.io import load_model
 from .model.regularisers import intensity_scale
 from .projectors.base import AcquisitionModel
 from .projectors.factory import add_backend_argument, check_backend, make_acquisition_model
-from .recon.engine import FBSEMUpdate, reconstruct, start_image
+from .recon.engine import FBSEMUpdate, IterativeReconstruction, start_image
 from .recon.osem import OSEM, fov_mask
 from .samples import Sample
 from .simulation.dataset import open_datasets
@@ -100,6 +100,7 @@ __all__ = [
     "weighted_prior_reference",
     "map_em",
     "osem_iterates",
+    "network_stages",
     "evaluation_masks",
     "image_metrics",
     "evaluate_methods",
@@ -630,17 +631,35 @@ def _grid_json(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dic
     return out
 
 
-def _run_network(net: FBSEMNet, p: _Prepared, device: torch.device) -> torch.Tensor:
-    """The network's reconstruction of one sample from its start image (1 inside the FOV), (Z, Y, X) on the CPU."""
-    model = p.model if p.model.num_subsets == net.num_subsets else p.model.with_num_subsets(net.num_subsets)
-    sens = p.sample.sensitivity
-    if sens is None or sens.shape[0] != net.num_subsets:
-        sens = None
-    else:
-        sens = sens.to(device)
-    anat = p.anatomical if net.uses_anatomical else None
-    rule = FBSEMUpdate(net, anatomical=anat, sensitivities=sens)
-    return reconstruct(model, p.prompts, rule, net.num_stages).cpu()
+def network_stages(
+    net: FBSEMNet, model: AcquisitionModel, prompts: torch.Tensor, sample: Sample,
+    anatomical: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """The network's image after each of its stages k = 1..K on one sample, as ``evaluate`` scores it.
+
+    Starts from the engine's start image (1 inside the FOV). ``model`` is the sample's acquisition
+    model (its multiplicative and additive terms set), moved to the network's number of subsets
+    where it differs; the sample's stored subset sensitivities are used when their count matches
+    the network's subsets (else the model computes them). ``prompts``: the sample's, on the
+    model's device. ``anatomical``: the MR image, used only by a network that takes one.
+
+    Yields (Z, Y, X) tensors on the model's device, in the data's units.
+    """
+    if model.num_subsets != net.num_subsets:
+        model = model.with_num_subsets(net.num_subsets)
+    sens = sample.sensitivity
+    sens = None if sens is None or sens.shape[0] != net.num_subsets else sens.to(prompts.device)
+    rule = FBSEMUpdate(net, anatomical=anatomical if net.uses_anatomical else None, sensitivities=sens)
+    recon = IterativeReconstruction(model, prompts, rule, None)
+    with torch.no_grad():
+        for _ in range(net.num_stages):
+            yield recon.update()
+
+
+def _run_network(net: FBSEMNet, p: _Prepared) -> torch.Tensor:
+    """The network's reconstruction of one sample (its last stage), (Z, Y, X) on the CPU."""
+    *_, last = network_stages(net, p.model, p.prompts, p.sample, p.anatomical)
+    return last.cpu()
 
 
 def _check_evaluation_inputs(
@@ -685,7 +704,7 @@ def _reconstruct_sample(
                                          anatomical=p.anatomical, bowsher_neighbours=c["neighbours"]).cpu()
         bar.update(1)
     for name, net in nets.items():
-        recon[name] = _run_network(net, p, device)
+        recon[name] = _run_network(net, p)
         bar.update(1)
     recon["truth"] = p.truth
     return recon, [p.nrmse(x) for x in its]

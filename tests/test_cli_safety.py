@@ -13,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -360,6 +362,41 @@ def test_sigterm_during_reconstruct_leaves_no_partial_output(scan: Path, tmp_pat
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted (SIGTERM)" in err and "Traceback" not in err and "run it again" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
+
+
+@pytest.mark.parametrize("module, held", [("numba._sirf_fbsem_probe", True), ("sirf_fbsem_probe", False)])
+def test_a_signal_inside_numbas_compiler_is_raised_once_the_compiler_returns(module: str, held: bool):
+    """numba's compiler runs Python inside llvmlite's ctypes callbacks, where a raised exception is
+    dropped and the process later dies of SIGSEGV (a CI run: SIGTERM while a cached kernel loaded).
+    A signal landing in numba's (or llvmlite's) code must be raised only after it returned; in any
+    other code at once."""
+    from sirf_fbsem.cli import _signals_interrupt
+    from sirf_fbsem.errors import Interrupted
+
+    probe = types.ModuleType(module)
+    exec(textwrap.dedent("""
+        import os, signal, time
+        def compile_kernel(log):
+            os.kill(os.getpid(), signal.SIGTERM)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.3:  # Python runs the handler between these bytecodes
+                pass
+            log.append("compiled")
+    """), probe.__dict__)
+    log: list[str] = []
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)
+    t0 = time.monotonic()
+    with pytest.raises(Interrupted) as caught:
+        with _signals_interrupt():
+            probe.compile_kernel(log)
+            log.append("returned")
+            time.sleep(10)
+            log.append("not interrupted")
+    assert caught.value.signum == signal.SIGTERM
+    assert log == (["compiled", "returned"] if held else [])
+    assert time.monotonic() - t0 < 5  # the held signal was raised within the sleep, not after it
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)) == before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
 
 
 def test_sigint_during_train_keeps_checkpoints_and_prints_the_resume_command(dataset: Path, tmp_path: Path):
