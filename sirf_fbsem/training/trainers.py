@@ -18,7 +18,9 @@ Every mode minimises a mean squared error between stage outputs and targets;
   freed right after its backward pass, so memory is again one stage.
 
 Checkpoints (``out_dir/checkpoints``) are written atomically after every epoch with
-the optimiser state, the early-stopping state, the loss history and the RNG states;
+the optimiser state, the early-stopping state, the loss history and the RNG states (a
+finished stage's without the first two, and with its own loss rows only, so that a
+K-stage run's checkpoints grow linearly in K);
 batches are shuffled from a generator seeded by (seed, stage, epoch). A run stopped
 at any point and restarted with ``resume=True`` redoes the unfinished epoch and ends
 with the same weights (bitwise on CPU). Loss logs: ``losses.csv``, ``losses.json``,
@@ -808,21 +810,39 @@ class _Trainer:
             return None
         payload = safe_torch_load(path, what)
         self._check_signature(payload, path)
+        start = int(payload.get("history_start", 0))  # absent in checkpoints before 0.8.6: the whole history
+        if start > len(self.history):
+            raise CheckpointMismatchError(
+                f"cannot resume from {str(path)!r}: its loss history continues row {start} of the run, but the "
+                f"checkpoints read before it hold {len(self.history)} rows (an earlier stage's checkpoint missing?)")
         module.load_state_dict(payload[state_key])
         optimizer.load_state_dict(payload["optimizer"])
-        self.history = list(payload["history"])
+        self.history = self.history[:start] + list(payload["history"])
         self.step_count = int(payload["step"])
         _set_rng_state(payload["rng"])
         return dict(payload["train_state"])
 
     def _write_checkpoint(self, path: Path, state_key: str, module: torch.nn.Module,
-                          optimizer: torch.optim.Optimizer, state: Mapping[str, Any], **extra: Any) -> None:
+                          optimizer: torch.optim.Optimizer, state: Mapping[str, Any], history_start: int = 0,
+                          **extra: Any) -> None:
         """The checkpoint :meth:`_resume` reads: the run's signature, ``module``'s state under
-        ``state_key``, the optimiser's, the train state, history, step count and RNG states."""
+        ``state_key``, the optimiser's, the train state, the history from row ``history_start`` (the
+        rows before it are in the checkpoints read before this one: the earlier stages' in
+        sequential mode), step count and RNG states.
+
+        A complete state is written without the optimiser's moments and the early-stopping copy
+        of the weights (``module`` holds the kept weights; nothing reads either again), so that a
+        finished stage's checkpoint is its weights and bookkeeping: about 0.1 MB for the 3D mMR
+        stage instead of 0.4 MB, with no history repeated from stage to stage.
+        """
+        opt_state = optimizer.state_dict()
+        if state["complete"]:
+            opt_state = {"state": {}, "param_groups": opt_state["param_groups"]}
+            state = {**state, "best_state": None}
         self._save_checkpoint(path, {
             "run_signature": self.run_signature, **extra, state_key: _clone_state(module),
-            "optimizer": optimizer.state_dict(), "train_state": state, "history": self.history,
-            "step": self.step_count, "rng": _rng_state()})
+            "optimizer": opt_state, "train_state": state, "history": self.history[history_start:],
+            "history_start": history_start, "step": self.step_count, "rng": _rng_state()})
 
     def _save_checkpoint(self, path: Path, payload: Mapping[str, Any]) -> None:
         """Rank 0 writes (atomically); the others wait until the file is complete."""
@@ -1143,7 +1163,8 @@ class _SequentialTrainer(_Trainer):
                     state["complete"] = True
                 self._log(k, epoch + 1, total / n, val)
                 bar.set_postfix(train=f"{total / n:.4g}", val="-" if val is None else f"{val:.4g}")
-                self._write_checkpoint(path, "stage_state", stage, opt, state, stage=k)
+                first_row = next((i for i, r in enumerate(self.history) if r["stage"] == k), len(self.history))
+                self._write_checkpoint(path, "stage_state", stage, opt, state, history_start=first_row, stage=k)
                 self._emit(TrainEvent("epoch", self.mode, k, epoch + 1, self.step_count, total / n, val, self.net))
                 if state["complete"]:
                     break
