@@ -2,10 +2,11 @@
 # The 3D Siemens mMR study: simulate, train FBSEM-Net sequentially (fully unrolled, K = 21),
 # evaluate on fresh phantoms. Every step is a sirf-fbsem command; each resumes where it stopped.
 #
-#   bash pipelines/mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor]
+#   bash pipelines/mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry]
 #   (simulate_train: the training set only; simulate_eval: the tuning and confirmation sets only;
 #   floor: on the tuning set alone, the iteration-dependent targets' error against the truth at each
-#   stage up to FLOOR_STAGES, beside the best baselines: how many stages K the targets need)
+#   stage up to FLOOR_STAGES, beside the best baselines: how many stages K the targets need;
+#   carry: copy the training run's checkpoints into CARRIED, to go on in another session or machine)
 #
 # Setting (docs/studies/mmr_3d.md): mMR span 11 (837 sinograms x 252 views x 344 bins), image
 # 127 x 128 x 128 of 2.03125 x 2.08626 x 2.08626 mm, 7 subsets, K = 21 stages (3 full iterations);
@@ -30,8 +31,12 @@
 #   EVAL_OUT ($WORK/eval) where evaluate writes
 #   SCANNER (Siemens_mMR), SPAN (11), IMAGE_SHAPE (127,128,128): a smaller setting for a dry run
 #   FLOOR_STAGES (112) the floor step's targets per tuning phantom; PYTHON (python3) runs pipelines/targets_floor.py
+#   CARRIED (unset)    a folder holding a run's checkpoints/ kept between sessions (hosts whose files are
+#                      not kept; e.g. pipelines/carried_runs/mmr3d_k63_seed0): train copies them into
+#                      $RUN when $RUN has none and resumes; the carry step copies $RUN's back (the
+#                      stage caches are not carried: train rebuilds them from the checkpoints)
 set -euo pipefail
-WORK=${1:?usage: mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor]}
+WORK=${1:?usage: mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry]}
 STEP=${2:-all}
 SF=${SIRF_FBSEM:-sirf-fbsem}
 STAGES=${STAGES:-21}
@@ -71,6 +76,10 @@ simulate_eval() {
 
 train() {
     local resume=()
+    if [ -n "${CARRIED:-}" ] && [ ! -d "$RUN/checkpoints" ] && [ -d "$CARRIED/checkpoints" ]; then
+        mkdir -p "$RUN/checkpoints"
+        cp "$CARRIED"/checkpoints/*.pt "$RUN/checkpoints/"
+    fi
     [ -d "$RUN/checkpoints" ] && resume=(--resume)
     $SF train --data "$WORK/train" --out "$RUN" --mode sequential --epochs "$EPOCHS" --loss "$LOSS" \
         --channels 16 --layers 5 --patch-size 32,32,32 --patches-per-sample 8 \
@@ -105,6 +114,15 @@ floor() {
     "${PYTHON:-python3}" "$(dirname "$0")/targets_floor.py" "$EVAL_OUT/floor_k$k.json" --out "$EVAL_OUT/targets_floor_k$k"
 }
 
+# the run's checkpoints (written atomically: a stopped or running run's are whole) into $CARRIED
+carry() {
+    : "${CARRIED:?carry: set CARRIED to the folder that keeps the run between sessions}"
+    [ -d "$RUN/checkpoints" ] || { echo "carry: $RUN holds no checkpoints/" >&2; exit 2; }
+    mkdir -p "$CARRIED/checkpoints"
+    cp "$RUN"/checkpoints/*.pt "$CARRIED/checkpoints/"
+    echo "carried $(ls "$RUN"/checkpoints/*.pt | wc -l) checkpoints of $RUN into $CARRIED/checkpoints"
+}
+
 case "$STEP" in
     simulate) simulate_train; simulate_eval ;;
     simulate_train) simulate_train ;;
@@ -113,5 +131,6 @@ case "$STEP" in
     evaluate) evaluate ;;
     all) simulate_train; simulate_eval; train; evaluate ;;
     floor) floor ;;
-    *) echo "unknown step $STEP (simulate|simulate_train|simulate_eval|train|evaluate|all|floor)" >&2; exit 2 ;;
+    carry) carry ;;
+    *) echo "unknown step $STEP (simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry)" >&2; exit 2 ;;
 esac

@@ -523,3 +523,73 @@ def test_targets_floor_reports_the_first_k_below_each_fraction_of_the_best_basel
     bad.write_text(json.dumps({"count_levels": {"3e+07": {"targets_nrmse_by_stage": floor, "methods": {}}}}))
     with pytest.raises(SystemExit, match="bad.json"):
         t.main([str(bad), "--out", str(tmp_path / "x")])
+
+
+CARRIED_RUN = REPO / "pipelines" / "carried_runs" / "mmr3d_k63_seed0"
+
+
+@pytest.mark.skipif(not (CARRIED_RUN / "checkpoints").is_dir(), reason="no carried training run in this checkout")
+def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path: Path):
+    """The K = 63 run carried between sessions (docs/studies/mmr_3d.md, "Still to do"): every
+    checkpoint loads with weights_only=True; stages 1..n are there without a gap, each finished one
+    with its own loss rows, which join into one history; and the run's settings are those of the
+    train command that ``STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK train`` issues, so
+    that the documented command resumes it rather than being refused."""
+    from sirf_fbsem.model.io import safe_torch_load
+
+    ckpts = CARRIED_RUN / "checkpoints"
+    stages = sorted(ckpts.glob("stage_*.pt"))
+    assert (ckpts / "initial.pt").is_file() and stages
+    assert [p.name for p in stages] == [f"stage_{k:03d}.pt" for k in range(len(stages))]
+    signatures, history = set(), []
+    for k, path in enumerate(stages):
+        ck = safe_torch_load(path, "stage checkpoint")
+        signatures.add(ck["run_signature"])
+        start = ck.get("history_start", 0)
+        assert start <= len(history), path.name
+        history = history[:start] + list(ck["history"])
+        assert {r["stage"] for r in history[start:]} <= set(range(k + 1)) and history[-1]["stage"] == k
+        if k < len(stages) - 1:
+            assert ck["train_state"]["complete"], f"{path.name}: a stage before the last one is unfinished"
+    assert len(signatures) == 1 and safe_torch_load(ckpts / "initial.pt", "initial")["run_signature"] in signatures
+    assert [r["stage"] for r in history] == sorted(r["stage"] for r in history)
+
+    _, calls = _run(tmp_path, "train", script=REPO / "pipelines" / "mmr_3d.sh",
+                    env_extra={"STAGES": "63", "TRAIN_SAMPLES": "24", "EPOCHS": "12"})
+    (argv,) = calls
+    sig = json.loads(signatures.pop())
+    cfg, net = sig["config"], sig["network"]
+    assert sig["mode"] == _flag(argv, "--mode") and sig["num_samples"] == 24 and net["num_stages"] == 63
+    assert cfg["epochs"] == int(_flag(argv, "--epochs")) and cfg["loss"] == _flag(argv, "--loss")
+    assert cfg["seed"] == int(_flag(argv, "--seed"))
+    assert cfg["validation_fraction"] == float(_flag(argv, "--validation-fraction"))
+    assert cfg["patch_shape"] == [int(v) for v in _flag(argv, "--patch-size").split(",")]
+    assert cfg["patches_per_sample"] == int(_flag(argv, "--patches-per-sample"))
+    assert net["regulariser_config"]["channels"] == int(_flag(argv, "--channels"))
+    assert net["regulariser_config"]["layers"] == int(_flag(argv, "--layers"))
+
+
+def test_mmr_3d_carries_a_run_between_sessions(tmp_path: Path):
+    """``CARRIED=DIR mmr_3d.sh WORK train`` starts from DIR's checkpoints when WORK's run has none
+    (and resumes), leaves a run that has its own alone; ``carry`` copies the run's checkpoints back."""
+    script = REPO / "pipelines" / "mmr_3d.sh"
+    carried = tmp_path / "carried"
+    (carried / "checkpoints").mkdir(parents=True)
+    (carried / "checkpoints" / "stage_000.pt").write_bytes(b"carried")
+    env = {"CARRIED": str(carried)}
+    run = tmp_path / "work" / "run" / "checkpoints"
+    proc, calls = _run(tmp_path, "train", script=script, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "--resume" in calls[0] and (run / "stage_000.pt").read_bytes() == b"carried"
+
+    (run / "stage_000.pt").write_bytes(b"newer")
+    (run / "stage_001.pt").write_bytes(b"new stage")
+    proc, calls = _run(tmp_path, "train", script=script, env_extra=env)
+    assert "--resume" in calls[0] and (run / "stage_000.pt").read_bytes() == b"newer"  # the run's own kept
+    proc, calls = _run(tmp_path, "carry", script=script, env_extra=env)
+    assert proc.returncode == 0 and calls == [], proc.stderr
+    assert sorted(p.name for p in (carried / "checkpoints").iterdir()) == ["stage_000.pt", "stage_001.pt"]
+    assert (carried / "checkpoints" / "stage_000.pt").read_bytes() == b"newer"
+
+    proc, _ = _run(tmp_path, "carry", script=script)  # no CARRIED: refused, naming it
+    assert proc.returncode != 0 and "CARRIED" in proc.stderr
