@@ -119,8 +119,9 @@ carry() {
     : "${CARRIED:?carry: set CARRIED to the folder that keeps the run between sessions}"
     [ -d "$RUN/checkpoints" ] || { echo "carry: $RUN holds no checkpoints/" >&2; exit 2; }
     mkdir -p "$CARRIED/checkpoints"
-    cp "$RUN"/checkpoints/*.pt "$CARRIED/checkpoints/"
-    echo "carried $(ls "$RUN"/checkpoints/*.pt | wc -l) checkpoints of $RUN into $CARRIED/checkpoints"
+    # not initial.pt: train derives it again (the network seeded with --seed)
+    cp "$RUN"/checkpoints/stage_*.pt "$CARRIED/checkpoints/"
+    echo "carried $(ls "$RUN"/checkpoints/stage_*.pt | wc -l) stage checkpoints of $RUN into $CARRIED/checkpoints"
 }
 
 case "$STEP" in

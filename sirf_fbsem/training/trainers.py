@@ -787,9 +787,17 @@ class _Trainer:
                     f"({str(self.ckpt_dir)!r}); pass resume=True (--resume) to continue it, or choose a new or "
                     f"empty output directory"
                 )
-            payload = safe_torch_load(initial, "initial checkpoint")
-            self._check_signature(payload, initial)
-            self.net.load_state_dict(payload["net"])
+            if initial.is_file():
+                payload = safe_torch_load(initial, "initial checkpoint")
+                self._check_signature(payload, initial)
+                self.net.load_state_dict(payload["net"])
+                return
+            # a run carried without its initial weights (derivable: the command line seeds the network with
+            # --seed before building it): the network given is taken as the initial one; the stage and
+            # joint checkpoints' signatures are still checked as each is read
+            if self.dist.is_main:
+                _save(initial, {"run_signature": self.run_signature, "net": _clone_state(self.net)})
+            self.dist.barrier()
             return
         if self.dist.is_main:
             if self.cache_dir.exists():

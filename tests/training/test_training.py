@@ -181,6 +181,22 @@ def test_a_run_begun_before_0_8_6_resumes(problem, tmp_path):
     assert untimed[0] == untimed[1]
 
 
+def test_a_run_carried_without_its_initial_weights_resumes_from_the_same_seeded_network(problem, tmp_path):
+    """initial.pt is derivable (the command line seeds the network before building it), so a run
+    carried without it resumes, given the network built from the same seed, to the same weights."""
+    base, samples = problem
+    factory = with_terms_factory(base)
+    cfg = _config(epochs=2, warm_start=False)  # untrained stages start from their initial weights
+    reference = train(small_net(num_stages=3), samples[:6], "sequential", cfg, factory, tmp_path / "ref")
+    with pytest.raises(_Interrupt):
+        train(small_net(num_stages=3), samples[:6], "sequential", cfg, factory, tmp_path / "run",
+              callbacks=[_interrupt_at(8)])
+    (tmp_path / "run" / "checkpoints" / "initial.pt").unlink()
+    resumed = train(small_net(num_stages=3), samples[:6], "sequential", cfg, factory, tmp_path / "run", resume=True)
+    for name, w in _params(reference.net).items():
+        assert torch.equal(_params(resumed.net)[name], w), name
+
+
 def test_resume_with_other_settings_is_refused(problem, tmp_path):
     base, samples = problem
     factory = with_terms_factory(base)
