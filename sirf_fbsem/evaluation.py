@@ -651,9 +651,8 @@ def network_stages(
     sens = None if sens is None or sens.shape[0] != net.num_subsets else sens.to(prompts.device)
     rule = FBSEMUpdate(net, anatomical=anatomical if net.uses_anatomical else None, sensitivities=sens)
     recon = IterativeReconstruction(model, prompts, rule, None)
-    with torch.no_grad():
-        for _ in range(net.num_stages):
-            yield recon.update()
+    for _ in range(net.num_stages):
+        yield recon.update()  # under torch.no_grad (the engine's update)
 
 
 def _run_network(net: FBSEMNet, p: _Prepared) -> torch.Tensor:
