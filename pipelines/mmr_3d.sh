@@ -34,7 +34,9 @@
 #   CARRIED (unset)    a folder holding a run's checkpoints/ kept between sessions (hosts whose files are
 #                      not kept; e.g. pipelines/carried_runs/mmr3d_k63_seed0): train copies them into
 #                      $RUN when $RUN has none and resumes; the carry step copies $RUN's back (the
-#                      stage caches are not carried: train rebuilds them from the checkpoints)
+#                      stage caches are not carried: train rebuilds them from the checkpoints), and a
+#                      stopped evaluation's $EVAL_OUT/mmr_3d.partial into CARRIED/eval, which evaluate
+#                      copies back and resumes when $EVAL_OUT has neither it nor the finished mmr_3d.json
 set -euo pipefail
 WORK=${1:?usage: mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry]}
 STEP=${2:-all}
@@ -90,6 +92,12 @@ train() {
 # beta at a similar count per voxel (2e5 counts on 128 x 128); edges are flagged in the JSON
 evaluate() {
     local resume=()
+    # a stopped evaluation carried from another session, unless this one has its own or has finished
+    if [ -n "${CARRIED:-}" ] && [ -d "$CARRIED/eval/mmr_3d.partial" ] && [ ! -e "$EVAL_OUT/mmr_3d.partial" ] \
+            && [ ! -e "$EVAL_OUT/mmr_3d.json" ]; then
+        mkdir -p "$EVAL_OUT"
+        cp -r "$CARRIED/eval/mmr_3d.partial" "$EVAL_OUT/"
+    fi
     [ -d "$EVAL_OUT/mmr_3d.partial" ] && resume=(--resume)  # a stopped evaluation continues
     $SF evaluate --data "$WORK/confirm" --tune-data "$WORK/tune" --model "FBSEM sequential=$MODEL" \
         --out "$EVAL_OUT" --name mmr_3d "${resume[@]}" --osem-iterations "${OSEM_ITERATIONS:-8}" \
@@ -114,14 +122,25 @@ floor() {
     "${PYTHON:-python3}" "$(dirname "$0")/targets_floor.py" "$EVAL_OUT/floor_k$k.json" --out "$EVAL_OUT/targets_floor_k$k"
 }
 
-# the run's checkpoints (written atomically: a stopped or running run's are whole) into $CARRIED
+# the run's checkpoints (written atomically: a stopped or running run's are whole) into $CARRIED, and a
+# stopped evaluation's partial results (each unit written atomically; a few hundred kB) when there is one
 carry() {
     : "${CARRIED:?carry: set CARRIED to the folder that keeps the run between sessions}"
-    [ -d "$RUN/checkpoints" ] || { echo "carry: $RUN holds no checkpoints/" >&2; exit 2; }
-    mkdir -p "$CARRIED/checkpoints"
-    # not initial.pt: train derives it again (the network seeded with --seed)
-    cp "$RUN"/checkpoints/stage_*.pt "$CARRIED/checkpoints/"
-    echo "carried $(ls "$RUN"/checkpoints/stage_*.pt | wc -l) stage checkpoints of $RUN into $CARRIED/checkpoints"
+    local carried=0
+    if [ -d "$RUN/checkpoints" ]; then
+        mkdir -p "$CARRIED/checkpoints"
+        # not initial.pt: train derives it again (the network seeded with --seed)
+        cp "$RUN"/checkpoints/stage_*.pt "$CARRIED/checkpoints/"
+        echo "carried $(ls "$RUN"/checkpoints/stage_*.pt | wc -l) stage checkpoints of $RUN into $CARRIED/checkpoints"
+        carried=1
+    fi
+    if [ -d "$EVAL_OUT/mmr_3d.partial" ]; then
+        mkdir -p "$CARRIED/eval/mmr_3d.partial"
+        cp "$EVAL_OUT"/mmr_3d.partial/* "$CARRIED/eval/mmr_3d.partial/"
+        echo "carried the stopped evaluation $EVAL_OUT/mmr_3d.partial into $CARRIED/eval"
+        carried=1
+    fi
+    [ "$carried" = 1 ] || { echo "carry: neither $RUN/checkpoints nor $EVAL_OUT/mmr_3d.partial exists" >&2; exit 2; }
 }
 
 case "$STEP" in

@@ -105,6 +105,7 @@ __all__ = [
     "image_metrics",
     "evaluate_methods",
     "evaluation_signature",
+    "montage_slice",
     "save_evaluation_montage",
     "write_json",
     "load_samples",
@@ -759,8 +760,9 @@ def evaluate_methods(
             stopped run stored them (:class:`~sirf_fbsem.evaluation_store.PartialResults`, opened with
             :func:`evaluation_signature` of the same arguments); None: nothing kept.
     Returns:
-        (results dict, plain JSON), and per count level the images of the first sample
-        ``{"truth": (Z,Y,X), method: (Z,Y,X), ...}`` for a montage.
+        (results dict, plain JSON), and per count level the central z slice of the first sample's images
+        ``{"truth": (Y,X), method: (Y,X), ...}`` for a montage (:func:`montage_slice`; a slice, not the
+        volume, so that a stopped run's partial results stay small enough to carry between hosts).
     """
     device = torch.device(config.device)
     base = base_model if config.num_subsets is None else base_model.with_num_subsets(config.num_subsets)
@@ -789,7 +791,7 @@ def evaluate_methods(
                     recon, curve = _reconstruct_sample(p, chosen, nets, config, vox, device, bar)
                     sample_rows = {name: {"index": p.index, **image_metrics(x, p.truth, p.masks),
                                           "num_hot_lesions": len(p.masks.lesions)} for name, x in recon.items()}
-                    first = {name: _np(x) for name, x in recon.items()} if i == 0 else None
+                    first = {name: montage_slice(x) for name, x in recon.items()} if i == 0 else None
                     if partial is not None:
                         partial.save_scored(key, i, sample_rows, curve, first)
                 else:
@@ -966,14 +968,26 @@ def write_json(path: str | os.PathLike, result: Mapping[str, Any]) -> Path:
     return path
 
 
+def montage_slice(image: Any) -> np.ndarray:
+    """The slice of a (Z, Y, X) image that :func:`save_evaluation_montage` shows: the central one,
+    ``image[Z // 2]`` (Y, X)."""
+    a = _np(image)
+    if a.ndim != 3:
+        raise ValueError(f"montage_slice: expected a (Z, Y, X) image, got shape {a.shape}")
+    return np.ascontiguousarray(a[a.shape[0] // 2])
+
+
 def save_evaluation_montage(
     path: str | os.PathLike,
     images: Mapping[str, Mapping[str, np.ndarray]],
     result: Mapping[str, Any] | None = None,
     title: str | None = None,
 ) -> Path:
-    """PNG grid: one row per count level, columns truth then every method (the central slice of the
-    first evaluated sample), one grey scale per row (0 to max of the truth), NRMSE in the titles."""
+    """PNG grid: one row per count level, columns truth then every method, NRMSE in the titles.
+
+    ``images``: per count level, ``{"truth": (Y, X), method: (Y, X), ...}``, the slices to show (the
+    central slice of the first evaluated sample, :func:`montage_slice`, as :func:`evaluate_methods`
+    returns them); one grey scale per row, 0 to the truth slice's maximum."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -985,12 +999,13 @@ def save_evaluation_montage(
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(levels), len(cols), squeeze=False)
     for r, key in enumerate(levels):
-        truth = images[key]["truth"]
-        z = truth.shape[0] // 2
+        truth = np.asarray(images[key]["truth"])
+        if truth.ndim != 2:
+            raise ValueError(f"save_evaluation_montage: expected (Y, X) slices, got {truth.shape} at {key}")
         vmax = float(truth.max()) or 1.0
         for c, name in enumerate(cols):
             ax = axes[r, c]
-            ax.imshow(images[key][name][z], cmap="gray_r", vmin=0.0, vmax=vmax, interpolation="nearest")
+            ax.imshow(images[key][name], cmap="gray_r", vmin=0.0, vmax=vmax, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             label = name

@@ -6,8 +6,12 @@ beside the outputs (``OUT/NAME.partial``):
 
 * ``grid_<level>_<i>.npz``: the tuning grids of the i-th tuning phantom of a count level
   (NRMSE arrays, as :func:`sirf_fbsem.evaluation.evaluate_methods` builds them);
-* ``scored_<level>_<i>.json`` (and ``.npz`` for the first phantom of a level, the images of the
-  montage): every method's metrics on the i-th scored phantom and OSEM's NRMSE per iteration.
+* ``scored_<level>_<i>.json`` (and ``.npz`` for the first phantom of a level: the montage's central
+  slices, not the volumes): every method's metrics on the i-th scored phantom and OSEM's NRMSE per
+  iteration.
+
+The store of a 3D mMR evaluation is then a few hundred kB, so a run stopped on one host can be
+copied to another and resumed there (``pipelines/mmr_3d.sh``'s ``carry`` step).
 
 Every file is written atomically, so a unit is either whole or absent. ``signature.json`` records
 what the results depend on (the grids, the networks' weights, the phantoms, the package version);
@@ -124,7 +128,7 @@ class PartialResults:
 
     def scored(self, level: str, i: int) -> tuple[dict[str, dict[str, Any]], list[float],
                                                   dict[str, np.ndarray] | None] | None:
-        """(metrics per method, OSEM's NRMSE per iteration, images per method or None) of scored phantom
+        """(metrics per method, OSEM's NRMSE per iteration, montage slices per method or None) of scored phantom
         ``i`` of ``level``, or None when it is not stored."""
         path = self._scored_path(level, i, ".json")
         if not path.is_file():

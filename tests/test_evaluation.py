@@ -449,6 +449,9 @@ def test_a_stopped_evaluate_resumes_from_its_finished_phantoms_to_the_same_resul
     partial = out / "evaluate.partial"
     assert not (out / "evaluate.json").exists()
     assert len(list(partial.glob("grid_*.npz"))) == 2 and len(list(partial.glob("scored_*.json"))) == 2
+    for f in partial.glob("scored_*.npz"):  # the montage's slices, not volumes: small enough to carry
+        with np.load(f) as images:
+            assert images.files and all(images[k].ndim == 2 for k in images.files)
     kept = sorted(p.name for p in partial.iterdir())
 
     capsys.readouterr()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,7 +259,7 @@ def test_gpu_mmr3d_script_trains_k63_on_the_gpu_and_confirms_on_a_fresh_seed(tmp
     assert _flag(ev, "--model") == f"FBSEM sequential={out / 'run' / 'model.pt'}" and _flag(ev, "--out") == str(out / "eval")
     assert _flag(ev, "--osem-iterations") == _flag(ev, "--map-iterations") == "16"
     betas = ev[ev.index("--betas") + 1:ev.index("--fwhm-mm")]
-    assert betas[0] == "0.001" and betas[-1] == "0.3" and _flag(ev, "--device") == "cuda"
+    assert betas[0] == "0.0003" and betas[-1] == "0.1" and _flag(ev, "--device") == "cuda"
 
 
 def test_findings_verdicts_follow_the_rules_fixed_before_scoring(monkeypatch):
@@ -593,3 +594,38 @@ def test_mmr_3d_carries_a_run_between_sessions(tmp_path: Path):
 
     proc, _ = _run(tmp_path, "carry", script=script)  # no CARRIED: refused, naming it
     assert proc.returncode != 0 and "CARRIED" in proc.stderr
+
+
+def test_mmr_3d_carries_a_stopped_evaluation_between_sessions(tmp_path: Path):
+    """``carry`` copies a stopped evaluation's partial results (EVAL_OUT/mmr_3d.partial) into CARRIED/eval;
+    ``evaluate`` with CARRIED copies them into an EVAL_OUT that has none and resumes; it copies nothing
+    over a partial directory of its own nor once the evaluation has finished."""
+    script = REPO / "pipelines" / "mmr_3d.sh"
+    carried = tmp_path / "carried"
+    env = {"CARRIED": str(carried)}
+    proc, _ = _run(tmp_path, "carry", script=script, env_extra=env)  # nothing to carry: refused, saying so
+    assert proc.returncode != 0 and "mmr_3d.partial" in proc.stderr and not carried.exists()
+
+    partial = tmp_path / "work" / "eval" / "mmr_3d.partial"
+    partial.mkdir(parents=True)
+    (partial / "signature.json").write_text("{}")
+    (partial / "grid_3e_07_0000.npz").write_bytes(b"grid")
+    proc, calls = _run(tmp_path, "carry", script=script, env_extra=env)
+    assert proc.returncode == 0 and calls == [], proc.stderr
+    kept = carried / "eval" / "mmr_3d.partial"
+    assert sorted(p.name for p in kept.iterdir()) == ["grid_3e_07_0000.npz", "signature.json"]
+    assert not (carried / "checkpoints").exists()  # no training run here
+
+    shutil.rmtree(tmp_path / "work" / "eval")  # a new session: the host kept nothing
+    proc, calls = _run(tmp_path, "evaluate", script=script, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "--resume" in calls[0] and (partial / "grid_3e_07_0000.npz").read_bytes() == b"grid"
+
+    (partial / "grid_3e_07_0000.npz").write_bytes(b"newer")  # the session's own partial results are kept
+    proc, calls = _run(tmp_path, "evaluate", script=script, env_extra=env)
+    assert "--resume" in calls[0] and (partial / "grid_3e_07_0000.npz").read_bytes() == b"newer"
+
+    shutil.rmtree(partial)  # finished: evaluate removed its partial results and wrote the JSON
+    (tmp_path / "work" / "eval" / "mmr_3d.json").write_text("{}")
+    proc, calls = _run(tmp_path, "evaluate", script=script, env_extra=env)
+    assert "--resume" not in calls[0] and not partial.exists()
