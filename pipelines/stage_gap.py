@@ -8,6 +8,12 @@ as the stages go. Run it on tuning data only (the data must hold at least K targ
 
     python pipelines/stage_gap.py --data WORK/tune --model test_data/fbsem_mmr_model.pt \\
         --out pipelines/results/stage_gap_mmr3d
+    python pipelines/stage_gap.py --data WORK/tune --run WORK/run --out ...   # a sequential run in progress
+
+With ``--run``, the model is the stages a sequential training run has finished so far (its
+``checkpoints/stage_*.pt``, the network settings from their run signature): stage k of a
+sequential run does not depend on the stages after it, so these are the first stages of the model
+the run will write, and a long run can be checked on the tuning set before it ends.
 
 Writes OUT.json (per sample and mean by stage: the output's and the target's NRMSE against the
 truth, and the output's NRMSE against the target) and OUT.png.
@@ -15,6 +21,7 @@ truth, and the output's NRMSE against the target) and OUT.png.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +34,8 @@ from tqdm.auto import tqdm
 from sirf_fbsem import metrics
 from sirf_fbsem.evaluation import EvaluationConfig, evaluation_masks, network_stages
 from sirf_fbsem.geometry import image_geometry_from_dict, sinogram_geometry_from_dict
-from sirf_fbsem.model.io import load_model
+from sirf_fbsem.model.fbsem import FBSEMNet
+from sirf_fbsem.model.io import load_model, safe_torch_load
 from sirf_fbsem.projectors.factory import make_acquisition_model
 from sirf_fbsem.simulation.dataset import open_datasets
 from targets_floor import finish_plot  # a sibling: pipelines/ is on sys.path when run as a script
@@ -63,6 +71,41 @@ def sample_gap(net, base, sample, image, config: EvaluationConfig) -> SampleGap:
                      float("nan") if sample.counts is None else float(sample.counts), out, tgt, diff)
 
 
+def finished_stages(run: Path) -> FBSEMNet:
+    """The network of the stages a sequential training run in ``run`` has finished, in order from the
+    first (``run/checkpoints/stage_000.pt`` on, up to the first missing or unfinished one), built from
+    the network settings in their run signature.
+
+    Raises:
+        ValueError: no finished stage, a checkpoint of another run (its signature differs from the
+            first's) or not a sequential run.
+    """
+    ckpts = Path(run) / "checkpoints"
+    states, signature = [], None
+    for k in itertools.count():
+        path = ckpts / f"stage_{k:03d}.pt"
+        if not path.is_file():
+            break
+        payload = safe_torch_load(path, "stage checkpoint")
+        sig = payload["run_signature"]
+        sig = json.loads(sig) if isinstance(sig, str) else sig  # stored as JSON text
+        if signature is None:
+            signature = sig
+            if sig.get("mode") != "sequential":
+                raise ValueError(f"{path}: a {sig.get('mode')!r} run; --run takes a sequential run's checkpoints")
+        elif sig != signature:
+            raise ValueError(f"{path}: another run's checkpoint (its run signature differs from stage_000.pt's)")
+        if not payload["train_state"]["complete"]:
+            break
+        states.append(payload["stage_state"])
+    if not states:
+        raise ValueError(f"--run {run}: no finished stage in {ckpts} (stage_000.pt missing or unfinished)")
+    net = FBSEMNet.from_config({**signature["network"], "num_stages": len(states)})
+    for stage, state in zip(net.stages, states):
+        stage.load_state_dict(state)
+    return net
+
+
 def save_plot(path: Path, gaps: Sequence[SampleGap], title: str) -> None:
     import matplotlib
 
@@ -80,15 +123,24 @@ def save_plot(path: Path, gaps: Sequence[SampleGap], title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="a dataset written by 'sirf-fbsem simulate' (tuning set)")
-    p.add_argument("--model", type=Path, required=True, help="a trained model file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="a trained model file")
+    which.add_argument("--run", type=Path, help="a sequential training run's directory (its finished stages)")
     p.add_argument("--out", type=Path, required=True, help="output stem: OUT.json and OUT.png")
     p.add_argument("--max-samples", type=int, default=None)
     args = p.parse_args(argv)
     ds = open_datasets([args.data])[0]
     sino = sinogram_geometry_from_dict(ds.manifest["sinogram_geometry"])
     image = image_geometry_from_dict(ds.manifest["image_geometry"])
-    net, _ = load_model(args.model, expected_sinogram_geometry=sino, expected_image_geometry=image)
+    if args.model is not None:
+        net, _ = load_model(args.model, expected_sinogram_geometry=sino, expected_image_geometry=image)
+    else:
+        net = finished_stages(args.run)
+        if net.num_subsets != int(ds.manifest["num_subsets"]):
+            raise ValueError(f"--run {args.run}: {net.num_subsets} subsets; --data {args.data} was simulated "
+                             f"with {ds.manifest['num_subsets']}")
     net.eval()
+    source = args.model if args.model is not None else args.run
     base = make_acquisition_model("embedded", sino, image, num_subsets=net.num_subsets,
                                   psf_fwhm_mm=ds.manifest.get("psf_fwhm_mm"))
     n = len(ds) if args.max_samples is None else min(len(ds), args.max_samples)
@@ -96,11 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     mean = {f: np.mean([getattr(g, f) for g in gaps], axis=0).tolist()
             for f in ("output_vs_truth", "target_vs_truth", "output_vs_target")}
     mean["ratio"] = (np.array(mean["output_vs_truth"]) / np.array(mean["target_vs_truth"])).tolist()
-    payload = {"data": str(args.data), "model": str(args.model), "num_stages": net.num_stages,
+    payload = {"data": str(args.data), "model": str(args.model) if args.model else None,
+               "run": str(args.run) if args.run else None, "num_stages": net.num_stages,
                "definitions": __doc__.split("\n\n")[1], "mean_by_stage": mean, "samples": [asdict(g) for g in gaps]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    save_plot(Path(f"{args.out}.png"), gaps, f"{args.model.name} on {args.data.name}: {image.describe()}")
+    save_plot(Path(f"{args.out}.png"), gaps, f"{source.name} on {args.data.name}: {image.describe()}")
     for k in sorted({1, 3, 7, 14, 21, net.num_stages}):
         if k <= net.num_stages:
             print(f"stage {k}: model {mean['output_vs_truth'][k - 1]:.4f}, target {mean['target_vs_truth'][k - 1]:.4f}"

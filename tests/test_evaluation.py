@@ -518,3 +518,25 @@ def test_stage_gap_script_agrees_with_evaluate_on_the_last_stage_and_the_targets
     with pytest.raises(ValueError, match="--num-stages >= 3"):
         mod.main(["--data", str(dirs["test"][0]), "--model", str(big), "--out", str(tmp_path / "gap2")])
     assert not (tmp_path / "gap2.json").exists()
+
+    # --run: the stages a sequential run has finished, before it writes its model
+    run = tmp_path / "run"
+    assert cli(["train", "--data", str(dirs["test"][0]), "--out", str(run), "--mode", "sequential", "--epochs", "1",
+                "--dims", "2", "--channels", "4", "--layers", "2", "--validation-fraction", "0", "--no-progress"]) == 0
+    assert mod.main(["--data", str(dirs["test"][0]), "--model", str(run / "model.pt"), "--out",
+                     str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())["mean_by_stage"]
+    assert mod.main(["--data", str(dirs["test"][0]), "--run", str(run), "--out", str(tmp_path / "run2")]) == 0
+    by_run = json.loads((tmp_path / "run2.json").read_text())["mean_by_stage"]
+    assert by_run.keys() == whole.keys() and all(by_run[k] == pytest.approx(whole[k], rel=1e-6) for k in whole)
+    last = run / "checkpoints" / "stage_001.pt"  # stage 2 unfinished: stage 1 alone, as the model's stage 1
+    payload = torch.load(last, weights_only=True)
+    payload["train_state"]["complete"] = False
+    torch.save(payload, last)
+    assert mod.main(["--data", str(dirs["test"][0]), "--run", str(run), "--out", str(tmp_path / "run1")]) == 0
+    part = json.loads((tmp_path / "run1.json").read_text())
+    assert part["num_stages"] == 1
+    assert part["mean_by_stage"]["output_vs_truth"] == pytest.approx(whole["output_vs_truth"][:1], rel=1e-6)
+    (run / "checkpoints" / "stage_000.pt").unlink()
+    with pytest.raises(ValueError, match="no finished stage"):
+        mod.main(["--data", str(dirs["test"][0]), "--run", str(run), "--out", str(tmp_path / "run0")])
