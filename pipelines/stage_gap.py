@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from sirf_fbsem import metrics
 from sirf_fbsem.evaluation import EvaluationConfig, evaluation_masks, network_stages
 from sirf_fbsem.geometry import image_geometry_from_dict, sinogram_geometry_from_dict
-from sirf_fbsem.model.fbsem import FBSEMNet
+from sirf_fbsem.model.fbsem import FBSEMNet, inverse_softplus
 from sirf_fbsem.model.io import load_model, safe_torch_load
 from sirf_fbsem.projectors.factory import make_acquisition_model
 from sirf_fbsem.simulation.dataset import open_datasets
@@ -106,6 +106,16 @@ def finished_stages(run: Path) -> FBSEMNet:
     return net
 
 
+def scale_betas(net: FBSEMNet, factor: float) -> None:
+    """Multiply every stage's learned strength beta_k = softplus(rho_k) by ``factor`` > 0, in place: a
+    diagnostic (is the model over- or under-regularised on some data?), not a trained model."""
+    if not factor > 0:
+        raise ValueError(f"--beta-scale must be > 0, got {factor!r}")
+    with torch.no_grad():
+        for stage in net.stages:
+            stage.rho.fill_(inverse_softplus(float(stage.beta) * factor))
+
+
 def save_plot(path: Path, gaps: Sequence[SampleGap], title: str) -> None:
     import matplotlib
 
@@ -128,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--run", type=Path, help="a sequential training run's directory (its finished stages)")
     p.add_argument("--out", type=Path, required=True, help="output stem: OUT.json and OUT.png")
     p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--indices", type=lambda t: [int(v) for v in t.split(",")], default=None,
+                   help="only these samples of --data (comma-separated positions), e.g. one count level's")
+    p.add_argument("--beta-scale", type=float, default=1.0,
+                   help="diagnostic: every stage's beta times this factor (default 1: the model as trained)")
     args = p.parse_args(argv)
     ds = open_datasets([args.data])[0]
     sino = sinogram_geometry_from_dict(ds.manifest["sinogram_geometry"])
@@ -140,16 +154,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--run {args.run}: {net.num_subsets} subsets; --data {args.data} was simulated "
                              f"with {ds.manifest['num_subsets']}")
     net.eval()
+    if args.beta_scale != 1.0:
+        scale_betas(net, args.beta_scale)
     source = args.model if args.model is not None else args.run
     base = make_acquisition_model("embedded", sino, image, num_subsets=net.num_subsets,
                                   psf_fwhm_mm=ds.manifest.get("psf_fwhm_mm"))
     n = len(ds) if args.max_samples is None else min(len(ds), args.max_samples)
-    gaps = [sample_gap(net, base, ds[i], image, EvaluationConfig()) for i in tqdm(range(n), desc="samples")]
+    indices = list(range(n)) if args.indices is None else args.indices
+    if any(not 0 <= i < len(ds) for i in indices):
+        raise ValueError(f"--indices {args.indices}: --data {args.data} holds samples 0 to {len(ds) - 1}")
+    gaps = [sample_gap(net, base, ds[i], image, EvaluationConfig()) for i in tqdm(indices, desc="samples")]
     mean = {f: np.mean([getattr(g, f) for g in gaps], axis=0).tolist()
             for f in ("output_vs_truth", "target_vs_truth", "output_vs_target")}
     mean["ratio"] = (np.array(mean["output_vs_truth"]) / np.array(mean["target_vs_truth"])).tolist()
     payload = {"data": str(args.data), "model": str(args.model) if args.model else None,
                "run": str(args.run) if args.run else None, "num_stages": net.num_stages,
+               "beta_scale": args.beta_scale,
                "definitions": __doc__.split("\n\n")[1], "mean_by_stage": mean, "samples": [asdict(g) for g in gaps]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(payload, indent=1) + "\n")

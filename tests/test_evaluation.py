@@ -537,6 +537,17 @@ def test_stage_gap_script_agrees_with_evaluate_on_the_last_stage_and_the_targets
     part = json.loads((tmp_path / "run1.json").read_text())
     assert part["num_stages"] == 1
     assert part["mean_by_stage"]["output_vs_truth"] == pytest.approx(whole["output_vs_truth"][:1], rel=1e-6)
+    # diagnostics: every beta times a factor, on chosen samples
+    net = mod.finished_stages(run)
+    before = net.betas.detach().clone()
+    mod.scale_betas(net, 0.25)
+    assert torch.allclose(net.betas, 0.25 * before, rtol=1e-5)
+    assert mod.main(["--data", str(dirs["test"][0]), "--run", str(run), "--out", str(tmp_path / "scaled"),
+                     "--indices", "1", "--beta-scale", "0.25"]) == 0
+    scaled = json.loads((tmp_path / "scaled.json").read_text())
+    assert scaled["beta_scale"] == 0.25 and len(scaled["samples"]) == 1
+    assert scaled["samples"][0]["output_vs_truth"] != pytest.approx(part["samples"][1]["output_vs_truth"], rel=1e-4)
+    assert scaled["samples"][0]["target_vs_truth"] == pytest.approx(part["samples"][1]["target_vs_truth"], rel=1e-9)
     (run / "checkpoints" / "stage_000.pt").unlink()
     with pytest.raises(ValueError, match="no finished stage"):
         mod.main(["--data", str(dirs["test"][0]), "--run", str(run), "--out", str(tmp_path / "run0")])
