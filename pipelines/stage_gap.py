@@ -87,8 +87,7 @@ def finished_stages(run: Path) -> FBSEMNet:
         if not path.is_file():
             break
         payload = safe_torch_load(path, "stage checkpoint")
-        sig = payload["run_signature"]
-        sig = json.loads(sig) if isinstance(sig, str) else sig  # stored as JSON text
+        sig = json.loads(payload["run_signature"])  # the trainer stores it as JSON text
         if signature is None:
             signature = sig
             if sig.get("mode") != "sequential":
