@@ -23,6 +23,10 @@
 #   STAGES (21)        K: stages, and noise-free OSEM sub-iterates simulated as targets
 #   TRAIN_SAMPLES (12), TUNE_SAMPLES (4), CONFIRM_SAMPLES (12), EPOCHS (6), LOSS (scaled_mse)
 #   CONFIRM_SEED (3001) a fresh seed for a new configuration's confirmation set, once the old one was seen
+#   TRAIN_SEED (0)     train --seed: the network's initial weights, the validation split and the shuffles
+#   BETA_COUNTS (log_linear) train --beta-counts: each stage's beta depends on the data's count level;
+#                      none: one beta per stage (runs begun before sirf_fbsem 0.9 resume only with it: the
+#                      bundled model's and pipelines/carried_runs/mmr3d_k63_seed0)
 #   DEVICE (cpu)       simulate, train and evaluate on this device (e.g. cuda)
 #   PRELOAD (none)     train --preload: none, cpu or device (hold the samples on the GPU: no reads per stage)
 #   RUN ($WORK/run)    the training run's directory; MODEL ($RUN/model.pt) the model evaluate scores
@@ -85,7 +89,8 @@ train() {
     [ -d "$RUN/checkpoints" ] && resume=(--resume)
     $SF train --data "$WORK/train" --out "$RUN" --mode sequential --epochs "$EPOCHS" --loss "$LOSS" \
         --channels 16 --layers 5 --patch-size 32,32,32 --patches-per-sample 8 \
-        --validation-fraction 0.2 --seed 0 --device "$DEVICE" --preload "$PRELOAD" "${resume[@]}"
+        --validation-fraction 0.2 --seed "${TRAIN_SEED:-0}" --beta-counts "${BETA_COUNTS:-log_linear}" \
+        --device "$DEVICE" --preload "$PRELOAD" "${resume[@]}"
 }
 
 # the grids (2 CPU cores: ~9 s per full iteration of this geometry): 0.03 was the 2D studies' MAP-EM

@@ -107,9 +107,14 @@ def finished_stages(run: Path) -> FBSEMNet:
 
 def scale_betas(net: FBSEMNet, factor: float) -> None:
     """Multiply every stage's learned strength beta_k = softplus(rho_k) by ``factor`` > 0, in place: a
-    diagnostic (is the model over- or under-regularised on some data?), not a trained model."""
+    diagnostic (is the model over- or under-regularised on some data?), not a trained model. Count-unaware
+    strengths only: a count-aware one, softplus(rho_k - gamma_k l), is not scaled at every level by
+    changing rho_k."""
     if not factor > 0:
         raise ValueError(f"--beta-scale must be > 0, got {factor!r}")
+    if net.beta_counts != "none":
+        raise ValueError(f"--beta-scale scales count-unaware strengths only; this network's depend on the count "
+                         f"level (beta_counts {net.beta_counts!r})")
     with torch.no_grad():
         for stage in net.stages:
             stage.rho.fill_(inverse_softplus(float(stage.beta) * factor))

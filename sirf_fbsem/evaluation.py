@@ -826,7 +826,10 @@ def evaluate_methods(
         "config": config.to_dict(),
         "num_subsets": base.num_subsets,
         "networks": {name: {"num_stages": net.num_stages, "num_subsets": net.num_subsets,
-                            "betas": [float(b) for b in net.betas.detach().cpu()]} for name, net in nets.items()},
+                            "betas": [float(b) for b in net.betas.detach().cpu()],
+                            "beta_counts": net.beta_counts,
+                            "beta_count_slopes": [float(g) for g in net.count_slopes.detach().cpu()]}
+                     for name, net in nets.items()},
         "definitions": _DEFINITIONS,
         "count_levels": levels,
         "summary": _summary(levels, _learned_methods(nets, seed_groups or {}), baselines),

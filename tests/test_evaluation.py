@@ -537,17 +537,28 @@ def test_stage_gap_script_agrees_with_evaluate_on_the_last_stage_and_the_targets
     part = json.loads((tmp_path / "run1.json").read_text())
     assert part["num_stages"] == 1
     assert part["mean_by_stage"]["output_vs_truth"] == pytest.approx(whole["output_vs_truth"][:1], rel=1e-6)
-    # diagnostics: every beta times a factor, on chosen samples
+    # diagnostics: every beta times a factor, on chosen samples (count-unaware strengths only)
     net = mod.finished_stages(run)
+    assert net.beta_counts == "log_linear"  # as trained: the run signature's network
+    with pytest.raises(ValueError, match="count-unaware strengths only"):
+        mod.scale_betas(net, 0.25)
+    unaware = tmp_path / "run_unaware"
+    assert cli(["train", "--data", str(dirs["test"][0]), "--out", str(unaware), "--mode", "sequential", "--epochs",
+                "1", "--dims", "2", "--channels", "4", "--layers", "2", "--validation-fraction", "0", "--no-progress",
+                "--beta-counts", "none"]) == 0
+    net = mod.finished_stages(unaware)
     before = net.betas.detach().clone()
     mod.scale_betas(net, 0.25)
     assert torch.allclose(net.betas, 0.25 * before, rtol=1e-5)
-    assert mod.main(["--data", str(dirs["test"][0]), "--run", str(run), "--out", str(tmp_path / "scaled"),
+    assert mod.main(["--data", str(dirs["test"][0]), "--run", str(unaware), "--out", str(tmp_path / "as_trained"),
+                     "--indices", "1"]) == 0
+    assert mod.main(["--data", str(dirs["test"][0]), "--run", str(unaware), "--out", str(tmp_path / "scaled"),
                      "--indices", "1", "--beta-scale", "0.25"]) == 0
+    trained = json.loads((tmp_path / "as_trained.json").read_text())
     scaled = json.loads((tmp_path / "scaled.json").read_text())
     assert scaled["beta_scale"] == 0.25 and len(scaled["samples"]) == 1
-    assert scaled["samples"][0]["output_vs_truth"] != pytest.approx(part["samples"][1]["output_vs_truth"], rel=1e-4)
-    assert scaled["samples"][0]["target_vs_truth"] == pytest.approx(part["samples"][1]["target_vs_truth"], rel=1e-9)
+    assert scaled["samples"][0]["output_vs_truth"] != pytest.approx(trained["samples"][0]["output_vs_truth"], rel=1e-4)
+    assert scaled["samples"][0]["target_vs_truth"] == pytest.approx(trained["samples"][0]["target_vs_truth"], rel=1e-9)
     (run / "checkpoints" / "stage_000.pt").unlink()
     with pytest.raises(ValueError, match="no finished stage"):
         mod.main(["--data", str(dirs["test"][0]), "--run", str(run), "--out", str(tmp_path / "run0")])

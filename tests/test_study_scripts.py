@@ -189,6 +189,10 @@ def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_lev
     assert _flag(sims["train"], "--counts") == "1e6,3e7,3e8"
     assert _flag(sims["tune"], "--counts") == _flag(sims["confirm"], "--counts") == "3e7,3e8"
     assert all(_flag(c, "--num-stages") == "21" and _flag(c, "--scanner") == "Siemens_mMR" for c in sims.values())
+    # new runs: count-aware betas, training seed 0 unless TRAIN_SEED says otherwise
+    assert (_flag(calls[3], "--beta-counts"), _flag(calls[3], "--seed")) == ("log_linear", "0")
+    _, again = _run(tmp_path, "train", script=script, env_extra={"TRAIN_SEED": "2", "BETA_COUNTS": "none"})
+    assert (_flag(again[0], "--beta-counts"), _flag(again[0], "--seed")) == ("none", "2")
     ev = calls[-1]
     assert _flag(ev, "--data").endswith("confirm") and _flag(ev, "--tune-data").endswith("tune")
     assert _flag(ev, "--model") == f"FBSEM sequential={tmp_path / 'work' / 'run' / 'model.pt'}"
@@ -534,8 +538,9 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
     """The K = 63 run carried between sessions (docs/studies/mmr_3d.md, "Still to do"): every
     checkpoint loads with weights_only=True; stages 1..n are there without a gap, each finished one
     with its own loss rows, which join into one history; and the run's settings are those of the
-    train command that ``STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK train`` issues, so
-    that the documented command resumes it rather than being refused."""
+    train command that ``BETA_COUNTS=none STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK train`` issues
+    (a run begun before 0.9: count-unaware betas), so that the documented command resumes it rather than
+    being refused."""
     from sirf_fbsem.model.io import safe_torch_load
 
     ckpts = CARRIED_RUN / "checkpoints"
@@ -556,13 +561,14 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
     assert [r["stage"] for r in history] == sorted(r["stage"] for r in history)
 
     _, calls = _run(tmp_path, "train", script=REPO / "pipelines" / "mmr_3d.sh",
-                    env_extra={"STAGES": "63", "TRAIN_SAMPLES": "24", "EPOCHS": "12"})
+                    env_extra={"STAGES": "63", "TRAIN_SAMPLES": "24", "EPOCHS": "12", "BETA_COUNTS": "none"})
     (argv,) = calls
     sig = json.loads(signatures.pop())
     cfg, net = sig["config"], sig["network"]
     assert sig["mode"] == _flag(argv, "--mode") and sig["num_samples"] == 24 and net["num_stages"] == 63
     assert cfg["epochs"] == int(_flag(argv, "--epochs")) and cfg["loss"] == _flag(argv, "--loss")
-    assert cfg["seed"] == int(_flag(argv, "--seed"))
+    assert cfg["seed"] == int(_flag(argv, "--seed")) == 0
+    assert net.get("beta_counts", "none") == _flag(argv, "--beta-counts") == "none"
     assert cfg["validation_fraction"] == float(_flag(argv, "--validation-fraction"))
     assert cfg["patch_shape"] == [int(v) for v in _flag(argv, "--patch-size").split(",")]
     assert cfg["patches_per_sample"] == int(_flag(argv, "--patches-per-sample"))

@@ -76,10 +76,11 @@ def tiny_samples(
     return base, samples
 
 
-def small_net(num_stages: int = 4, num_subsets: int = 4, beta_init: float = 0.1, seed: int = 0, **kw) -> FBSEMNet:
+def small_net(num_stages: int = 4, num_subsets: int = 4, beta_init: float = 0.1, seed: int = 0,
+              beta_counts: str = "log_linear", **kw) -> FBSEMNet:
     torch.manual_seed(seed)
     reg = RegulariserConfig(dims=2, channels=8, layers=3, **kw)
-    return FBSEMNet(num_stages, num_subsets, reg, beta_init=beta_init)
+    return FBSEMNet(num_stages, num_subsets, reg, beta_init=beta_init, beta_counts=beta_counts)
 
 
 def perturb(net: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:

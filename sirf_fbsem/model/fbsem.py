@@ -35,6 +35,20 @@ natural scale of ``sens / x``; the stage is then positively homogeneous (scaling
 activity and the prompts and the additive term by ``a`` scales every output by ``a``)
 and one trained network serves data of any count level. ``"absolute"`` uses
 ``beta_k = softplus(rho_k)`` as is, in units of sensitivity / activity.
+
+Count level (``beta_counts``): with ``"none"`` beta_k is one number per stage, so a network
+weighs its CNN proposal against the data alike at every count level, although the data's
+noise, and so the best balance, changes with it (a network trained across 1e6-3e8 counts
+compromises). With ``"log_linear"`` (default of new networks) each stage also learns a slope
+``gamma_k`` (``stage.count_slope``, initially 0: the same strength at every level)::
+
+    beta_k = softplus( rho_k - gamma_k * l ),    l = clip( ln(N_hat / N_ref), -20, 20 )
+
+where ``N_hat`` is the count level the prompts' noise gives (counts in the whole acquisition,
+``num_subsets`` times the subset's; invariant under ``y, b -> a y, a b``, so the network stays
+scale-equivariant; :func:`~sirf_fbsem.recon.count_level.estimated_counts`) and ``N_ref``
+(``beta_count_reference``, 1e7 counts) the level at which ``beta_k = softplus(rho_k)``.
+``gamma_k > 0`` regularises less at higher counts.
 The FOV is the set of voxels with ``sens_s > 0``; voxels outside it are 0.
 
 The fusion is evaluated in two forms that never subtract nearly equal numbers
@@ -58,13 +72,17 @@ from torch.utils.checkpoint import checkpoint
 
 from ..autograd import em_update
 from ..projectors.base import AcquisitionModel
+from ..recon.count_level import COUNT_REFERENCE, estimated_counts, log_count_level
 from ..recon.engine import count_matched_scale
 from .blockwise import Region, check_block_shape, grown_region
 from .regularisers import RegulariserConfig, ResidualCNN, build_regulariser, intensity_scale
 
-__all__ = ["fbsem_fusion", "FBSEMStage", "FBSEMNet", "StageTerms", "inverse_softplus"]
+__all__ = ["fbsem_fusion", "FBSEMStage", "FBSEMNet", "StageTerms", "inverse_softplus", "BETA_COUNTS"]
 
 BetaUnits = Literal["normalised", "absolute"]
+BetaCounts = Literal["none", "log_linear"]
+#: count-level rules of the stages' strengths (module docstring)
+BETA_COUNTS = ("none", "log_linear")
 StartRule = Literal["count_matched", "none"]
 #: start rules of :class:`FBSEMNet`
 START_RULES = ("count_matched", "none")
@@ -115,7 +133,7 @@ class StageTerms:
     """What a stage's output depends on besides its own parameters (B samples; symbols as in the
     module docstring's table)::
 
-        x_next[R] = fusion( x_em[R], c * relu(x/c + f(x/c, u/c_u))[R], sens_s[R], beta * unit )
+        x_next[R] = fusion( x_em[R], c * relu(x/c + f(x/c, u/c_u))[R], sens_s[R], beta(l) * unit )
 
     For a stage trained alone on a detached input ``x`` (sequential training) none of these
     depends on the stage's parameters: they are computed once per sample, and the output on a
@@ -130,6 +148,8 @@ class StageTerms:
         unit: beta's per-sample unit (B,): ``mean_FOV(sens_s) / mean_FOV(x)`` ("normalised") or 1 ("absolute").
         anatomical: ``u`` (B, Z, Y, X) or None.
         anatomical_scale: ``c_u = mean_FOV(|u|)`` (B,) or None.
+        log_counts: ``l = ln(N_hat / N_ref)`` (B,), the count level of the data (module docstring),
+            for stages with ``beta_counts = "log_linear"``; None for the others.
     """
 
     x: torch.Tensor
@@ -139,6 +159,7 @@ class StageTerms:
     unit: torch.Tensor
     anatomical: torch.Tensor | None = None
     anatomical_scale: torch.Tensor | None = None
+    log_counts: torch.Tensor | None = None
 
     def _map(self, fn: Any) -> "StageTerms":
         return StageTerms(**{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
@@ -182,26 +203,65 @@ class FBSEMStage(nn.Module):
         x_reg  = CNN(x)
         x_next = 2 x_em / ( (1 - beta x_reg / sens_s) + sqrt((1 - beta x_reg / sens_s)^2 + 4 beta x_em / sens_s) )
 
-    ``beta = softplus(rho)`` (times the per-sample unit of ``beta_units``); 0 outside the FOV.
+    ``beta = softplus(rho - gamma l)`` (``gamma = 0`` with ``beta_counts = "none"``; ``l`` the data's
+    count level), times the per-sample unit of ``beta_units``; 0 outside the FOV.
 
     Args:
         regulariser: module ``(x (B,Z,Y,X), anatomical, mask) -> x_reg (B,Z,Y,X)``.
         beta_init: initial strength (in ``beta_units``); 0 gives a stage fixed at plain OSEM.
         beta_units: ``"normalised"`` or ``"absolute"`` (module docstring).
+        beta_counts: ``"none"`` or ``"log_linear"`` (module docstring); the latter adds the
+            parameter ``count_slope`` (gamma, initially 0).
+        beta_count_reference: ``N_ref``, counts (module docstring).
     """
 
-    def __init__(self, regulariser: nn.Module, beta_init: float = 0.1, beta_units: BetaUnits = "normalised"):
+    def __init__(self, regulariser: nn.Module, beta_init: float = 0.1, beta_units: BetaUnits = "normalised",
+                 beta_counts: BetaCounts = "none", beta_count_reference: float = COUNT_REFERENCE):
         super().__init__()
         if beta_units not in ("normalised", "absolute"):
             raise ValueError(f"beta_units must be 'normalised' or 'absolute', got {beta_units!r}")
+        if beta_counts not in BETA_COUNTS:
+            raise ValueError(f"beta_counts must be one of {BETA_COUNTS}, got {beta_counts!r}")
+        if not (math.isfinite(beta_count_reference) and beta_count_reference > 0):
+            raise ValueError(f"beta_count_reference must be a finite number of counts > 0, got {beta_count_reference!r}")
         self.regulariser = regulariser
         self.beta_units = beta_units
+        self.beta_counts: BetaCounts = beta_counts
+        self.beta_count_reference = float(beta_count_reference)
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(float(beta_init)), dtype=torch.float32))
+        self.count_slope: nn.Parameter | None = (
+            nn.Parameter(torch.zeros((), dtype=torch.float32)) if beta_counts == "log_linear" else None)
 
     @property
     def beta(self) -> torch.Tensor:
-        """Learned strength ``softplus(rho)`` (before the per-sample unit of ``beta_units``)."""
+        """Learned strength at the reference count level, ``softplus(rho)`` (before the per-sample
+        unit of ``beta_units``)."""
         return F.softplus(self.rho)
+
+    @property
+    def count_aware(self) -> bool:
+        return self.count_slope is not None
+
+    def strength(self, log_counts: torch.Tensor | None) -> torch.Tensor:
+        """``beta(l) = softplus(rho - gamma l)`` per sample (B,) for the count levels ``l`` (B,)
+        (:attr:`StageTerms.log_counts`), before the unit of ``beta_units``; a count-unaware stage
+        gives ``softplus(rho)`` (a scalar) and ignores ``l``."""
+        if self.count_slope is None:
+            return self.beta
+        if log_counts is None:
+            raise ValueError("this stage's strength depends on the data's count level (beta_counts='log_linear'); "
+                             "no count level was given")
+        return F.softplus(self.rho - self.count_slope * log_counts.to(self.rho.dtype))
+
+    def log_counts(self, prompts: torch.Tensor, model: AcquisitionModel, subset: int) -> torch.Tensor | None:
+        """``l`` (B,) of the subset's prompts (B,T,S,V_s,N) for a count-aware stage (module docstring),
+        None for the others: ``N_hat`` is the subset's estimate times ``model.num_subsets``."""
+        if self.count_slope is None:
+            return None
+        with torch.no_grad():
+            counts = estimated_counts(prompts.detach(), model.additive_term(subset),
+                                      model.support_projection(subset)) * model.num_subsets
+            return log_count_level(counts.to(torch.float64), self.beta_count_reference)
 
     def forward(
         self,
@@ -219,8 +279,8 @@ class FBSEMStage(nn.Module):
         """
         sens, x_em, fov, unit = self._data_terms(x, prompts, model, subset, sensitivity)
         x_reg = self.regulariser(x, anatomical, fov)
-        beta = self.beta.to(dtype=x.dtype) * unit.reshape((-1,) + (1,) * (x.dim() - 1))
-        return fbsem_fusion(x_em, x_reg, sens, beta)
+        beta = self.strength(self.log_counts(prompts, model, subset)).to(dtype=x.dtype) * unit
+        return fbsem_fusion(x_em, x_reg, sens, beta.reshape((-1,) + (1,) * (x.dim() - 1)))
 
     def _data_terms(
         self, x: torch.Tensor, prompts: torch.Tensor, model: AcquisitionModel, subset: int,
@@ -262,13 +322,13 @@ class FBSEMStage(nn.Module):
         sens, x_em, fov, unit = self._data_terms(x, prompts, model, subset, sensitivity)
         c, c_u = cnn.intensity_scales(x, anatomical, fov)
         u = None if anatomical is None else torch.broadcast_to(anatomical.to(dtype=x.dtype, device=x.device), x.shape)
-        return StageTerms(x, x_em, sens, c, unit, u, c_u)
+        return StageTerms(x, x_em, sens, c, unit, u, c_u, self.log_counts(prompts, model, subset))
 
     def output_on(self, terms: StageTerms, region: Region | None = None) -> torch.Tensor:
         """``x_next[R]`` (B, z, y, x) from precomputed terms, for the region ``R`` (z, y, x slices with
         explicit start and stop; None: the whole volume)::
 
-            x_next[R] = fusion( x_em[R], CNN(x[R ⊕ radius ∩ V]; c, c_u)[R], sens_s[R], beta * unit )
+            x_next[R] = fusion( x_em[R], CNN(x[R ⊕ radius ∩ V]; c, c_u)[R], sens_s[R], beta(l) * unit )
 
         Equal (to rounding) to ``forward``'s output on ``R``: the CNN runs on ``x`` grown by its
         receptive-field radius and clipped to the volume, normalised by the whole volume's
@@ -284,9 +344,9 @@ class FBSEMStage(nn.Module):
         outer, inner = grown_region(region, cnn.receptive_radius, shape)
         anat = None if terms.anatomical is None else terms.anatomical[(Ellipsis, *outer)]
         x_reg = cnn.apply_scaled(terms.x[(Ellipsis, *outer)], anat, terms.scale, terms.anatomical_scale, inner)
-        beta = self.beta.to(dtype=terms.x.dtype) * terms.unit.reshape((-1, 1, 1, 1))
+        beta = self.strength(terms.log_counts).to(dtype=terms.x.dtype) * terms.unit
         at = (Ellipsis, *region)
-        return fbsem_fusion(terms.x_em[at], x_reg, terms.sensitivity[at], beta)
+        return fbsem_fusion(terms.x_em[at], x_reg, terms.sensitivity[at], beta.reshape((-1, 1, 1, 1)))
 
 
 class FBSEMNet(nn.Module):
@@ -303,6 +363,9 @@ class FBSEMNet(nn.Module):
             "iteration-dependent"). Each stage always has its own beta.
         beta_init: initial beta of every stage (``beta_units``).
         beta_units: ``"normalised"`` or ``"absolute"`` (module docstring).
+        beta_counts: ``"log_linear"`` (every stage's strength depends on the data's count level)
+            or ``"none"`` (networks saved before 0.9; module docstring).
+        beta_count_reference: ``N_ref`` in counts (module docstring).
         start_rule: ``"count_matched"``: stage 0 first rescales its input ``x0`` to
             ``s x0`` with ``s`` = :func:`~sirf_fbsem.recon.engine.count_matched_scale` on subset 0
             (the measured counts less the additive term over ``x0``'s expected counts), which
@@ -321,6 +384,8 @@ class FBSEMNet(nn.Module):
         beta_init: float = 0.1,
         beta_units: BetaUnits = "normalised",
         start_rule: StartRule = "count_matched",
+        beta_counts: BetaCounts = "log_linear",
+        beta_count_reference: float = COUNT_REFERENCE,
     ):
         super().__init__()
         if start_rule not in START_RULES:
@@ -340,9 +405,12 @@ class FBSEMNet(nn.Module):
         self.beta_init = float(beta_init)
         self.beta_units = beta_units
         self.start_rule: StartRule = start_rule
+        self.beta_counts: BetaCounts = beta_counts
+        self.beta_count_reference = float(beta_count_reference)
         shared = build_regulariser(regulariser_config) if shared_regulariser else None
         self.stages = nn.ModuleList(
-            FBSEMStage(shared if shared is not None else build_regulariser(regulariser_config), beta_init, beta_units)
+            FBSEMStage(shared if shared is not None else build_regulariser(regulariser_config), beta_init, beta_units,
+                       beta_counts, beta_count_reference)
             for _ in range(num_stages)
         )
 
@@ -357,17 +425,20 @@ class FBSEMNet(nn.Module):
             "beta_init": self.beta_init,
             "beta_units": self.beta_units,
             "start_rule": self.start_rule,
+            "beta_counts": self.beta_counts,
+            "beta_count_reference": self.beta_count_reference,
         }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FBSEMNet":
-        """Inverse of :meth:`config`; a config without ``start_rule`` (saved before 0.4) gets ``"none"``."""
+        """Inverse of :meth:`config`; a config without ``start_rule`` (saved before 0.4) gets ``"none"``,
+        one without ``beta_counts`` (saved before 0.9) gets ``"none"``."""
         known = {"num_stages", "num_subsets", "regulariser_config", "shared_regulariser", "beta_init", "beta_units",
-                 "start_rule"}
+                 "start_rule", "beta_counts", "beta_count_reference"}
         unknown = sorted(set(config) - known)
         if unknown:
             raise ValueError(f"unknown FBSEMNet config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**{"start_rule": "none", **dict(config)})
+        return cls(**{"start_rule": "none", "beta_counts": "none", **dict(config)})
 
     @property
     def uses_anatomical(self) -> bool:
@@ -396,8 +467,19 @@ class FBSEMNet(nn.Module):
 
     @property
     def betas(self) -> torch.Tensor:
-        """softplus(rho_k) of every stage, shape (K,)."""
+        """softplus(rho_k) of every stage (the strength at the reference count level), shape (K,)."""
         return torch.stack([st.beta for st in self.stages])
+
+    @property
+    def count_slopes(self) -> torch.Tensor:
+        """gamma_k of every stage, shape (K,) (zeros for ``beta_counts = "none"``)."""
+        return torch.stack([st.count_slope if st.count_slope is not None else torch.zeros((), device=st.rho.device)
+                            for st in self.stages])
+
+    def betas_at(self, counts: float) -> torch.Tensor:
+        """Every stage's strength (before the unit of ``beta_units``) at ``counts`` counts, shape (K,)."""
+        level = log_count_level(torch.tensor([float(counts)], dtype=torch.float64), self.beta_count_reference)
+        return torch.stack([st.strength(level.to(st.rho.device)).reshape(()) for st in self.stages])
 
     # ------------------------------------------------------------------ forward
     def scaled_start(

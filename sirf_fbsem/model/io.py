@@ -21,16 +21,19 @@ weights nor the metadata can be altered or damaged unnoticed:
 They guard against damage and accidental edits, not against someone who rewrites the
 file on purpose and recomputes them (the file is not signed).
 
-The JSON (``schema_version`` 2) carries everything needed to rebuild the network and to
+The JSON (``schema_version`` 3) carries everything needed to rebuild the network and to
 check it against data; required (:func:`load_model` checks each one and names the field
 that is missing or malformed):
 
-* ``schema_version``: 2 (1 is read too: files saved by 0.3, whose networks have no start rule).
+* ``schema_version``: 3 (1 and 2 are read too: files saved by 0.3, whose networks have no start
+  rule, and by 0.4-0.8, whose betas do not depend on the count level).
 * ``sinogram_geometry``, ``image_geometry``: ``geometry.*_to_dict`` of the training data.
 * ``network``: :meth:`FBSEMNet.config` (num_stages, num_subsets, regulariser_config with its
   intensity normalisation, shared_regulariser, beta_init, beta_units, and from schema 2 on
   start_rule: ``"count_matched"`` makes the network scale-equivariant; schema 1 files get
-  ``"none"``, the start image they were trained from).
+  ``"none"``, the start image they were trained from; from schema 3 on ``beta_counts`` and
+  ``beta_count_reference`` (counts): ``"log_linear"`` makes each stage's strength depend on the
+  data's count level; schema 1 and 2 files get ``"none"``).
 * ``num_stages``, ``num_subsets``: as in ``network``.
 * ``projection_units``: the units of the projections the model was trained on,
   :data:`~sirf_fbsem.projectors.base.PROJECTION_UNITS`; a model without it, trained before
@@ -89,7 +92,7 @@ from ..geometry import (
 )
 from ..io.atomic import atomic_path
 from ..projectors.base import PROJECTION_UNITS
-from .fbsem import START_RULES, FBSEMNet
+from .fbsem import BETA_COUNTS, START_RULES, FBSEMNet
 from .regularisers import RegulariserConfig
 
 __all__ = [
@@ -109,9 +112,10 @@ MODEL_FORMAT = "sirf_fbsem.fbsem_net"
 #: format version written and read (1: sirf_fbsem 0.2.0, no checksums; see :func:`upgrade_model_file`)
 MODEL_FORMAT_VERSION = 2
 #: version of the metadata JSON's layout (its ``schema_version``)
-METADATA_SCHEMA_VERSION = 2
-#: schema versions :func:`load_model` reads (1: networks without ``start_rule``, sirf_fbsem 0.3)
-READABLE_SCHEMA_VERSIONS = (1, 2)
+METADATA_SCHEMA_VERSION = 3
+#: schema versions :func:`load_model` reads (1: networks without ``start_rule``, sirf_fbsem 0.3;
+#: 2: without ``beta_counts``, sirf_fbsem 0.4-0.8)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 #: largest count accepted in a geometry description (rings, detectors, views, bins, voxels per axis):
 #: far beyond any scanner, small enough that describing the geometry allocates little memory
@@ -670,10 +674,12 @@ _NETWORK_KEYS = ("num_stages", "num_subsets", "regulariser_config", "shared_regu
 
 def _network_config(f: _Fields, d: Any, schema: int = METADATA_SCHEMA_VERSION) -> dict[str, Any]:
     """``network`` checked key by key, so that ``FBSEMNet.from_config`` gets what it needs
-    (``start_rule`` is required from schema 2 on and absent before)."""
+    (``start_rule`` is required from schema 2 on, ``beta_counts`` and ``beta_count_reference`` from
+    schema 3 on, and absent before)."""
     field = "network"
     d = f.as_dict(d, field)
-    f.keys(d, field, set(_NETWORK_KEYS) | ({"start_rule"} if schema >= 2 else set()))
+    f.keys(d, field, set(_NETWORK_KEYS) | ({"start_rule"} if schema >= 2 else set())
+           | ({"beta_counts", "beta_count_reference"} if schema >= 3 else set()))
     p = field + "."
     f.as_int(f.get(d, "num_stages", p), p + "num_stages")
     f.as_int(f.get(d, "num_subsets", p), p + "num_subsets")
@@ -682,6 +688,10 @@ def _network_config(f: _Fields, d: Any, schema: int = METADATA_SCHEMA_VERSION) -
     f.as_choice(f.get(d, "beta_units", p), p + "beta_units", ("normalised", "absolute"))
     if schema >= 2:  # schema 1 files have none: FBSEMNet.from_config gives them "none"
         f.as_choice(f.get(d, "start_rule", p), p + "start_rule", START_RULES)
+    if schema >= 3:  # earlier files have none: FBSEMNet.from_config gives them "none"
+        f.as_choice(f.get(d, "beta_counts", p), p + "beta_counts", BETA_COUNTS)
+        if not f.as_number(f.get(d, "beta_count_reference", p), p + "beta_count_reference", minimum=0.0) > 0:
+            raise f.error(p + "beta_count_reference", "must be a number of counts > 0, got 0")
     reg = f.as_dict(f.get(d, "regulariser_config", p), p + "regulariser_config")
     p = field + ".regulariser_config."
     known = {fld.name for fld in dataclasses.fields(RegulariserConfig)}

@@ -117,6 +117,17 @@ class AcquisitionModel(abc.ABC):
             self.__dict__["_support"] = cached
         return cached
 
+    def support_projection(self, subset: int | None = None) -> torch.Tensor:
+        """``A_s M`` (M: :meth:`support` as 0/1), shape (T,S,V_s,N) or (B,T,S,V_s,N) with per-sample
+        factors: each bin's multiplicative factors times its LOR's path through the support. Bins where
+        it is 0 (gaps between detector blocks, LORs missing the FOV) hold no counts whatever the
+        activity. Cached per subset (one projection of the support each)."""
+        cache = self.__dict__.setdefault("_support_projection_cache", {})
+        if subset not in cache:
+            with torch.no_grad():
+                cache[subset] = self.direct(self.support().to(self.dtype), subset)
+        return cache[subset]
+
     def subset_sinogram_shape(self, subset: int | None) -> tuple[int, int, int, int]:
         t, s, _, n = self.sinogram_shape
         return (t, s, len(self.subset_views(subset)), n)

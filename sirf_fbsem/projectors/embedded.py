@@ -212,7 +212,8 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
 
     def _copy(self, num_subsets: int | None = None) -> "EmbeddedAcquisitionModel":
         new = object.__new__(type(self))
-        new.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_sens_cache"})
+        new.__dict__.update({k: v for k, v in self.__dict__.items()
+                             if k not in ("_sens_cache", "_support_projection_cache")})  # depend on the factors
         if num_subsets is not None and num_subsets != self.num_subsets:
             for s in range(int(num_subsets)):
                 subset_views(self.sinogram_geometry.num_views, num_subsets, s, self.view_symmetry)

@@ -704,6 +704,7 @@ class SIRFAcquisitionModel(AcquisitionModel):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.__dict__.pop("_sens_cache", None)
+        new.__dict__.pop("_support_projection_cache", None)
         new._templates, new._models = dict(self._templates), dict(self._models)
         if num_subsets is not None and int(num_subsets) != self.num_subsets:
             subset_views(self.sinogram_shape[2], num_subsets, 0)  # validates num_subsets

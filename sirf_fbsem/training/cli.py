@@ -26,7 +26,7 @@ from ..distributed import DistContext, elastic_restart_count, init_distributed, 
 from ..errors import InputError
 from ..geometry import image_geometry_from_dict, sinogram_geometry_from_dict
 from ..io.outputs import check_run_directory
-from ..model.fbsem import FBSEMNet
+from ..model.fbsem import BETA_COUNTS, FBSEMNet
 from ..model.regularisers import RegulariserConfig
 from ..projectors.base import PROJECTION_UNITS
 from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
@@ -83,6 +83,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=bounded_int(1, 4096), default=32, help="regulariser feature channels (default 32)")
     parser.add_argument("--layers", type=bounded_int(1, 1000), default=5, help="regulariser convolutions (default 5)")
     parser.add_argument("--beta-init", type=finite_float(0.0, strict=True), default=0.1, help="initial beta, normalised units (default 0.1)")
+    parser.add_argument("--beta-counts", choices=BETA_COUNTS, default="log_linear",
+                        help="log_linear (default): each stage's beta also depends on the data's count level, "
+                        "estimated from the prompts' noise (beta = softplus(rho - gamma ln(N/1e7)), gamma learned, "
+                        "initially 0); none: one beta per stage at every count level (runs begun before 0.9 "
+                        "resume with it)")
     parser.add_argument("--cache", choices=("disk", "memory"), default=None,
                         help="sequential mode: where stage outputs are cached (default disk)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -188,7 +193,7 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
                             layers=args.layers)
     torch.manual_seed(args.seed)
     net = FBSEMNet(num_stages, num_subsets, reg, shared_regulariser=args.shared, beta_init=args.beta_init,
-                   start_rule=datasets[0].start_rule)
+                   start_rule=datasets[0].start_rule, beta_counts=args.beta_counts)
     base = make_acquisition_model(
         args.backend, sino, image, num_subsets=num_subsets, psf_fwhm_mm=manifest.get("psf_fwhm_mm"), device=device
     )

@@ -139,7 +139,7 @@ def terms_payload(
            "fov_box": torch.tensor([[b.start, b.stop] for b in box], dtype=torch.int64)}
     if loss_scale is not None:
         out["loss_scale"] = torch.as_tensor(loss_scale, dtype=torch.float64).reshape(())
-    for name in ("x", "x_em", "sensitivity", "scale", "unit", "anatomical", "anatomical_scale"):
+    for name in ("x", "x_em", "sensitivity", "scale", "unit", "anatomical", "anatomical_scale", "log_counts"):
         value = getattr(terms, name)
         if value is not None:
             out[name] = _compact(value)
@@ -159,7 +159,7 @@ def terms_from_payload(
     """Inverse of :func:`terms_payload`, on ``device``: (terms, target, FOV box)."""
     terms = StageTerms(
         **{name: (payload[name].to(device) if name in payload else None)
-           for name in ("x", "x_em", "sensitivity", "scale", "unit", "anatomical", "anatomical_scale")}
+           for name in ("x", "x_em", "sensitivity", "scale", "unit", "anatomical", "anatomical_scale", "log_counts")}
     )
     b = payload["fov_box"].tolist()
     return terms, payload["target"].to(device), (slice(*b[0]), slice(*b[1]), slice(*b[2]))

@@ -301,12 +301,24 @@ def split_indices(n: int, validation_fraction: float, seed: int) -> tuple[list[i
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
+def _signature_network(net: FBSEMNet) -> dict[str, Any]:
+    """The network's config as a run signature holds it: without the count-level keys for
+    ``beta_counts = "none"``, so that runs begun before 0.9 (whose networks had none) resume."""
+    cfg = net.config()
+    if cfg.get("beta_counts") == "none":
+        cfg.pop("beta_counts")
+        cfg.pop("beta_count_reference")
+    return cfg
+
+
 def make_optimizer(module: nn.Module, config: TrainConfig) -> torch.optim.Adam:
-    """Adam over ``module``'s parameters: the ``rho`` of every :class:`FBSEMStage` in it at
-    ``config.beta_lr`` when set, everything else at ``config.lr``."""
+    """Adam over ``module``'s parameters: the strength parameters of every :class:`FBSEMStage` in it
+    (``rho`` and, when count-aware, ``count_slope``) at ``config.beta_lr`` when set, everything else
+    at ``config.lr``."""
     if config.beta_lr is None:  # one group: the optimiser state of earlier checkpoints still loads
         return torch.optim.Adam(module.parameters(), lr=config.lr)
-    betas = [m.rho for m in module.modules() if isinstance(m, FBSEMStage)]
+    betas = [p for m in module.modules() if isinstance(m, FBSEMStage)
+             for p in (m.rho, m.count_slope) if p is not None]
     seen = {id(p) for p in betas}
     rest = [p for p in module.parameters() if id(p) not in seen]
     groups = [{"params": rest, "lr": config.lr}] + ([{"params": betas, "lr": config.beta_lr}] if betas else [])
@@ -706,7 +718,7 @@ class _Trainer:
         self.run_signature = json.dumps(
             {
                 "mode": mode,
-                "network": net.config(),
+                "network": _signature_network(net),
                 "config": self._signature_config(),
                 "num_samples": len(dataset),
                 # only when given: the signatures of runs that had none are unchanged
@@ -745,6 +757,8 @@ class _Trainer:
             "val_loss": val_loss,
             "val_loss_per_stage": val_stages,
             "beta": [float(b) for b in self.net.betas.detach().cpu()],
+            **({"beta_count_slope": [float(g) for g in self.net.count_slopes.detach().cpu()]}
+               if self.net.beta_counts != "none" else {}),
             "elapsed_s": round(time.perf_counter() - self.t0, 3),
         }
         self.history.append(row)
@@ -771,9 +785,12 @@ class _Trainer:
             old = json.loads(payload.get("run_signature", "{}"))
             new = json.loads(self.run_signature)
             diffs = _dict_diff(old, new)
+            hint = ("; a run begun before sirf_fbsem 0.9 has count-unaware betas: resume it with --beta-counts none"
+                    if "network" in old and "beta_counts" not in old["network"] and "beta_counts" in new["network"]
+                    else "")
             raise CheckpointMismatchError(
                 f"cannot resume from {str(path)!r}: it was written by a run with other settings "
-                f"(checkpoint vs now): {'; '.join(diffs) or 'unreadable signature'}"
+                f"(checkpoint vs now): {'; '.join(diffs) or 'unreadable signature'}{hint}"
             )
 
     def _prepare_dir(self) -> None:

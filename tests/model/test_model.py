@@ -293,7 +293,8 @@ def test_network_options_and_argument_checks():
     assert len(net.betas) == 5 and torch.allclose(net.betas, torch.full((5,), 0.1))
     shared = FBSEMNet(5, 2, RegulariserConfig(dims=2, channels=4, layers=3), shared_regulariser=True)
     single = FBSEMNet(1, 2, RegulariserConfig(dims=2, channels=4, layers=3))
-    assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in single.parameters()) + 4
+    # one CNN; every stage has its own rho and count slope (2 scalars per extra stage)
+    assert sum(p.numel() for p in shared.parameters()) == sum(p.numel() for p in single.parameters()) + 2 * 4
     assert FBSEMNet.from_config(net.config()).config() == net.config()
     base, samples = tiny_samples(num_samples=1, num_subsets=4)
     s = samples[0]

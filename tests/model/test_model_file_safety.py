@@ -157,12 +157,14 @@ def test_saved_file_carries_the_documented_checksums_and_schema(saved):
     assert payload["metadata_sha256"] == documented_metadata_sha256(payload["metadata_json"])
     assert payload["metadata_sha256"] == metadata_sha256(payload["metadata_json"])
     meta = saved["metadata"]
-    assert meta["schema_version"] == 2 and meta["format_version"] == 2
+    assert meta["schema_version"] == 3 and meta["format_version"] == 2
     assert meta["network"]["start_rule"] == "count_matched"
+    assert meta["network"]["beta_counts"] == "log_linear" and meta["network"]["beta_count_reference"] > 0
     assert saved["path"].with_suffix(".json").read_text() == payload["metadata_json"] + "\n"
     net, loaded_meta = load_model(saved["path"])
     assert same_weights(net.state_dict(), saved["state"])
-    assert loaded_meta["schema_version"] == 2 and net.start_rule == "count_matched"
+    assert loaded_meta["schema_version"] == 3 and net.start_rule == "count_matched"
+    assert net.beta_counts == "log_linear" and all(st.count_slope is not None for st in net.stages)
 
 
 def test_bundled_model_is_format_version_2_with_its_json_copy():
@@ -172,8 +174,9 @@ def test_bundled_model_is_format_version_2_with_its_json_copy():
     assert payload["metadata_sha256"] == documented_metadata_sha256(payload["metadata_json"])
     assert BUNDLED_MODEL.with_suffix(".json").read_text() == payload["metadata_json"] + "\n"
     net, meta = load_model(BUNDLED_MODEL)
-    assert meta["schema_version"] in (1, 2) and net.num_stages == meta["num_stages"]
+    assert meta["schema_version"] in (1, 2, 3) and net.num_stages == meta["num_stages"]
     assert net.start_rule == meta["network"].get("start_rule", "none")
+    assert net.beta_counts == meta["network"].get("beta_counts", "none")
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -287,11 +290,16 @@ FIELD_CASES = [
     (_set(("image_geometry", "voxel_size_mm"), [4.0, 4.0, 0.0]),
      r"'image_geometry' is not a valid image geometry: voxel sizes must be 3 positive lengths"),
     (_delete(("schema_version",)), r"'schema_version' is missing"),
-    (_set(("schema_version",), 3), r"'schema_version' is 3, newer than this sirf_fbsem reads \(2\)"),
-    (_set(("schema_version",), "2"), r"'schema_version' must be one of \(1, 2\), got '2'"),
+    (_set(("schema_version",), 4), r"'schema_version' is 4, newer than this sirf_fbsem reads \(3\)"),
+    (_set(("schema_version",), "2"), r"'schema_version' must be one of \(1, 2, 3\), got '2'"),
+    (_delete(("network", "beta_counts")), r"'network\.beta_counts' is missing"),
+    (_set(("network", "beta_counts"), "linear"), r"'network\.beta_counts'"),
+    (_set(("network", "beta_count_reference"), 0.0), r"'network\.beta_count_reference' must be a number of counts > 0"),
+    (_set(("network", "beta_count_reference"), "1e7"), r"'network\.beta_count_reference' must be a finite number"),
+    (_set(("schema_version",), 2), r"'network' has unknown keys \['beta_count_reference', 'beta_counts'\]"),
     (_delete(("network", "start_rule")), r"'network\.start_rule' is missing"),
     (_set(("network", "start_rule"), "ones"), r"'network\.start_rule'"),
-    (_set(("schema_version",), 1), r"'network' has unknown keys \['start_rule'\]"),
+    (_set(("schema_version",), 1), r"'network' has unknown keys \['beta_count_reference', 'beta_counts', 'start_rule'\]"),
     (_delete(("projection_units",)), r"former units"),
     (_set(("projection_units",), ["mm"]), r"metadata field 'projection_units' is \['mm'\]"),
 ]
@@ -384,15 +392,22 @@ def test_shared_regulariser_flag_must_match_the_tensors(saved, tmp_path):
 # ----------------------------------------------------------------------------- format version 1
 
 
+def count_unaware_state(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The saved weights without the count slopes (new in 0.9): a network as 0.2-0.8 had them."""
+    return {k: v.clone() for k, v in saved["state"].items() if not k.endswith(".count_slope")}
+
+
 def write_version_1(path: Path, saved: dict[str, Any]) -> Path:
-    """A model file as sirf_fbsem 0.2.0 wrote it: no checksums, no schema_version."""
+    """A model file as sirf_fbsem 0.2.0 wrote it: no checksums, no schema_version, count-unaware
+    betas (:func:`count_unaware_state`)."""
     meta = copy.deepcopy(saved["metadata"])
     del meta["schema_version"]
     del meta["network"]["start_rule"]  # new in 0.4
+    del meta["network"]["beta_counts"], meta["network"]["beta_count_reference"]  # new in 0.9
     meta["format_version"] = 1
     text = json.dumps(meta, indent=2, sort_keys=True)
     torch.save({"format": "sirf_fbsem.fbsem_net", "format_version": 1, "metadata_json": text,
-                "state_dict": {k: v.clone() for k, v in saved["state"].items()}}, path)
+                "state_dict": count_unaware_state(saved)}, path)
     return path
 
 
@@ -411,14 +426,14 @@ def test_version_1_file_is_refused_and_the_suggested_upgrade_works(saved, tmp_pa
     assert new.is_file() and new.with_suffix(".json").is_file()
     assert old.read_bytes() == before  # the original is never touched
     net, meta = load_model(new)
-    assert same_weights(net.state_dict(), saved["state"])
-    assert same_weights(raw_payload(new)["state_dict"], saved["state"])
-    assert meta["schema_version"] == 1 and meta["format_version"] == 2
+    assert same_weights(net.state_dict(), count_unaware_state(saved))
+    assert same_weights(raw_payload(new)["state_dict"], count_unaware_state(saved))
+    assert meta["schema_version"] == 1 and meta["format_version"] == 2 and net.beta_counts == "none"
     assert new.with_suffix(".json").read_text() == raw_payload(new)["metadata_json"] + "\n"
     # never replaces an existing file, and a version 2 file needs no upgrade
     with pytest.raises(OutputPathError, match="exists"):
         upgrade_model_file(old)
-    assert same_weights(load_model(new)[0].state_dict(), saved["state"])
+    assert same_weights(load_model(new)[0].state_dict(), count_unaware_state(saved))
     with pytest.raises(ModelFileError, match="already in format version 2"):
         upgrade_model_file(new, tmp_path / "again.pt")
 
@@ -427,7 +442,7 @@ def test_upgrade_to_an_explicit_path_checks_the_file_first(saved, tmp_path):
     old = write_version_1(tmp_path / "old.pt", saved)
     dst = upgrade_model_file(old, tmp_path / "sub" / "new.pt")
     assert dst == tmp_path / "sub" / "new.pt"
-    assert same_weights(load_model(dst)[0].state_dict(), saved["state"])
+    assert same_weights(load_model(dst)[0].state_dict(), count_unaware_state(saved))
     (tmp_path / "taken.json").write_text("mine")
     with pytest.raises(OutputPathError, match="taken.json"):
         upgrade_model_file(old, tmp_path / "taken.pt")

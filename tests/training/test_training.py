@@ -207,6 +207,28 @@ def test_resume_with_other_settings_is_refused(problem, tmp_path):
               resume=True)
 
 
+def test_a_run_begun_with_count_unaware_betas_resumes_as_such_and_says_how(problem, tmp_path):
+    """Runs begun before 0.9 have count-unaware betas and signatures without the count keys: a network
+    built with ``beta_counts="none"`` resumes them to the same weights; the new default is refused with
+    the flag that resumes them."""
+    base, samples = problem
+    factory = with_terms_factory(base)
+    cfg = _config(epochs=2)
+    reference = train(small_net(num_stages=3, beta_counts="none"), samples[:6], "sequential", cfg, factory,
+                      tmp_path / "ref")
+    with pytest.raises(_Interrupt):
+        train(small_net(num_stages=3, beta_counts="none"), samples[:6], "sequential", cfg, factory, tmp_path / "run",
+              callbacks=[_interrupt_at(8)])
+    sig = json.loads(torch.load(tmp_path / "run" / "checkpoints" / "initial.pt", weights_only=True)["run_signature"])
+    assert "beta_counts" not in sig["network"]  # as 0.8 wrote them
+    with pytest.raises(CheckpointMismatchError, match=r"network\.beta_counts: None vs 'log_linear'.*--beta-counts none"):
+        train(small_net(num_stages=3), samples[:6], "sequential", cfg, factory, tmp_path / "run", resume=True)
+    resumed = train(small_net(num_stages=3, beta_counts="none"), samples[:6], "sequential", cfg, factory,
+                    tmp_path / "run", resume=True)
+    for name, w in _params(reference.net).items():
+        assert torch.equal(_params(resumed.net)[name], w), name
+
+
 def test_warm_start_is_part_of_a_sequential_run_only(problem, tmp_path):
     """warm_start (default True) changes what a sequential run computes, so resuming one with the
     other value is refused; the other modes ignore it, so it never stands in their way."""
@@ -314,18 +336,22 @@ def test_train_config_and_split_are_validated():
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_make_optimizer_puts_the_betas_in_their_own_group(shared):
-    """Every parameter is optimised exactly once; the stages' rho at beta_lr, the rest at lr."""
+    """Every parameter is optimised exactly once; the stages' rho (and count slopes) at beta_lr, the rest at lr."""
     from sirf_fbsem.model import FBSEMNet, RegulariserConfig
 
     net = FBSEMNet(3, 4, RegulariserConfig(dims=2, channels=4, layers=2), shared_regulariser=shared)
     opt = make_optimizer(net, TrainConfig(lr=1e-3, beta_lr=0.05))
     groups = {g["lr"]: g["params"] for g in opt.param_groups}
     assert sorted(groups) == [1e-3, 0.05]
-    assert {id(p) for p in groups[0.05]} == {id(st.rho) for st in net.stages}
+    assert {id(p) for p in groups[0.05]} == {id(st.rho) for st in net.stages} | {id(st.count_slope) for st in net.stages}
     ids = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(ids) == sorted({id(p) for p in net.parameters()})
     single = make_optimizer(net.stages[1], TrainConfig(lr=1e-3, beta_lr=0.05))
-    assert [p is net.stages[1].rho for p in single.param_groups[1]["params"]] == [True]
+    assert [p is net.stages[1].rho for p in single.param_groups[1]["params"]] == [True, False]
+    assert single.param_groups[1]["params"][1] is net.stages[1].count_slope
+    unaware = FBSEMNet(2, 4, RegulariserConfig(dims=2, channels=4, layers=2), beta_counts="none")
+    assert {id(p) for p in make_optimizer(unaware, TrainConfig(lr=1e-3, beta_lr=0.05)).param_groups[1]["params"]} \
+        == {id(st.rho) for st in unaware.stages}
     assert len(make_optimizer(net, TrainConfig(lr=1e-3)).param_groups) == 1  # beta_lr None: one group at lr
     for bad in (0.0, -1.0, float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match="beta_lr"):
@@ -333,21 +359,29 @@ def test_make_optimizer_puts_the_betas_in_their_own_group(shared):
 
 
 def test_beta_lr_moves_the_betas_faster_and_is_part_of_the_run(problem, tmp_path):
-    """Same run but beta_lr 20x lr: the betas travel further from their start; resuming a run
-    with another beta_lr is refused (the checkpoints were made with other settings)."""
+    """Same run but beta_lr 20x lr: the betas travel further from their start (count-unaware betas: a
+    count-aware beta's rho and slope are not separable on data of one count level); resuming a run with
+    another beta_lr is refused (the checkpoints were made with other settings). The count slopes of a
+    count-aware network are trained and logged."""
     base, samples = problem
     factory = with_terms_factory(base)
     moved = {}
     for beta_lr in (None, 0.2):
-        net = small_net(num_stages=2, num_subsets=4)
+        net = small_net(num_stages=2, num_subsets=4, beta_counts="none")
         result = train(net, samples, "sequential", _config(epochs=2, lr=1e-2, beta_lr=beta_lr), factory,
                        tmp_path / str(beta_lr))
         assert result.completed
         moved[beta_lr] = float((result.net.betas.detach() - 0.1).abs().max())
     assert moved[0.2] > 3 * moved[None] > 0, moved
+    result = train(small_net(num_stages=2, num_subsets=4), samples, "sequential", _config(epochs=2, lr=1e-2),
+                   factory, tmp_path / "aware")
+    slopes = result.net.count_slopes.detach()
+    assert bool((slopes != 0).all())
+    logged = json.loads((tmp_path / "aware" / "losses.json").read_text())["history"][-1]
+    assert logged["beta_count_slope"] == pytest.approx(slopes.tolist())
     with pytest.raises(CheckpointMismatchError, match="beta_lr"):
-        train(small_net(num_stages=2, num_subsets=4), samples, "sequential", _config(epochs=3, beta_lr=0.1),
-              factory, tmp_path / "0.2", resume=True)
+        train(small_net(num_stages=2, num_subsets=4, beta_counts="none"), samples, "sequential",
+              _config(epochs=3, beta_lr=0.1), factory, tmp_path / "0.2", resume=True)
 
 
 def test_sequential_refuses_a_shared_regulariser(problem, tmp_path):
