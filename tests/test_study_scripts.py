@@ -530,20 +530,24 @@ def test_targets_floor_reports_the_first_k_below_each_fraction_of_the_best_basel
         t.main([str(bad), "--out", str(tmp_path / "x")])
 
 
-CARRIED_RUN = REPO / "pipelines" / "carried_runs" / "mmr3d_k63_seed0"
+CARRIED_RUNS = REPO / "pipelines" / "carried_runs"
+#: the carried runs and the BETA_COUNTS their documented train command sets (docs/studies/mmr_3d.md)
+CARRIED = [("mmr3d_k63_seed0", "none"), ("mmr3d_k63_counts_seed0", "log_linear")]
 
 
-@pytest.mark.skipif(not (CARRIED_RUN / "checkpoints").is_dir(), reason="no carried training run in this checkout")
-def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path: Path):
-    """The K = 63 run carried between sessions (docs/studies/mmr_3d.md, "Still to do"): every
+@pytest.mark.parametrize("name, beta_counts", CARRIED, ids=[c[0] for c in CARRIED])
+def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path: Path, name: str, beta_counts: str):
+    """The K = 63 runs carried between sessions (docs/studies/mmr_3d.md, "Still to do"): every
     checkpoint loads with weights_only=True; stages 1..n are there without a gap, each finished one
     with its own loss rows, which join into one history; and the run's settings are those of the
-    train command that ``BETA_COUNTS=none STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK train`` issues
-    (a run begun before 0.9: count-unaware betas), so that the documented command resumes it rather than
-    being refused."""
+    train command that ``BETA_COUNTS=... STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK train`` issues
+    (``none`` for the run begun before 0.9, count-unaware), so that the documented command resumes it
+    rather than being refused."""
     from sirf_fbsem.model.io import safe_torch_load
 
-    ckpts = CARRIED_RUN / "checkpoints"
+    if not (CARRIED_RUNS / name / "checkpoints").is_dir():
+        pytest.skip(f"no carried training run {name} in this checkout")
+    ckpts = CARRIED_RUNS / name / "checkpoints"
     stages = sorted(ckpts.glob("stage_*.pt"))
     assert stages
     assert [p.name for p in stages] == [f"stage_{k:03d}.pt" for k in range(len(stages))]
@@ -561,14 +565,14 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
     assert [r["stage"] for r in history] == sorted(r["stage"] for r in history)
 
     _, calls = _run(tmp_path, "train", script=REPO / "pipelines" / "mmr_3d.sh",
-                    env_extra={"STAGES": "63", "TRAIN_SAMPLES": "24", "EPOCHS": "12", "BETA_COUNTS": "none"})
+                    env_extra={"STAGES": "63", "TRAIN_SAMPLES": "24", "EPOCHS": "12", "BETA_COUNTS": beta_counts})
     (argv,) = calls
     sig = json.loads(signatures.pop())
     cfg, net = sig["config"], sig["network"]
     assert sig["mode"] == _flag(argv, "--mode") and sig["num_samples"] == 24 and net["num_stages"] == 63
     assert cfg["epochs"] == int(_flag(argv, "--epochs")) and cfg["loss"] == _flag(argv, "--loss")
     assert cfg["seed"] == int(_flag(argv, "--seed")) == 0
-    assert net.get("beta_counts", "none") == _flag(argv, "--beta-counts") == "none"
+    assert net.get("beta_counts", "none") == _flag(argv, "--beta-counts") == beta_counts
     assert cfg["validation_fraction"] == float(_flag(argv, "--validation-fraction"))
     assert cfg["patch_shape"] == [int(v) for v in _flag(argv, "--patch-size").split(",")]
     assert cfg["patches_per_sample"] == int(_flag(argv, "--patches-per-sample"))
