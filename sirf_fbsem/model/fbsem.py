@@ -226,7 +226,6 @@ class FBSEMStage(nn.Module):
             raise ValueError(f"beta_count_reference must be a finite number of counts > 0, got {beta_count_reference!r}")
         self.regulariser = regulariser
         self.beta_units = beta_units
-        self.beta_counts: BetaCounts = beta_counts
         self.beta_count_reference = float(beta_count_reference)
         self.rho = nn.Parameter(torch.tensor(inverse_softplus(float(beta_init)), dtype=torch.float32))
         self.count_slope: nn.Parameter | None = (
@@ -237,10 +236,6 @@ class FBSEMStage(nn.Module):
         """Learned strength at the reference count level, ``softplus(rho)`` (before the per-sample
         unit of ``beta_units``)."""
         return F.softplus(self.rho)
-
-    @property
-    def count_aware(self) -> bool:
-        return self.count_slope is not None
 
     def strength(self, log_counts: torch.Tensor | None) -> torch.Tensor:
         """``beta(l) = softplus(rho - gamma l)`` per sample (B,) for the count levels ``l`` (B,)

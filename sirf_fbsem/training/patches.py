@@ -25,6 +25,7 @@ field of view (voxels with ``sens_s > 0``), so they are not empty; they are a pu
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,9 @@ import torch
 from ..distributed import DistContext
 from ..model.blockwise import Region
 from ..model.fbsem import FBSEMStage, StageTerms
+
+#: the per-sample tensors of :class:`StageTerms`, as payloads hold them
+TERM_NAMES = tuple(f.name for f in fields(StageTerms))
 
 __all__ = ["draw_patches", "patch_training_step", "terms_payload", "terms_from_payload", "average_gradients"]
 
@@ -139,7 +143,7 @@ def terms_payload(
            "fov_box": torch.tensor([[b.start, b.stop] for b in box], dtype=torch.int64)}
     if loss_scale is not None:
         out["loss_scale"] = torch.as_tensor(loss_scale, dtype=torch.float64).reshape(())
-    for name in ("x", "x_em", "sensitivity", "scale", "unit", "anatomical", "anatomical_scale", "log_counts"):
+    for name in TERM_NAMES:
         value = getattr(terms, name)
         if value is not None:
             out[name] = _compact(value)
@@ -159,7 +163,7 @@ def terms_from_payload(
     """Inverse of :func:`terms_payload`, on ``device``: (terms, target, FOV box)."""
     terms = StageTerms(
         **{name: (payload[name].to(device) if name in payload else None)
-           for name in ("x", "x_em", "sensitivity", "scale", "unit", "anatomical", "anatomical_scale", "log_counts")}
+           for name in TERM_NAMES}
     )
     b = payload["fov_box"].tolist()
     return terms, payload["target"].to(device), (slice(*b[0]), slice(*b[1]), slice(*b[2]))
