@@ -118,6 +118,9 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
             fwhm = (float(psf_fwhm_mm),) * 3 if np.isscalar(psf_fwhm_mm) else tuple(psf_fwhm_mm)
             self.psf = GaussianPSF(fwhm, image_geometry.voxel_size_mm)
         self._rays: dict[int | None, RayTable] = {}
+        # G_s M (the support's projection without the factors), shared by every copy (with_terms,
+        # to, with_num_subsets) and keyed by what it depends on: see support_projection
+        self._geometric_support_projections: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ helpers
     def _check_siddon_device(self, device: torch.device, backend: str) -> None:
@@ -213,7 +216,7 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
     def _copy(self, num_subsets: int | None = None) -> "EmbeddedAcquisitionModel":
         new = object.__new__(type(self))
         new.__dict__.update({k: v for k, v in self.__dict__.items()
-                             if k not in ("_sens_cache", "_support_projection_cache")})  # depend on the factors
+                             if k != "_sens_cache"})  # depends on the factors
         if num_subsets is not None and num_subsets != self.num_subsets:
             for s in range(int(num_subsets)):
                 subset_views(self.sinogram_geometry.num_views, num_subsets, s, self.view_symmetry)
@@ -226,6 +229,15 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
 
     def direct(self, x: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         xb, single = self.as_batch(x, self.image_shape, "image (z,y,x)")
+        y = self._geometric_direct(xb, subset)
+        m = self._term(self.multiplicative, subset)
+        if m is not None:
+            y = y * m
+        return y[0] if single and y.shape[0] == 1 else y
+
+    def _geometric_direct(self, xb: torch.Tensor, subset: int | None) -> torch.Tensor:
+        """``G_s x`` (B,1,S,V_s,N) of a batch ``xb`` (B,Z,Y,X): the projection before the factors
+        (``A_s x = m_s * G_s x``)."""
         xb = xb.to(device=self._device, dtype=self._dtype)
         if self.psf is not None:
             xb = self.psf(xb)
@@ -236,10 +248,24 @@ class EmbeddedAcquisitionModel(AcquisitionModel):
             for lor in range(1, self.num_tangential_LORs):
                 y = y + joseph_forward(xb, self.rays(subset, lor), backend=self.backend)
             y = (y * (self._pixel_unit / self.num_tangential_LORs)).unsqueeze(1)
+        return y
+
+    def support_projection(self, subset: int | None = None) -> torch.Tensor:
+        """``A_s M = m_s * (G_s M)`` (:meth:`AcquisitionModel.support_projection`).
+
+        ``G_s M`` does not depend on the factors, so it is projected once per subset for this model
+        and every copy of it that shares its support (``with_terms``: a training run's per-sample
+        models), not once per copy; each copy multiplies in its own factors.
+        """
+        support = self.support()
+        key = (id(support), self.num_subsets, subset, str(self._device), self._dtype)
+        entry = self._geometric_support_projections.get(key)
+        if entry is None or entry[0] is not support:  # the support is kept in the entry, so its id is not reused
+            with torch.no_grad():
+                entry = (support, self._geometric_direct(support.to(self._dtype).unsqueeze(0), subset)[0])
+            self._geometric_support_projections[key] = entry
         m = self._term(self.multiplicative, subset)
-        if m is not None:
-            y = y * m
-        return y[0] if single and y.shape[0] == 1 else y
+        return entry[1] if m is None else entry[1] * m
 
     def adjoint(self, y: torch.Tensor, subset: int | None = None) -> torch.Tensor:
         yb, single = self.as_batch(y, self.subset_sinogram_shape(subset), f"sinogram of subset {subset}")

@@ -103,6 +103,32 @@ def test_support_projection_is_the_projection_of_the_support():
         assert m.shape == model.subset_sinogram_shape(s)
         assert not bool((m[..., 5] != 0).any()) and float(m.amin()) >= 0
         torch.testing.assert_close(m, model.direct(model.support().float(), s))
-        assert model.support_projection(s) is m  # cached
-    # another model's factors: recomputed, not the cached projection
-    assert bool((base.with_terms(samples[0].multiplicative, None).support_projection(2)[..., 5] > 0).any())
+    # another model's factors: its own, not the first model's
+    other = base.with_terms(samples[0].multiplicative, None)
+    assert bool((other.support_projection(2)[..., 5] > 0).any())
+    torch.testing.assert_close(other.support_projection(2), other.direct(other.support().float(), 2))
+
+
+def test_support_projection_is_projected_once_for_every_copy(monkeypatch):
+    """A training run builds one model per sample (``with_terms``); the support's projection
+    without the factors is shared by them, so each subset is projected once, not once per sample."""
+    base, samples = tiny_samples(num_samples=3, num_subsets=4)
+    base.support()  # as the trainer's model factory does: every copy shares the support
+    calls = []
+    geometric = type(base)._geometric_direct
+
+    def counting(self, xb, subset):
+        calls.append(subset)
+        return geometric(self, xb, subset)
+
+    monkeypatch.setattr(type(base), "_geometric_direct", counting)
+    for sample in samples:
+        model = base.with_terms(sample.multiplicative, sample.additive)
+        for s in (1, 2):
+            torch.testing.assert_close(model.support_projection(s),
+                                       sample.multiplicative[..., model.subset_views(s), :]
+                                       * base.with_terms(None, None).direct(base.support().float(), s))
+    assert calls.count(1) == 1 + len(samples) and calls.count(2) == 1 + len(samples)  # once, plus each check's own
+    # another subset count, dtype or device is another key; an other support is not reused
+    base.with_num_subsets(2).support_projection(1)
+    assert calls.count(1) == 2 + len(samples)
