@@ -36,7 +36,7 @@ import math
 
 import torch
 
-__all__ = ["estimated_counts", "log_count_level", "COUNT_REFERENCE", "LOG_COUNT_LIMIT"]
+__all__ = ["estimated_counts", "log_count_level", "COUNT_REFERENCE", "LOG_COUNT_LIMIT", "SINOGRAMS_PER_BLOCK"]
 
 #: the count level at which a count-aware strength equals softplus(rho) (counts); recorded in
 #: model files (``network.beta_count_reference``)
@@ -44,10 +44,13 @@ COUNT_REFERENCE = 1.0e7
 #: ``|ln(N_hat / N_ref)|`` is clipped here: data with no pair that differs (e.g. no counts at
 #: all, or constant bins) give an infinite or undefined estimate
 LOG_COUNT_LIMIT = 20.0
+#: sinograms per block of :func:`estimated_counts`' sums (an mMR subset's block: 64 x 36 views x 344
+#: bins, 6.3 MB in float64)
+SINOGRAMS_PER_BLOCK = 64
 
 
-def estimated_counts(prompts: torch.Tensor, additive: torch.Tensor | float, support_projection: torch.Tensor
-                     ) -> torch.Tensor:
+def estimated_counts(prompts: torch.Tensor, additive: torch.Tensor | float, support_projection: torch.Tensor,
+                     sinograms_per_block: int | None = SINOGRAMS_PER_BLOCK) -> torch.Tensor:
     """``N_hat`` (module docstring) per sample, shape (B,), in counts.
 
     Args:
@@ -56,14 +59,36 @@ def estimated_counts(prompts: torch.Tensor, additive: torch.Tensor | float, supp
         additive: ``b``, randoms + scatter in the prompts' unit, broadcastable to ``prompts``.
         support_projection: ``m = A M`` (:meth:`~sirf_fbsem.projectors.base.AcquisitionModel.support_projection`),
             broadcastable to ``prompts``; bins with ``m <= 0`` are left out.
+        sinograms_per_block: the sums run over blocks of this many sinograms (axis S), whose float64
+            temporaries stay cache-sized; None: one block (the same sums, slower on large sinograms:
+            ``pipelines/bench_count_level.py``).
     Returns:
         (B,) float tensor (B = 1 for an unbatched sinogram): ``inf`` where no pair of measured
         neighbours differs while the bins hold counts, ``0`` where they hold none; scale-invariant.
     """
     y = prompts if prompts.dim() == 5 else prompts.unsqueeze(0)
-    y = y.to(torch.float64)
-    b = torch.broadcast_to(torch.as_tensor(additive, device=y.device).to(torch.float64), y.shape)
-    m = torch.broadcast_to(support_projection.to(device=y.device, dtype=torch.float64), y.shape)
+    b = torch.broadcast_to(torch.as_tensor(additive, device=y.device), y.shape)
+    m = torch.broadcast_to(support_projection.to(device=y.device), y.shape)
+    squared = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
+    spread, total = torch.zeros_like(squared), torch.zeros_like(squared)
+    step = y.shape[2] if sinograms_per_block is None else int(sinograms_per_block)
+    if step < 1:
+        raise ValueError(f"sinograms_per_block must be a positive number of sinograms or None, got {sinograms_per_block!r}")
+    for start in range(0, y.shape[2], step):
+        block = slice(start, start + step)
+        sums = _pair_sums(y[:, :, block], b[:, :, block], m[:, :, block])
+        squared, spread, total = squared + sums[0], spread + sums[1], total + sums[2]
+    zero = torch.zeros((), dtype=torch.float64, device=y.device)
+    # total / u_hat = total * spread / squared; 0 counts -> 0, no difference between neighbours -> inf
+    counts = torch.where(squared > 0, total * spread / torch.where(squared > 0, squared, torch.ones_like(squared)),
+                         torch.where(total > 0, torch.full_like(total, math.inf), zero))
+    return counts.to(prompts.dtype if prompts.dtype.is_floating_point else torch.float32)
+
+
+def _pair_sums(y: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample (B,): ``sum_P w (z_i - z_{i+1})^2``, ``sum_P w (y_i/m_i^2 + y_{i+1}/m_{i+1}^2)`` and
+    ``sum_{m>0} y`` (module docstring) over a block (B, T, S_block, V, N), in float64."""
+    y, b, m = y.to(torch.float64), b.to(torch.float64), m.to(torch.float64)
     measured = m > 0
     zero = torch.zeros((), dtype=y.dtype, device=y.device)
     inv_m = torch.where(measured, 1.0 / torch.where(measured, m, torch.ones_like(m)), zero)
@@ -73,13 +98,8 @@ def estimated_counts(prompts: torch.Tensor, additive: torch.Tensor | float, supp
     w = torch.where(pair, 1.0 / torch.where(pair, inv_m[..., 1:] ** 2 + inv_m[..., :-1] ** 2, torch.ones_like(z[..., 1:])),
                     zero)
     dims = tuple(range(1, y.dim()))
-    squared = (w * (z[..., 1:] - z[..., :-1]) ** 2).sum(dim=dims)
-    spread = (w * (v[..., 1:] + v[..., :-1])).sum(dim=dims)
-    total = torch.where(measured, y, zero).sum(dim=dims)
-    # total / u_hat = total * spread / squared; 0 counts -> 0, no difference between neighbours -> inf
-    counts = torch.where(squared > 0, total * spread / torch.where(squared > 0, squared, torch.ones_like(squared)),
-                         torch.where(total > 0, torch.full_like(total, math.inf), zero))
-    return counts.to(prompts.dtype if prompts.dtype.is_floating_point else torch.float32)
+    return ((w * (z[..., 1:] - z[..., :-1]) ** 2).sum(dim=dims), (w * (v[..., 1:] + v[..., :-1])).sum(dim=dims),
+            torch.where(measured, y, zero).sum(dim=dims))
 
 
 def log_count_level(counts: torch.Tensor, reference: float = COUNT_REFERENCE) -> torch.Tensor:

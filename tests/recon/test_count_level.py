@@ -132,3 +132,19 @@ def test_support_projection_is_projected_once_for_every_copy(monkeypatch):
     # another subset count, dtype or device is another key; an other support is not reused
     base.with_num_subsets(2).support_projection(1)
     assert calls.count(1) == 2 + len(samples)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5])
+def test_blocks_of_sinograms_give_the_sums_of_one_block(block):
+    """The sums run over blocks of sinograms (cache-sized temporaries); any block size gives the
+    one-block estimate to rounding, for a batch with gaps, background and efficiencies."""
+    gen = torch.Generator().manual_seed(11)
+    shape = (2, 1, 7, 12, 40)
+    eff = 0.5 + torch.rand(shape, generator=gen, dtype=torch.float64)
+    eff[..., 3] = 0.0
+    y = torch.poisson(eff * 20.0 + 1.0, generator=gen)
+    whole = estimated_counts(y, 1.0, eff, sinograms_per_block=None)
+    torch.testing.assert_close(estimated_counts(y, 1.0, eff, sinograms_per_block=block), whole, rtol=1e-12, atol=0)
+    assert bool((whole > 0).all())
+    with pytest.raises(ValueError, match="sinograms_per_block"):
+        estimated_counts(y, 1.0, eff, sinograms_per_block=0)
