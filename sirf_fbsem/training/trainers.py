@@ -25,13 +25,15 @@ batches are shuffled from a generator seeded by (seed, stage, epoch). A run stop
 at any point and restarted with ``resume=True`` redoes the unfinished epoch and ends
 with the same weights (bitwise on CPU). Loss logs: ``losses.csv``, ``losses.json``,
 ``loss_curve.png``. With validation samples, the weights of the epoch with the
-lowest validation loss are kept (per stage in sequential mode).
+lowest validation loss are kept (per stage in sequential mode); in sequential mode
+``losses.json`` also gives each validation sample's loss (``val_loss_per_sample``, by
+sample index), so that a run on mixed count levels can be read level by level.
 
 Distributed data parallel (``torchrun``; see :mod:`sirf_fbsem.distributed`): when the default
 process group is initialised with more than one rank, every mode trains the network
 wrapped in ``DistributedDataParallel``; each global batch (the same seeded order on
 every rank) is split across ranks and the losses weighted so that the averaged gradient
-is that of one process on the whole batch. Validation losses are sums over ranks. In
+is that of one process on the whole batch. Validation losses are gathered over ranks. In
 sequential mode the cache of stage outputs is computed shard by shard (each sample on
 one rank) into the shared ``out_dir/cache``; stage boundaries are barriers. Rank 0
 writes checkpoints and logs (atomically) while the others wait at a barrier; on resume
@@ -360,13 +362,19 @@ def sample_scales(targets: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, mean, torch.ones_like(mean))
 
 
+def sample_losses(out: torch.Tensor, target: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """Each sample's stage loss, shape (B,): ``mean_j (out_b - target_b)^2 / c_b^2`` for per-sample
+    ``scales`` c (B,), with c_b = 1 when ``scales`` is None; :func:`stage_loss` is their mean."""
+    per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)
+    return per_sample if scales is None else per_sample / scales.to(per_sample.device, per_sample.dtype) ** 2
+
+
 def stage_loss(out: torch.Tensor, target: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """The stage loss (:attr:`TrainConfig.loss`): ``mean_b mean_j (out - target)^2 / c_b^2`` for
     per-sample ``scales`` c (B,), the plain mean squared error when ``scales`` is None."""
     if scales is None:
         return torch.mean((out - target) ** 2)
-    per_sample = ((out - target) ** 2).flatten(1).mean(dim=1)
-    return torch.mean(per_sample / scales.to(per_sample.device, per_sample.dtype) ** 2)
+    return torch.mean(sample_losses(out, target, scales))
 
 
 def _scales(loss: str, batch: Batch) -> torch.Tensor | None:
@@ -625,6 +633,11 @@ def _fresh_train_state() -> dict[str, Any]:
     return {"epoch": 0, "best_val": None, "best_state": None, "bad_epochs": 0, "complete": False}
 
 
+def _mean(values: Mapping[int, float] | None) -> float | None:
+    """The mean of per-sample losses (None for None)."""
+    return None if values is None else sum(values.values()) / len(values)
+
+
 def _epoch_order(indices: Sequence[int], seed: int, stage: int, epoch: int) -> list[int]:
     """Shuffled training order of an epoch, a pure function of (seed, stage, epoch)."""
     s = int(np.random.SeedSequence([seed, stage + 1, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -748,7 +761,7 @@ class _Trainer:
             cb(event)
 
     def _log(self, stage: int | None, epoch: int, train_loss: float | None, val_loss: float | None,
-             val_stages: list[float] | None = None) -> None:
+             val_stages: list[float] | None = None, val_samples: dict[int, float] | None = None) -> None:
         row = {
             "mode": self.mode,
             "stage": stage,
@@ -756,6 +769,8 @@ class _Trainer:
             "train_loss": train_loss,
             "val_loss": val_loss,
             "val_loss_per_stage": val_stages,
+            # by validation sample index (JSON keys are strings); sequential mode, since 0.9.2
+            "val_loss_per_sample": None if val_samples is None else {str(i): v for i, v in val_samples.items()},
             "beta": [float(b) for b in self.net.betas.detach().cpu()],
             **({"beta_count_slope": [float(g) for g in self.net.count_slopes.detach().cpu()]}
                if self.net.beta_counts != "none" else {}),
@@ -1107,12 +1122,13 @@ class _SequentialTrainer(_Trainer):
         return loss
 
     @torch.no_grad()
-    def _stage_val_loss(self, stage: int) -> float | None:
-        """The whole-volume stage loss (:func:`stage_loss`) averaged over the validation samples; from
-        the stage terms (one CNN pass per sample) when patch training keeps them."""
+    def _stage_val_losses(self, stage: int) -> dict[int, float] | None:
+        """The whole-volume stage loss (:func:`sample_losses`) of each validation sample, by sample
+        index (every rank's samples, on every rank); from the stage terms (one CNN pass per sample)
+        when patch training keeps them. None without validation samples."""
         if not self.val_idx:
             return None
-        total, n = 0.0, 0
+        local: dict[int, float] = {}
         if self.config.patch_shape is not None:
             st = self.net.stages[stage]
             for i in self._local_val():
@@ -1121,18 +1137,17 @@ class _SequentialTrainer(_Trainer):
                     raise RuntimeError(f"the terms of stage {stage + 1} for validation sample {i} are missing")
                 terms, target, _ = terms_from_payload(payload, self.config.device)
                 scale = payload["loss_scale"].reshape(1) if self.config.loss == "scaled_mse" else None
-                total += float(stage_loss(st.output_on(terms), target, scale))
-                n += 1
-            total, n = self.dist.all_reduce_sum([total, n])
-            return total / n
-        for idx, batch in self._batches(self._local_val()):
-            model = self.factory(batch)
-            x_in = self._stage_inputs(stage, idx, batch, model)
-            out = self.net(x_in, batch.prompts, model, stages=[stage], **_net_inputs(self.net, batch))
-            total += float(stage_loss(out, batch.targets[:, stage], _scales(self.config.loss, batch))) * len(idx)
-            n += len(idx)
-        total, n = self.dist.all_reduce_sum([total, n])
-        return total / n
+                local[i] = float(stage_loss(st.output_on(terms), target, scale))
+        else:
+            for idx, batch in self._batches(self._local_val()):
+                model = self.factory(batch)
+                x_in = self._stage_inputs(stage, idx, batch, model)
+                out = self.net(x_in, batch.prompts, model, stages=[stage], **_net_inputs(self.net, batch))
+                losses = sample_losses(out, batch.targets[:, stage], _scales(self.config.loss, batch))
+                local.update(zip(idx, (float(v) for v in losses)))
+        # each rank fills its own samples' places; the sum over ranks gathers them
+        summed = self.dist.all_reduce_sum([local.get(i, 0.0) for i in self.val_idx])
+        return dict(zip(self.val_idx, summed))
 
     def _run(self) -> bool:
         cfg = self.config
@@ -1152,10 +1167,11 @@ class _SequentialTrainer(_Trainer):
             state = state or _fresh_train_state()
             if state["epoch"] == 0:
                 # the untrained stage is a candidate too (kept if no epoch beats it)
-                val0 = self._stage_val_loss(k)
+                per0 = self._stage_val_losses(k)
+                val0 = _mean(per0)
                 self._early_stopping(state, val0, stage)
                 if not any(r["stage"] == k and r["epoch"] == 0 for r in self.history):
-                    self._log(k, 0, None, val0)
+                    self._log(k, 0, None, val0, val_samples=per0)
             bar = tqdm(range(state["epoch"], cfg.epochs), desc=f"{self.mode} stage {k + 1}/{self.net.num_stages}",
                        initial=state["epoch"], total=cfg.epochs, disable=not (cfg.progress and self.dist.is_main),
                        leave=False)
@@ -1179,14 +1195,15 @@ class _SequentialTrainer(_Trainer):
                     self._emit(TrainEvent("step", self.mode, k, epoch + 1, self.step_count, loss, None, self.net))
                 total, n = self.dist.all_reduce_sum([total, n])
                 stage.eval()
-                val = self._stage_val_loss(k)
+                per = self._stage_val_losses(k)
+                val = _mean(per)
                 stop = self._early_stopping(state, val, stage)
                 state["epoch"] = epoch + 1
                 if stop or state["epoch"] == cfg.epochs:
                     if state["best_state"] is not None:
                         stage.load_state_dict(state["best_state"])
                     state["complete"] = True
-                self._log(k, epoch + 1, total / n, val)
+                self._log(k, epoch + 1, total / n, val, val_samples=per)
                 bar.set_postfix(train=f"{total / n:.4g}", val="-" if val is None else f"{val:.4g}")
                 first_row = next((i for i, r in enumerate(self.history) if r["stage"] == k), len(self.history))
                 self._write_checkpoint(path, "stage_state", stage, opt, state, history_start=first_row, stage=k)

@@ -209,8 +209,15 @@ def test_patch_training_reads_each_sample_once_per_stage_and_validates_on_whole_
         outs = result.net(_initial(val, model), val.prompts, model, return_all=True, **_net_inputs(result.net, val))
     scales = sample_scales(val.targets) if loss == "scaled_mse" else None
     for k in range(2):
-        logged = min(r["val_loss"] for r in result.history if r["stage"] == k)
-        assert logged == pytest.approx(float(stage_loss(outs[k], val.targets[:, k], scales)), rel=1e-5)
+        best = min((r for r in result.history if r["stage"] == k), key=lambda r: r["val_loss"])
+        assert best["val_loss"] == pytest.approx(float(stage_loss(outs[k], val.targets[:, k], scales)), rel=1e-5)
+        # and each validation sample's logged loss is its own stage loss
+        per = best["val_loss_per_sample"]
+        assert sorted(per) == sorted(str(i) for i in result.val_indices)
+        for j, i in enumerate(result.val_indices):
+            own = stage_loss(outs[k][j : j + 1], val.targets[j : j + 1, k], None if scales is None else scales[j : j + 1])
+            assert per[str(i)] == pytest.approx(float(own), rel=1e-5)
+        assert best["val_loss"] == pytest.approx(sum(per.values()) / len(per), rel=1e-12)
 
 
 class _Interrupt(RuntimeError):

@@ -55,6 +55,13 @@ def test_sequential_training_beats_em_only_and_every_stage_improves(problem, tmp
         # the stage's validation loss falls below that of the untrained stage (epoch 0)
         first, best = rows[0]["val_loss"], min(r["val_loss"] for r in rows[1:])
         assert best < first, (k, rows)
+    # each validation sample's logged loss at the kept (best) epoch is that sample's loss through the trained net
+    kept = min((r for r in result.history if r["stage"] == 3), key=lambda r: r["val_loss"])
+    per = kept["val_loss_per_sample"]
+    assert sorted(per) == sorted(str(i) for i in result.val_indices) and len(per) >= 2
+    for i in result.val_indices:
+        assert per[str(i)] == pytest.approx(evaluate(result.net, samples, [i], factory, loss="scaled_mse")[3], rel=1e-5)
+    assert kept["val_loss"] == pytest.approx(sum(per.values()) / len(per), rel=1e-12)
     # only stage k moves while stage k trains: the betas of later stages keep their initial value
     stage0_rows = [r for r in result.history if r["stage"] == 0]
     assert all(b == pytest.approx(0.1) for b in stage0_rows[-1]["beta"][1:])
