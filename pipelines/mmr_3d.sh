@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 3D Siemens mMR study: simulate, train FBSEM-Net sequentially (fully unrolled, K = 21),
+# The 3D Siemens mMR study: simulate, train FBSEM-Net sequentially (fully unrolled, K = 63),
 # evaluate on fresh phantoms. Every step is a sirf-fbsem command; each resumes where it stopped.
 #
 #   bash pipelines/mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry]
@@ -9,29 +9,32 @@
 #   carry: copy the training run's checkpoints into CARRIED, to go on in another session or machine)
 #
 # Setting (docs/studies/mmr_3d.md): mMR span 11 (837 sinograms x 252 views x 344 bins), image
-# 127 x 128 x 128 of 2.03125 x 2.08626 x 2.08626 mm, 7 subsets, K = 21 stages (3 full iterations);
+# 127 x 128 x 128 of 2.03125 x 2.08626 x 2.08626 mm, 7 subsets, K = 63 stages (9 full iterations, chosen
+# on the tuning set by the floor step); 24 training samples, 12 epochs per stage, count-aware betas;
 # count levels 1e6 (a 10-s frame, as the bundled listmode), 3e7 (low) and 3e8 (standard) prompts,
 # cycled by sample index; phantoms MNI152-based and procedural (--phantom mixed).
-# Seeds: training 1001, tuning 2001, confirmation 3001 (disjoint).
-# Sizes and times (2 CPU cores, measured 2026-12-05, sirf_fbsem 0.8.5, K = 42, 24 samples):
-# ~1.3 GB and ~70 s wall per sample (24 in 29 min); training ~4.7 min per stage (setup: the
-# previous stage's outputs and this stage's terms, ~1.5 min; 17 s per epoch of 19 samples),
-# so K = 42 takes about 3.3 h (estimated from the first stages): on a GPU when one is lent,
-# or over several runs, each resuming where the last stopped.
+# Seeds: training 1001, tuning 2001, confirmation 3002 (disjoint; 3001 was the K = 21 model's, seen before
+# K was chosen again). The defaults are the bundled model's study; its K = 21 predecessor (git history) was
+# STAGES=21 TRAIN_SAMPLES=12 EPOCHS=6 CONFIRM_SEED=3001 OSEM_ITERATIONS=8 MAP_ITERATIONS=8
+# BETAS="0.003 0.01 0.03 0.1" BETA_COUNTS=none.
+# Sizes and times (2 CPU cores, measured 2026-12-05, K = 63, 24 samples): ~1.5 GB and ~70 s wall per
+# sample (24 in 25 min, 36 GB); training 4.6-5 min per stage alone (setup: the previous stage's outputs
+# and this stage's terms, ~1.5 min; 17 s per epoch of 19 samples), so K = 63 takes about 5 h: on a GPU
+# when one is lent (pipelines/gpu_mmr3d.sh), or over several runs, each resuming where the last stopped.
 #
 # Settings (environment; defaults: the bundled model's study):
-#   STAGES (21)        K: stages, and noise-free OSEM sub-iterates simulated as targets
-#   TRAIN_SAMPLES (12), TUNE_SAMPLES (4), CONFIRM_SAMPLES (12), EPOCHS (6), LOSS (scaled_mse)
-#   CONFIRM_SEED (3001) a fresh seed for a new configuration's confirmation set, once the old one was seen
+#   STAGES (63)        K: stages, and noise-free OSEM sub-iterates simulated as targets
+#   TRAIN_SAMPLES (24), TUNE_SAMPLES (4), CONFIRM_SAMPLES (12), EPOCHS (12), LOSS (scaled_mse)
+#   CONFIRM_SEED (3002) a fresh seed for a new configuration's confirmation set, once the old one was seen
 #   TRAIN_SEED (0)     train --seed: the network's initial weights, the validation split and the shuffles
 #   BETA_COUNTS (log_linear) train --beta-counts: each stage's beta depends on the data's count level;
 #                      none: one beta per stage (runs begun before sirf_fbsem 0.9 resume only with it: the
-#                      bundled model's and pipelines/carried_runs/mmr3d_k63_seed0)
+#                      K = 21 model's and pipelines/carried_runs/mmr3d_k63_seed0)
 #   DEVICE (cpu)       simulate, train and evaluate on this device (e.g. cuda)
 #   PRELOAD (none)     train --preload: none, cpu or device (hold the samples on the GPU: no reads per stage)
 #   RUN ($WORK/run)    the training run's directory; MODEL ($RUN/model.pt) the model evaluate scores
 #   MNI152_TEMPLATES   simulate --mni152-templates FILE (where nilearn is not installed, e.g. a GPU node)
-#   OSEM_ITERATIONS (8), MAP_ITERATIONS (8), BETAS ("0.003 0.01 0.03 0.1"): the baselines' grids
+#   OSEM_ITERATIONS (16), MAP_ITERATIONS (16), BETAS ("0.0003 0.001 0.003 0.01 0.03 0.1"): the baselines' grids
 #   EVAL_OUT ($WORK/eval) where evaluate writes
 #   SCANNER (Siemens_mMR), SPAN (11), IMAGE_SHAPE (127,128,128): a smaller setting for a dry run
 #   FLOOR_STAGES (112) the floor step's targets per tuning phantom; PYTHON (python3) runs pipelines/targets_floor.py
@@ -45,7 +48,7 @@ set -euo pipefail
 WORK=${1:?usage: mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry]}
 STEP=${2:-all}
 SF=${SIRF_FBSEM:-sirf-fbsem}
-STAGES=${STAGES:-21}
+STAGES=${STAGES:-63}
 DEVICE=${DEVICE:-cpu}
 GEOM=(--scanner "${SCANNER:-Siemens_mMR}" --span "${SPAN:-11}" --image-shape "${IMAGE_SHAPE:-127,128,128}"
       --num-subsets 7 --num-stages "$STAGES")
@@ -53,11 +56,11 @@ COUNTS=(--counts 1e6,3e7,3e8 --phantom mixed)
 # tuning and confirmation at the two levels the evaluation reports (low 3e7, standard 3e8); with
 # --phantom mixed each level gets MNI152-based and procedural heads in equal numbers
 EVAL_COUNTS=(--counts 3e7,3e8 --phantom mixed)
-TRAIN_SAMPLES=${TRAIN_SAMPLES:-12}
+TRAIN_SAMPLES=${TRAIN_SAMPLES:-24}
 TUNE_SAMPLES=${TUNE_SAMPLES:-4}
 CONFIRM_SAMPLES=${CONFIRM_SAMPLES:-12}
-EPOCHS=${EPOCHS:-6}
-CONFIRM_SEED=${CONFIRM_SEED:-3001}
+EPOCHS=${EPOCHS:-12}
+CONFIRM_SEED=${CONFIRM_SEED:-3002}
 PRELOAD=${PRELOAD:-none}
 RUN=${RUN:-$WORK/run}
 EVAL_OUT=${EVAL_OUT:-$WORK/eval}
@@ -65,7 +68,7 @@ TEMPLATES=()
 [ -n "${MNI152_TEMPLATES:-}" ] && TEMPLATES=(--mni152-templates "$MNI152_TEMPLATES")
 # the model evaluate scores (MODEL=test_data/fbsem_mmr_model.pt: the bundled one)
 MODEL=${MODEL:-$RUN/model.pt}
-# the bundled model's run (2026-12-03) was begun with --loss mse (sirf_fbsem 0.4); LOSS=mse resumes it
+# the K = 21 model's first run (2026-12-03) was begun with --loss mse (sirf_fbsem 0.4); LOSS=mse resumes it
 LOSS=${LOSS:-scaled_mse}
 
 simulate_train() {
@@ -93,8 +96,9 @@ train() {
         --device "$DEVICE" --preload "$PRELOAD" "${resume[@]}"
 }
 
-# the grids (2 CPU cores: ~9 s per full iteration of this geometry): 0.03 was the 2D studies' MAP-EM
-# beta at a similar count per voxel (2e5 counts on 128 x 128); edges are flagged in the JSON
+# the grids (2 CPU cores: ~9 s per full iteration of this geometry), widened from the floor step's on the
+# tuning set (evaluate_mmr3d_floor_k112.json: OSEM chose 12 iterations at 3e8, MAP-EM beta 0.01, the top of
+# {0.001, 0.003, 0.01}, at 3e7 and 0.001, the bottom, at 3e8); edges are flagged in the JSON
 evaluate() {
     local resume=()
     # a stopped evaluation carried from another session, unless this one has its own or has finished
@@ -105,8 +109,8 @@ evaluate() {
     fi
     [ -d "$EVAL_OUT/mmr_3d.partial" ] && resume=(--resume)  # a stopped evaluation continues
     $SF evaluate --data "$WORK/confirm" --tune-data "$WORK/tune" --model "FBSEM sequential=$MODEL" \
-        --out "$EVAL_OUT" --name mmr_3d "${resume[@]}" --osem-iterations "${OSEM_ITERATIONS:-8}" \
-        --map-iterations "${MAP_ITERATIONS:-8}" --betas ${BETAS:-0.003 0.01 0.03 0.1} --fwhm-mm 0 2 4 6 8 10 12 \
+        --out "$EVAL_OUT" --name mmr_3d "${resume[@]}" --osem-iterations "${OSEM_ITERATIONS:-16}" \
+        --map-iterations "${MAP_ITERATIONS:-16}" --betas ${BETAS:-0.0003 0.001 0.003 0.01 0.03 0.1} --fwhm-mm 0 2 4 6 8 10 12 \
         --device "$DEVICE" --overwrite
 }
 

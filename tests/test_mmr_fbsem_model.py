@@ -1,5 +1,6 @@
-"""The bundled 3D Siemens mMR model (``test_data/fbsem_mmr_model.pt``): 21 stages trained
-sequentially on simulated mMR brains (docs/studies/mmr_3d.md), used by the main job.
+"""The bundled 3D Siemens mMR model (``test_data/fbsem_mmr_model.pt``): 63 stages trained
+sequentially on simulated mMR brains, with count-aware strengths (docs/studies/mmr_3d.md), used by
+the main job.
 
 - on the bundled simulated listmode scan, FBSEM on the model's grid beats OSEM of as many
   sub-iterations against the truth, with the brain's pattern and mean;
@@ -8,7 +9,7 @@ sequentially on simulated mMR brains (docs/studies/mmr_3d.md), used by the main 
 - scale equivariance with the trained weights: ``a·y`` with ``a·b`` gives ``a`` times the image
   (the first stages, where the start rule acts; every stage is positively homogeneous).
 
-Each FBSEM reconstruction is about a minute or two on 2 CPU cores (21 subset projections on a
+Each FBSEM reconstruction is a few minutes on 2 CPU cores (63 subset projections on a
 127 x 128 x 128 grid at span 11).
 """
 from __future__ import annotations
@@ -58,6 +59,9 @@ def test_the_model_is_the_fully_unrolled_3d_mmr_model(model):
     assert np.all(betas > 0) and np.all(np.abs(betas - init) > 1e-5 * init)
     assert len(set(np.round(betas, 6))) >= net.num_stages - 2
     assert meta["training_data"]["seed"] == 1001
+    # count-aware strengths (beta_k = softplus(rho_k - gamma_k ln(N / 1e7))): every slope learned, positive
+    # (less regularisation at more counts), from 0 at initialisation
+    assert net.beta_counts == "log_linear" and np.all(net.count_slopes.detach().numpy() > 0)
 
 
 def test_fbsem_on_the_bundled_listmode_beats_osem_of_as_many_subiterations(model, bundled):

@@ -188,7 +188,15 @@ def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_lev
     assert len({_flag(c, "--seed") for c in sims.values()}) == 3  # training, tuning, confirmation: disjoint
     assert _flag(sims["train"], "--counts") == "1e6,3e7,3e8"
     assert _flag(sims["tune"], "--counts") == _flag(sims["confirm"], "--counts") == "3e7,3e8"
-    assert all(_flag(c, "--num-stages") == "21" and _flag(c, "--scanner") == "Siemens_mMR" for c in sims.values())
+    # the defaults are the bundled model's study: K = 63, 24 training samples, 12 epochs, a confirmation
+    # seed (3002) that no choice was made on, the baselines' grids widened from the floor step's
+    assert all(_flag(c, "--num-stages") == "63" and _flag(c, "--scanner") == "Siemens_mMR" for c in sims.values())
+    assert (_flag(sims["train"], "--num-samples"), _flag(sims["confirm"], "--seed")) == ("24", "3002")
+    assert _flag(calls[3], "--epochs") == "12"
+    ev_argv = calls[4]
+    assert (_flag(ev_argv, "--osem-iterations"), _flag(ev_argv, "--map-iterations")) == ("16", "16")
+    assert ev_argv[ev_argv.index("--betas") + 1:ev_argv.index("--fwhm-mm")] == ["0.0003", "0.001", "0.003", "0.01",
+                                                                              "0.03", "0.1"]
     # new runs: count-aware betas, training seed 0 unless TRAIN_SEED says otherwise
     assert (_flag(calls[3], "--beta-counts"), _flag(calls[3], "--seed")) == ("log_linear", "0")
     _, again = _run(tmp_path, "train", script=script, env_extra={"TRAIN_SEED": "2", "BETA_COUNTS": "none"})
