@@ -5,7 +5,7 @@
 #  mmr:   test_data/mmr_brain.l.hdr, a simulated Siemens mMR brain scan as PETLINK listmode with its
 #         ECAT8 norm and mu-map: histogram (span 11), randoms from the delayeds, normalisation x
 #         attenuation, FBSEM with the 3D mMR model test_data/fbsem_mmr_model.pt (OSEM 1 x 21 without it)
-#         -> OUT/mmr/recon.nii.gz, OUT/mmr/dicom/, OUT/mmr/recon.png (about 4 min on 2 CPU cores)
+#         -> OUT/mmr/recon.nii.gz, OUT/mmr/dicom/, OUT/mmr/recon.png (about 3.5 min on 2 CPU cores)
 # Usage: bash pipelines/demo.sh [output directory, default out/] [small|mmr|all, default all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
