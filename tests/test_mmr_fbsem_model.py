@@ -7,7 +7,9 @@ the main job.
 - on the real mMR listmode (../shared/data; skipped where absent) the activity lies in the
   patient, as the μ-map shows;
 - scale equivariance with the trained weights: ``a·y`` with ``a·b`` gives ``a`` times the image
-  (the first stages, where the start rule acts; every stage is positively homogeneous).
+  (the first stages, where the start rule acts; every stage is positively homogeneous);
+- the README's 3D figures are this model's scores on a confirmation set disjoint by seed from its
+  tuning and training sets (``pipelines/results/evaluate_mmr3d_k63_counts_seed0.json``).
 
 Each FBSEM reconstruction is a few minutes on 2 CPU cores (63 subset projections on a
 127 x 128 x 128 grid at span 11).
@@ -15,6 +17,7 @@ Each FBSEM reconstruction is a few minutes on 2 CPU cores (63 subset projections
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +110,30 @@ def test_trained_3d_model_is_scale_equivariant(model, bundled, a):
     x, xa = images
     rel = float((xa - a * x).norm() / (a * x).norm())
     assert rel < 1e-2, rel
+
+
+CONFIRMATION = MODEL.parents[1] / "pipelines" / "results" / "evaluate_mmr3d_k63_counts_seed0.json"
+README = MODEL.parents[1] / "README.md"
+
+
+def test_the_readme_quotes_the_bundled_models_confirmation_scores(model):
+    """The README's 3D figures come from one ``evaluate`` run of this very model (its strengths and
+    slopes, as stored in the result) on a confirmation set disjoint by seed from its tuning and training
+    sets, with the baselines tuned on the tuning set."""
+    net, meta = model
+    result = json.loads(CONFIRMATION.read_text())
+    sets = result["phantom_sets"]
+    assert sets["confirmation"] and sets["disjoint_by_seed"] and not sets["unrecorded"]
+    assert sets["scored"]["role"] == "confirmation" and sets["tuning"]["role"] == "tuning"
+    scored, tuning = set(sets["scored"]["seeds"]), set(sets["tuning"]["seeds"])
+    trained = {s for t in sets["training"] for s in t["seeds"]}
+    assert trained == {meta["training_data"]["seed"]} and not (scored & tuning) and not (scored & trained)
+    stored = result["networks"]["FBSEM sequential"]
+    assert stored["num_stages"] == net.num_stages and stored["beta_counts"] == net.beta_counts
+    np.testing.assert_allclose(stored["betas"], net.betas.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(stored["beta_count_slopes"], net.count_slopes.detach().numpy(), rtol=1e-6)
+    readme = README.read_text()
+    for level in ("3e+07", "3e+08"):
+        nrmse = result["summary"][level]["nrmse"]
+        best = min(v for k, v in nrmse.items() if k != "FBSEM sequential")
+        assert f"{nrmse['FBSEM sequential']:.3f}" in readme and f"{best:.3f}" in readme, level
