@@ -539,18 +539,20 @@ def test_targets_floor_reports_the_first_k_below_each_fraction_of_the_best_basel
 
 
 CARRIED_RUNS = REPO / "pipelines" / "carried_runs"
-#: the carried runs and the BETA_COUNTS their documented train command sets (docs/studies/mmr_3d.md)
-CARRIED = [("mmr3d_k63_seed0", "none"), ("mmr3d_k63_counts_seed0", "log_linear")]
+#: the carried runs and the BETA_COUNTS and TRAIN_SEED their documented train command sets (docs/studies/mmr_3d.md)
+CARRIED = [("mmr3d_k63_seed0", "none", 0), ("mmr3d_k63_counts_seed0", "log_linear", 0),
+           ("mmr3d_k63_counts_seed1", "log_linear", 1)]
 
 
-@pytest.mark.parametrize("name, beta_counts", CARRIED, ids=[c[0] for c in CARRIED])
-def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path: Path, name: str, beta_counts: str):
+@pytest.mark.parametrize("name, beta_counts, seed", CARRIED, ids=[c[0] for c in CARRIED])
+def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path: Path, name: str, beta_counts: str,
+                                                                       seed: int):
     """The K = 63 runs carried between sessions (docs/studies/mmr_3d.md, "Still to do"): every
     checkpoint loads with weights_only=True; stages 1..n are there without a gap, each finished one
     with its own loss rows, which join into one history; and the run's settings are those of the
-    train command that ``BETA_COUNTS=... STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK train`` issues
-    (``none`` for the run begun before 0.9, count-unaware), so that the documented command resumes it
-    rather than being refused."""
+    train command that ``BETA_COUNTS=... TRAIN_SEED=... STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK
+    train`` issues (``none`` for the run begun before 0.9, count-unaware), so that the documented command
+    resumes it rather than being refused."""
     from sirf_fbsem.model.io import safe_torch_load
 
     if not (CARRIED_RUNS / name / "checkpoints").is_dir():
@@ -573,13 +575,14 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
     assert [r["stage"] for r in history] == sorted(r["stage"] for r in history)
 
     _, calls = _run(tmp_path, "train", script=REPO / "pipelines" / "mmr_3d.sh",
-                    env_extra={"STAGES": "63", "TRAIN_SAMPLES": "24", "EPOCHS": "12", "BETA_COUNTS": beta_counts})
+                    env_extra={"STAGES": "63", "TRAIN_SAMPLES": "24", "EPOCHS": "12", "BETA_COUNTS": beta_counts,
+                               "TRAIN_SEED": str(seed)})
     (argv,) = calls
     sig = json.loads(signatures.pop())
     cfg, net = sig["config"], sig["network"]
     assert sig["mode"] == _flag(argv, "--mode") and sig["num_samples"] == 24 and net["num_stages"] == 63
     assert cfg["epochs"] == int(_flag(argv, "--epochs")) and cfg["loss"] == _flag(argv, "--loss")
-    assert cfg["seed"] == int(_flag(argv, "--seed")) == 0
+    assert cfg["seed"] == int(_flag(argv, "--seed")) == seed
     assert net.get("beta_counts", "none") == _flag(argv, "--beta-counts") == beta_counts
     assert cfg["validation_fraction"] == float(_flag(argv, "--validation-fraction"))
     assert cfg["patch_shape"] == [int(v) for v in _flag(argv, "--patch-size").split(",")]
