@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,9 +30,10 @@ from sirf_fbsem.model.io import load_model
 from sirf_fbsem.recon.engine import FBSEMUpdate, reconstruct
 from sirf_fbsem.reconstructor import reconstruct_acquisition
 
+from test_docs import REPO
 from test_mmr_main_job import BUNDLED, REAL, _check_against_truth, _mu_mask, _truth_on, needs_real, truncated_real_file
 
-MODEL = Path(__file__).resolve().parents[1] / "test_data" / "fbsem_mmr_model.pt"
+MODEL = REPO / "test_data" / "fbsem_mmr_model.pt"
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,8 @@ def test_trained_3d_model_is_scale_equivariant(model, bundled, a):
     assert rel < 1e-2, rel
 
 
-CONFIRMATION = MODEL.parents[1] / "pipelines" / "results" / "evaluate_mmr3d_k63_counts_seed0.json"
-README = MODEL.parents[1] / "README.md"
+CONFIRMATION = REPO / "pipelines" / "results" / "evaluate_mmr3d_k63_counts_seed0.json"
+README = REPO / "README.md"
 
 
 def test_the_readme_quotes_the_bundled_models_confirmation_scores(model):
