@@ -6,7 +6,8 @@
 #   (simulate_train: the training set only; simulate_eval: the tuning and confirmation sets only;
 #   floor: on the tuning set alone, the iteration-dependent targets' error against the truth at each
 #   stage up to FLOOR_STAGES, beside the best baselines: how many stages K the targets need;
-#   carry: copy the training run's checkpoints into CARRIED, to go on in another session or machine)
+#   carry: copy the training run's checkpoints (and a finished run's model) into CARRIED, to go on in
+#   another session or machine)
 #
 # Setting (docs/studies/mmr_3d.md): mMR span 11 (837 sinograms x 252 views x 344 bins), image
 # 127 x 128 x 128 of 2.03125 x 2.08626 x 2.08626 mm, 7 subsets, K = 63 stages (9 full iterations, chosen
@@ -131,8 +132,9 @@ floor() {
     "${PYTHON:-python3}" "$(dirname "$0")/targets_floor.py" "$EVAL_OUT/floor_k$k.json" --out "$EVAL_OUT/targets_floor_k$k"
 }
 
-# the run's checkpoints (written atomically: a stopped or running run's are whole) into $CARRIED, and a
-# stopped evaluation's partial results (each unit written atomically; a few hundred kB) when there is one
+# the run's checkpoints (written atomically: a stopped or running run's are whole) and, once it has
+# finished, its model.pt and model.json into $CARRIED, and a stopped evaluation's partial results (each
+# unit written atomically; a few hundred kB) when there is one
 carry() {
     : "${CARRIED:?carry: set CARRIED to the folder that keeps the run between sessions}"
     local carried=0
@@ -142,6 +144,13 @@ carry() {
         cp "$RUN"/checkpoints/stage_*.pt "$CARRIED/checkpoints/"
         echo "carried $(ls "$RUN"/checkpoints/stage_*.pt | wc -l) stage checkpoints of $RUN into $CARRIED/checkpoints"
         carried=1
+    fi
+    # a finished run's model, which evaluate scores (MODEL=$CARRIED/model.pt) with no training set at hand
+    if [ -f "$RUN/model.pt" ]; then
+        mkdir -p "$CARRIED"
+        cp "$RUN/model.pt" "$CARRIED/"
+        if [ -f "$RUN/model.json" ]; then cp "$RUN/model.json" "$CARRIED/"; fi
+        echo "carried the finished run's model $RUN/model.pt into $CARRIED"
     fi
     if [ -d "$EVAL_OUT/mmr_3d.partial" ]; then
         mkdir -p "$CARRIED/eval/mmr_3d.partial"

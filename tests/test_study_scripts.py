@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from sirf_fbsem.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -591,6 +592,32 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
     assert net["regulariser_config"]["layers"] == int(_flag(argv, "--layers"))
 
 
+#: the finished carried runs and the model file written from each (the bundled model is training seed 0's)
+CARRIED_MODELS = [("mmr3d_k63_counts_seed0", REPO / "test_data" / "fbsem_mmr_model.pt"),
+                  ("mmr3d_k63_counts_seed1", CARRIED_RUNS / "mmr3d_k63_counts_seed1" / "model.pt")]
+
+
+@pytest.mark.parametrize("name, model", CARRIED_MODELS, ids=[c[0] for c in CARRIED_MODELS])
+def test_a_finished_carried_runs_model_holds_its_checkpoints_weights(name: str, model: Path):
+    """A finished carried run's model file (the bundled model for seed 0; ``carry``'s copy of
+    ``model.pt`` for the others) holds, stage by stage, exactly the weights its stage checkpoints
+    kept (strength, count slope and CNN): the model that is scored is the run that is carried."""
+    from sirf_fbsem.model.io import load_model, safe_torch_load
+
+    ckpts = sorted((CARRIED_RUNS / name / "checkpoints").glob("stage_*.pt"))
+    if not model.exists() or not ckpts:
+        pytest.skip(f"{name}: no finished carried run with its model in this checkout")
+    net, _ = load_model(model)
+    assert len(ckpts) == net.num_stages
+    for k, path in enumerate(ckpts):
+        ck = safe_torch_load(path, "stage checkpoint")
+        assert ck["train_state"]["complete"], path.name
+        kept, scored = ck["stage_state"], net.stages[k].state_dict()
+        assert kept.keys() == scored.keys(), path.name
+        for key in kept:
+            assert torch.equal(kept[key].cpu(), scored[key]), f"{path.name}: {key} differs from {model.name}'s"
+
+
 def test_mmr_3d_carries_a_run_between_sessions(tmp_path: Path):
     """``CARRIED=DIR mmr_3d.sh WORK train`` starts from DIR's checkpoints when WORK's run has none
     (and resumes), leaves a run that has its own alone; ``carry`` copies the run's checkpoints back."""
@@ -608,10 +635,18 @@ def test_mmr_3d_carries_a_run_between_sessions(tmp_path: Path):
     (run / "stage_001.pt").write_bytes(b"new stage")
     proc, calls = _run(tmp_path, "train", script=script, env_extra=env)
     assert "--resume" in calls[0] and (run / "stage_000.pt").read_bytes() == b"newer"  # the run's own kept
+    (run.parent / "model.pt").unlink()  # the stand-in's train wrote one; this run has not finished
     proc, calls = _run(tmp_path, "carry", script=script, env_extra=env)
     assert proc.returncode == 0 and calls == [], proc.stderr
     assert sorted(p.name for p in (carried / "checkpoints").iterdir()) == ["stage_000.pt", "stage_001.pt"]
     assert (carried / "checkpoints" / "stage_000.pt").read_bytes() == b"newer"
+    assert not (carried / "model.pt").exists()  # an unfinished run has no model
+
+    (run.parent / "model.pt").write_bytes(b"finished model")  # the run finished: its model is carried too
+    (run.parent / "model.json").write_text("{}")
+    proc, _ = _run(tmp_path, "carry", script=script, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (carried / "model.pt").read_bytes() == b"finished model" and (carried / "model.json").read_text() == "{}"
 
     proc, _ = _run(tmp_path, "carry", script=script)  # no CARRIED: refused, naming it
     assert proc.returncode != 0 and "CARRIED" in proc.stderr
