@@ -542,7 +542,7 @@ def test_targets_floor_reports_the_first_k_below_each_fraction_of_the_best_basel
 CARRIED_RUNS = REPO / "pipelines" / "carried_runs"
 #: the carried runs and the BETA_COUNTS and TRAIN_SEED their documented train command sets (docs/studies/mmr_3d.md)
 CARRIED = [("mmr3d_k63_seed0", "none", 0), ("mmr3d_k63_counts_seed0", "log_linear", 0),
-           ("mmr3d_k63_counts_seed1", "log_linear", 1)]
+           ("mmr3d_k63_counts_seed1", "log_linear", 1), ("mmr3d_k63_counts_seed2", "log_linear", 2)]
 
 
 @pytest.mark.parametrize("name, beta_counts, seed", CARRIED, ids=[c[0] for c in CARRIED])
@@ -594,7 +594,8 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
 
 #: the finished carried runs and the model file written from each (the bundled model is training seed 0's)
 CARRIED_MODELS = [("mmr3d_k63_counts_seed0", REPO / "test_data" / "fbsem_mmr_model.pt"),
-                  ("mmr3d_k63_counts_seed1", CARRIED_RUNS / "mmr3d_k63_counts_seed1" / "model.pt")]
+                  ("mmr3d_k63_counts_seed1", CARRIED_RUNS / "mmr3d_k63_counts_seed1" / "model.pt"),
+                  ("mmr3d_k63_counts_seed2", CARRIED_RUNS / "mmr3d_k63_counts_seed2" / "model.pt")]
 
 
 @pytest.mark.parametrize("name, model", CARRIED_MODELS, ids=[c[0] for c in CARRIED_MODELS])
