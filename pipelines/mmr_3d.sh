@@ -2,12 +2,13 @@
 # The 3D Siemens mMR study: simulate, train FBSEM-Net sequentially (fully unrolled, K = 63),
 # evaluate on fresh phantoms. Every step is a sirf-fbsem command; each resumes where it stopped.
 #
-#   bash pipelines/mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry]
+#   bash pipelines/mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|export|evaluate|all|floor|carry]
 #   (simulate_train: the training set only; simulate_eval: the tuning and confirmation sets only;
 #   floor: on the tuning set alone, the iteration-dependent targets' error against the truth at each
 #   stage up to FLOOR_STAGES, beside the best baselines: how many stages K the targets need;
-#   carry: copy the training run's checkpoints (and a finished run's model) into CARRIED, to go on in
-#   another session or machine)
+#   export: write a finished run's model file $MODEL from its checkpoints, when train did not (a run
+#   carried to another host; sirf-fbsem export-model); carry: copy the training run's checkpoints and the
+#   training set's manifest into CARRIED, to go on in another session or machine)
 #
 # Setting (docs/studies/mmr_3d.md): mMR span 11 (837 sinograms x 252 views x 344 bins), image
 # 127 x 128 x 128 of 2.03125 x 2.08626 x 2.08626 mm, 7 subsets, K = 63 stages (9 full iterations, chosen
@@ -34,6 +35,8 @@
 #   DEVICE (cpu)       simulate, train and evaluate on this device (e.g. cuda)
 #   PRELOAD (none)     train --preload: none, cpu or device (hold the samples on the GPU: no reads per stage)
 #   RUN ($WORK/run)    the training run's directory; MODEL ($RUN/model.pt) the model evaluate scores
+#   MODELS ($MODEL)    evaluate: several model files (space-separated), one per training seed of the same
+#                      method, scored together (mean and spread over seeds)
 #   MNI152_TEMPLATES   simulate --mni152-templates FILE (where nilearn is not installed, e.g. a GPU node)
 #   OSEM_ITERATIONS (16), MAP_ITERATIONS (16), BETAS ("0.0003 0.001 0.003 0.01 0.03 0.1"): the baselines' grids
 #   EVAL_OUT ($WORK/eval) where evaluate writes
@@ -42,11 +45,12 @@
 #   CARRIED (unset)    a folder holding a run's checkpoints/ kept between sessions (hosts whose files are
 #                      not kept; e.g. pipelines/carried_runs/mmr3d_k63_seed0): train copies them into
 #                      $RUN when $RUN has none and resumes; the carry step copies $RUN's back (the
-#                      stage caches are not carried: train rebuilds them from the checkpoints), and a
+#                      stage caches are not carried: train rebuilds them from the checkpoints) with
+#                      the training set's manifest.json (CARRIED/train: what export reads), and a
 #                      stopped evaluation's $EVAL_OUT/mmr_3d.partial into CARRIED/eval, which evaluate
 #                      copies back and resumes when $EVAL_OUT has neither it nor the finished mmr_3d.json
 set -euo pipefail
-WORK=${1:?usage: mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry]}
+WORK=${1:?usage: mmr_3d.sh WORK_DIR [simulate|simulate_train|simulate_eval|train|export|evaluate|all|floor|carry]}
 STEP=${2:-all}
 SF=${SIRF_FBSEM:-sirf-fbsem}
 STAGES=${STAGES:-63}
@@ -69,6 +73,7 @@ TEMPLATES=()
 [ -n "${MNI152_TEMPLATES:-}" ] && TEMPLATES=(--mni152-templates "$MNI152_TEMPLATES")
 # the model evaluate scores (MODEL=test_data/fbsem_mmr_model.pt: the bundled one)
 MODEL=${MODEL:-$RUN/model.pt}
+MODELS=${MODELS:-$MODEL}
 # the K = 21 model's first run (2026-12-03) was begun with --loss mse (sirf_fbsem 0.4); LOSS=mse resumes it
 LOSS=${LOSS:-scaled_mse}
 
@@ -97,6 +102,18 @@ train() {
         --device "$DEVICE" --preload "$PRELOAD" "${resume[@]}"
 }
 
+# A finished run's model file from its checkpoints (sirf-fbsem export-model): $RUN's, or CARRIED's when
+# $RUN has none; the training set's manifest from $WORK/train, or CARRIED/train when the training set was
+# not simulated on this host. Nothing is done when $MODEL exists (train writes it when the run completes).
+export_model() {
+    if [ -e "$MODEL" ]; then echo "export: $MODEL exists"; return 0; fi
+    local run=$RUN data=$WORK/train
+    if [ ! -d "$RUN/checkpoints" ] && [ -n "${CARRIED:-}" ]; then run=$CARRIED; fi
+    if [ ! -f "$data/manifest.json" ] && [ -n "${CARRIED:-}" ]; then data=$CARRIED/train; fi
+    mkdir -p "$(dirname "$MODEL")"
+    $SF export-model --run "$run" --data "$data" --output "$MODEL"
+}
+
 # the grids (2 CPU cores: ~9 s per full iteration of this geometry), widened from the floor step's on the
 # tuning set (evaluate_mmr3d_floor_k112.json: OSEM chose 12 iterations at 3e8, MAP-EM beta 0.01, the top of
 # {0.001, 0.003, 0.01}, at 3e7 and 0.001, the bottom, at 3e8); edges are flagged in the JSON
@@ -109,7 +126,12 @@ evaluate() {
         cp -r "$CARRIED/eval/mmr_3d.partial" "$EVAL_OUT/"
     fi
     [ -d "$EVAL_OUT/mmr_3d.partial" ] && resume=(--resume)  # a stopped evaluation continues
-    $SF evaluate --data "$WORK/confirm" --tune-data "$WORK/tune" --model "FBSEM sequential=$MODEL" \
+    local models=() m
+    for m in $MODELS; do
+        [ -f "$m" ] || { echo "evaluate: model $m is missing: run the train step (or export, for a carried run) first" >&2; exit 2; }
+        models+=(--model "FBSEM sequential=$m")
+    done
+    $SF evaluate --data "$WORK/confirm" --tune-data "$WORK/tune" "${models[@]}" \
         --out "$EVAL_OUT" --name mmr_3d "${resume[@]}" --osem-iterations "${OSEM_ITERATIONS:-16}" \
         --map-iterations "${MAP_ITERATIONS:-16}" --betas ${BETAS:-0.0003 0.001 0.003 0.01 0.03 0.1} --fwhm-mm 0 2 4 6 8 10 12 \
         --device "$DEVICE" --overwrite
@@ -132,9 +154,10 @@ floor() {
     "${PYTHON:-python3}" "$(dirname "$0")/targets_floor.py" "$EVAL_OUT/floor_k$k.json" --out "$EVAL_OUT/targets_floor_k$k"
 }
 
-# the run's checkpoints (written atomically: a stopped or running run's are whole) and, once it has
-# finished, its model.pt and model.json into $CARRIED, and a stopped evaluation's partial results (each
-# unit written atomically; a few hundred kB) when there is one
+# the run's checkpoints (written atomically: a stopped or running run's are whole) with the training set's
+# manifest (4 kB: the geometry and phantoms export records, so that a finished run's model is written on a
+# host without the training set), and a stopped evaluation's partial results (each unit written
+# atomically; a few hundred kB) when there is one. Not the model file: export writes it from these.
 carry() {
     : "${CARRIED:?carry: set CARRIED to the folder that keeps the run between sessions}"
     local carried=0
@@ -143,14 +166,11 @@ carry() {
         # not initial.pt: train derives it again (the network seeded with --seed)
         cp "$RUN"/checkpoints/stage_*.pt "$CARRIED/checkpoints/"
         echo "carried $(ls "$RUN"/checkpoints/stage_*.pt | wc -l) stage checkpoints of $RUN into $CARRIED/checkpoints"
+        if [ -f "$WORK/train/manifest.json" ]; then
+            mkdir -p "$CARRIED/train"
+            cp "$WORK/train/manifest.json" "$CARRIED/train/"
+        fi
         carried=1
-    fi
-    # a finished run's model, which evaluate scores (MODEL=$CARRIED/model.pt) with no training set at hand
-    if [ -f "$RUN/model.pt" ]; then
-        mkdir -p "$CARRIED"
-        cp "$RUN/model.pt" "$CARRIED/"
-        if [ -f "$RUN/model.json" ]; then cp "$RUN/model.json" "$CARRIED/"; fi
-        echo "carried the finished run's model $RUN/model.pt into $CARRIED"
     fi
     if [ -d "$EVAL_OUT/mmr_3d.partial" ]; then
         mkdir -p "$CARRIED/eval/mmr_3d.partial"
@@ -166,9 +186,10 @@ case "$STEP" in
     simulate_train) simulate_train ;;
     simulate_eval) simulate_eval ;;
     train) train ;;
+    export) export_model ;;
     evaluate) evaluate ;;
     all) simulate_train; simulate_eval; train; evaluate ;;
     floor) floor ;;
     carry) carry ;;
-    *) echo "unknown step $STEP (simulate|simulate_train|simulate_eval|train|evaluate|all|floor|carry)" >&2; exit 2 ;;
+    *) echo "unknown step $STEP (simulate|simulate_train|simulate_eval|train|export|evaluate|all|floor|carry)" >&2; exit 2 ;;
 esac

@@ -9,4 +9,4 @@ Public API (import from the submodules named):
 - :mod:`sirf_fbsem.io`: Interfile, NIfTI, DICOM, listmode.
 - :mod:`sirf_fbsem.samples`: ``Sample`` and ``Batch``, the typed training and evaluation data.
 """
-__version__ = "0.9.2"
+__version__ = "0.10.0"

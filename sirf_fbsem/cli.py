@@ -1,4 +1,4 @@
-"""Command line: ``sirf-fbsem reconstruct | simulate | train | evaluate``.
+"""Command line: ``sirf-fbsem reconstruct | simulate | train | evaluate | export-model``.
 
 Each sub-command maps its flags one to one onto library calls; nothing here computes.
 Under ``torchrun`` (``torchrun --nproc-per-node N -m sirf_fbsem train|reconstruct ...``)
@@ -46,7 +46,7 @@ from .preview import save_montage
 from .projectors.factory import add_backend_argument, check_backend
 from .reconstructor import reconstruct_acquisition
 from .simulation.cli import add_simulate_arguments, run_simulate
-from .training.cli import add_train_arguments, run_train
+from .training.cli import add_export_arguments, add_train_arguments, run_export, run_train
 
 __all__ = ["main", "build_parser", "MAX_ITERATIONS", "in_cli_terms"]
 
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_arguments(sub.add_parser("simulate", help="simulate training data"))
     add_train_arguments(sub.add_parser("train", help="train FBSEM-Net"))
     add_evaluate_arguments(sub.add_parser("evaluate", help="compare OSEM, MAP-EM and FBSEM on held-out phantoms"))
+    add_export_arguments(sub.add_parser("export-model", help="write a training run's model file from its checkpoints"))
     for sp in sub.choices.values():
         sp.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
@@ -517,6 +518,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_train(args)
     if args.command == "evaluate":
         return run_evaluate(args)
+    if args.command == "export-model":
+        return run_export(args)
     raise InputError(f"unknown command {args.command}")
 
 

@@ -28,6 +28,9 @@ from pathlib import Path
 argv = sys.argv[1:]
 with open(LOG, "a") as f:
     f.write(json.dumps(argv) + "\\n")
+if argv[0] == "export-model":
+    Path(argv[argv.index("--output") + 1]).write_bytes(b"exported")
+    sys.exit(0)
 out = Path(argv[argv.index("--out") + 1])
 out.mkdir(parents=True, exist_ok=True)
 if argv[0] == "simulate":
@@ -216,6 +219,24 @@ def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_lev
     (tmp_path / "work" / "eval" / "mmr_3d.partial").mkdir(parents=True)  # a stopped evaluation continues
     proc, calls = _run(tmp_path, "evaluate", script=script, env_extra={"MODEL": bundled})
     assert proc.returncode == 0 and "--resume" in calls[0]
+
+
+def test_mmr_3d_scores_several_training_seeds_together_and_refuses_a_missing_model(tmp_path):
+    """``MODELS="A B C" mmr_3d.sh WORK evaluate``: one ``--model`` per file, all under the same name
+    (evaluate's seed group: mean and spread over the seeds); a missing file is refused, naming it,
+    before evaluate starts."""
+    script = REPO / "pipelines" / "mmr_3d.sh"
+    models = [tmp_path / f"seed{k}.pt" for k in range(3)]
+    for m in models:
+        m.write_bytes(b"model")
+    proc, calls = _run(tmp_path, "evaluate", script=script, env_extra={"MODELS": " ".join(map(str, models))})
+    assert proc.returncode == 0, proc.stderr
+    (ev,) = calls
+    given = [ev[i + 1] for i, a in enumerate(ev) if a == "--model"]
+    assert given == [f"FBSEM sequential={m}" for m in models]
+    models[1].unlink()
+    proc, calls = _run(tmp_path, "evaluate", script=script, env_extra={"MODELS": " ".join(map(str, models))})
+    assert proc.returncode != 0 and calls == [] and f"model {models[1]} is missing" in proc.stderr
 
 
 def test_mmr_3d_floor_step_works_on_the_tuning_phantoms_alone(tmp_path):
@@ -592,36 +613,49 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
     assert net["regulariser_config"]["layers"] == int(_flag(argv, "--layers"))
 
 
-#: the finished carried runs and the model file written from each (the bundled model is training seed 0's)
-CARRIED_MODELS = [("mmr3d_k63_counts_seed0", REPO / "test_data" / "fbsem_mmr_model.pt"),
-                  ("mmr3d_k63_counts_seed1", CARRIED_RUNS / "mmr3d_k63_counts_seed1" / "model.pt"),
-                  ("mmr3d_k63_counts_seed2", CARRIED_RUNS / "mmr3d_k63_counts_seed2" / "model.pt")]
+#: the carried K = 63 runs of the count-aware model, one per training seed (seed 0's model is the bundled one)
+CARRIED_SEEDS = ["mmr3d_k63_counts_seed0", "mmr3d_k63_counts_seed1", "mmr3d_k63_counts_seed2"]
+BUNDLED_MMR_MODEL = REPO / "test_data" / "fbsem_mmr_model.pt"
 
 
-@pytest.mark.parametrize("name, model", CARRIED_MODELS, ids=[c[0] for c in CARRIED_MODELS])
-def test_a_finished_carried_runs_model_holds_its_checkpoints_weights(name: str, model: Path):
-    """A finished carried run's model file (the bundled model for seed 0; ``carry``'s copy of
-    ``model.pt`` for the others) holds, stage by stage, exactly the weights its stage checkpoints
-    kept (strength, count slope and CNN): the model that is scored is the run that is carried."""
+@pytest.mark.parametrize("name", CARRIED_SEEDS)
+def test_a_finished_carried_runs_model_is_exported_from_its_checkpoints_alone(tmp_path: Path, name: str):
+    """``export-model`` writes a finished carried run's model on a host without its training set
+    (the carried checkpoints and training-set manifest, as ``mmr_3d.sh export`` does): stage by stage
+    the weights its checkpoints kept (strength, count slope and CNN); and for training seed 0 the
+    bundled model exactly, weights and metadata (all but the data's path and the export record):
+    the model written from the carried run is the one ``train`` wrote."""
     from sirf_fbsem.model.io import load_model, safe_torch_load
+    from sirf_fbsem.training.export import export_model, read_run_checkpoints
 
-    ckpts = sorted((CARRIED_RUNS / name / "checkpoints").glob("stage_*.pt"))
-    if not model.exists() or not ckpts:
-        pytest.skip(f"{name}: no finished carried run with its model in this checkout")
-    net, _ = load_model(model)
-    assert len(ckpts) == net.num_stages
+    run = CARRIED_RUNS / name
+    if not (run / "checkpoints").is_dir() or not (run / "train" / "manifest.json").is_file():
+        pytest.skip(f"no carried run {name} with its training set's manifest in this checkout")
+    carried = read_run_checkpoints(run)
+    if carried.finished_stages < carried.num_stages:
+        pytest.skip(f"{name}: {carried.finished_stages} of {carried.num_stages} stages trained so far")
+    net, meta = load_model(export_model(run, [run / "train"], tmp_path / "model.pt"))
+    ckpts = sorted((run / "checkpoints").glob("stage_*.pt"))
+    assert len(ckpts) == net.num_stages == 63
     for k, path in enumerate(ckpts):
-        ck = safe_torch_load(path, "stage checkpoint")
-        assert ck["train_state"]["complete"], path.name
-        kept, scored = ck["stage_state"], net.stages[k].state_dict()
+        kept, scored = safe_torch_load(path, "stage checkpoint")["stage_state"], net.stages[k].state_dict()
         assert kept.keys() == scored.keys(), path.name
         for key in kept:
-            assert torch.equal(kept[key].cpu(), scored[key]), f"{path.name}: {key} differs from {model.name}'s"
+            assert torch.equal(kept[key].cpu(), scored[key]), f"{path.name}: {key} differs from the exported model's"
+    assert meta["exported_from"] == {"run": str(run), "stages": 63, "run_stages": 63}
+    if name.endswith("seed0"):
+        ref_net, ref_meta = load_model(BUNDLED_MMR_MODEL)
+        ref = ref_net.state_dict()
+        assert ref.keys() == net.state_dict().keys()
+        assert all(torch.equal(ref[k], v) for k, v in net.state_dict().items())
+        drop = {"data", "exported_from", "sirf_fbsem_version"}
+        assert {k: v for k, v in meta.items() if k not in drop} == {k: v for k, v in ref_meta.items() if k not in drop}
 
 
 def test_mmr_3d_carries_a_run_between_sessions(tmp_path: Path):
     """``CARRIED=DIR mmr_3d.sh WORK train`` starts from DIR's checkpoints when WORK's run has none
-    (and resumes), leaves a run that has its own alone; ``carry`` copies the run's checkpoints back."""
+    (and resumes), leaves a run that has its own alone; ``carry`` copies the run's checkpoints back,
+    with the training set's manifest and without the model file."""
     script = REPO / "pipelines" / "mmr_3d.sh"
     carried = tmp_path / "carried"
     (carried / "checkpoints").mkdir(parents=True)
@@ -637,20 +671,47 @@ def test_mmr_3d_carries_a_run_between_sessions(tmp_path: Path):
     proc, calls = _run(tmp_path, "train", script=script, env_extra=env)
     assert "--resume" in calls[0] and (run / "stage_000.pt").read_bytes() == b"newer"  # the run's own kept
     (run.parent / "model.pt").unlink()  # the stand-in's train wrote one; this run has not finished
+    (tmp_path / "work" / "train").mkdir(parents=True)
+    (tmp_path / "work" / "train" / "manifest.json").write_text('{"seed": 1001}')
     proc, calls = _run(tmp_path, "carry", script=script, env_extra=env)
     assert proc.returncode == 0 and calls == [], proc.stderr
     assert sorted(p.name for p in (carried / "checkpoints").iterdir()) == ["stage_000.pt", "stage_001.pt"]
     assert (carried / "checkpoints" / "stage_000.pt").read_bytes() == b"newer"
-    assert not (carried / "model.pt").exists()  # an unfinished run has no model
-
-    (run.parent / "model.pt").write_bytes(b"finished model")  # the run finished: its model is carried too
-    (run.parent / "model.json").write_text("{}")
+    # the training set's manifest goes with the run (export reads it); the model file never does
+    assert (carried / "train" / "manifest.json").read_text() == '{"seed": 1001}'
+    (run.parent / "model.pt").write_bytes(b"finished model")
     proc, _ = _run(tmp_path, "carry", script=script, env_extra=env)
-    assert proc.returncode == 0, proc.stderr
-    assert (carried / "model.pt").read_bytes() == b"finished model" and (carried / "model.json").read_text() == "{}"
+    assert proc.returncode == 0 and not (carried / "model.pt").exists(), proc.stderr
 
     proc, _ = _run(tmp_path, "carry", script=script)  # no CARRIED: refused, naming it
     assert proc.returncode != 0 and "CARRIED" in proc.stderr
+
+
+def test_mmr_3d_export_writes_a_carried_runs_model_on_a_host_without_the_training_set(tmp_path: Path):
+    """``CARRIED=DIR mmr_3d.sh WORK export``: on a host with neither the run nor the training set,
+    ``export-model`` reads DIR's checkpoints and DIR/train's manifest and writes $RUN/model.pt; with
+    the run and the training set on the host it reads those; an existing model file is left alone
+    (train wrote it), with no command issued."""
+    script = REPO / "pipelines" / "mmr_3d.sh"
+    carried = tmp_path / "carried"
+    env = {"CARRIED": str(carried), "RUN": str(tmp_path / "work" / "run_s1")}
+    proc, calls = _run(tmp_path, "export", script=script, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    (ex,) = calls
+    assert ex[0] == "export-model" and _flag(ex, "--run") == str(carried)
+    assert _flag(ex, "--data") == str(carried / "train")
+    assert _flag(ex, "--output") == str(tmp_path / "work" / "run_s1" / "model.pt")
+    assert (tmp_path / "work" / "run_s1" / "model.pt").read_bytes() == b"exported"
+
+    proc, calls = _run(tmp_path, "export", script=script, env_extra=env)
+    assert proc.returncode == 0 and calls == [] and "exists" in proc.stdout
+    (tmp_path / "work" / "run_s1" / "model.pt").unlink()
+    (tmp_path / "work" / "run_s1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "work" / "train").mkdir(parents=True)
+    (tmp_path / "work" / "train" / "manifest.json").write_text("{}")
+    proc, calls = _run(tmp_path, "export", script=script, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert _flag(calls[0], "--run") == env["RUN"] and _flag(calls[0], "--data") == str(tmp_path / "work" / "train")
 
 
 def test_mmr_3d_carries_a_stopped_evaluation_between_sessions(tmp_path: Path):
@@ -659,7 +720,7 @@ def test_mmr_3d_carries_a_stopped_evaluation_between_sessions(tmp_path: Path):
     over a partial directory of its own nor once the evaluation has finished."""
     script = REPO / "pipelines" / "mmr_3d.sh"
     carried = tmp_path / "carried"
-    env = {"CARRIED": str(carried)}
+    env = {"CARRIED": str(carried), "MODEL": str(REPO / "test_data" / "fbsem_mmr_model.pt")}
     proc, _ = _run(tmp_path, "carry", script=script, env_extra=env)  # nothing to carry: refused, saying so
     assert proc.returncode != 0 and "mmr_3d.partial" in proc.stderr and not carried.exists()
 

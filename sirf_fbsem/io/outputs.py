@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
+import torch
+
 from ..errors import OutputPathError
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "PNG_SOFTWARE",
     "SERIES_MANIFEST",
     "JSON_MARK",
+    "MODEL_MARK",
     "absolute",
     "ownership",
     "check_replaceable",
@@ -51,7 +54,7 @@ __all__ = [
     "check_run_directory",
 ]
 
-OutputKind = Literal["nifti", "interfile_image", "png", "json", "dicom_series"]  # interfile_image: .hv or .hs
+OutputKind = Literal["nifti", "interfile_image", "png", "json", "dicom_series", "model"]  # interfile_image: .hv or .hs
 Ownership = Literal["absent", "ours", "foreign"]
 
 #: NIfTI-1 ``intent_name`` (16 bytes at most) of every NIfTI file the package writes
@@ -64,6 +67,8 @@ PNG_SOFTWARE = "sirf_fbsem"
 SERIES_MANIFEST = "sirf_fbsem_series.json"
 #: ``"written_by"`` value in JSON outputs (reports, summaries, manifests)
 JSON_MARK = "sirf_fbsem"
+#: ``"format"`` entry of every model file the package writes (:data:`sirf_fbsem.model.io.MODEL_FORMAT`)
+MODEL_MARK = "sirf_fbsem.fbsem_net"
 
 #: slack added to size estimates for headers, file-system blocks and temporary copies
 _SPACE_MARGIN_BYTES = 1 << 20
@@ -153,6 +158,26 @@ def _json_is_ours(path: Path) -> bool:
     return isinstance(data, dict) and data.get("written_by") == JSON_MARK
 
 
+def _model_is_ours(path: Path) -> bool:
+    """True for a model file the package wrote (:func:`sirf_fbsem.model.io.save_model`: a
+    weights-only torch file with its ``format`` tag) whose ``.json`` copy beside it is absent or
+    its metadata (a JSON object with ``sirf_fbsem_version``): the two are written, and replaced, together."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a readable torch file, or one with pickled objects: not ours (never replaced)
+        return False
+    if not (isinstance(payload, dict) and payload.get("format") == MODEL_MARK):
+        return False
+    sidecar = path.with_suffix(".json")
+    if not os.path.lexists(sidecar):
+        return True
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return False
+    return sidecar.is_file() and not sidecar.is_symlink() and isinstance(meta, dict) and "sirf_fbsem_version" in meta
+
+
 def dicom_series_files(target: Path) -> list[str] | None:
     """Names of the files of the package's series in ``target`` (manifest included), when the
     directory holds exactly that series and nothing else; ``[]`` for an empty directory; None
@@ -200,13 +225,13 @@ def ownership(path: Path, kind: OutputKind) -> Ownership:
         return "absent"
     if not path.is_file() or path.is_symlink():
         return "foreign"
-    recognise = {"nifti": _nifti_is_ours, "png": _png_is_ours, "json": _json_is_ours}[kind]
+    recognise = {"nifti": _nifti_is_ours, "png": _png_is_ours, "json": _json_is_ours, "model": _model_is_ours}[kind]
     return "ours" if recognise(path) else "foreign"
 
 
 def _describe(kind: OutputKind) -> str:
     return {"nifti": "NIfTI image", "interfile_image": "Interfile image", "png": "PNG", "json": "JSON file",
-            "dicom_series": "DICOM series directory"}[kind]
+            "dicom_series": "DICOM series directory", "model": "model file (.pt)"}[kind]
 
 
 def check_replaceable(output: PlannedOutput, overwrite: bool) -> Ownership:

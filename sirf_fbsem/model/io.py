@@ -91,6 +91,7 @@ from ..geometry import (
     sinogram_geometry_to_dict,
 )
 from ..io.atomic import atomic_path
+from ..io.outputs import MODEL_MARK
 from ..projectors.base import PROJECTION_UNITS
 from .fbsem import BETA_COUNTS, START_RULES, FBSEMNet
 from .regularisers import RegulariserConfig
@@ -108,7 +109,8 @@ __all__ = [
     "METADATA_SCHEMA_VERSION",
 ]
 
-MODEL_FORMAT = "sirf_fbsem.fbsem_net"
+#: the ``format`` entry of a model file (how its writer recognises a file it may replace: io.outputs)
+MODEL_FORMAT = MODEL_MARK
 #: format version written and read (1: sirf_fbsem 0.2.0, no checksums; see :func:`upgrade_model_file`)
 MODEL_FORMAT_VERSION = 2
 #: version of the metadata JSON's layout (its ``schema_version``)

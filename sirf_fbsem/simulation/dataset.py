@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,7 @@ __all__ = [
     "simulate_dataset",
     "simulate_sample",
     "load_manifest",
+    "manifest_start_rule",
     "load_sample",
     "sample_filename",
     "MANIFEST_NAME",
@@ -262,6 +263,16 @@ def load_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def manifest_start_rule(manifest: Mapping[str, Any], directory: str | os.PathLike) -> str:
+    """The start rule a dataset's targets were made with (:attr:`sirf_fbsem.model.fbsem.FBSEMNet.start_rule`),
+    from its manifest's ``initial_image`` (``directory``: named in the error)."""
+    rule = manifest.get("initial_image", "support")
+    if rule not in START_RULE_OF_DATASET:
+        raise DatasetError(f"dataset {str(Path(directory) / MANIFEST_NAME)!r}: unknown initial_image {rule!r}; "
+                           f"expected one of {sorted(START_RULE_OF_DATASET)}")
+    return START_RULE_OF_DATASET[rule]
+
+
 def simulate_dataset(
     out_dir: str | os.PathLike,
     num_samples: int,
@@ -450,11 +461,7 @@ class FBSEMSampleDataset(torch.utils.data.Dataset):
     @property
     def start_rule(self) -> str:
         """The start rule the targets were made with (:attr:`sirf_fbsem.model.fbsem.FBSEMNet.start_rule`)."""
-        rule = self.manifest.get("initial_image", "support")
-        if rule not in START_RULE_OF_DATASET:
-            raise DatasetError(f"dataset {str(self.directory / MANIFEST_NAME)!r}: unknown initial_image {rule!r}; "
-                               f"expected one of {sorted(START_RULE_OF_DATASET)}")
-        return START_RULE_OF_DATASET[rule]
+        return manifest_start_rule(self.manifest, self.directory)
 
     def __len__(self) -> int:
         return len(self.files)

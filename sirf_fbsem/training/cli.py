@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Sequence
 
 import torch
 
@@ -30,12 +29,14 @@ from ..model.fbsem import BETA_COUNTS, FBSEMNet
 from ..model.regularisers import RegulariserConfig
 from ..projectors.base import PROJECTION_UNITS
 from ..projectors.factory import add_backend_argument, check_backend, make_acquisition_model
-from ..simulation.dataset import SHARED_SETTINGS, FBSEMSampleDataset, open_datasets
+from ..simulation.dataset import SHARED_SETTINGS, open_datasets
 from .resident import PRELOAD_CHOICES, ResidentDataset
+from .export import export_model
+from .model_record import model_metadata
 from .stage_targets import IMAGE_UNITS, TARGET_KINDS, StageTargets, TargetRule
 from .trainers import LOSSES, MODES, TrainConfig, train, with_terms_factory
 
-__all__ = ["add_train_arguments", "run_train"]
+__all__ = ["add_train_arguments", "run_train", "add_export_arguments", "run_export"]
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,12 +204,7 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     result = train(
         net, data, args.mode, config, with_terms_factory(base), args.out, resume=resume, distributed=ctx,
         data_signature=None if rule.is_default else rule.as_dict(num_stages),
-        metadata={**rule.as_dict(num_stages),"sinogram_geometry": manifest["sinogram_geometry"], "image_geometry": manifest["image_geometry"],
-                  "data": str(args.data[0]) if len(args.data) == 1 else [str(d) for d in args.data],
-                  "psf_fwhm_mm": manifest.get("psf_fwhm_mm"), "backend": args.backend,
-                  # the phantoms every choice of this run saw (training and validation split), so that
-                  # 'evaluate' can refuse to confirm on them (sirf_fbsem.study_sets)
-                  "training_data": training_data_record(datasets)},
+        metadata=model_metadata([ds.manifest for ds in datasets], args.data, rule, num_stages, args.backend),
     )
     last = next((r for r in reversed(result.history) if r["val_loss"] is not None), None)
     status = "completed" if result.completed else "stopped"
@@ -221,10 +217,26 @@ def _run_train(args: argparse.Namespace, ctx: DistContext, resume: bool, device:
     return 0 if result.completed else 1
 
 
-def training_data_record(datasets: Sequence[FBSEMSampleDataset]) -> dict[str, Any] | list[dict[str, Any]]:
-    """What a model's metadata records of its training phantoms (:mod:`sirf_fbsem.study_sets`): per
-    dataset its base seed, the sample indices used (training and validation) and the counts; one
-    dict for one dataset, a list for several."""
-    records = [{"seed": ds.manifest.get("seed"), "indices": list(range(len(ds))), "counts": ds.manifest.get("counts")}
-               for ds in datasets]
-    return records[0] if len(records) == 1 else records
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``export-model`` flags to ``parser`` (:func:`~sirf_fbsem.training.export.export_model`)."""
+    parser.add_argument("--run", type=Path, required=True, metavar="DIR",
+                        help="the training run's directory (train --out), holding checkpoints/")
+    parser.add_argument("--data", type=Path, nargs="+", required=True, metavar="DIR",
+                        help="the run's training data directories (train --data, in order); only their "
+                        "manifest.json is read: the samples need not be there")
+    parser.add_argument("--output", type=Path, required=True, metavar="FILE.pt",
+                        help="the model file to write (its metadata beside it as FILE.json)")
+    parser.add_argument("--stages", type=bounded_int(1), default=None,
+                        help="sequential runs: export the first N stages (each finished), e.g. while the run "
+                        "trains the later ones (default: every stage; the run must have completed)")
+    parser.add_argument("--backend", choices=["embedded", "sirf"], default="embedded",
+                        help="the projector the run trained with (train --backend), recorded in the metadata")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model file sirf_fbsem wrote at --output")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Write the model of a training run from its checkpoints (``sirf-fbsem export-model``); returns 0."""
+    path = export_model(args.run, args.data, args.output, stages=args.stages, backend=args.backend,
+                        overwrite=args.overwrite)
+    print(f"model written: {path} (and {path.with_suffix('.json').name})")
+    return 0
