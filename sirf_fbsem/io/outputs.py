@@ -163,7 +163,7 @@ def _model_is_ours(path: Path) -> bool:
     weights-only torch file with its ``format`` tag) whose ``.json`` copy beside it is absent or
     its metadata (a JSON object with ``sirf_fbsem_version``): the two are written, and replaced, together."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # no tensor read
     except Exception:  # not a readable torch file, or one with pickled objects: not ours (never replaced)
         return False
     if not (isinstance(payload, dict) and payload.get("format") == MODEL_MARK):
