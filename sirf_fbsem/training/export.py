@@ -11,8 +11,8 @@ The weights are the checkpoints' exactly (for a finished stage, the weights earl
 The metadata is what ``train`` records (:func:`~sirf_fbsem.training.model_record.model_metadata`),
 with two differences: ``train_config`` is rebuilt from the run's signature, which holds every
 setting that defines the run (``progress``, ``keep_cache`` and ``block_shape``, which do not change
-the weights, take their defaults, as does ``warm_start`` outside sequential runs, which ignore it); and ``exported_from`` records the run, the stages exported and
-the stages its network has.
+the weights, take their defaults, as does ``warm_start`` outside sequential runs, which ignore it);
+and ``exported_from`` records the run, the stages exported and the stages its network has.
 """
 from __future__ import annotations
 
