@@ -476,6 +476,17 @@ class FBSEMSampleDataset(torch.utils.data.Dataset):
 SHARED_SETTINGS = ("sinogram_geometry", "image_geometry", "num_subsets", "psf_fwhm_mm")
 
 
+def first_disagreement(manifests: Sequence[Mapping[str, Any]],
+                       same: Sequence[str] = SHARED_SETTINGS) -> tuple[int, str] | None:
+    """The first ``(index, entry)`` where ``manifests[index][entry]`` differs from
+    ``manifests[0][entry]`` for an entry in ``same``; ``None`` when all manifests agree."""
+    for i, m in enumerate(manifests[1:], start=1):
+        for k in same:
+            if m.get(k) != manifests[0].get(k):
+                return i, k
+    return None
+
+
 def open_datasets(directories: Sequence[str | os.PathLike],
                   same: Sequence[str] = SHARED_SETTINGS) -> list[FBSEMSampleDataset]:
     """The datasets of several directories (manifests read, no sample loaded), checked to share the
@@ -483,10 +494,10 @@ def open_datasets(directories: Sequence[str | os.PathLike],
     if not directories:
         raise DatasetError("no dataset directory given")
     datasets = [FBSEMSampleDataset(d) for d in directories]
-    first = datasets[0].manifest
-    for d, ds in zip(directories, datasets):
-        for k in same:
-            if ds.manifest.get(k) != first.get(k):
-                raise DatasetError(f"dataset {str(d)!r} has another {k} ({ds.manifest.get(k)!r}) than "
-                                   f"{str(directories[0])!r} ({first.get(k)!r}); datasets used together must agree")
+    clash = first_disagreement([ds.manifest for ds in datasets], same)
+    if clash is not None:
+        i, k = clash
+        raise DatasetError(f"dataset {str(directories[i])!r} has another {k} ({datasets[i].manifest.get(k)!r}) than "
+                           f"{str(directories[0])!r} ({datasets[0].manifest.get(k)!r}); datasets used together "
+                           f"must agree")
     return datasets

@@ -29,7 +29,7 @@ from ..io.outputs import PlannedOutput, absolute, check_location, check_replacea
 from ..model.fbsem import FBSEMNet
 from ..model.io import safe_torch_load, save_model
 from ..projectors.base import PROJECTION_UNITS
-from ..simulation.dataset import SHARED_SETTINGS, load_manifest, manifest_start_rule
+from ..simulation.dataset import SHARED_SETTINGS, first_disagreement, load_manifest, manifest_start_rule
 from .model_record import model_metadata
 from .stage_targets import TargetRule
 from .trainers import TrainConfig, training_mode
@@ -161,11 +161,11 @@ def _check_data(run: RunCheckpoints, data: Sequence[Path], rule: TargetRule,
         raise ExportError("--data: give the run's training data directories (their manifest.json is read)")
     manifests = [load_manifest(d) for d in data]
     where = [str(Path(d) / "manifest.json") for d in data]
-    for w, m in zip(where[1:], manifests[1:]):
-        for k in (*SHARED_SETTINGS, "num_stages", "initial_image"):
-            if m.get(k) != manifests[0].get(k):
-                raise ExportError(f"--data {w!r} has another {k} than {where[0]!r}; the directories of one run "
-                                  f"share it")
+    clash = first_disagreement(manifests, (*SHARED_SETTINGS, "num_stages", "initial_image"))
+    if clash is not None:
+        i, k = clash
+        raise ExportError(f"--data {where[i]!r} has another {k} than {where[0]!r}; the directories of one run "
+                          f"share it")
     net = run.signature["network"]
     n_files = sum(len(m["files"]) for m in manifests)
     if n_files != int(run.signature["num_samples"]):

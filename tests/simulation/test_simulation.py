@@ -455,6 +455,20 @@ def test_dataset_errors_name_the_file(tmp_path, geom2d, geom3d):
         FBSEMSampleDataset(d, sinogram_geometry=geom3d[0])
 
 
+def test_datasets_read_together_must_share_geometry_subsets_and_psf(tmp_path, geom2d):
+    sino, image = geom2d
+    a, b = tmp_path / "a", tmp_path / "b"
+    simulate_dataset(a, 1, sino, image, _config(), seed=1, progress=False)
+    simulate_dataset(b, 1, sino, image, _config(), seed=2, progress=False)
+    assert [len(ds) for ds in dataset_module.open_datasets([a, b])] == [1, 1]
+    manifest = load_manifest(b)
+    (b / "manifest.json").write_text(json.dumps({**manifest, "num_subsets": manifest["num_subsets"] + 1}))
+    with pytest.raises(DatasetError, match=rf"{b.name}.*num_subsets.*{a.name}"):
+        dataset_module.open_datasets([a, b])
+    assert dataset_module.first_disagreement([load_manifest(a), load_manifest(b)]) == (1, "num_subsets")
+    assert dataset_module.first_disagreement([load_manifest(a), load_manifest(a)]) is None
+
+
 def test_truncated_sample_files_are_refused_when_loaded_and_a_good_one_reads_in_full(tmp_path, geom2d):
     """Samples are memory-mapped: a file cut anywhere is refused by name when loaded (not a crash when a tensor
     is first touched), and the tensors of a whole file equal what was saved."""

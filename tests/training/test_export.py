@@ -124,6 +124,15 @@ def test_runs_and_data_that_cannot_give_the_model_are_refused_naming_them(runs, 
     assert "--data" in err and "2 samples" in err and "trained on 3" in err
     assert _export("--run", str(runs["sequential"]), "--data", str(tmp_path / "none"), "--output", str(out)) == 2
     assert "manifest" in _error(capsys)
+    # two directories that together hold the 3 samples, but not from one simulation setting
+    first, second = tmp_path / "first", tmp_path / "second"
+    for d, files, fwhm in ((first, manifest["files"][:2], manifest["psf_fwhm_mm"]),
+                           (second, manifest["files"][2:], (manifest["psf_fwhm_mm"] or 0.0) + 1.0)):
+        d.mkdir()
+        (d / "manifest.json").write_text(json.dumps({**manifest, "files": files, "psf_fwhm_mm": fwhm}))
+    assert _export("--run", str(runs["sequential"]), "--data", str(first), str(second), "--output", str(out)) == 2
+    err = _error(capsys)
+    assert f"--data {str(second / 'manifest.json')!r}" in err and "another --psf-fwhm" in err
     gap = tmp_path / "gap"
     shutil.copytree(runs["sequential"] / "checkpoints", gap / "checkpoints")
     (gap / "checkpoints" / "stage_000.pt").unlink()
