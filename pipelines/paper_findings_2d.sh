@@ -37,6 +37,8 @@
 # training set, and iteration-dependent and fixed targets on the MNI152 one (findings 1 to 4 for
 # PET+MR); PET-only end-to-end and one shared network on the MNI152 training set (findings 3 and 4).
 set -euo pipefail
+# shellcheck source=pipelines/study_runs.sh
+source "$(dirname "$0")/study_runs.sh"
 WORK=${1:?usage: paper_findings_2d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|all]}
 STEP=${2:-all}
 SF=${SIRF_FBSEM:-sirf-fbsem}
@@ -98,37 +100,6 @@ simulate() {
     $SF simulate --out "$WORK/data/train60_proc" --num-samples 60 --seed 1102 --phantom procedural "${GEOM[@]}" --no-progress
 }
 
-train() {  # train [NAME...]: every configuration, or the ones named
-    local cfg name data args seed out resume known=" "
-    for cfg in "${CONFIGS[@]}"; do known+="${cfg%%|*} "; done
-    for name in "$@"; do
-        [[ "$known" == *" $name "* ]] || { echo "paper_findings_2d.sh train: unknown configuration '$name' (known:$known)" >&2; exit 2; }
-    done
-    for seed in $SEEDS; do
-        for cfg in "${CONFIGS[@]}"; do
-            IFS='|' read -r name data args <<< "$cfg"
-            [ $# -eq 0 ] || [[ " $* " == *" $name "* ]] || continue
-            out="$WORK/runs/${name}_s$seed"
-            [ -f "$out/model.pt" ] && continue
-            resume=()
-            [ -d "$out/checkpoints" ] && resume=(--resume)
-            # shellcheck disable=SC2086  # ARGS are words
-            $SF train --data "$WORK/data/$data" --out "$out" --seed "$seed" "${RECIPE[@]}" $args "${resume[@]}"
-        done
-    done
-}
-
-models() {  # --model NAME=PATH for each run of the configurations named (all of them trained)
-    local name seed model
-    for name in "$@"; do
-        for seed in $SEEDS; do
-            model="$WORK/runs/${name}_s$seed/model.pt"
-            [ -f "$model" ] || { echo "paper_findings_2d.sh: $model is missing: run the train step first" >&2; exit 1; }
-            echo "--model $name=$model"
-        done
-    done
-}
-
 # the tuning runs: baselines' grids searched on the tuning sets (the JSON flags a choice at a grid's edge)
 tune() {
     $SF evaluate --data "$WORK/data/tune_proc" --out "$WORK/results" --name paper_findings_2d_tune_proc \
@@ -186,9 +157,9 @@ confirm() {
 
 case "$STEP" in
     simulate) simulate ;;
-    train) shift 2; train "$@" ;;
+    train) shift 2; train_runs "$@" ;;
     tune) tune ;;
     confirm) confirm ;;
-    all) simulate; train; tune; confirm ;;
+    all) simulate; train_runs; tune; confirm ;;
     *) echo "unknown step $STEP (simulate|train|tune|confirm|all)" >&2; exit 2 ;;
 esac

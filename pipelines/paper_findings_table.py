@@ -119,12 +119,18 @@ def rows(proc: dict[str, Any], mni: dict[str, Any]) -> list[Row]:
     ]
     for name, base in (("seq_osem", "osem_filtered"), ("seq_osem", "map_em"), ("e2e", "map_em"),
                        ("seq_osem_pm", "map_em_bowsher"), ("seq_osem_pm", "osem_filtered")):
-        summary, methods = _level(proc)
-        ci = summary["ratio_intervals"][f"{name}/{base}"]["nrmse"]
-        out.append(Row("against baselines", P, name, base, "nrmse", _mean_std(methods[name], "nrmse"),
-                       _mean_std(methods[base], "nrmse"), ci["estimate"], ci["low"], ci["high"], "a<b",
-                       {"better": "better", "worse": "worse"}.get(ci["verdict"], "inconclusive")))
+        out.append(baseline_row(P, proc, name, base))
     return out
+
+
+def baseline_row(setting: str, result: dict[str, Any], name: str, base: str) -> Row:
+    """A learned method against a tuned baseline in NRMSE, with the verdict ``evaluate`` wrote
+    (``summary.*.ratio_intervals``: better / worse / inconclusive)."""
+    summary, methods = _level(result)
+    ci = summary["ratio_intervals"][f"{name}/{base}"]["nrmse"]
+    return Row("against baselines", setting, name, base, "nrmse", _mean_std(methods[name], "nrmse"),
+               _mean_std(methods[base], "nrmse"), ci["estimate"], ci["low"], ci["high"], "a<b",
+               {"better": "better", "worse": "worse"}.get(ci["verdict"], "inconclusive"))
 
 
 def more_data_rows(result: dict[str, Any]) -> list[Row]:
@@ -149,13 +155,16 @@ def memory_rows(bench: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(table: list[Row], memory: list[dict[str, Any]]) -> str:
+    """The findings' Markdown table, and the measured memory's when ``memory`` has rows."""
     lines = ["| finding | setting | a / b | metric | a (mean ± std over seeds) | b | ratio [95 % CI] | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r.finding} | {r.setting} | {r.a} / {r.b} | {r.metric} | {r.a_mean_std} | {r.b_mean_std} | "
                      f"{r.ratio:.3f} [{r.low:.3f}, {r.high:.3f}] | {r.verdict} |")
-    lines += ["", "| K | sequential, MB | end-to-end, MB | sequential / end-to-end |", "|---:|---:|---:|---:|"]
-    lines += [f"| {m['K']} | {m['sequential_mb']:.0f} | {m['end_to_end_mb']:.0f} | {m['ratio']:.3f} |" for m in memory]
+    if memory:
+        lines += ["", "| K | sequential, MB | end-to-end, MB | sequential / end-to-end |", "|---:|---:|---:|---:|"]
+        lines += [f"| {m['K']} | {m['sequential_mb']:.0f} | {m['end_to_end_mb']:.0f} | {m['ratio']:.3f} |"
+                  for m in memory]
     return "\n".join(lines)
 
 

@@ -183,6 +183,87 @@ def test_paper_findings_trains_named_configurations_and_scores_each_run_once_its
     assert not (results / "paper_findings_2d_k36_e2e_proc.json").exists()
 
 
+SCRIPT_3D = REPO / "pipelines" / "paper_findings_3d.sh"
+
+
+def test_paper_findings_3d_trains_both_schemes_alike_on_disjoint_sets_and_scores_them_once(tmp_path):
+    no_carried = {"CARRIED": str(tmp_path / "none")}  # not the runs carried in this checkout
+    proc, calls = _run(tmp_path, "all", script=SCRIPT_3D, env_extra=no_carried)
+    assert proc.returncode == 0, proc.stderr
+    sims = [c for c in calls if c[0] == "simulate"]
+    trains = [c for c in calls if c[0] == "train"]
+    evals = [c for c in calls if c[0] == "evaluate"]
+    # three sets on three seeds, all 3D (no --2d) with 21 stages of targets
+    assert [Path(_flag(c, "--out")).name for c in sims] == ["train", "tune", "confirm"]
+    assert len({_flag(c, "--seed") for c in sims}) == 3
+    assert all("--2d" not in c and _flag(c, "--num-stages") == "21" for c in sims)
+    # sequential and end-to-end per training seed, on the same data with the same recipe but the mode
+    assert len(trains) == 4 and len({_flag(c, "--out") for c in trains}) == 4
+    assert {_flag(c, "--mode") for c in trains} == {"sequential", "end_to_end"}
+    def but_mode_and_out(argv: list[str]) -> list[str]:
+        drop = {argv.index("--mode"), argv.index("--mode") + 1, argv.index("--out"), argv.index("--out") + 1}
+        return [a for i, a in enumerate(argv) if i not in drop]
+
+    seed0 = [but_mode_and_out(c) for c in trains if _flag(c, "--seed") == "0"]
+    assert len(seed0) == 2 and seed0[0] == seed0[1] and _flag(trains[0], "--dims") == "3"
+    # one tuning run (no models), then one confirmation run of both schemes' runs on the confirmation set
+    tune, confirm = evals
+    assert "--tune-data" not in tune and "--model" not in tune and _flag(tune, "--data").endswith("tune")
+    assert _flag(confirm, "--data").endswith("confirm") and _flag(confirm, "--tune-data").endswith("tune")
+    assert _models(confirm) == {"seq", "e2e"} and confirm.count("--model") == 4
+    # a second run does nothing again
+    proc, calls = _run(tmp_path, "all", script=SCRIPT_3D, env_extra=no_carried)
+    assert proc.returncode == 0, proc.stderr
+    assert not calls
+
+
+def test_paper_findings_3d_carries_runs_between_sessions(tmp_path):
+    carried = tmp_path / "carried"
+    stage = carried / "seq_s0" / "checkpoints" / "stage_001.pt"
+    stage.parent.mkdir(parents=True)
+    stage.write_bytes(b"stage 1")
+    proc, calls = _run(tmp_path, "train", seeds="0", script=SCRIPT_3D, env_extra={"CARRIED": str(carried)})
+    assert proc.returncode == 0, proc.stderr
+    by_out = {Path(_flag(c, "--out")).name: c for c in calls}
+    assert "--resume" in by_out["seq_s0"] and "--resume" not in by_out["e2e_s0"]
+    work_stage = tmp_path / "work" / "runs" / "seq_s0" / "checkpoints" / "stage_001.pt"
+    assert work_stage.read_bytes() == b"stage 1"
+    # carry: each stopped run's stage or joint checkpoints back into CARRIED, in its own folder; not
+    # the initial weights (train derives them from --seed)
+    for run in ("seq_s0", "e2e_s0"):  # the stand-in's train wrote models; these runs have not finished
+        (tmp_path / "work" / "runs" / run / "model.pt").unlink()
+    e2e = tmp_path / "work" / "runs" / "e2e_s0" / "checkpoints"
+    e2e.mkdir(parents=True)
+    (e2e / "checkpoint.pt").write_bytes(b"e2e")
+    (e2e / "initial.pt").write_bytes(b"initial")
+    proc, _ = _run(tmp_path, "carry", seeds="0", script=SCRIPT_3D, env_extra={"CARRIED": str(carried)})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (carried / "e2e_s0" / "checkpoints").iterdir()) == ["checkpoint.pt"]
+    assert (carried / "e2e_s0" / "checkpoints" / "checkpoint.pt").read_bytes() == b"e2e"
+    assert stage.read_bytes() == b"stage 1"
+    # a finished run goes as its model file alone (with its .json), its carried checkpoints dropped
+    seq = tmp_path / "work" / "runs" / "seq_s0"
+    (seq / "model.pt").write_bytes(b"seq model")
+    (seq / "model.json").write_text("{}")
+    proc, _ = _run(tmp_path, "carry", seeds="0", script=SCRIPT_3D, env_extra={"CARRIED": str(carried)})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (carried / "seq_s0").iterdir()) == ["model.json", "model.pt"]
+    assert (carried / "e2e_s0" / "checkpoints" / "checkpoint.pt").is_file()
+    # and on a fresh host train takes it as the run's model, training only the stopped run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    proc, calls = _run(fresh, "train", seeds="0", script=SCRIPT_3D, env_extra={"CARRIED": str(carried)})
+    assert proc.returncode == 0, proc.stderr
+    assert [Path(_flag(c, "--out")).name for c in calls] == ["e2e_s0"] and "--resume" in calls[0]
+    assert (fresh / "work" / "runs" / "seq_s0" / "model.pt").read_bytes() == b"seq model"
+
+
+def test_paper_findings_3d_confirmation_refuses_missing_runs(tmp_path):
+    proc, calls = _run(tmp_path, "confirm", script=SCRIPT_3D)
+    assert proc.returncode != 0 and "model.pt is missing: run the train step first" in proc.stderr
+    assert not calls
+
+
 def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_levels(tmp_path):
     script = REPO / "pipelines" / "mmr_3d.sh"
     proc, calls = _run(tmp_path, "all", script=script)
@@ -345,6 +426,32 @@ def _evaluate_json(seed: int, net: str, net_nrmse: list[float], base_shift: floa
         methods[name] = {"per_sample": rows(values), "seeds": {}, "spread_over_seeds": spread}
     return {"count_levels": {"2e+05": {"sample_indices": [0, 1, 2, 3], "methods": methods}},
             "phantom_sets": {"scored": {"seeds": [seed]}, "confirmation": True}}
+
+
+def test_3d_finding_4_table_applies_the_fixed_rules_to_the_confirmation_run(tmp_path, monkeypatch):
+    t = _pipeline_module("paper_findings_3d_table", monkeypatch)
+    result = _evaluate_json(3200, "seq", [0.20, 0.22, 0.19, 0.21], more_nets={"e2e": [0.21, 0.22, 0.20, 0.21]})
+    ci = lambda est, low, high, verdict="inconclusive": {"estimate": est, "low": low, "high": high, "verdict": verdict}
+    result["summary"] = {"2e+05": {
+        "learned_intervals": {"seq/e2e": {"nrmse": ci(0.98, 0.96, 1.01), "ssim": ci(1.03, 0.99, 1.07)}},
+        "ratio_intervals": {f"{n}/{b}": {"nrmse": ci(0.9, 0.85, 0.95, "better")}
+                            for n in ("seq", "e2e") for b in ("osem_filtered", "map_em")}}}
+    path = tmp_path / "paper_findings_3d.json"
+    path.write_text(json.dumps(result))
+    assert t.main(["--confirm", str(path), "--out", str(tmp_path / "table")]) == 0
+    table = json.loads((tmp_path / "table.json").read_text())["findings"]
+    finding4 = [(r["a"], r["b"], r["metric"], r["verdict"]) for r in table if r["finding"].startswith("4")]
+    # NRMSE inside 1 +- 0.05: reproduced; SSIM's interval crosses 1.05: inconclusive
+    assert finding4 == [("seq", "e2e", "nrmse", "reproduced"), ("seq", "e2e", "ssim", "inconclusive")]
+    assert {(r["a"], r["b"], r["verdict"]) for r in table if r["finding"] == "against baselines"} == {
+        (n, b, "better") for n in ("seq", "e2e") for b in ("osem_filtered", "map_em")}
+    assert (tmp_path / "table.png").stat().st_size > 0
+    # a run scored without a tuning set is no confirmation run: refused
+    result["phantom_sets"]["confirmation"] = False
+    path.write_text(json.dumps(result))
+    with pytest.raises(SystemExit):
+        t.main(["--confirm", str(path), "--out", str(tmp_path / "refused")])
+    assert not (tmp_path / "refused.json").exists()
 
 
 def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeypatch):
@@ -566,20 +673,12 @@ CARRIED = [("mmr3d_k63_seed0", "none", 0), ("mmr3d_k63_counts_seed0", "log_linea
            ("mmr3d_k63_counts_seed1", "log_linear", 1), ("mmr3d_k63_counts_seed2", "log_linear", 2)]
 
 
-@pytest.mark.parametrize("name, beta_counts, seed", CARRIED, ids=[c[0] for c in CARRIED])
-def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path: Path, name: str, beta_counts: str,
-                                                                       seed: int):
-    """The K = 63 runs carried between sessions (docs/studies/mmr_3d.md, "Still to do"): every
-    checkpoint loads with weights_only=True; stages 1..n are there without a gap, each finished one
-    with its own loss rows, which join into one history; and the run's settings are those of the
-    train command that ``BETA_COUNTS=... TRAIN_SEED=... STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK
-    train`` issues (``none`` for the run begun before 0.9, count-unaware), so that the documented command
-    resumes it rather than being refused."""
+def _carried_stages_signature(ckpts: Path) -> dict:
+    """The run signature of a carried sequential run's stage checkpoints, after checking that every
+    one loads with weights_only=True, that stages 1..n are there without a gap, each finished one
+    with its own loss rows, which join into one history, and that they share one signature."""
     from sirf_fbsem.model.io import safe_torch_load
 
-    if not (CARRIED_RUNS / name / "checkpoints").is_dir():
-        pytest.skip(f"no carried training run {name} in this checkout")
-    ckpts = CARRIED_RUNS / name / "checkpoints"
     stages = sorted(ckpts.glob("stage_*.pt"))
     assert stages
     assert [p.name for p in stages] == [f"stage_{k:03d}.pt" for k in range(len(stages))]
@@ -595,12 +694,25 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
             assert ck["train_state"]["complete"], f"{path.name}: a stage before the last one is unfinished"
     assert len(signatures) == 1
     assert [r["stage"] for r in history] == sorted(r["stage"] for r in history)
+    return json.loads(signatures.pop())
 
+
+@pytest.mark.parametrize("name, beta_counts, seed", CARRIED, ids=[c[0] for c in CARRIED])
+def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path: Path, name: str, beta_counts: str,
+                                                                       seed: int):
+    """The K = 63 runs carried between sessions (docs/studies/mmr_3d.md, "Still to do"): every
+    checkpoint loads with weights_only=True; stages 1..n are there without a gap, each finished one
+    with its own loss rows, which join into one history; and the run's settings are those of the
+    train command that ``BETA_COUNTS=... TRAIN_SEED=... STAGES=63 TRAIN_SAMPLES=24 EPOCHS=12 mmr_3d.sh WORK
+    train`` issues (``none`` for the run begun before 0.9, count-unaware), so that the documented command
+    resumes it rather than being refused."""
+    if not (CARRIED_RUNS / name / "checkpoints").is_dir():
+        pytest.skip(f"no carried training run {name} in this checkout")
+    sig = _carried_stages_signature(CARRIED_RUNS / name / "checkpoints")
     _, calls = _run(tmp_path, "train", script=REPO / "pipelines" / "mmr_3d.sh",
                     env_extra={"STAGES": "63", "TRAIN_SAMPLES": "24", "EPOCHS": "12", "BETA_COUNTS": beta_counts,
                                "TRAIN_SEED": str(seed)})
     (argv,) = calls
-    sig = json.loads(signatures.pop())
     cfg, net = sig["config"], sig["network"]
     assert sig["mode"] == _flag(argv, "--mode") and sig["num_samples"] == 24 and net["num_stages"] == 63
     assert cfg["epochs"] == int(_flag(argv, "--epochs")) and cfg["loss"] == _flag(argv, "--loss")
@@ -611,6 +723,41 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
     assert cfg["patches_per_sample"] == int(_flag(argv, "--patches-per-sample"))
     assert net["regulariser_config"]["channels"] == int(_flag(argv, "--channels"))
     assert net["regulariser_config"]["layers"] == int(_flag(argv, "--layers"))
+
+
+def test_the_carried_3d_finding_4_runs_are_whole_and_are_the_runs_the_script_trains(tmp_path: Path):
+    """pipelines/carried_runs/paper_findings_3d: each carried run is the run paper_findings_3d.sh trains
+    under its name (mode, seed, epochs, loss, count rule, CNN), so that the script resumes it or takes
+    its model. A stopped sequential run's stage checkpoints are whole (as above); a stopped end-to-end
+    run's joint checkpoint loads with weights_only=True; a finished run's model file loads (checksums
+    verified) as a 21-stage model on the study's scanner."""
+    from sirf_fbsem.model.io import load_model
+    from sirf_fbsem.training.export import read_run_checkpoints
+
+    root = CARRIED_RUNS / "paper_findings_3d"
+    carried = sorted(p for p in root.glob("*_s*") if (p / "checkpoints").is_dir() or (p / "model.pt").is_file())
+    if not carried:
+        pytest.skip("no carried run of the 3D finding-4 study in this checkout")
+    _, calls = _run(tmp_path, "train", seeds="0 1 2", script=SCRIPT_3D,
+                    env_extra={"CARRIED": str(tmp_path / "none")})
+    commands = {Path(_flag(c, "--out")).name: c for c in calls}
+    for run in carried:
+        argv = commands[run.name]
+        if (run / "model.pt").is_file():
+            assert not (run / "checkpoints").exists(), f"{run.name}: a finished run is carried as its model alone"
+            net, meta = load_model(run / "model.pt")
+            cfg, netcfg, mode = meta["train_config"], meta["network"], meta["training_mode"]
+            assert net.num_stages == 21 and meta["image_geometry"].shape == (15, 47, 47)
+        else:
+            sig = (_carried_stages_signature(run / "checkpoints") if _flag(argv, "--mode") == "sequential"
+                   else read_run_checkpoints(run).signature)  # the joint checkpoint, loaded weights-only
+            cfg, netcfg, mode = sig["config"], sig["network"], sig["mode"]
+        assert mode == _flag(argv, "--mode")
+        assert netcfg["num_stages"] == 21, run.name
+        assert cfg["seed"] == int(_flag(argv, "--seed")) and cfg["epochs"] == int(_flag(argv, "--epochs"))
+        assert cfg["loss"] == _flag(argv, "--loss") and netcfg.get("beta_counts", "none") == _flag(argv, "--beta-counts")
+        assert netcfg["regulariser_config"]["channels"] == int(_flag(argv, "--channels"))
+        assert netcfg["regulariser_config"]["layers"] == int(_flag(argv, "--layers"))
 
 
 #: the carried K = 63 runs of the count-aware model, one per training seed (seed 0's model is the bundled one)

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Finding 4 of the paper (truncated backpropagation does not notably hurt: sequential against
+# end-to-end training at equal K) in 3D, on a scanner small enough for end-to-end 3D training on
+# CPU cores, under the study rules (docs/studies/rules.md): disjoint training / tuning /
+# confirmation phantoms by seed, three training seeds per method, the baselines tuned on the
+# tuning set, the confirmation set scored once. Every step is a sirf-fbsem command; each is
+# skipped when its output exists, and a stopped training run resumes from its checkpoints.
+#
+#   bash pipelines/paper_findings_3d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|carry|all]
+#
+# Why this setting: on the Siemens mMR (span 11, 127 x 128 x 128) one end-to-end step costs about
+# 32 s per stage on 2 CPU cores (pipelines/results/bench_training_memory_mmr3d.json: 255 s at K = 8),
+# so the mMR model's recipe at K = 21 (19 samples x 12 epochs) would take some 40 h per training
+# seed (estimated): that comparison waits for a GPU (docs/studies/paper_findings.md, "Not done yet").
+# Here the whole problem is 3D as on the mMR (oblique segments, 3D CNN, full-volume EM steps in
+# every end-to-end step) at about 1/60 of the mMR image's voxels.
+#
+# Setting: the small test scanner (8 rings, span 3: 5 segments, 47 sinograms x 48 views x 48 bins,
+# not arc-corrected), image 15 x 47 x 47 of 2 x 4 x 4 mm; 3e6 prompts per sample (about 2e5 per image
+# slice, the 2D study's level), 20 % randoms + 20 % scatter, normalisation and attenuation;
+# procedural heads; 3 subsets (16 views each), K = 21 stages (7 full iterations: the mMR study's
+# K = 21, and enough iterations for OSEM's targets to converge); 3D CNN of 16 channels x 5 layers
+# (the bundled mMR model's); 12 epochs (per stage when sequential) on whole images, Adam 1e-3, loss
+# scaled_mse, one beta per stage (one count level); 20 training phantoms of which 4 validate. The
+# recipe is the mMR model's, fixed before these sets were drawn (no choice is made on them but the
+# baselines' grids, on the tuning set).
+# Phantom sets (base seeds; disjoint from every earlier study's): training 1200 (20), tuning 2200 (6),
+# confirmation 3200 (10). Training seeds 0, 1, 2 (split, shuffles and initial weights).
+#
+# carry: copy every finished run's model file, and every stopped run's checkpoints, into CARRIED
+# (pipelines/carried_runs/paper_findings_3d by default), to go on in another session; train takes a
+# carried model as the run's, or copies a run's carried checkpoints back when WORK has none of its
+# own and resumes. The phantom sets are simulated again from their seeds (deterministic).
+set -euo pipefail
+# shellcheck source=pipelines/study_runs.sh
+source "$(dirname "$0")/study_runs.sh"
+WORK=${1:?usage: paper_findings_3d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|carry|all]}
+STEP=${2:-all}
+SF=${SIRF_FBSEM:-sirf-fbsem}
+SEEDS=${SEEDS:-"0 1 2"}
+CARRIED=${CARRIED:-pipelines/carried_runs/paper_findings_3d}
+GEOM=(--scanner small_test --counts 3e6 --phantom procedural --num-subsets 3 --num-stages 21)
+RECIPE=(--dims 3 --channels 16 --layers 5 --epochs 12 --lr 1e-3 --loss scaled_mse --beta-counts none
+        --validation-fraction 0.2 --no-progress)
+GRIDS=(--osem-iterations 16 --map-iterations 16 --fwhm-mm 0 2 4 6 8 10 12 --betas 0.003 0.01 0.03 0.1 0.3 1)
+# training configurations: NAME|DATA|ARGS (DATA: the training set's folder under WORK/data)
+CONFIGS=(
+    "seq|train|--mode sequential"
+    "e2e|train|--mode end_to_end"
+)
+
+simulate() {
+    local role seed n
+    for role in train:1200:20 tune:2200:6 confirm:3200:10; do
+        IFS=: read -r role seed n <<< "$role"
+        [ -f "$WORK/data/$role/manifest.json" ] && continue
+        $SF simulate --out "$WORK/data/$role" --num-samples "$n" --seed "$seed" "${GEOM[@]}" --no-progress
+    done
+}
+
+# every run into CARRIED, each in its own folder: a finished run's model file (model.pt and its .json:
+# all that confirm needs; the run's carried checkpoints, which carry wrote, are dropped), or a stopped
+# run's checkpoints, the stages' (sequential) or the joint one (end-to-end); not initial.pt (train
+# derives it again from --seed) nor the stage caches (train rebuilds them)
+carry() {
+    local run dest f n=0 m=0
+    for run in "$WORK"/runs/*/; do
+        dest="$CARRIED/$(basename "$run")"
+        if [ -f "${run}model.pt" ]; then
+            mkdir -p "$dest"
+            for f in "$run"model.pt "$run"model.json; do
+                if [ -f "$f" ]; then cp "$f" "$dest/"; fi
+            done
+            rm -rf "$dest/checkpoints"
+            m=$((m + 1))
+            continue
+        fi
+        for f in "$run"checkpoints/stage_*.pt "$run"checkpoints/checkpoint.pt; do
+            [ -f "$f" ] || continue
+            mkdir -p "$dest/checkpoints"
+            cp "$f" "$dest/checkpoints/"
+            n=$((n + 1))
+        done
+    done
+    echo "carried $m finished models and $n checkpoints of $WORK/runs into $CARRIED"
+}
+
+# the tuning run: the baselines' grids searched on the tuning set (the JSON flags a choice at a grid's edge)
+tune() {
+    [ -f "$WORK/results/paper_findings_3d_tune.json" ] && return 0
+    $SF evaluate --data "$WORK/data/tune" --out "$WORK/results" --name paper_findings_3d_tune "${GRIDS[@]}" \
+        --no-progress
+}
+
+# the confirmation run: scored once (skipped once its JSON exists), after every choice is frozen
+confirm() {
+    local models_args
+    [ -f "$WORK/results/paper_findings_3d.json" ] && return 0
+    models_args=$(models seq e2e)
+    # shellcheck disable=SC2086  # --model NAME=PATH words
+    $SF evaluate --data "$WORK/data/confirm" --tune-data "$WORK/data/tune" --out "$WORK/results" \
+        --name paper_findings_3d "${GRIDS[@]}" --no-progress $models_args
+}
+
+case "$STEP" in
+    simulate) simulate ;;
+    train) shift 2; train_runs "$@" ;;
+    tune) tune ;;
+    confirm) confirm ;;
+    carry) carry ;;
+    all) simulate; train_runs; tune; confirm ;;
+    *) echo "unknown step $STEP (simulate|train|tune|confirm|carry|all)" >&2; exit 2 ;;
+esac

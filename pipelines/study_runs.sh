@@ -1,0 +1,56 @@
+# Shell functions shared by the findings studies' scripts (sourced by pipelines/paper_findings_2d.sh
+# and pipelines/paper_findings_3d.sh). A study's runs live in $WORK/runs/NAME_sSEED: one per training
+# configuration (CONFIGS: "NAME|DATA|ARGS" entries, DATA the training set's folder under $WORK/data) and
+# training seed in $SEEDS; every run is trained by `$SF train` with the study's RECIPE.
+
+# check_names NAME...: exit 2, naming the known configurations, unless every NAME is one of CONFIGS'
+check_names() {
+    local cfg name known=" "
+    for cfg in "${CONFIGS[@]}"; do known+="${cfg%%|*} "; done
+    for name in "$@"; do
+        [[ "$known" == *" $name "* ]] || { echo "$(basename "$0") train: unknown configuration '$name' (known:$known)" >&2; exit 2; }
+    done
+}
+
+# models NAME...: "--model NAME=PATH" for every training seed's run of the configurations named; exits
+# when one is not trained yet (a confirmation run scores a complete set of runs, once)
+models() {
+    local name seed model
+    for name in "$@"; do
+        for seed in $SEEDS; do
+            model="$WORK/runs/${name}_s$seed/model.pt"
+            [ -f "$model" ] || { echo "$(basename "$0"): $model is missing: run the train step first" >&2; exit 1; }
+            echo "--model $name=$model"
+        done
+    done
+}
+
+# train_runs [NAME...]: train every configuration's runs, or the named ones', skipping finished runs
+# (model.pt) and resuming stopped ones (checkpoints/). When CARRIED is set (runs carried between
+# sessions), a run with no model of its own takes $CARRIED/NAME_sSEED/model.pt (a finished run, with its
+# .json) and is done; one with no checkpoints of its own starts from $CARRIED/NAME_sSEED/checkpoints
+train_runs() {
+    local cfg name data args seed out resume
+    check_names "$@"
+    for seed in $SEEDS; do
+        for cfg in "${CONFIGS[@]}"; do
+            IFS='|' read -r name data args <<< "$cfg"
+            [ $# -eq 0 ] || [[ " $* " == *" $name "* ]] || continue
+            out="$WORK/runs/${name}_s$seed"
+            [ -f "$out/model.pt" ] && continue
+            if [ -n "${CARRIED:-}" ] && [ -f "$CARRIED/${name}_s$seed/model.pt" ]; then
+                mkdir -p "$out"
+                cp "$CARRIED/${name}_s$seed"/model.* "$out/"
+                continue
+            fi
+            if [ -n "${CARRIED:-}" ] && [ ! -d "$out/checkpoints" ] && [ -d "$CARRIED/${name}_s$seed/checkpoints" ]; then
+                mkdir -p "$out/checkpoints"
+                cp "$CARRIED/${name}_s$seed"/checkpoints/*.pt "$out/checkpoints/"
+            fi
+            resume=()
+            [ -d "$out/checkpoints" ] && resume=(--resume)
+            # shellcheck disable=SC2086  # ARGS are words
+            $SF train --data "$WORK/data/$data" --out "$out" --seed "$seed" "${RECIPE[@]}" $args "${resume[@]}"
+        done
+    done
+}
