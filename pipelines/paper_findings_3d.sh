@@ -58,33 +58,6 @@ simulate() {
     done
 }
 
-# every run into CARRIED, each in its own folder: a finished run's model file (model.pt and its .json:
-# all that confirm needs; the run's carried checkpoints, which carry wrote, are dropped), or a stopped
-# run's checkpoints, the stages' (sequential) or the joint one (end-to-end); not initial.pt (train
-# derives it again from --seed) nor the stage caches (train rebuilds them)
-carry() {
-    local run dest f n=0 m=0
-    for run in "$WORK"/runs/*/; do
-        dest="$CARRIED/$(basename "$run")"
-        if [ -f "${run}model.pt" ]; then
-            mkdir -p "$dest"
-            for f in "$run"model.pt "$run"model.json; do
-                if [ -f "$f" ]; then cp "$f" "$dest/"; fi
-            done
-            rm -rf "$dest/checkpoints"
-            m=$((m + 1))
-            continue
-        fi
-        for f in "$run"checkpoints/stage_*.pt "$run"checkpoints/checkpoint.pt; do
-            [ -f "$f" ] || continue
-            mkdir -p "$dest/checkpoints"
-            cp "$f" "$dest/checkpoints/"
-            n=$((n + 1))
-        done
-    done
-    echo "carried $m finished models and $n checkpoints of $WORK/runs into $CARRIED"
-}
-
 # the tuning run: the baselines' grids searched on the tuning set (the JSON flags a choice at a grid's edge)
 tune() {
     [ -f "$WORK/results/paper_findings_3d_tune.json" ] && return 0
@@ -107,7 +80,7 @@ case "$STEP" in
     train) shift 2; train_runs "$@" ;;
     tune) tune ;;
     confirm) confirm ;;
-    carry) carry ;;
+    carry) carry_runs ;;
     all) simulate; train_runs; tune; confirm ;;
     *) echo "unknown step $STEP (simulate|train|tune|confirm|carry|all)" >&2; exit 2 ;;
 esac

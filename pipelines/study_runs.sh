@@ -30,7 +30,7 @@ models() {
 # sessions), a run with no model of its own takes $CARRIED/NAME_sSEED/model.pt (a finished run, with its
 # .json) and is done; one with no checkpoints of its own starts from $CARRIED/NAME_sSEED/checkpoints
 train_runs() {
-    local cfg name data args seed out resume
+    local cfg name data args seed out kept resume
     check_names "$@"
     for seed in $SEEDS; do
         for cfg in "${CONFIGS[@]}"; do
@@ -38,14 +38,15 @@ train_runs() {
             [ $# -eq 0 ] || [[ " $* " == *" $name "* ]] || continue
             out="$WORK/runs/${name}_s$seed"
             [ -f "$out/model.pt" ] && continue
-            if [ -n "${CARRIED:-}" ] && [ -f "$CARRIED/${name}_s$seed/model.pt" ]; then
+            kept="${CARRIED:+$CARRIED/${name}_s$seed}"
+            if [ -n "$kept" ] && [ -f "$kept/model.pt" ]; then
                 mkdir -p "$out"
-                cp "$CARRIED/${name}_s$seed"/model.* "$out/"
+                cp "$kept"/model.* "$out/"
                 continue
             fi
-            if [ -n "${CARRIED:-}" ] && [ ! -d "$out/checkpoints" ] && [ -d "$CARRIED/${name}_s$seed/checkpoints" ]; then
+            if [ -n "$kept" ] && [ ! -d "$out/checkpoints" ] && [ -d "$kept/checkpoints" ]; then
                 mkdir -p "$out/checkpoints"
-                cp "$CARRIED/${name}_s$seed"/checkpoints/*.pt "$out/checkpoints/"
+                cp "$kept"/checkpoints/*.pt "$out/checkpoints/"
             fi
             resume=()
             [ -d "$out/checkpoints" ] && resume=(--resume)
@@ -53,4 +54,32 @@ train_runs() {
             $SF train --data "$WORK/data/$data" --out "$out" --seed "$seed" "${RECIPE[@]}" $args "${resume[@]}"
         done
     done
+}
+
+# carry_runs: every run into $CARRIED, each in its own folder (what train_runs reads back): a finished
+# run's model file (model.pt and its .json: all that a confirmation run needs; the run's carried
+# checkpoints, which carry_runs wrote, are dropped), or a stopped run's checkpoints, the stages'
+# (sequential) or the joint one (end-to-end); not initial.pt (train derives it again from --seed) nor
+# the stage caches (train rebuilds them)
+carry_runs() {
+    local run dest f n=0 m=0
+    for run in "$WORK"/runs/*/; do
+        dest="$CARRIED/$(basename "$run")"
+        if [ -f "${run}model.pt" ]; then
+            mkdir -p "$dest"
+            for f in "$run"model.pt "$run"model.json; do
+                if [ -f "$f" ]; then cp "$f" "$dest/"; fi
+            done
+            rm -rf "$dest/checkpoints"
+            m=$((m + 1))
+            continue
+        fi
+        for f in "$run"checkpoints/stage_*.pt "$run"checkpoints/checkpoint.pt; do
+            [ -f "$f" ] || continue
+            mkdir -p "$dest/checkpoints"
+            cp "$f" "$dest/checkpoints/"
+            n=$((n + 1))
+        done
+    done
+    echo "carried $m finished models and $n checkpoints of $WORK/runs into $CARRIED"
 }
