@@ -42,7 +42,9 @@ CARRIED=${CARRIED:-pipelines/carried_runs/paper_findings_3d}
 GEOM=(--scanner small_test --counts 3e6 --phantom procedural --num-subsets 3 --num-stages 21)
 RECIPE=(--dims 3 --channels 16 --layers 5 --epochs 12 --lr 1e-3 --loss scaled_mse --beta-counts none
         --validation-fraction 0.2 --no-progress)
-GRIDS=(--osem-iterations 16 --map-iterations 16 --fwhm-mm 0 2 4 6 8 10 12 --betas 0.003 0.01 0.03 0.1 0.3 1)
+# the baselines' grids: 48 iterations (144 sub-iterations), widened from 16 because the first tuning run chose the
+# last of 16 iterations for post-filtered OSEM and MAP-EM (docs/studies/rules.md: an edge choice widens the grid)
+GRIDS=(--osem-iterations 48 --map-iterations 48 --fwhm-mm 0 2 4 6 8 10 12 --betas 0.003 0.01 0.03 0.1 0.3 1)
 # training configurations: NAME|DATA|ARGS (DATA: the training set's folder under WORK/data)
 CONFIGS=(
     "seq|train|--mode sequential"
