@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     plot_runs([("procedural confirmation set", [result])],
-              "FBSEM-Net 3D (small test scanner, K = 21): each dot one training seed, bar mean ± std",
+              "FBSEM-Net 3D, small test scanner, K = 21\neach dot one training seed, bar mean ± std",
               args.out.with_suffix(".png"))
     print(markdown(table, []))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")

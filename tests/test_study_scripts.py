@@ -454,6 +454,28 @@ def test_3d_finding_4_table_applies_the_fixed_rules_to_the_confirmation_run(tmp_
     assert not (tmp_path / "refused.json").exists()
 
 
+def test_3d_finding_4_table_is_rebuilt_from_the_recorded_confirmation_run(tmp_path, monkeypatch):
+    """pipelines/results/paper_findings_3d.json follows from the recorded evaluate run it names, and that
+    run scored the confirmation phantoms (seed 3200) of paper_findings_3d.sh once, with the baselines tuned
+    on the tuning phantoms (seed 2200), both disjoint from the training phantoms (seed 1200) of all six
+    runs (two schemes x three training seeds); no baseline's choice sits at its grid's edge."""
+    t = _pipeline_module("paper_findings_3d_table", monkeypatch)
+    recorded = json.loads((REPO / "pipelines" / "results" / "paper_findings_3d.json").read_text())
+    confirm = REPO / recorded["sources"]["confirm"]
+    assert t.main(["--confirm", str(confirm), "--out", str(tmp_path / "table")]) == 0
+    assert json.loads((tmp_path / "table.json").read_text())["findings"] == recorded["findings"]
+    run = json.loads(confirm.read_text())
+    sets = run["phantom_sets"]
+    assert sets["confirmation"] and sets["disjoint_by_seed"]
+    assert (sets["scored"]["seeds"], sets["tuning"]["seeds"]) == ([3200], [2200])
+    assert sorted(s["role"] for s in sets["training"]) == sorted(f"training of {n}@{i}" for n in ("seq", "e2e")
+                                                                for i in (1, 2, 3))
+    assert all(s["seeds"] == [1200] for s in sets["training"])
+    (level,) = run["count_levels"].values()
+    for base in ("osem", "osem_filtered", "map_em"):
+        assert level["methods"][base]["hyperparameters"]["at_grid_edge"] == [], base
+    assert all(level["methods"][n]["spread_over_seeds"]["nrmse"]["num_seeds"] == 3 for n in ("seq", "e2e"))
+
 def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeypatch):
     import pytest
 
