@@ -476,6 +476,7 @@ def test_3d_finding_4_table_is_rebuilt_from_the_recorded_confirmation_run(tmp_pa
         assert level["methods"][base]["hyperparameters"]["at_grid_edge"] == [], base
     assert all(level["methods"][n]["spread_over_seeds"]["nrmse"]["num_seeds"] == 3 for n in ("seq", "e2e"))
 
+
 def test_k36_domain_table_pairs_runs_on_the_same_phantoms_only(tmp_path, monkeypatch):
     import pytest
 
