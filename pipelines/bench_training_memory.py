@@ -18,6 +18,11 @@ One step = forward, backward and Adam update of one sample (batch size 1):
 * ``greedy``: K stages, each on the detached output of the one before, each
   backpropagated as soon as its loss is known.
 
+With ``--block-size Z,Y,X`` every stage's CNN runs block by block under gradient
+checkpointing (the block-wise regulariser, ``FBSEMNet.set_block_shape``; same values and
+gradients as the whole volume), in every mode; the JSON's problem records the blocks and the
+default output name gains ``_blocks``.
+
 Problem (printed and written to the JSON): a 3D image of 64 x 128 x 128 voxels of
 2 mm (z, y, x), a made-up scanner of 32 rings (4 mm) and 128 detectors, span 3 with
 maximum ring difference 1 (63 sinograms), view mashing 2 (32 views), 128
@@ -61,6 +66,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sirf_fbsem.argtypes import voxel_shape  # noqa: E402  (argparse type only: no torch at import)
+
 RESULTS = ROOT / "pipelines" / "results"
 MODES = ("sequential", "end_to_end", "checkpointed", "greedy")
 DEFAULT_STAGES = (1, 2, 4, 8, 16, 32, 60)
@@ -130,10 +139,14 @@ def _geometries(desc: dict):
     return sino, ImageGeometry(tuple(desc["image_shape_zyx"]), tuple(desc["voxel_size_mm"]))
 
 
-def run_worker(mode: str, k: int, device: str, problem: str, dims: int | None, tensor_memory: bool = False) -> dict:
+def run_worker(mode: str, k: int, device: str, problem: str, dims: int | None, tensor_memory: bool = False,
+               block_shape: tuple[int, int, int] | None = None) -> dict:
+    """One training step of ``mode`` at ``K = k`` stages on ``device``; its peak memory (MiB) and wall time (s).
+
+    ``block_shape`` (z, y, x voxels): run the stages' CNNs block by block (the block-wise regulariser).
+    """
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from sirf_fbsem.model import FBSEMNet, RegulariserConfig
     from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
     from sirf_fbsem.samples import Batch
@@ -156,6 +169,8 @@ def run_worker(mode: str, k: int, device: str, problem: str, dims: int | None, t
         prompts = torch.poisson(model.forward(phantom.unsqueeze(0)), generator=torch.Generator(dev).manual_seed(0))
         sens = torch.stack([model.sensitivity(s) for s in range(nsub)], dim=0).unsqueeze(0)
     net = FBSEMNet(k, nsub, RegulariserConfig(**reg)).to(dev)
+    if block_shape is not None:
+        net.set_block_shape(block_shape)
     batch = Batch(prompts=prompts, sensitivity=sens, targets=phantom[None, None].expand(1, k, *phantom.shape))
     cfg = TrainConfig(epochs=1, lr=1e-3, device=device, progress=False)
     opt = torch.optim.Adam(net.parameters() if mode != "sequential" else net.stages[k - 1].parameters(), lr=1e-3)
@@ -185,6 +200,7 @@ def run_worker(mode: str, k: int, device: str, problem: str, dims: int | None, t
         "rss_before_step_mb": round(rss_before, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         "torch_threads": torch.get_num_threads(),
+        "block_shape": list(block_shape) if block_shape is not None else None,
     }
     if tracker is not None:
         peak = tracker.get_tracker_snapshot("peak").get(dev, {})
@@ -234,7 +250,8 @@ def _mem_available_gb() -> float:
 
 
 def run_point(mode: str, k: int, device: str, problem: str, dims: int | None, timeout_s: float,
-              mmap_threshold: int | None = None, tensor_memory: bool = False) -> dict:
+              mmap_threshold: int | None = None, tensor_memory: bool = False,
+              block_shape: tuple[int, int, int] | None = None) -> dict:
     env = dict(os.environ)
     if mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)  # glibc: fixed threshold, no dynamic growth
@@ -244,6 +261,8 @@ def run_point(mode: str, k: int, device: str, problem: str, dims: int | None, ti
         cmd += ["--dims", str(dims)]
     if tensor_memory and device == "cpu":
         cmd.append("--tensor-memory")
+    if block_shape is not None:
+        cmd += ["--block-size", ",".join(map(str, block_shape))]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
@@ -376,6 +395,8 @@ def _title(desc: dict, mmap_threshold: int | None) -> str:
     reg = desc["regulariser"]
     t = (f"one training step (batch 1): image {desc['image_shape_zyx']} (z,y,x), {reg['dims']}D CNN "
          f"{reg['channels']} ch x {reg['layers']} conv, {desc['num_subsets']} subsets")
+    if desc.get("block_shape_zyx"):
+        t += f", CNN in blocks of {'x'.join(map(str, desc['block_shape_zyx']))} voxels (checkpointed)"
     if mmap_threshold is not None:
         t += f"; MALLOC_MMAP_THRESHOLD_={mmap_threshold}"
     return t
@@ -390,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bench3d (default; module docstring), quick, mmr2d (the 2D studies' setting) or mmr3d "
                         "(the bundled 3D mMR model's setting)")
     p.add_argument("--dims", type=int, choices=(2, 3), default=None, help="regulariser dims (default 3)")
+    p.add_argument("--block-size", type=voxel_shape, default=None, metavar="Z,Y,X",
+                   help="run every stage's CNN block by block, blocks of Z,Y,X voxels under checkpointing "
+                        "(the block-wise regulariser); default: whole volumes")
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--max-rss-gb", type=float, default=None,
                    help="skip CPU points predicted above this (default 80%% of MemAvailable at start)")
@@ -410,10 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--quick is --problem quick")
     problem = "quick" if args.quick else (args.problem or "bench3d")
     suffix = {"bench3d": "", "quick": "_quick", "mmr2d": "_mmr2d", "mmr3d": "_mmr3d"}[problem]
+    if args.block_size is not None:
+        suffix += "_blocks"
 
     if args.worker:
         print(json.dumps(run_worker(args.mode, args.stages[0], args.device, problem, args.dims,
-                                    args.tensor_memory)), flush=True)
+                                    args.tensor_memory, args.block_size)), flush=True)
         return 0
 
     if args.replot:
@@ -438,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     desc = problem_description(problem)
     if args.dims is not None:
         desc["regulariser"]["dims"] = args.dims
+    if args.block_size is not None:
+        desc["block_shape_zyx"] = list(args.block_size)
     print("problem:", json.dumps(desc))
     results: list[dict] = []
     meta = {
@@ -479,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                         save()
                         continue
                 res = run_point(mode, k, device, problem, args.dims, args.point_timeout, args.mmap_threshold,
-                                args.tensor_memory)
+                                args.tensor_memory, args.block_size)
                 results.append(res)
                 if res["status"] == "ok":
                     done.append(res)

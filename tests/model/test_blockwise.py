@@ -215,6 +215,26 @@ def test_blockwise_saved_memory_is_bounded_by_the_block():
     assert per_block <= ((layers - 1) * channels + 1) * 4 * crop.numel() + weights
 
 
+def test_memory_benchmark_with_blocks_measures_the_same_step_in_less_tensor_memory():
+    """pipelines/bench_training_memory.py --block-size (the block-wise rows of the 3D mMR memory table):
+    the worker's step with the CNNs in blocks has the whole-volume step's loss, in both modes, and a
+    lower peak of live tensors (MemTracker, where this torch has it) on the benchmark's quick problem."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "pipelines" / "bench_training_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_training_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for mode in ("sequential", "end_to_end"):
+        whole = bench.run_worker(mode, 2, "cpu", "quick", None, tensor_memory=True)
+        blocks = bench.run_worker(mode, 2, "cpu", "quick", None, tensor_memory=True, block_shape=(8, 16, 16))
+        assert whole["block_shape"] is None and blocks["block_shape"] == [8, 16, 16]
+        assert blocks["loss"] == pytest.approx(whole["loss"], rel=1e-5), mode
+        if "tensor_peak_mb" in whole:
+            assert blocks["tensor_peak_mb"] < 0.8 * whole["tensor_peak_mb"], (mode, blocks, whole)
+
+
 # ----------------------------------------------------------------------------- command line
 def test_reconstruct_block_size_gives_the_same_image_and_needs_a_model(tmp_path, capsys):
     from pathlib import Path
