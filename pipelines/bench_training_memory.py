@@ -12,7 +12,8 @@ CUDA the figure is ``torch.cuda.max_memory_allocated`` over the step.
 One step = forward, backward and Adam update of one sample (batch size 1):
 
 * ``sequential``: one step of stage K's training; its input is a cached, detached
-  image (here a stand-in tensor), so the step holds one stage whatever K.
+  image (here a stand-in, 0 where no LOR sees the voxel as a stage's output is), so the
+  step holds one stage whatever K.
 * ``end_to_end``: one graph through K stages, loss on the last output.
 * ``checkpointed``: the same with ``torch.utils.checkpoint`` around every stage.
 * ``greedy``: K stages, each on the detached output of the one before, each
@@ -149,6 +150,7 @@ def run_worker(mode: str, k: int, device: str, problem: str, dims: int | None, t
 
     from sirf_fbsem.model import FBSEMNet, RegulariserConfig
     from sirf_fbsem.projectors.embedded import EmbeddedAcquisitionModel
+    from sirf_fbsem.recon.engine import start_image
     from sirf_fbsem.samples import Batch
     from sirf_fbsem.training import TrainConfig, training_step
 
@@ -174,7 +176,10 @@ def run_worker(mode: str, k: int, device: str, problem: str, dims: int | None, t
     batch = Batch(prompts=prompts, sensitivity=sens, targets=phantom[None, None].expand(1, k, *phantom.shape))
     cfg = TrainConfig(epochs=1, lr=1e-3, device=device, progress=False)
     opt = torch.optim.Adam(net.parameters() if mode != "sequential" else net.stages[k - 1].parameters(), lr=1e-3)
-    cached = (0.5 + body).unsqueeze(0).to(dev)  # stand-in for stage K's cached input
+    # stand-in for stage K's cached input: an image that is 0 where no LOR sees the voxel, as the start
+    # image and every stage's output are (an input that is not costs the step more: the projector's
+    # support crops no longer apply)
+    cached = start_image(model, 0.5 + body).unsqueeze(0)
     # warm-up of the projector kernels (JIT) outside the measured step
     with torch.no_grad():
         model.direct(phantom.unsqueeze(0), 0)

@@ -8,10 +8,10 @@
 #
 #   bash pipelines/paper_findings_3d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|carry|all]
 #
-# Why this setting: on the Siemens mMR (span 11, 127 x 128 x 128) one end-to-end step costs about
-# 32 s per stage on 2 CPU cores (pipelines/results/bench_training_memory_mmr3d.json: 255 s at K = 8),
-# so the mMR model's recipe at K = 21 (19 samples x 12 epochs) would take some 40 h per training
-# seed (estimated): that comparison waits for a GPU (docs/studies/paper_findings.md, "Not done yet").
+# Why this setting: on the Siemens mMR (span 11, 127 x 128 x 128) one end-to-end step at K = 21 takes
+# 162 s on 2 CPU cores (pipelines/results/bench_training_memory_mmr3d.json, 2026-12-07), so the mMR
+# model's recipe at K = 21 (19 samples x 12 epochs) takes about 10 h per training seed (estimated):
+# several sessions per seed (docs/studies/paper_findings.md, "Not done yet").
 # Here the whole problem is 3D as on the mMR (oblique segments, 3D CNN, full-volume EM steps in
 # every end-to-end step) at about 1/60 of the mMR image's voxels.
 #
