@@ -6,7 +6,7 @@
 # tuning set, the confirmation set scored once. Every step is a sirf-fbsem command; each is
 # skipped when its output exists, and a stopped training run resumes from its checkpoints.
 #
-#   bash pipelines/paper_findings_3d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|carry|all]
+#   [SCALE=small|mmr] bash pipelines/paper_findings_3d.sh WORK_DIR [simulate|train [NAME...]|tune|confirm|carry|all]
 #
 # Why this setting: on the Siemens mMR (span 11, 127 x 128 x 128) one end-to-end step at K = 21 takes
 # 162 s on 2 CPU cores (pipelines/results/bench_training_memory_mmr3d.json, 2026-12-07), so the mMR
@@ -27,6 +27,18 @@
 # Phantom sets (base seeds; disjoint from every earlier study's): training 1200 (20), tuning 2200 (6),
 # confirmation 3200 (10). Training seeds 0, 1, 2 (split, shuffles and initial weights).
 #
+# SCALE=mmr: the same comparison in the 3D mMR study's setting (docs/studies/mmr_3d.md): mMR span 11,
+# image 127 x 128 x 128 of the mMR's voxels, 7 subsets, K = 21 (3 full iterations); mixed MNI152-based
+# and procedural heads, training at 1e6/3e7/3e8 prompts and tuning/confirmation at 3e7 and 3e8; the
+# K = 21 mMR model's recipe (12 training samples, 6 epochs; count-aware betas as the bundled model's),
+# on whole images in both schemes (sequential as end-to-end: no patches), every stage's CNN in blocks of
+# 32 x 64 x 64 (the block-wise regulariser: same values, end-to-end at K = 21 in 7.4 GiB instead of 18);
+# the mMR baselines' grids. Sets: training 1300 (12), tuning 2300 (4), confirmation 3300 (12), disjoint
+# from every earlier study's. Time on 2 CPU cores (estimated from measured steps, 2026-12-07): about
+# 2.5 h per end-to-end run (60 steps of 150 s) and 2.3 h per sequential run (21 stages of 60 steps of
+# 5.7 s), so some 15 h for the six runs: several sessions, carried between them (CARRIED default
+# pipelines/carried_runs/paper_findings_mmr3d).
+#
 # carry: copy every finished run's model file, and every stopped run's checkpoints, into CARRIED
 # (pipelines/carried_runs/paper_findings_3d by default), to go on in another session; train takes a
 # carried model as the run's, or copies a run's carried checkpoints back when WORK has none of its
@@ -38,13 +50,36 @@ WORK=${1:?usage: paper_findings_3d.sh WORK_DIR [simulate|train [NAME...]|tune|co
 STEP=${2:-all}
 SF=${SIRF_FBSEM:-sirf-fbsem}
 SEEDS=${SEEDS:-"0 1 2"}
-CARRIED=${CARRIED:-pipelines/carried_runs/paper_findings_3d}
-GEOM=(--scanner small_test --counts 3e6 --phantom procedural --num-subsets 3 --num-stages 21)
-RECIPE=(--dims 3 --channels 16 --layers 5 --epochs 12 --lr 1e-3 --loss scaled_mse --beta-counts none
-        --validation-fraction 0.2 --no-progress)
-# the baselines' grids: 48 iterations (144 sub-iterations), widened from 16 because the first tuning run chose the
-# last of 16 iterations for post-filtered OSEM and MAP-EM (docs/studies/rules.md: an edge choice widens the grid)
-GRIDS=(--osem-iterations 48 --map-iterations 48 --fwhm-mm 0 2 4 6 8 10 12 --betas 0.003 0.01 0.03 0.1 0.3 1)
+SCALE=${SCALE:-small}
+case "$SCALE" in
+    small)
+        STUDY=paper_findings_3d
+        GEOM=(--scanner small_test --num-subsets 3 --num-stages 21)
+        TRAIN_COUNTS=(--counts 3e6 --phantom procedural)
+        EVAL_COUNTS=("${TRAIN_COUNTS[@]}")
+        SETS="train:1200:20 tune:2200:6 confirm:3200:10"
+        RECIPE=(--dims 3 --channels 16 --layers 5 --epochs 12 --lr 1e-3 --loss scaled_mse --beta-counts none
+                --validation-fraction 0.2 --no-progress)
+        # the baselines' grids: 48 iterations (144 sub-iterations), widened from 16 because the first tuning run
+        # chose the last of 16 iterations for post-filtered OSEM and MAP-EM (docs/studies/rules.md: an edge
+        # choice widens the grid)
+        GRIDS=(--osem-iterations 48 --map-iterations 48 --fwhm-mm 0 2 4 6 8 10 12 --betas 0.003 0.01 0.03 0.1 0.3 1)
+        ;;
+    mmr)
+        STUDY=paper_findings_mmr3d
+        GEOM=(--scanner Siemens_mMR --span 11 --image-shape 127,128,128 --num-subsets 7 --num-stages 21)
+        TRAIN_COUNTS=(--counts 1e6,3e7,3e8 --phantom mixed)
+        EVAL_COUNTS=(--counts 3e7,3e8 --phantom mixed)
+        SETS="train:1300:12 tune:2300:4 confirm:3300:12"
+        RECIPE=(--dims 3 --channels 16 --layers 5 --epochs 6 --lr 1e-3 --loss scaled_mse --beta-counts log_linear
+                --validation-fraction 0.2 --block-size 32,64,64 --no-progress)
+        # mmr_3d.sh's grids (widened there from the floor step's on the mMR tuning set)
+        GRIDS=(--osem-iterations 16 --map-iterations 16 --fwhm-mm 0 2 4 6 8 10 12
+               --betas 0.0003 0.001 0.003 0.01 0.03 0.1)
+        ;;
+    *) echo "paper_findings_3d.sh: SCALE must be small or mmr, got '$SCALE'" >&2; exit 2 ;;
+esac
+CARRIED=${CARRIED:-pipelines/carried_runs/$STUDY}
 # training configurations: NAME|DATA|ARGS (DATA: the training set's folder under WORK/data)
 CONFIGS=(
     "seq|train|--mode sequential"
@@ -53,28 +88,31 @@ CONFIGS=(
 
 simulate() {
     local role seed n
-    for role in train:1200:20 tune:2200:6 confirm:3200:10; do
+    local counts=()
+    for role in $SETS; do
         IFS=: read -r role seed n <<< "$role"
         [ -f "$WORK/data/$role/manifest.json" ] && continue
-        $SF simulate --out "$WORK/data/$role" --num-samples "$n" --seed "$seed" "${GEOM[@]}" --no-progress
+        if [ "$role" = train ]; then counts=("${TRAIN_COUNTS[@]}"); else counts=("${EVAL_COUNTS[@]}"); fi
+        $SF simulate --out "$WORK/data/$role" --num-samples "$n" --seed "$seed" "${GEOM[@]}" "${counts[@]}" \
+            --no-progress
     done
 }
 
 # the tuning run: the baselines' grids searched on the tuning set (the JSON flags a choice at a grid's edge)
 tune() {
-    [ -f "$WORK/results/paper_findings_3d_tune.json" ] && return 0
-    $SF evaluate --data "$WORK/data/tune" --out "$WORK/results" --name paper_findings_3d_tune "${GRIDS[@]}" \
+    [ -f "$WORK/results/${STUDY}_tune.json" ] && return 0
+    $SF evaluate --data "$WORK/data/tune" --out "$WORK/results" --name "${STUDY}_tune" "${GRIDS[@]}" \
         --no-progress
 }
 
 # the confirmation run: scored once (skipped once its JSON exists), after every choice is frozen
 confirm() {
     local models_args
-    [ -f "$WORK/results/paper_findings_3d.json" ] && return 0
+    [ -f "$WORK/results/$STUDY.json" ] && return 0
     models_args=$(models seq e2e)
     # shellcheck disable=SC2086  # --model NAME=PATH words
     $SF evaluate --data "$WORK/data/confirm" --tune-data "$WORK/data/tune" --out "$WORK/results" \
-        --name paper_findings_3d "${GRIDS[@]}" --no-progress $models_args
+        --name "$STUDY" "${GRIDS[@]}" --no-progress $models_args
 }
 
 case "$STEP" in

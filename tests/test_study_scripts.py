@@ -264,6 +264,40 @@ def test_paper_findings_3d_confirmation_refuses_missing_runs(tmp_path):
     assert not calls
 
 
+def test_paper_findings_3d_at_the_mmr_scale_trains_both_schemes_alike_in_the_mmr_setting(tmp_path):
+    """SCALE=mmr: finding 4 in the 3D mMR study's setting (span 11, 127 x 128 x 128, 7 subsets, K = 21),
+    training at the mMR study's three count levels and scoring at its two, on sets disjoint from the
+    small-scanner study's, both schemes on whole images with the block-wise CNN, under a study name
+    and a carried-runs folder of their own."""
+    (tmp_path / "small").mkdir()
+    (tmp_path / "carry").mkdir()
+    small_proc, small = _run(tmp_path / "small", "simulate", script=SCRIPT_3D)
+    assert small_proc.returncode == 0, small_proc.stderr
+    mmr = {"SCALE": "mmr", "CARRIED": str(tmp_path / "none")}
+    proc, calls = _run(tmp_path, "all", script=SCRIPT_3D, env_extra=mmr)
+    assert proc.returncode == 0, proc.stderr
+    sims = {Path(_flag(c, "--out")).name: c for c in calls if c[0] == "simulate"}
+    trains = [c for c in calls if c[0] == "train"]
+    tune, confirm = [c for c in calls if c[0] == "evaluate"]
+    assert list(sims) == ["train", "tune", "confirm"]
+    assert not {_flag(c, "--seed") for c in sims.values()} & {_flag(c, "--seed") for c in small}
+    for c in sims.values():
+        assert (_flag(c, "--scanner"), _flag(c, "--span"), _flag(c, "--image-shape")) == ("Siemens_mMR", "11", "127,128,128")
+        assert (_flag(c, "--num-subsets"), _flag(c, "--num-stages"), _flag(c, "--phantom")) == ("7", "21", "mixed")
+    assert _flag(sims["train"], "--counts") == "1e6,3e7,3e8"
+    assert _flag(sims["tune"], "--counts") == _flag(sims["confirm"], "--counts") == "3e7,3e8"
+    assert {_flag(c, "--mode") for c in trains} == {"sequential", "end_to_end"} and len(trains) == 4
+    assert all(_flag(c, "--block-size") == "32,64,64" and "--patch-size" not in c for c in trains)
+    assert _flag(trains[0], "--beta-counts") == "log_linear"
+    assert _flag(tune, "--name") == "paper_findings_mmr3d_tune" and _flag(confirm, "--name") == "paper_findings_mmr3d"
+    assert _models(confirm) == {"seq", "e2e"} and _flag(confirm, "--tune-data").endswith("tune")
+    # the carried runs default to a folder of the mMR study's own
+    proc, _ = _run(tmp_path / "carry", "carry", script=SCRIPT_3D, env_extra={"SCALE": "mmr"})
+    assert proc.returncode == 0 and "carried_runs/paper_findings_mmr3d" in proc.stdout
+    proc, calls = _run(tmp_path, "all", script=SCRIPT_3D, env_extra={"SCALE": "mMR"})
+    assert proc.returncode == 2 and "SCALE must be small or mmr" in proc.stderr and not calls
+
+
 def test_mmr_3d_script_evaluates_a_given_model_on_disjoint_sets_at_two_count_levels(tmp_path):
     script = REPO / "pipelines" / "mmr_3d.sh"
     proc, calls = _run(tmp_path, "all", script=script)
