@@ -91,10 +91,12 @@ simulate() {
     local counts=()
     for role in $SETS; do
         IFS=: read -r role seed n <<< "$role"
-        [ -f "$WORK/data/$role/manifest.json" ] && continue
+        # simulate writes its manifest after every sample and resumes a stopped set; .simulated marks a whole one
+        [ -f "$WORK/data/$role/.simulated" ] && continue
         if [ "$role" = train ]; then counts=("${TRAIN_COUNTS[@]}"); else counts=("${EVAL_COUNTS[@]}"); fi
         $SF simulate --out "$WORK/data/$role" --num-samples "$n" --seed "$seed" "${GEOM[@]}" "${counts[@]}" \
             --no-progress
+        touch "$WORK/data/$role/.simulated"
     done
 }
 

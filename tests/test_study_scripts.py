@@ -215,6 +215,11 @@ def test_paper_findings_3d_trains_both_schemes_alike_on_disjoint_sets_and_scores
     proc, calls = _run(tmp_path, "all", script=SCRIPT_3D, env_extra=no_carried)
     assert proc.returncode == 0, proc.stderr
     assert not calls
+    # a set whose simulation stopped part-way (its manifest is written after every sample) is simulated
+    # again, which resumes it
+    (tmp_path / "work" / "data" / "tune" / ".simulated").unlink()
+    proc, calls = _run(tmp_path, "simulate", script=SCRIPT_3D, env_extra=no_carried)
+    assert proc.returncode == 0 and [Path(_flag(c, "--out")).name for c in calls] == ["tune"]
 
 
 def test_paper_findings_3d_carries_runs_between_sessions(tmp_path):
