@@ -177,8 +177,8 @@ def run_worker(mode: str, k: int, device: str, problem: str, dims: int | None, t
     cfg = TrainConfig(epochs=1, lr=1e-3, device=device, progress=False)
     opt = torch.optim.Adam(net.parameters() if mode != "sequential" else net.stages[k - 1].parameters(), lr=1e-3)
     # stand-in for stage K's cached input: an image that is 0 where no LOR sees the voxel, as the start
-    # image and every stage's output are (an input that is not costs the step more: the projector's
-    # support crops no longer apply)
+    # image and every stage's output are (one that is not took the mmr3d step from 1379 to 1823 MiB of
+    # tensors, measured 2026-12-07; the cause was not traced)
     cached = start_image(model, 0.5 + body).unsqueeze(0)
     # warm-up of the projector kernels (JIT) outside the measured step
     with torch.no_grad():
