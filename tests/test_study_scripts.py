@@ -788,21 +788,24 @@ def test_the_carried_mmr3d_run_is_whole_and_is_the_run_mmr_3d_sh_trains(tmp_path
     assert net["regulariser_config"]["layers"] == int(_flag(argv, "--layers"))
 
 
-def test_the_carried_3d_finding_4_runs_are_whole_and_are_the_runs_the_script_trains(tmp_path: Path):
-    """pipelines/carried_runs/paper_findings_3d: each carried run is the run paper_findings_3d.sh trains
-    under its name (mode, seed, epochs, loss, count rule, CNN), so that the script resumes it or takes
-    its model. A stopped sequential run's stage checkpoints are whole (as above); a stopped end-to-end
-    run's joint checkpoint loads with weights_only=True; a finished run's model file loads (checksums
-    verified) as a 21-stage model on the study's scanner."""
+@pytest.mark.parametrize("study, scale, image_shape", [("paper_findings_3d", "small", (15, 47, 47)),
+                                                     ("paper_findings_mmr3d", "mmr", (127, 128, 128))])
+def test_the_carried_3d_finding_4_runs_are_whole_and_are_the_runs_the_script_trains(tmp_path: Path, study: str,
+                                                                                   scale: str, image_shape):
+    """pipelines/carried_runs/paper_findings_3d (and paper_findings_mmr3d, SCALE=mmr): each carried run is
+    the run paper_findings_3d.sh trains under its name (mode, seed, epochs, loss, count rule, CNN), so
+    that the script resumes it or takes its model. A stopped sequential run's stage checkpoints are whole
+    (as above); a stopped end-to-end run's joint checkpoint loads with weights_only=True; a finished run's
+    model file loads (checksums verified) as a 21-stage model on the study's image grid."""
     from sirf_fbsem.model.io import load_model
     from sirf_fbsem.training.export import read_run_checkpoints
 
-    root = CARRIED_RUNS / "paper_findings_3d"
+    root = CARRIED_RUNS / study
     carried = sorted(p for p in root.glob("*_s*") if (p / "checkpoints").is_dir() or (p / "model.pt").is_file())
     if not carried:
-        pytest.skip("no carried run of the 3D finding-4 study in this checkout")
+        pytest.skip(f"no carried run of the {study} study in this checkout")
     _, calls = _run(tmp_path, "train", seeds="0 1 2", script=SCRIPT_3D,
-                    env_extra={"CARRIED": str(tmp_path / "none")})
+                    env_extra={"CARRIED": str(tmp_path / "none"), "SCALE": scale})
     commands = {Path(_flag(c, "--out")).name: c for c in calls}
     for run in carried:
         argv = commands[run.name]
@@ -810,7 +813,7 @@ def test_the_carried_3d_finding_4_runs_are_whole_and_are_the_runs_the_script_tra
             assert not (run / "checkpoints").exists(), f"{run.name}: a finished run is carried as its model alone"
             net, meta = load_model(run / "model.pt")
             cfg, netcfg, mode = meta["train_config"], meta["network"], meta["training_mode"]
-            assert net.num_stages == 21 and meta["image_geometry"].shape == (15, 47, 47)
+            assert net.num_stages == 21 and meta["image_geometry"].shape == image_shape
         else:
             sig = (_carried_stages_signature(run / "checkpoints") if _flag(argv, "--mode") == "sequential"
                    else read_run_checkpoints(run).signature)  # the joint checkpoint, loaded weights-only
