@@ -43,12 +43,21 @@ class Row:
 
 
 def _level(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    (key, summary), = result["summary"].items()  # one count level per study
+    (key, summary), = result["summary"].items()  # one count level: a study's, or an at_level view
     return summary, result["count_levels"][key]["methods"]
 
 
+def at_level(result: dict[str, Any], key: str) -> dict[str, Any]:
+    """``result`` with only count level ``key`` (a key of ``count_levels``, e.g. ``"3e+07"``) in its
+    ``count_levels`` and ``summary``: the one-level view every function here reads."""
+    if key not in result["count_levels"]:
+        raise KeyError(f"no count level {key!r}; the JSON has {sorted(result['count_levels'])}")
+    return {**result, "count_levels": {key: result["count_levels"][key]},
+            "summary": {key: result["summary"][key]} if "summary" in result else {}}
+
+
 def count_level(result: dict[str, Any]) -> dict[str, Any]:
-    """The one count level of an ``evaluate`` JSON (every study here has one); ValueError otherwise."""
+    """The one count level of an ``evaluate`` JSON (or of its ``at_level`` view); ValueError otherwise."""
     levels = result["count_levels"]
     if len(levels) != 1:
         raise ValueError(f"expected one count level, got {sorted(levels)}")

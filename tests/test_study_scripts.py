@@ -494,6 +494,35 @@ def test_3d_finding_4_table_applies_the_fixed_rules_to_the_confirmation_run(tmp_
     assert not (tmp_path / "refused.json").exists()
 
 
+def test_3d_finding_4_table_at_the_mmr_scale_gives_every_count_level_its_rows(tmp_path, monkeypatch):
+    """SCALE=mmr scores two count levels (3e7 and 3e8): each gets finding 4's rows and the baselines' rows,
+    read from its own level of the JSON and named by its counts; the figure has one panel per level."""
+    t = _pipeline_module("paper_findings_3d_table", monkeypatch)
+    result = _evaluate_json(3300, "seq", [0.20, 0.22, 0.19, 0.21], more_nets={"e2e": [0.21, 0.22, 0.20, 0.21]})
+    (level,) = result["count_levels"].values()
+    result["count_levels"] = {"3e+07": level, "3e+08": level}
+    ci = lambda est, low, high, verdict="inconclusive": {"estimate": est, "low": low, "high": high, "verdict": verdict}
+    result["summary"] = {key: {
+        "learned_intervals": {"seq/e2e": {"nrmse": ci(est, est - 0.01, est + 0.01), "ssim": ci(1.0, 0.99, 1.01)}},
+        "ratio_intervals": {f"{n}/{b}": {"nrmse": ci(0.9, 0.85, 0.95, "better")}
+                            for n in ("seq", "e2e") for b in ("osem_filtered", "map_em")}}
+        for key, est in (("3e+07", 0.98), ("3e+08", 1.10))}
+    path = tmp_path / "paper_findings_mmr3d.json"
+    path.write_text(json.dumps(result))
+    assert t.main(["--scale", "mmr", "--confirm", str(path), "--out", str(tmp_path / "table")]) == 0
+    out = json.loads((tmp_path / "table.json").read_text())
+    assert out["setting"].startswith("3D Siemens mMR span 11") and "3e7 and 3e8 prompts" in out["setting"]
+    finding4 = [(r["setting"].split(", ")[1], r["metric"], r["verdict"]) for r in out["findings"]
+                if r["finding"].startswith("4")]
+    # 3e7: ratio 0.98 [0.97, 0.99] inside 1 +- 0.05; 3e8: 1.10 [1.09, 1.11] clear of it
+    assert finding4 == [("3e7 prompts", "nrmse", "reproduced"), ("3e7 prompts", "ssim", "reproduced"),
+                        ("3e8 prompts", "nrmse", "not reproduced"), ("3e8 prompts", "ssim", "reproduced")]
+    assert sum(r["finding"] == "against baselines" for r in out["findings"]) == 8
+    with pytest.raises(KeyError, match="3e\\+09"):
+        t.at_level(result, "3e+09")
+    assert (tmp_path / "table.png").stat().st_size > 0
+
+
 def test_3d_finding_4_table_is_rebuilt_from_the_recorded_confirmation_run(tmp_path, monkeypatch):
     """pipelines/results/paper_findings_3d.json follows from the recorded evaluate run it names, and that
     run scored the confirmation phantoms (seed 3200) of paper_findings_3d.sh once, with the baselines tuned
