@@ -75,6 +75,7 @@ from tqdm.auto import tqdm
 from . import __version__, metrics
 from .argtypes import torch_device
 from .autograd import em_update
+from .errors import InputError
 from .geometry import ImageGeometry, SinogramGeometry, image_geometry_from_dict, sinogram_geometry_from_dict
 from .io.atomic import atomic_path
 from .io.outputs import JSON_MARK, PNG_SOFTWARE, PlannedOutput, absolute, check_planned
@@ -90,6 +91,7 @@ from .simulation.dataset import open_datasets
 from .study_sets import PhantomSet, check_disjoint, phantom_set_of_manifests, phantom_set_of_model
 from .study_statistics import paired_ratio_interval, seed_spread, verdict
 from .evaluation_store import PartialResults, weights_digest
+from .evaluation_tuning import GRID_KEYS, TuningResult, read_tuning_result
 
 __all__ = [
     "EvaluationConfig",
@@ -618,16 +620,13 @@ def _edges(chosen: Mapping[str, Any], config: EvaluationConfig) -> list[str]:
 
 
 def _grid_json(grids: Mapping[str, np.ndarray], config: EvaluationConfig) -> dict[str, Any]:
-    out = {
-        "osem_nrmse_by_iteration": [float(v) for v in grids["osem"].mean(axis=0)],
-        "filtered_nrmse_by_iteration_and_fwhm": [[float(v) for v in row] for row in grids["filtered"].mean(axis=0)],
-        "fwhm_mm": list(config.filter_fwhm_mm),
-        "map_em_nrmse_by_beta_and_iteration": [[float(v) for v in row] for row in grids["map"].mean(axis=0)],
-        "map_betas": list(config.map_betas),
-    }
+    """The grids' means over the tuning phantoms as JSON (:data:`GRID_KEYS` names them; read back by
+    :func:`sirf_fbsem.evaluation_tuning.read_tuning_result`)."""
+    out: dict[str, Any] = {GRID_KEYS[k]: grids[k].mean(axis=0).astype(np.float64).tolist()
+                           for k in GRID_KEYS if k in grids}
+    out["fwhm_mm"] = list(config.filter_fwhm_mm)
+    out["map_betas"] = list(config.map_betas)
     if "bowsher" in grids:
-        out["map_em_bowsher_nrmse_by_neighbours_beta_and_iteration"] = [
-            [[float(v) for v in row] for row in block] for block in grids["bowsher"].mean(axis=0)]
         out["bowsher_neighbours"] = list(config.bowsher_neighbours)
     return out
 
@@ -683,6 +682,20 @@ def _check_evaluation_inputs(
     return baselines
 
 
+def _check_tuning_result(tuning_result: TuningResult, test_groups: Mapping[str, Any],
+                         tune_groups: Mapping[str, Sequence[Sample]]) -> None:
+    """InputError unless ``tuning_result`` has every scored count level's grids, computed on as many
+    tuning phantoms as ``tune_groups`` holds at that level."""
+    for key in test_groups:
+        if key not in tuning_result.grids:
+            raise InputError(f"--tuning-result {tuning_result.path}: no tuning grids at {key} counts "
+                             f"(it has {sorted(tuning_result.grids)})")
+        n, expected = tuning_result.num_tuning_samples[key], len(tune_groups.get(key, ()))
+        if n != expected:
+            raise InputError(f"--tuning-result {tuning_result.path}: its grids at {key} counts are over {n} tuning "
+                             f"phantoms, --tune-data has {expected} at that level")
+
+
 def _reconstruct_sample(
     p: _Prepared, chosen: Mapping[str, Mapping[str, Any]], nets: Mapping[str, FBSEMNet], config: EvaluationConfig,
     vox: Sequence[float], device: torch.device, bar: tqdm,
@@ -734,6 +747,7 @@ def evaluate_methods(
     progress: bool = True,
     seed_groups: Mapping[str, Sequence[str]] | None = None,
     partial: PartialResults | None = None,
+    tuning_result: TuningResult | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Score every method on ``samples`` (:class:`~sirf_fbsem.samples.Sample`, every field set), per count level.
 
@@ -759,6 +773,9 @@ def evaluate_methods(
         partial: where each finished phantom's grids and metrics are kept, and taken from when a
             stopped run stored them (:class:`~sirf_fbsem.evaluation_store.PartialResults`, opened with
             :func:`evaluation_signature` of the same arguments); None: nothing kept.
+        tuning_result: the baselines' grids on ``tuning_samples`` as an earlier run computed them
+            (:func:`~sirf_fbsem.evaluation_tuning.read_tuning_result`); the tuning phantoms are then
+            not reconstructed. Needs ``tuning_samples`` (checked against it per count level).
     Returns:
         (results dict, plain JSON), and per count level the central z slice of the first sample's images
         ``{"truth": (Y,X), method: (Y,X), ...}`` for a montage (:func:`montage_slice`; a slice, not the
@@ -771,6 +788,8 @@ def evaluate_methods(
     test_groups = _group(samples)
     tune_groups = _group(tuning_samples) if tuning_samples else {}
     baselines = _check_evaluation_inputs(samples, tuning_samples, test_groups, tune_groups, networks, config)
+    if tuning_result is not None:
+        _check_tuning_result(tuning_result, test_groups, tune_groups)
     nets = {name: net.to(device).eval() for name, net in networks.items()}
     levels: dict[str, Any] = {}
     images: dict[str, dict[str, np.ndarray]] = {}
@@ -778,10 +797,16 @@ def evaluate_methods(
     for key, group in test_groups.items():
         t0 = time.perf_counter()
         prepared = [_Prepared(s, base, config) for s in group]
-        tune = [_Prepared(s, base, config) for s in tune_groups[key]] if tuning_samples else prepared
+        if tuning_result is not None:
+            tune: list[_Prepared] = []
+        else:
+            tune = [_Prepared(s, base, config) for s in tune_groups[key]] if tuning_samples else prepared
         total = len(tune) * (1 + n_map) + len(prepared) * (len(baselines) + len(nets))
         with tqdm(total=total, desc=f"evaluate {key} counts", unit="recon", disable=not progress) as bar:
-            grids = _baseline_grids(tune, base, config, bar, partial, key)
+            if tuning_result is not None:
+                grids = tuning_result.grids[key]
+            else:
+                grids = _baseline_grids(tune, base, config, bar, partial, key)
             chosen = _select(grids, config)
             rows: dict[str, list[dict[str, Any]]] = {m: [] for m in (*baselines, *nets, "truth")}
             osem_curves = []
@@ -807,7 +832,7 @@ def evaluate_methods(
             "counts": float(group[0].counts),
             "num_samples": len(prepared),
             "sample_indices": [p.index for p in prepared],
-            "num_tuning_samples": len(tune),
+            "num_tuning_samples": len(tune_groups[key]) if tuning_samples else len(prepared),
             "osem_nrmse_by_iteration": [float(v) for v in np.mean(osem_curves, axis=0)],
             "targets_nrmse_by_stage": _targets_nrmse(prepared),
             "tuning_grids": _grid_json(grids, config),
@@ -816,6 +841,7 @@ def evaluate_methods(
         }
     selection = (
         "hyperparameters chosen per count level by the lowest mean NRMSE on the separate tuning samples"
+        + (f" (their grids as the tuning run {tuning_result.path} computed them)" if tuning_result else "")
         if tuning_samples
         else "hyperparameters chosen per count level by the lowest mean NRMSE on the evaluated samples themselves "
         "(no separate tuning set: optimistic for the baselines)"
@@ -840,19 +866,23 @@ def evaluate_methods(
 def evaluation_signature(
     samples: Sequence[Sample], networks: Mapping[str, FBSEMNet], base_model: AcquisitionModel,
     config: EvaluationConfig, tuning_samples: Sequence[Sample] | None = None,
+    tuning_result: TuningResult | None = None,
 ) -> dict[str, Any]:
     """What the results of :func:`evaluate_methods` with these arguments depend on, for a stopped run's
     :class:`~sirf_fbsem.evaluation_store.PartialResults`: the grids, the networks' weights (digests),
-    the scored and tuning phantoms (seed, index, counts, in order), the sinogram shape and image
-    geometry, the subsets and the package version."""
+    the scored and tuning phantoms (seed, index, counts, in order), the tuning grids read from an
+    earlier run (digest), the sinogram shape and image geometry, the subsets and the package version."""
     def phantoms(group: Sequence[Sample] | None) -> list[list[Any]] | None:
         return None if group is None else [[s.seed, s.index, s.counts] for s in group]
 
-    return {"config": config.to_dict(), "networks": {n: weights_digest(net) for n, net in networks.items()},
-            "scored": phantoms(samples), "tuning": phantoms(tuning_samples),
-            "sinogram_shape": list(base_model.sinogram_shape), "image": base_model.image_geometry.describe(),
-            "num_subsets": base_model.num_subsets if config.num_subsets is None else config.num_subsets,
-            "version": __version__}
+    signature = {"config": config.to_dict(), "networks": {n: weights_digest(net) for n, net in networks.items()},
+                 "scored": phantoms(samples), "tuning": phantoms(tuning_samples),
+                 "sinogram_shape": list(base_model.sinogram_shape), "image": base_model.image_geometry.describe(),
+                 "num_subsets": base_model.num_subsets if config.num_subsets is None else config.num_subsets,
+                 "version": __version__}
+    if tuning_result is not None:  # only then: runs stopped without one resume as before
+        signature["tuning_result"] = tuning_result.digest
+    return signature
 
 
 def _learned_methods(nets: Mapping[str, Any], seed_groups: Mapping[str, Sequence[str]]) -> list[str]:
@@ -1041,6 +1071,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-data", type=Path, nargs="+", default=None,
                         help="separate dataset directories to choose the baselines' hyperparameters on "
                         "(default: choose on --data, reported as optimistic)")
+    parser.add_argument("--tuning-result", type=Path, default=None, metavar="JSON",
+                        help="with --tune-data: take the baselines' tuning grids from this earlier evaluate run on the "
+                        "same tuning phantoms (a study's tuning run) instead of computing them again; its phantoms, "
+                        "grids, subsets and setting are checked against this run's")
     parser.add_argument("--model", type=_model_arg, action="append", default=[], metavar="NAME=PATH",
                         help="a trained FBSEM model to evaluate (repeatable); the same NAME given several times: "
                         "runs of one method with different training seeds, reported as mean and spread over them")
@@ -1136,6 +1170,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     check_planned([PlannedOutput(absolute(out / f"{args.name}.json"), "json", "--out/--name", 1 << 20),
                    PlannedOutput(absolute(out / f"{args.name}.png"), "png", "--out/--name", 4 << 20)],
                   args.overwrite)
+    if args.tuning_result is not None and not args.tune_data:
+        raise InputError("--tuning-result needs --tune-data: the tuning phantoms its grids were computed on")
     data_sets = open_datasets(args.data)
     tune_sets = open_datasets(args.tune_data) if args.tune_data else None
     manifest = data_sets[0].manifest
@@ -1167,19 +1203,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model_files[run] = str(path)
         training_sets.append(phantom_set_of_model(run, str(path), meta))
     phantom_sets = _checked_phantom_sets(args, data_sets, tune_sets, training_sets)
+    setting = {"sinogram": sino.describe(), "image": image.describe(), "image_shape": list(image.shape),
+               "voxel_size_mm": list(image.voxel_size_mm), "psf_fwhm_mm": manifest.get("psf_fwhm_mm")}
+    tuning_result = None
+    if args.tuning_result is not None:
+        subsets = base.num_subsets if config.num_subsets is None else config.num_subsets
+        tuning_result = read_tuning_result(args.tuning_result, config.to_dict(), subsets, setting,
+                                           phantom_set_of_datasets("tuning", tune_sets, args.max_samples))
     samples = samples_of(data_sets, args.max_samples)
     tuning = samples_of(tune_sets, args.max_samples) if tune_sets is not None else None
     partial = PartialResults.open(out / f"{args.name}.partial",
-                                  evaluation_signature(samples, networks, base, config, tuning), args.resume)
+                                  evaluation_signature(samples, networks, base, config, tuning, tuning_result),
+                                  args.resume)
     result, images = evaluate_methods(samples, networks, base, config, tuning, progress=not args.no_progress,
-                                      seed_groups=seed_groups, partial=partial)
+                                      seed_groups=seed_groups, partial=partial, tuning_result=tuning_result)
     result["data"] = [str(d) for d in args.data]
     result["tune_data"] = [str(d) for d in args.tune_data] if args.tune_data else None
+    result["tuning_result"] = tuning_result.path if tuning_result is not None else None
     result["model_files"] = model_files
     result["phantom_sets"] = phantom_sets
-    result["setting"] = {"sinogram": sino.describe(), "image": image.describe(),
-                         "image_shape": list(image.shape), "voxel_size_mm": list(image.voxel_size_mm),
-                         "psf_fwhm_mm": manifest.get("psf_fwhm_mm")}
+    result["setting"] = setting
     result["seconds"] = time.perf_counter() - t0
     json_path = write_json(out / f"{args.name}.json", result)
     png_path = save_evaluation_montage(out / f"{args.name}.png", images, result, title=f"{image.describe()}")

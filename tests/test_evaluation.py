@@ -562,3 +562,80 @@ def test_stage_gap_script_agrees_with_evaluate_on_the_last_stage_and_the_targets
     (run / "checkpoints" / "stage_000.pt").unlink()
     with pytest.raises(ValueError, match="no finished stage"):
         mod.main(["--data", str(dirs["test"][0]), "--run", str(run), "--out", str(tmp_path / "run0")])
+
+
+def test_a_confirmation_run_takes_the_tuning_runs_grids_and_makes_the_same_choices(data, tmp_path, monkeypatch, capsys):
+    """``--tuning-result TUNE.json``: the confirmation run reads the baselines' grids from the study's tuning run
+    (``evaluate --data TUNE``) instead of reconstructing the tuning phantoms again, and writes what a run that
+    computes them writes (choices, grids, every method's metrics; the selection names the file). A tuning result
+    from other phantoms, other grids or another subset count, one lacking a count level, or one given without
+    --tune-data, is refused before any reconstruction, naming the file and what differs, and nothing is written."""
+    import sirf_fbsem.evaluation as ev
+
+    _, sino, image, dirs = data
+    model = _tiny_model(tmp_path, sino, image)
+    grid = ["--osem-iterations", "3", "--map-iterations", "2", "--betas", "0", "0.1", "1", "--fwhm-mm", "0", "6",
+            "--no-progress"]
+    tune_dirs = list(map(str, dirs["tune"]))
+    assert cli(["evaluate", "--data", *tune_dirs, "--out", str(tmp_path / "tune"), "--name", "tune", *grid]) == 0
+    tune_json = tmp_path / "tune" / "tune.json"
+    confirm = ["evaluate", "--data", *map(str, dirs["test"]), "--tune-data", *tune_dirs,
+               "--model", f"fbsem_tiny={model}", *grid]
+    assert cli([*confirm, "--out", str(tmp_path / "computed")]) == 0
+    computed = json.loads((tmp_path / "computed" / "evaluate.json").read_text())
+
+    calls = {"grids": 0}
+    sample_grids = ev._sample_grids
+
+    def counted(*a, **k):
+        calls["grids"] += 1
+        return sample_grids(*a, **k)
+
+    monkeypatch.setattr(ev, "_sample_grids", counted)
+    assert cli([*confirm, "--tuning-result", str(tune_json), "--out", str(tmp_path / "read")]) == 0
+    assert calls["grids"] == 0  # no tuning phantom reconstructed
+    read = json.loads((tmp_path / "read" / "evaluate.json").read_text())
+    assert read["tuning_result"] == str(tune_json) and str(tune_json) in read["selection"]
+    assert computed["tuning_result"] is None
+    for key, level in computed["count_levels"].items():
+        got = read["count_levels"][key]
+        assert got["num_tuning_samples"] == level["num_tuning_samples"] == 1
+        for name, values in level["tuning_grids"].items():
+            np.testing.assert_allclose(got["tuning_grids"][name], values, rtol=1e-12, atol=0)
+        for name, method in level["methods"].items():
+            assert got["methods"][name].get("hyperparameters") == method.get("hyperparameters"), name
+            assert got["methods"][name]["per_sample"] == method["per_sample"], name
+    assert _without_seconds(read["summary"]) == _without_seconds(computed["summary"])
+
+    # refusals, before any reconstruction (the patched grids would count one) and with nothing written
+    other_phantoms = tmp_path / "on_test"  # a "tuning run" scored on the confirmation phantoms
+    assert cli(["evaluate", "--data", *map(str, dirs["test"]), "--out", str(other_phantoms), *grid]) == 0
+    one_level = tmp_path / "one_level"
+    assert cli(["evaluate", "--data", tune_dirs[0], "--out", str(one_level), *grid]) == 0
+    calls["grids"] = 0
+    out = tmp_path / "refused"
+    for extra, needle in (
+        (["--tuning-result", str(other_phantoms / "evaluate.json")], "base seed(s) [10, 11], but --tune-data holds 2 "
+                                                                    "of base seed(s) [20, 21]"),
+        (["--tuning-result", str(tune_json), "--betas", "0", "0.3"], "map_betas [0.0, 0.1, 1.0] there, [0.0, 0.3] here"),
+        (["--tuning-result", str(tune_json), "--subsets", "2"], "--subsets None there, 2 here"),
+        (["--tuning-result", str(one_level / "evaluate.json")], "phantoms of base seed(s) [20], but --tune-data"),
+        (["--tuning-result", str(tmp_path / "missing.json")], "cannot be read as JSON"),
+        (["--tuning-result", str(model)], "cannot be read as JSON"),
+    ):
+        capsys.readouterr()
+        assert cli([*confirm, *extra, "--out", str(out)]) != 0
+        err = capsys.readouterr().err
+        assert err.startswith("sirf-fbsem evaluate: error: --tuning-result ") and needle in err, (needle, err)
+    capsys.readouterr()
+    assert cli(["evaluate", "--data", *map(str, dirs["test"]), "--tuning-result", str(tune_json),
+                "--out", str(out), *grid]) != 0
+    assert "--tuning-result needs --tune-data" in capsys.readouterr().err
+    # the grids of a count level the scored set has and the tuning result lacks: refused by level
+    edited = json.loads(tune_json.read_text())
+    del edited["count_levels"]["3e+05"]
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert cli([*confirm, "--tuning-result", str(tmp_path / "edited.json"), "--out", str(out)]) != 0
+    assert "no tuning grids at 3e+05 counts (it has ['2e+04'])" in capsys.readouterr().err
+    assert calls["grids"] == 0 and not out.exists()

@@ -211,6 +211,8 @@ def test_paper_findings_3d_trains_both_schemes_alike_on_disjoint_sets_and_scores
     assert "--tune-data" not in tune and "--model" not in tune and _flag(tune, "--data").endswith("tune")
     assert _flag(confirm, "--data").endswith("confirm") and _flag(confirm, "--tune-data").endswith("tune")
     assert _models(confirm) == {"seq", "e2e"} and confirm.count("--model") == 4
+    # the baselines' choices are made on the tuning run's grids, not computed again
+    assert _flag(confirm, "--tuning-result") == str(Path(_flag(tune, "--out")) / f"{_flag(tune, '--name')}.json")
     # a second run does nothing again
     proc, calls = _run(tmp_path, "all", script=SCRIPT_3D, env_extra=no_carried)
     assert proc.returncode == 0, proc.stderr
