@@ -42,7 +42,8 @@
 # carry: copy every finished run's model file, and every stopped run's checkpoints, into CARRIED
 # (pipelines/carried_runs/paper_findings_3d by default), to go on in another session; train takes a
 # carried model as the run's, or copies a run's carried checkpoints back when WORK has none of its
-# own and resumes. The phantom sets are simulated again from their seeds (deterministic).
+# own and resumes. Likewise the tuning and confirmation runs (CARRIED/eval): a finished tuning run's
+# JSON, which tune takes, or a stopped evaluation's partial results, which it resumes from. The phantom sets are simulated again from their seeds (deterministic).
 set -euo pipefail
 # shellcheck source=pipelines/study_runs.sh
 source "$(dirname "$0")/study_runs.sh"
@@ -100,24 +101,34 @@ simulate() {
     done
 }
 
-# the tuning run: the baselines' grids searched on the tuning set (the JSON flags a choice at a grid's edge)
+# the tuning run: the baselines' grids searched on the tuning set (the JSON flags a choice at a grid's edge);
+# a finished one carried from another session is taken, a stopped one resumes
 tune() {
+    local resume
     [ -f "$WORK/results/${STUDY}_tune.json" ] && return 0
+    if [ -f "$CARRIED/eval/${STUDY}_tune.json" ]; then
+        mkdir -p "$WORK/results"
+        cp "$CARRIED/eval/${STUDY}_tune.json" "$WORK/results/"
+        return 0
+    fi
+    resume=$(evaluation_resume "${STUDY}_tune")
+    # shellcheck disable=SC2086  # --resume or nothing
     $SF evaluate --data "$WORK/data/tune" --out "$WORK/results" --name "${STUDY}_tune" "${GRIDS[@]}" \
-        --no-progress
+        --no-progress $resume
 }
 
 # the confirmation run: scored once (skipped once its JSON exists), after every choice is frozen; the
 # baselines' choices come from the tuning run's grids (--tuning-result: checked to be the same tuning
 # phantoms and grids, so the tuning phantoms are not reconstructed again: 2 h at the mMR's scale)
 confirm() {
-    local models_args tuned=()
+    local models_args resume tuned=()
     [ -f "$WORK/results/$STUDY.json" ] && return 0
     models_args=$(models seq e2e)
     [ -f "$WORK/results/${STUDY}_tune.json" ] && tuned=(--tuning-result "$WORK/results/${STUDY}_tune.json")
-    # shellcheck disable=SC2086  # --model NAME=PATH words
+    resume=$(evaluation_resume "$STUDY")
+    # shellcheck disable=SC2086  # --model NAME=PATH words, --resume or nothing
     $SF evaluate --data "$WORK/data/confirm" --tune-data "$WORK/data/tune" "${tuned[@]}" --out "$WORK/results" \
-        --name "$STUDY" "${GRIDS[@]}" --no-progress $models_args
+        --name "$STUDY" "${GRIDS[@]}" --no-progress $models_args $resume
 }
 
 case "$STEP" in
@@ -125,7 +136,7 @@ case "$STEP" in
     train) shift 2; train_runs "$@" ;;
     tune) tune ;;
     confirm) confirm ;;
-    carry) carry_runs ;;
+    carry) carry_runs; carry_evaluations "${STUDY}_tune" "$STUDY" ;;
     all) simulate; train_runs; tune; confirm ;;
     *) echo "unknown step $STEP (simulate|train|tune|confirm|carry|all)" >&2; exit 2 ;;
 esac

@@ -83,3 +83,36 @@ carry_runs() {
     done
     echo "carried $m finished models and $n checkpoints of $WORK/runs into $CARRIED"
 }
+
+# evaluation_resume NAME: prints --resume when evaluate run NAME stopped part-way ($WORK/results/NAME.partial),
+# after taking the partial results carried from another session ($CARRIED/eval/NAME.partial) when this host
+# has neither them nor the finished NAME.json
+evaluation_resume() {
+    local name=$1 results="$WORK/results"
+    if [ -n "${CARRIED:-}" ] && [ -d "$CARRIED/eval/$name.partial" ] && [ ! -e "$results/$name.partial" ] \
+            && [ ! -e "$results/$name.json" ]; then
+        mkdir -p "$results"
+        cp -r "$CARRIED/eval/$name.partial" "$results/"
+    fi
+    if [ -d "$results/$name.partial" ]; then echo --resume; fi
+}
+
+# carry_evaluations NAME...: into $CARRIED/eval, each named evaluate run's JSON when it finished (what a later
+# run reads, as the confirmation run reads the tuning run's) or its partial results when it stopped
+carry_evaluations() {
+    local name results="$WORK/results" n=0
+    for name in "$@"; do
+        if [ -f "$results/$name.json" ]; then
+            mkdir -p "$CARRIED/eval"
+            cp "$results/$name.json" "$CARRIED/eval/"
+            rm -rf "$CARRIED/eval/$name.partial"
+            n=$((n + 1))
+        elif [ -d "$results/$name.partial" ]; then
+            mkdir -p "$CARRIED/eval"
+            rm -rf "$CARRIED/eval/$name.partial"
+            cp -r "$results/$name.partial" "$CARRIED/eval/"
+            n=$((n + 1))
+        fi
+    done
+    echo "carried $n evaluations of $results into $CARRIED/eval"
+}

@@ -265,6 +265,40 @@ def test_paper_findings_3d_carries_runs_between_sessions(tmp_path):
     assert (fresh / "work" / "runs" / "seq_s0" / "model.pt").read_bytes() == b"seq model"
 
 
+def test_paper_findings_3d_carries_the_tuning_run_between_sessions(tmp_path):
+    """A stopped tuning run resumes (--resume) from its partial results; carry takes them into CARRIED/eval,
+    and a fresh host's tune step copies them back and resumes; once finished, carry keeps its JSON alone,
+    which a fresh host's tune step takes without evaluating, and its confirmation run reads (--tuning-result)."""
+    carried = tmp_path / "carried"
+    env = {"CARRIED": str(carried)}
+    first, fresh, third = (tmp_path / n for n in ("first", "fresh", "third"))
+    for d in (first, fresh, third):
+        d.mkdir()
+    partial = first / "work" / "results" / "paper_findings_3d_tune.partial"
+    partial.mkdir(parents=True)
+    (partial / "grid_3e+06_0000.npz").write_bytes(b"grid 0")
+    proc, _ = _run(first, "carry", script=SCRIPT_3D, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (carried / "eval" / partial.name / "grid_3e+06_0000.npz").read_bytes() == b"grid 0"
+    proc, calls = _run(fresh, "tune", script=SCRIPT_3D, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(calls) == 1 and "--resume" in calls[0]
+    assert (fresh / "work" / "results" / partial.name / "grid_3e+06_0000.npz").read_bytes() == b"grid 0"
+    # finished (the stand-in wrote the JSON; evaluate removes its partial results when it finishes)
+    shutil.rmtree(fresh / "work" / "results" / partial.name)
+    proc, _ = _run(fresh, "carry", script=SCRIPT_3D, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (carried / "eval").iterdir()) == ["paper_findings_3d_tune.json"]
+    proc, calls = _run(third, "tune", script=SCRIPT_3D, env_extra=env)
+    assert proc.returncode == 0 and not calls
+    tuned = third / "work" / "results" / "paper_findings_3d_tune.json"
+    assert tuned.read_bytes() == (carried / "eval" / tuned.name).read_bytes()
+    proc, calls = _run(third, "train", seeds="0", script=SCRIPT_3D, env_extra=env)
+    proc, calls = _run(third, "confirm", seeds="0", script=SCRIPT_3D, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert len(calls) == 1 and _flag(calls[0], "--tuning-result") == str(tuned) and "--resume" not in calls[0]
+
+
 def test_paper_findings_3d_confirmation_refuses_missing_runs(tmp_path):
     proc, calls = _run(tmp_path, "confirm", script=SCRIPT_3D)
     assert proc.returncode != 0 and "model.pt is missing: run the train step first" in proc.stderr
