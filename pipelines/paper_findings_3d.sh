@@ -43,7 +43,8 @@
 # (pipelines/carried_runs/paper_findings_3d by default), to go on in another session; train takes a
 # carried model as the run's, or copies a run's carried checkpoints back when WORK has none of its
 # own and resumes. Likewise the tuning and confirmation runs (CARRIED/eval): a finished tuning run's
-# JSON, which tune takes, or a stopped evaluation's partial results, which it resumes from. The phantom sets are simulated again from their seeds (deterministic).
+# JSON, which tune takes, or a stopped evaluation's partial results, which it resumes from. The
+# phantom sets are simulated again from their seeds (deterministic).
 set -euo pipefail
 # shellcheck source=pipelines/study_runs.sh
 source "$(dirname "$0")/study_runs.sh"

@@ -102,17 +102,15 @@ evaluation_resume() {
 carry_evaluations() {
     local name results="$WORK/results" n=0
     for name in "$@"; do
+        [ -f "$results/$name.json" ] || [ -d "$results/$name.partial" ] || continue
+        mkdir -p "$CARRIED/eval"
+        rm -rf "$CARRIED/eval/$name.partial"
         if [ -f "$results/$name.json" ]; then
-            mkdir -p "$CARRIED/eval"
             cp "$results/$name.json" "$CARRIED/eval/"
-            rm -rf "$CARRIED/eval/$name.partial"
-            n=$((n + 1))
-        elif [ -d "$results/$name.partial" ]; then
-            mkdir -p "$CARRIED/eval"
-            rm -rf "$CARRIED/eval/$name.partial"
+        else
             cp -r "$results/$name.partial" "$CARRIED/eval/"
-            n=$((n + 1))
         fi
+        n=$((n + 1))
     done
     echo "carried $n evaluations of $results into $CARRIED/eval"
 }

@@ -91,7 +91,7 @@ from .simulation.dataset import open_datasets
 from .study_sets import PhantomSet, check_disjoint, phantom_set_of_manifests, phantom_set_of_model
 from .study_statistics import paired_ratio_interval, seed_spread, verdict
 from .evaluation_store import PartialResults, weights_digest
-from .evaluation_tuning import GRID_KEYS, TuningResult, read_tuning_result
+from .evaluation_tuning import EVALUATION_FORMAT, GRID_KEYS, TuningResult, read_tuning_result
 
 __all__ = [
     "EvaluationConfig",
@@ -847,7 +847,7 @@ def evaluate_methods(
         "(no separate tuning set: optimistic for the baselines)"
     )
     result = {
-        "format": "sirf_fbsem.evaluation/1",
+        "format": EVALUATION_FORMAT,
         "selection": selection,
         "config": config.to_dict(),
         "num_subsets": base.num_subsets,

@@ -28,7 +28,7 @@ import numpy as np
 from .errors import InputError
 from .study_sets import PhantomSet
 
-__all__ = ["GRID_KEYS", "TuningResult", "read_tuning_result"]
+__all__ = ["EVALUATION_FORMAT", "GRID_KEYS", "TuningResult", "read_tuning_result"]
 
 #: grid name (as ``evaluate_methods`` keeps them) -> the JSON entry of its mean over the tuning phantoms:
 #: osem (iterations), filtered (iterations, fwhm), map (betas, iterations), bowsher (neighbours, betas, iterations)
@@ -38,7 +38,8 @@ GRID_KEYS = {
     "map": "map_em_nrmse_by_beta_and_iteration",
     "bowsher": "map_em_bowsher_nrmse_by_neighbours_beta_and_iteration",
 }
-_FORMAT = "sirf_fbsem.evaluation/1"
+#: the ``format`` of the JSON ``evaluate`` writes
+EVALUATION_FORMAT = "sirf_fbsem.evaluation/1"
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,9 @@ def read_tuning_result(
         result = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise _fail(path, f"cannot be read as JSON ({e})") from e
-    if not isinstance(result, dict) or result.get("format") != _FORMAT:
+    if not isinstance(result, dict) or result.get("format") != EVALUATION_FORMAT:
         got = result.get("format") if isinstance(result, dict) else type(result).__name__
-        raise _fail(path, f"not a sirf-fbsem evaluate result (format {got!r}, expected {_FORMAT!r})")
+        raise _fail(path, f"not a sirf-fbsem evaluate result (format {got!r}, expected {EVALUATION_FORMAT!r})")
     theirs = {k: v for k, v in (result.get("config") or {}).items() if k != "device"}
     ours = {k: v for k, v in config.items() if k != "device"}
     differ = sorted(k for k in {*theirs, *ours} if theirs.get(k) != ours.get(k))
